@@ -1,0 +1,35 @@
+"""hetegen_fx: run LLMs that do not fit the GPU by computing offloaded Linears on the CPU and the GPU
+in parallel (HeteGen, MLSys 2024), built as a pipeline of torch.fx passes.
+
+    import hetegen_fx
+    compiled = hetegen_fx.compile(model, gpu_memory="6GiB")            # HF models: generate() works
+    print(hetegen_fx.explain(compiled))                                # the Plan and the generated code
+
+or, without importing it: ``model.compile(backend="hetegen", options={"gpu_memory": "6GiB"})``.
+Importing this package touches no GPU.
+"""
+
+from .api import CompiledModule, Explanation, compile, explain
+from .config import Config, format_bytes, parse_bytes
+from .errors import BudgetError, CaptureError, ConfigError, HetegenError, UnsupportedModelError
+from .plan import LayerPlan, Plan, load_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "CaptureError",
+    "CompiledModule",
+    "Config",
+    "ConfigError",
+    "Explanation",
+    "HetegenError",
+    "LayerPlan",
+    "Plan",
+    "UnsupportedModelError",
+    "compile",
+    "explain",
+    "format_bytes",
+    "load_plan",
+    "parse_bytes",
+]

@@ -1,0 +1,149 @@
+"""The Python API: ``hetegen_fx.compile``, ``hetegen_fx.explain``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from .capture import capture_export, capture_fx, is_hf_model, param_names
+from .config import Config
+from .errors import CaptureError, ConfigError, UnsupportedModelError
+from .plan import Plan
+from .store import WeightStore, find_store, store_for
+
+
+class CompiledModule(torch.nn.Module):
+    """A model compiled through the fx or export frontend: call it like the original."""
+
+    def __init__(self, graph_module: fx.GraphModule, plan: Plan, store: WeightStore, frontend: str) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.frontend = frontend
+        self._store = store
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def code(self) -> str:
+        """The generated Python code."""
+        return self.graph_module.code
+
+
+def compile(  # noqa: A001  (mirrors torch.compile)
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    example_kwargs: dict | None = None,
+    **options: Any,
+) -> torch.nn.Module:
+    """Compile ``model`` so offloaded Linears run split between CPU and GPU.
+
+    ``options`` are :class:`Config` fields (``gpu_memory="6GiB"``, ``device="cuda"``, ``frontend=...``).
+
+    * A Hugging Face model (frontend "auto" or "dynamo") is returned as a shallow copy whose forward goes
+      through ``torch.compile`` with this backend, so ``generate()`` works with a KV cache; graphs are
+      compiled on first call. The original model is not modified.
+    * Any other module is traced now (``fx``, or ``export`` with ``example_inputs``) and returned as a
+      :class:`CompiledModule`.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"hetegen_fx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    config = Config.from_options(options)
+    _check_weights(model)
+    frontend = config.frontend
+    if frontend == "auto":
+        frontend = "dynamo" if is_hf_model(model) else "fx"
+    if frontend == "dynamo":
+        return _compile_dynamo(model, config)
+    params = list(model.parameters())
+    store = store_for(params, torch.device(config.device), fresh=True)
+    errors: list[CaptureError] = []
+    for fe in [frontend] if config.frontend != "auto" else ["fx", "export"]:
+        try:
+            if fe == "fx":
+                gm = capture_fx(model)
+            else:
+                gm = capture_export(model, tuple(example_inputs or ()), example_kwargs)
+        except CaptureError as e:
+            errors.append(e)
+            continue
+        from .pipeline import transform
+
+        inputs = (
+            None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
+        )
+        out, plan = transform(gm, config, store, inputs, label=f"{type(model).__name__} ({fe})")
+        return CompiledModule(out, plan, store, fe)
+    raise CaptureError(
+        "could not capture the model: "
+        + "; ".join(str(e) for e in errors)
+        + ("" if example_inputs else "; pass example_inputs=(...) to allow the 'export' frontend")
+    )
+
+
+def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
+    from .backend import make_backend
+
+    if config.output_device == "input" and is_hf_model(model):
+        config.output_device = (
+            "accelerator"  # keep the KV cache on the device; generate() moves logits itself
+        )
+    store_for(list(model.parameters()), torch.device(config.device), fresh=True)
+    compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
+    compiled.compile(backend=make_backend(config, param_names(model)), dynamic=None)
+    compiled.hetegen_config = config
+    return compiled
+
+
+def _check_weights(model: torch.nn.Module) -> None:
+    bad = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
+    if bad:
+        n, dt = bad[0]
+        raise UnsupportedModelError(
+            f"parameter {n} is {dt}: hetegen_fx needs floating-point weights (dequantize first, e.g. load with "
+            "dtype=torch.float16)"
+        )
+
+
+@dataclass
+class Explanation:
+    """What the compiler decided, for reading in a notebook: one Plan and generated code per graph."""
+
+    plans: list[Plan]
+    codes: list[str]
+    labels: list[str]
+
+    def __str__(self) -> str:
+        parts = []
+        for label, plan, code in zip(self.labels, self.plans, self.codes, strict=True):
+            parts += [f"=== {label} ===", plan.table(), "", code]
+        return "\n".join(parts) if parts else "nothing compiled yet: run the model once"
+
+    _repr_pretty_ = lambda self, p, cycle: p.text(str(self))  # noqa: E731
+
+
+def explain(compiled: torch.nn.Module) -> Explanation:
+    """The Plans and generated code of everything compiled for ``compiled`` (a CompiledModule or a model)."""
+    store = (
+        compiled._store if isinstance(compiled, CompiledModule) else find_store(list(compiled.parameters()))
+    )
+    if store is None:
+        raise ConfigError(
+            "this model was not compiled by hetegen_fx (no weight store found for its parameters)"
+        )
+    graphs = [
+        g
+        for g in store.graphs
+        if not isinstance(compiled, CompiledModule) or g.graph_module is compiled.graph_module
+    ]
+    return Explanation(
+        [g.plan for g in graphs], [g.graph_module.code for g in graphs], [g.label for g in graphs]
+    )

@@ -1,0 +1,79 @@
+"""The ``torch.compile`` backend "hetegen" (registered through the ``torch_dynamo_backends`` entry point).
+
+    model.compile(backend="hetegen", options={"gpu_memory": "6GiB"})     # HF generate() reaches this
+    fn = torch.compile(fn, backend="hetegen", options={"device": "cpu"})
+
+Dynamo hands over one graph per shape (prefill, decode, ...); parameters arrive as graph inputs and are
+recognised by identity, so all graphs of one model share one WeightStore (weights placed and copied once).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .capture import bind_placeholder_params
+from .config import Config
+from .errors import BudgetError, ConfigError, HetegenError
+from .linear import param_of
+from .pipeline import transform
+from .store import store_for
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _label(example_inputs: Sequence[Any]) -> str:
+    shapes = [
+        tuple(x.shape)
+        for x in example_inputs
+        if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
+    ]
+    return f"graph inputs {shapes[:2]}" if shapes else "graph"
+
+
+def make_backend(config: Config, names: dict[int, str] | None = None) -> Callable:
+    """A dynamo backend bound to ``config`` (``hetegen_fx.compile`` uses this for HF models)."""
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        return _compile_graph(gm, example_inputs, config, names)
+
+    return backend
+
+
+def hetegen_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None
+) -> Callable:
+    """Entry-point backend: options as in :class:`hetegen_fx.Config` (``output_device`` defaults to "accelerator")."""
+    config = Config.from_options(options, output_device="accelerator")
+    return _compile_graph(gm, example_inputs, config, None)
+
+
+def _compile_graph(gm, example_inputs, config: Config, names: dict[int, str] | None) -> Callable:
+    try:
+        bind_placeholder_params(gm, example_inputs, names)
+        params = [
+            param_of(n).tensor for n in gm.graph.find_nodes(op="placeholder") if param_of(n) is not None
+        ]
+        store = store_for(params, torch.device(config.device))
+        out, plan = transform(gm, config, store, example_inputs, label=_label(example_inputs))
+        if config.verbose:
+            print(plan.table(), file=sys.stderr)
+        return out
+    except (BudgetError, ConfigError):
+        raise  # the user must change a setting: falling back would hide it
+    except HetegenError as e:
+        _warn_once(f"hetegen: cannot compile this graph ({e}); running it eagerly")
+    except Exception as e:  # an unexpected graph: run it unchanged rather than fail the user's program
+        _warn_once(f"hetegen: compiling a graph failed ({type(e).__name__}: {e}); running it eagerly")
+    return gm.forward

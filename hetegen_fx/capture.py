@@ -1,0 +1,138 @@
+"""Capture: turn a model into an FX GraphModule whose parameter nodes are bound (:data:`meta.PARAM`).
+
+Three frontends produce graphs:
+
+* ``fx``: ``torch.fx.symbolic_trace`` with only ``nn.Linear`` kept as a leaf (everything else is traced
+  through, so parameters appear as ``get_attr`` nodes);
+* ``export``: ``torch.export.export`` (``aten`` ops; parameters as ``get_attr`` after unlifting);
+* ``dynamo``: the graph dynamo hands a ``torch.compile`` backend, parameters arriving as placeholders
+  whose example inputs are the model's real ``Parameter`` objects (recognised by identity).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import meta
+from .errors import CaptureError
+from .linear import ParamRef
+
+
+class _LinearLeafTracer(fx.Tracer):
+    """Trace through every module except ``nn.Linear``."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, torch.nn.Linear)
+
+
+def _resolve_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def bind_get_attr_params(gm: fx.GraphModule, names: dict[int, str] | None = None) -> int:
+    """Write :data:`meta.PARAM` on every ``get_attr`` node that holds a tensor; returns how many."""
+    n = 0
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = _resolve_attr(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            name = (names or {}).get(id(value), node.target)
+            node.meta[meta.PARAM] = ParamRef(name, value)
+            n += 1
+    return n
+
+
+def dynamo_param_name(placeholder: str) -> str:
+    """``L_self_modules_model_modules_layers_modules_0_..._parameters_weight_`` → ``model.layers.0....weight``."""
+    s = re.sub(r"^L_(self|fn|mod|model)_", "", placeholder).rstrip("_")
+    parts = [p for p in re.split(r"(?:^|_)(?:modules|parameters|buffers)_", s) if p]
+    return ".".join(parts) if parts else placeholder
+
+
+def bind_placeholder_params(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], names: dict[int, str] | None = None
+) -> int:
+    """Bind the placeholders whose example input is an ``nn.Parameter``; returns how many."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    n = 0
+    for node, value in zip(placeholders, example_inputs, strict=False):
+        if isinstance(value, torch.nn.Parameter):
+            name = (names or {}).get(id(value)) or dynamo_param_name(node.target)
+            node.meta[meta.PARAM] = ParamRef(name, value)
+            n += 1
+    return n
+
+
+def param_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter or buffer) → qualified name (first name wins for tied weights)."""
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
+def capture_fx(model: torch.nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with nn.Linear as the only leaf."""
+    try:
+        graph = _LinearLeafTracer().trace(model)
+    except Exception as e:  # symbolic tracing fails in many ways; report which frontend and why
+        raise CaptureError(
+            f"frontend 'fx' (torch.fx.symbolic_trace) cannot trace {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Hetegen")
+    bind_get_attr_params(gm, param_names(model))
+    return gm
+
+
+def capture_export(
+    model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True
+) -> fx.GraphModule:
+    """``torch.export.export``; with ``dynamic`` the last-but-one dim of 2-D+ tensor inputs (the sequence) is dynamic."""
+    if not args and not kwargs:
+        raise CaptureError("frontend 'export' needs example inputs: pass example_inputs=(...)")
+    dyn = None
+    if dynamic:
+        seq = torch.export.Dim("seq", min=1, max=1 << 16)
+
+        def spec(a: Any) -> Any:
+            return {1: seq} if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[1] > 1 else None
+
+        dyn = {
+            "args": tuple(spec(a) for a in args),
+            "kwargs": {k: spec(v) for k, v in (kwargs or {}).items()},
+        }
+        if all(s is None for s in dyn["args"]) and all(s is None for s in dyn["kwargs"].values()):
+            dyn = None
+        elif not kwargs:
+            dyn = dyn["args"]
+        elif not args:
+            dyn = dyn["kwargs"]
+        else:
+            dyn = None  # mixing args and kwargs: keep static shapes rather than guess the nesting
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(args), kwargs or {}, dynamic_shapes=dyn, strict=False)
+        gm = ep.module()
+    except Exception as e:
+        raise CaptureError(
+            f"frontend 'export' (torch.export) cannot capture {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    bind_get_attr_params(gm, param_names(model))
+    return gm
+
+
+def is_hf_model(model: Any) -> bool:
+    """True for a Hugging Face ``PreTrainedModel`` (without importing transformers if it is not loaded)."""
+    import sys
+
+    tr = sys.modules.get("transformers")
+    return tr is not None and isinstance(model, tr.PreTrainedModel)

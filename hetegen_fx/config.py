@@ -1,0 +1,142 @@
+"""Compiler settings: one dataclass, passed explicitly through the pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """Parse a byte count: ``6442450944``, ``"6GiB"``, ``"6 GB"``, ``"512MiB"`` (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"a byte count must be a number or a string like '6GiB', not {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"a byte count must not be negative, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot read {value!r} as a byte count; write e.g. 6GiB, 512MiB, 8GB or a plain number of bytes"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Config:
+    """Settings of one compilation.
+
+    gpu_memory: the accelerator memory hetegen_fx may use (weights, KV cache, activations, staging);
+        ``None`` means "all of the device's free memory".
+    device: the accelerator ("cuda", "cuda:1"); "cpu" runs the GPU side on the CPU, for testing.
+    frontend: "auto", "fx" (torch.fx.symbolic_trace), "export" (torch.export) or "dynamo".
+    profile: "auto" (measure when the device exists, else the hardware model), "measure" or "model".
+    alpha: force one CPU share for every offloaded Linear (0 = stream everything, 1 = CPU only);
+        ``None`` chooses α per layer from the profile.
+    prefetch: staging buffers on the device, i.e. how many offloaded Linears' copies may be in flight.
+    max_seq_len: tokens the KV cache must hold (budget reserve); ``None`` takes the model's limit, capped at 4096.
+    batch_size: sequences the KV-cache reserve is sized for.
+    activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
+    group_linears: fuse Linears that share an input (q/k/v, gate/up) into one split.
+    cpu_threads: threads for the CPU side (``None`` leaves torch's setting).
+    plan: a Plan (or a path to its JSON) to apply instead of profiling and placing.
+    output_device: "input" returns outputs on the device of the inputs; "accelerator" leaves them on the
+        accelerator (the torch.compile backend's default, so an HF KV cache stays on the GPU).
+    cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
+    verbose: print progress of long steps.
+    """
+
+    gpu_memory: int | None = None
+    device: str = "cuda"
+    frontend: str = "auto"
+    profile: str = "auto"
+    alpha: float | None = None
+    prefetch: int = 2
+    max_seq_len: int | None = None
+    batch_size: int = 1
+    activation_reserve: int | None = None
+    group_linears: bool = True
+    cpu_threads: int | None = None
+    plan: Any = None
+    output_device: str = "input"
+    cache_dir: str | None = None
+    verbose: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.gpu_memory = parse_bytes(self.gpu_memory)
+        self.activation_reserve = parse_bytes(self.activation_reserve)
+        _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
+        _check_choice("profile", self.profile, ("auto", "measure", "model"))
+        _check_choice("output_device", self.output_device, ("input", "accelerator"))
+        if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
+            raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
+        if int(self.prefetch) < 1:
+            raise ConfigError(f"prefetch must be at least 1 staging buffer, got {self.prefetch!r}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size!r}")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(
+                f"device {self.device!r} is not a torch device name ('cuda', 'cuda:0', 'cpu')"
+            ) from e
+
+    @classmethod
+    def from_options(cls, options: dict | None = None, **defaults: Any) -> Config:
+        """Build a Config from a ``torch.compile(..., options={...})`` dict; unknown keys are an error."""
+        merged = {**defaults, **(options or {})}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown hetegen option(s) {unknown}; known options are: {', '.join(sorted(known))}"
+            )
+        return cls(**merged)
+
+    @property
+    def is_cpu_emulation(self) -> bool:
+        """True when the "GPU side" runs on the CPU (testing without an accelerator)."""
+        import torch
+
+        return torch.device(self.device).type == "cpu"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,145 @@
+"""Per-Linear costs: measured on the machine, or predicted from a hardware model; cached on disk.
+
+A cost is for the *whole* layer at one shape: ``t_cpu`` (the CPU computes it from RAM), ``t_copy`` (its
+weights cross host→device) and ``t_gpu`` (the device computes it). The split ratio follows from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .plan import atomic_write
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    t_cpu: float
+    t_copy: float
+    t_gpu: float
+    source: str  # "measured" or "model"
+
+    def alpha(self) -> float:
+        """CPU share that balances ``α·C = (1−α)(M + G)``: ``α = (M + G) / (C + M + G)``, in [0, 1]."""
+        c, m, g = self.t_cpu, self.t_copy, self.t_gpu
+        total = c + m + g
+        return 0.0 if total <= 0 else min(1.0, max(0.0, (m + g) / total))
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """Bandwidths (bytes/s), compute rates (flop/s) and per-call overheads (s) of one machine."""
+
+    cpu_bw: float
+    cpu_flops: float
+    h2d_bw: float
+    gpu_bw: float
+    gpu_flops: float
+    cpu_overhead: float = 20e-6
+    gpu_overhead: float = 10e-6
+
+    def cost(self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype) -> LinearCost:
+        nbytes = out_features * in_features * _itemsize(dtype)
+        flops = 2.0 * out_features * in_features * tokens
+        act = tokens * (in_features + out_features) * _itemsize(dtype)
+        return LinearCost(
+            t_cpu=max((nbytes + act) / self.cpu_bw, flops / self.cpu_flops) + self.cpu_overhead,
+            t_copy=nbytes / self.h2d_bw,
+            t_gpu=max((nbytes + act) / self.gpu_bw, flops / self.gpu_flops) + self.gpu_overhead,
+            source="model",
+        )
+
+
+#: the GPU test host (H100/H200, 16 Xeon cores, PCIe Gen5), measured 2026-11-21: ARCHITECTURE.md §2
+CUDA_HOST = HardwareModel(cpu_bw=70e9, cpu_flops=0.8e12, h2d_bw=55e9, gpu_bw=3.0e12, gpu_flops=400e12)
+#: a small CPU-only machine running the "GPU side" on the CPU as well (emulation)
+CPU_EMULATION = HardwareModel(cpu_bw=10e9, cpu_flops=50e9, h2d_bw=10e9, gpu_bw=10e9, gpu_flops=50e9)
+
+
+def default_model(device: torch.device) -> HardwareModel:
+    return CPU_EMULATION if device.type == "cpu" else CUDA_HOST
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class CostCache:
+    """Measured costs on disk, keyed by machine (host, CPU, threads, device, torch), shape and dtype."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None, device: torch.device) -> None:
+        root = Path(cache_dir or os.environ.get("HETEGEN_CACHE_DIR") or Path.home() / ".cache" / "hetegen_fx")
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        machine = f"{platform.node()}|{platform.processor() or platform.machine()}|{torch.get_num_threads()}t|{dev}|torch{torch.__version__}"
+        self.machine = machine
+        self.path = root / "profiles.json"
+        self._lock = threading.Lock()
+        self._data: dict = {}
+        if self.path.is_file():
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self._data = {}  # a corrupt cache is re-measured, not fatal
+
+    @staticmethod
+    def key(out_features: int, in_features: int, tokens: int, dtype: torch.dtype) -> str:
+        return f"{out_features}x{in_features}x{tokens}:{str(dtype).removeprefix('torch.')}"
+
+    def get(self, key: str) -> LinearCost | None:
+        hit = self._data.get(self.machine, {}).get(key)
+        return LinearCost(**hit) if hit else None
+
+    def put(self, key: str, cost: LinearCost) -> None:
+        with self._lock:
+            self._data.setdefault(self.machine, {})[key] = asdict(cost)
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps(self._data, indent=1))
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+
+
+def _median_time(fn, sync, min_reps: int = 3, budget_s: float = 0.05) -> float:
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_cost(
+    out_features: int, in_features: int, tokens: int, dtype: torch.dtype, device: torch.device
+) -> LinearCost:
+    """Time the layer's three parts on this machine, on fresh random data."""
+    gen = torch.Generator().manual_seed(out_features * 31 + in_features)
+    w = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+    x = torch.empty(tokens, in_features, dtype=dtype).uniform_(-1, 1, generator=gen)
+    t_cpu = _median_time(lambda: torch.nn.functional.linear(x, w), lambda: None)
+    if device.type == "cuda":
+        sync = torch.cuda.synchronize
+        wp = w.pin_memory()
+        wd = torch.empty_like(w, device=device)
+        xd = x.to(device)
+        t_copy = _median_time(lambda: wd.copy_(wp, non_blocking=True), sync)
+        t_gpu = _median_time(lambda: torch.nn.functional.linear(xd, wd), sync)
+        del wp, wd, xd
+    else:
+        buf = torch.empty_like(w)
+        t_copy = _median_time(lambda: buf.copy_(w), lambda: None)
+        t_gpu = t_cpu
+    return LinearCost(t_cpu=t_cpu, t_copy=t_copy, t_gpu=t_gpu, source="measured")

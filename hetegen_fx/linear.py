@@ -1,0 +1,149 @@
+"""Recognising Linears in an FX graph, whatever frontend produced it.
+
+Forms recognised (the weight must be bound to a model parameter, see :data:`meta.PARAM`):
+
+* ``call_module`` of an ``nn.Linear``;
+* ``F.linear`` / ``torch._C._nn.linear`` (fx, dynamo) and ``aten.linear`` (export): ``x Wᵀ + b``, W ``[out, in]``;
+* ``addmm(b, x, W)`` and ``matmul(x, W)`` (+ ``add(·, b)``) with W ``[in, out]`` (GPT-2's Conv1D).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import meta
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A model parameter (or buffer) that a graph node stands for."""
+
+    name: str
+    tensor: torch.Tensor
+
+
+@dataclass
+class LinearSite:
+    """One Linear found in a graph. ``node`` is the node whose value is the Linear's output."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: ParamRef
+    bias: ParamRef | None
+    layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D)
+    form: str  # "linear" | "addmm" | "matmul"
+    absorbed: tuple[fx.Node, ...] = ()  # nodes that disappear with the rewrite (matmul under a fused add)
+
+    @property
+    def name(self) -> str:
+        return self.weight.name
+
+    @property
+    def out_features(self) -> int:
+        w = self.weight.tensor
+        return w.shape[0] if self.layout == "out_in" else w.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        w = self.weight.tensor
+        return w.shape[1] if self.layout == "out_in" else w.shape[0]
+
+    @property
+    def weight_bytes(self) -> int:
+        b = self.weight.tensor.numel() * self.weight.tensor.element_size()
+        if self.bias is not None:
+            b += self.bias.tensor.numel() * self.bias.tensor.element_size()
+        return b
+
+
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
+ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm, torch.ops.aten.addmm.default)
+MATMUL_TARGETS = (
+    torch.matmul,
+    operator.matmul,
+    torch.ops.aten.matmul,
+    torch.ops.aten.matmul.default,
+    torch.mm,
+    torch.ops.aten.mm,
+    torch.ops.aten.mm.default,
+)
+ADD_TARGETS = (operator.add, torch.add, torch.ops.aten.add, torch.ops.aten.add.Tensor)
+
+
+def param_of(node: object) -> ParamRef | None:
+    """The parameter a node stands for, if capture bound one to it."""
+    return node.meta.get(meta.PARAM) if isinstance(node, fx.Node) else None
+
+
+def _is_weight(ref: ParamRef | None) -> bool:
+    return ref is not None and ref.tensor.dim() == 2
+
+
+def _bias_ref(node: object) -> ParamRef | None:
+    ref = param_of(node)
+    return ref if ref is not None and ref.tensor.dim() == 1 else None
+
+
+def match_linear(node: fx.Node, gm: fx.GraphModule | None = None) -> LinearSite | None:
+    """Return the LinearSite computed by ``node``, or None when ``node`` is not a Linear."""
+    if node.op == "call_module" and gm is not None:
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, torch.nn.Linear) and not node.kwargs:
+            w = ParamRef(f"{node.target}.weight", mod.weight)
+            b = ParamRef(f"{node.target}.bias", mod.bias) if mod.bias is not None else None
+            return LinearSite(node, node.args[0], w, b, "out_in", "module")
+        return None
+    if node.op != "call_function":
+        return None
+    t = node.target
+    args = list(node.args)
+    if t in LINEAR_TARGETS:
+        x = args[0] if args else node.kwargs.get("input")
+        w = args[1] if len(args) > 1 else node.kwargs.get("weight")
+        b = args[2] if len(args) > 2 else node.kwargs.get("bias")
+        wref = param_of(w)
+        if not _is_weight(wref):
+            return None
+        bref = _bias_ref(b) if b is not None else None
+        if b is not None and bref is None:
+            return None
+        return LinearSite(node, x, wref, bref, "out_in", "linear")
+    if t in ADDMM_TARGETS and len(args) == 3 and not node.kwargs:
+        bref, wref = _bias_ref(args[0]), param_of(args[2])
+        if bref is None or not _is_weight(wref):
+            return None
+        return LinearSite(node, args[1], wref, bref, "in_out", "addmm")
+    if t in ADD_TARGETS and len(args) == 2 and not node.kwargs:
+        for mm, b in ((args[0], args[1]), (args[1], args[0])):
+            if isinstance(mm, fx.Node) and len(mm.users) == 1:
+                inner = match_linear(mm, gm)
+                bref = _bias_ref(b)
+                if inner is not None and inner.form == "matmul" and bref is not None:
+                    if bref.tensor.shape[0] == inner.out_features:
+                        return LinearSite(node, inner.x, inner.weight, bref, "in_out", "matmul", (mm,))
+        return None
+    if t in MATMUL_TARGETS and len(args) == 2 and not node.kwargs:
+        wref = param_of(args[1])
+        if not _is_weight(wref) or param_of(args[0]) is not None:
+            return None
+        return LinearSite(node, args[0], wref, None, "in_out", "matmul")
+    return None
+
+
+def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
+    """Every Linear of ``gm`` in graph order (a matmul absorbed into a fused add is reported once)."""
+    sites: list[LinearSite] = []
+    absorbed: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node in absorbed:
+            continue
+        site = match_linear(node, gm)
+        if site is not None:
+            sites.append(site)
+            absorbed.update(site.absorbed)
+    return sites[::-1]

@@ -1,0 +1,24 @@
+"""The `node.meta` keys that analyses and passes read and write, defined in one place."""
+
+#: a :class:`hetegen_fx.linear.LinearSite` on every node that computes a Linear
+LINEAR = "hetegen_linear"
+#: a :class:`hetegen_fx.profile.LinearCost` written by ProfilePass on every Linear node
+COST = "hetegen_cost"
+#: a :class:`hetegen_fx.plan.LayerPlan` written by PlacementPass on every Linear node
+PLACEMENT = "hetegen_placement"
+#: "cpu" | "gpu" | "copy" | "sync" | "move": which side a node added by PartitionPass runs on
+SIDE = "hetegen_side"
+#: name of the Linear (its weight's qualified name) a partitioned node belongs to
+LAYER = "hetegen_layer"
+#: staging-slot index of a copy / wait / release node
+SLOT = "hetegen_slot"
+#: position of a node in the order emitted by SchedulePass
+ORDER = "hetegen_order"
+#: a :class:`hetegen_fx.linear.ParamRef` on every placeholder / get_attr node bound to a model parameter
+PARAM = "hetegen_param"
+
+# graph-level keys (gm.meta)
+#: the :class:`hetegen_fx.plan.Plan` of a graph, written by PlacementPass
+PLAN = "hetegen_plan"
+#: rows (batch × sequence) a Linear multiplies at the graph's example shape, written by ProfilePass
+TOKENS = "hetegen_tokens"

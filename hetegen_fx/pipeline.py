@@ -1,0 +1,82 @@
+"""The pass pipeline, in one readable list: profile → place → partition → device → schedule → codegen."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from . import meta
+from .codegen import finalize
+from .config import Config
+from .errors import HetegenError
+from .graph_utils import clone_graph_module
+from .plan import Plan, load_plan
+from .store import CompiledGraph, WeightStore
+
+
+def build_passes(
+    config: Config,
+    store: WeightStore,
+    example_inputs: Sequence[Any] | None = None,
+    label: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> list:
+    """The ordered pass list for one graph."""
+    from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
+
+    given = load_plan(config.plan) if config.plan is not None else None
+    return [
+        ProfilePass(config, example_inputs, progress=progress, measure=given is None),
+        PlacementPass(config, store, plan=given, label=label),
+        PartitionPass(config, store),
+        DevicePass(config, store),
+        SchedulePass(),
+    ]
+
+
+def transform(
+    gm: fx.GraphModule,
+    config: Config,
+    store: WeightStore,
+    example_inputs: Sequence[Any] | None = None,
+    label: str = "",
+    debug_hook: Callable[[str, fx.GraphModule], None] | None = None,
+) -> tuple[fx.GraphModule, Plan]:
+    """Run the pipeline on a copy of ``gm`` (the caller's module is never modified); return it and its Plan.
+
+    ``debug_hook(pass_name, gm)`` is called after each pass, e.g. to dump or draw the graph.
+    """
+    work = clone_graph_module(gm)
+    progress = (
+        (lambda msg: print(f"[hetegen] {msg}", file=sys.stderr, flush=True)) if config.verbose else None
+    )
+    passes = build_passes(config, store, example_inputs, label, progress)
+    if debug_hook is not None:
+        passes = [_hooked(p, debug_hook) for p in passes]
+    pm = PassManager(passes, run_checks_after_each_pass=True)
+    pm.add_checks(lambda m: m.graph.lint())
+    try:
+        result = pm(work)
+    except Exception as e:  # PassManager wraps pass errors; surface ours unchanged
+        cause = e.__cause__
+        if isinstance(cause, HetegenError):
+            raise cause.with_traceback(cause.__traceback__) from None
+        raise
+    out = finalize(result.graph_module)
+    plan = out.meta[meta.PLAN]
+    store.graphs.append(CompiledGraph(out, plan, label))
+    return out, plan
+
+
+def _hooked(p, hook):
+    def run(gm):
+        res = p(gm)
+        hook(type(p).__name__, res.graph_module)
+        return res
+
+    run.__name__ = type(p).__name__
+    return run

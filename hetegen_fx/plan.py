@@ -1,0 +1,170 @@
+"""The Plan: what the compiler decided for one graph, as data.
+
+Per Linear: resident or offloaded, the CPU share α and the split row, the predicted whole-layer CPU /
+copy / GPU times and the predicted time of the split layer, and bytes. It prints as a table, round-trips
+through JSON, and a saved Plan can be compiled from directly (no profiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import format_bytes
+from .errors import ConfigError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    out_features: int
+    in_features: int
+    tokens: int
+    dtype: str
+    bytes: int
+    resident: bool
+    alpha: float = 0.0  # share of output features computed on the CPU (offloaded layers only)
+    split: int = 0  # output features [0, split) on the CPU, [split, out) on the GPU
+    t_cpu: float = 0.0  # predicted seconds for the whole layer on the CPU ...
+    t_copy: float = 0.0  # ... to copy the whole layer host→device
+    t_gpu: float = 0.0  # ... on the GPU
+    slot: int = -1  # staging buffer of the GPU part (-1: none)
+
+    @property
+    def t_pred(self) -> float:
+        """Predicted seconds of this layer as planned (CPU part ∥ copy + GPU part)."""
+        if self.resident:
+            return self.t_gpu
+        a = self.split / self.out_features if self.out_features else 0.0
+        return max(a * self.t_cpu, (1 - a) * (self.t_copy + self.t_gpu))
+
+    @property
+    def gpu_part_bytes(self) -> int:
+        if self.resident or self.out_features == 0:
+            return 0
+        return self.bytes * (self.out_features - self.split) // self.out_features
+
+
+@dataclass
+class Plan:
+    device: str
+    gpu_memory: int | None
+    tokens: int
+    layers: list[LayerPlan] = field(default_factory=list)
+    reserved: dict[str, int] = field(default_factory=dict)  # kv_cache, activations, other_params, staging
+    source: str = "model"  # where the costs came from: "measured", "model" or "plan"
+    label: str = ""
+
+    def layer(self, name: str) -> LayerPlan | None:
+        return next((lp for lp in self.layers if lp.name == name), None)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(lp.bytes for lp in self.layers if lp.resident)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(lp.bytes for lp in self.layers if not lp.resident)
+
+    @property
+    def predicted_seconds(self) -> float:
+        return sum(lp.t_pred for lp in self.layers)
+
+    def table(self) -> str:
+        """A fixed-width table, one row per Linear, with totals."""
+        head = f"{'layer':<44} {'place':<9} {'alpha':>5} {'cpu ms':>8} {'copy ms':>8} {'gpu ms':>8} {'pred ms':>8} {'bytes':>11}"
+        rows = [head, "-" * len(head)]
+        for lp in self.layers:
+            place = "resident" if lp.resident else "offload"
+            alpha = "" if lp.resident else f"{lp.split / lp.out_features:.2f}"
+            name = lp.name if len(lp.name) <= 44 else "…" + lp.name[-43:]
+            rows.append(
+                f"{name:<44} {place:<9} {alpha:>5} {lp.t_cpu * 1e3:8.3f} {lp.t_copy * 1e3:8.3f} "
+                f"{lp.t_gpu * 1e3:8.3f} {lp.t_pred * 1e3:8.3f} {format_bytes(lp.bytes):>11}"
+            )
+        rows.append("-" * len(head))
+        budget = "unlimited" if self.gpu_memory is None else format_bytes(self.gpu_memory)
+        reserved = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.reserved.items())
+        rows.append(
+            f"{len(self.layers)} Linears at {self.tokens} token(s) on {self.device}: "
+            f"{sum(lp.resident for lp in self.layers)} resident ({format_bytes(self.resident_bytes)}), "
+            f"{sum(not lp.resident for lp in self.layers)} offloaded ({format_bytes(self.offloaded_bytes)}); "
+            f"budget {budget}; reserved: {reserved or 'none'}; "
+            f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work; costs: {self.source}"
+        )
+        return "\n".join(rows)
+
+    __str__ = table
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        d = dict(d)
+        version = d.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
+        try:
+            layers = [LayerPlan(**lp) for lp in d.pop("layers")]
+            return cls(layers=layers, **d)
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"not a hetegen_fx plan: {e}") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not a hetegen_fx plan (invalid JSON: {e})") from e
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON atomically (no partial file is left on failure)."""
+        return atomic_write(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"plan file {str(p)!r} does not exist; write one with Plan.save() or `hetegen plan`"
+            )
+        return cls.from_json(p.read_text())
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise ConfigError(f"cannot write {str(p)!r}: folder {str(p.parent)!r} does not exist")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def load_plan(plan: Plan | str | os.PathLike | dict) -> Plan:
+    """Accept a Plan, a dict, or a path to a plan's JSON file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
+    return Plan.load(plan)

@@ -1,0 +1,106 @@
+"""Run-time objects: per-device staging buffers, the copy stream and its events.
+
+Everything here is created lazily on first use; importing this module touches no GPU.
+On a "cpu" device (emulation, for testing without an accelerator) copies are plain copies into the
+same staging buffers and events are no-ops, so the data flow is exercised exactly as on a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+class DeviceRuntime:
+    """Staging slots, copy stream and events for one accelerator device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self._slots: dict[int, torch.Tensor] = {}
+        self._copied: dict[int, torch.cuda.Event] = {}
+        self._released: dict[int, torch.cuda.Event] = {}
+        self._copy_stream: torch.cuda.Stream | None = None
+
+    @property
+    def copy_stream(self) -> torch.cuda.Stream:
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        return self._copy_stream
+
+    def staging_bytes(self) -> int:
+        """Bytes held by the staging buffers."""
+        return sum(b.numel() for b in self._slots.values())
+
+    def reserve(self, slot: int, nbytes: int) -> None:
+        """Make sure staging buffer ``slot`` holds at least ``nbytes``."""
+        buf = self._slots.get(slot)
+        if buf is not None and buf.numel() >= nbytes:
+            return
+        if buf is not None and self.is_cuda:
+            torch.cuda.synchronize(self.device)  # the old buffer may still be in use by either stream
+        self._slots[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """Staging buffer ``slot`` viewed with the shape and dtype of ``like``."""
+        nbytes = like.numel() * like.element_size()
+        self.reserve(slot, nbytes)
+        return self._slots[slot][:nbytes].view(like.dtype).view(like.shape)
+
+    def copy_h2d(self, src: torch.Tensor, slot: int) -> torch.Tensor:
+        """Start copying host tensor ``src`` into staging buffer ``slot``; return that buffer."""
+        dst = self.buffer(slot, src)
+        if not self.is_cuda:
+            dst.copy_(src)
+            return dst
+        stream = self.copy_stream
+        released = self._released.get(slot)
+        if released is not None:
+            stream.wait_event(released)  # the buffer's previous contents are no longer needed
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        ev = self._copied.get(slot)
+        if ev is None:
+            ev = self._copied[slot] = torch.cuda.Event()
+        ev.record(stream)
+        return dst
+
+    def wait(self, slot: int) -> None:
+        """Make the current stream wait until the copy into ``slot`` has landed."""
+        if self.is_cuda and slot in self._copied:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+
+    def release(self, slot: int) -> None:
+        """Mark ``slot`` free once the work queued so far on the current stream is done."""
+        if self.is_cuda:
+            ev = self._released.get(slot)
+            if ev is None:
+                ev = self._released[slot] = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+
+
+_RUNTIMES: dict[torch.device, DeviceRuntime] = {}
+_LOCK = threading.Lock()
+
+
+def get_runtime(device: str | torch.device) -> DeviceRuntime:
+    """The process-wide runtime of ``device`` (created on first use)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with _LOCK:
+        rt = _RUNTIMES.get(dev)
+        if rt is None:
+            rt = _RUNTIMES[dev] = DeviceRuntime(dev)
+        return rt
+
+
+def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    """Move an activation; a no-op when it is already there. Host-to-device copies do not block the host."""
+    if not isinstance(x, torch.Tensor) or x.device == torch.device(device):
+        return x
+    return x.to(device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+
+
+torch.fx.wrap("to_device")

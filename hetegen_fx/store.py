@@ -1,0 +1,138 @@
+"""One weight store per model: residency decided once, device copies and host parts shared by every graph.
+
+Under ``generate`` dynamo hands the backend several graphs (prefill, decode, a dynamic-shape decode);
+residency is a property of the model's parameters, not of a graph, so every graph of one model looks up
+the same store by parameter identity and reuses its tensors: weights are placed and copied once.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+@dataclass
+class CompiledGraph:
+    """One graph compiled for a model: the generated module and its Plan."""
+
+    graph_module: torch.fx.GraphModule
+    plan: object  # hetegen_fx.plan.Plan
+    label: str
+
+
+@dataclass
+class WeightStore:
+    device: torch.device
+    #: layer name → True (resident on the device) / False (offloaded); decided by the first placement
+    residency: dict[str, bool] | None = None
+    #: bytes the first placement reserved for everything that is not a Linear weight
+    reserved: dict[str, int] = field(default_factory=dict)
+    graphs: list[CompiledGraph] = field(default_factory=list)
+    _device_copies: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _host_parts: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _pinned: set[int] = field(default_factory=set, repr=False)
+
+    @property
+    def emulated(self) -> bool:
+        return self.device.type == "cpu"
+
+    def device_bytes(self) -> int:
+        """Bytes of weights this store keeps on the device."""
+        if self.emulated:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._device_copies.values())
+
+    def on_device(self, t: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The device copy of ``t`` (of its rows ``[start, stop)`` when given), made once."""
+        k = (id(t), rows)
+        out = self._device_copies.get(k)
+        if out is None:
+            src = t.detach() if rows is None else t.detach()[rows[0] : rows[1]]
+            out = src if self.emulated and src.device.type == "cpu" else src.to(self.device)
+            self._device_copies[k] = out
+        return out
+
+    def host_part(self, w: torch.Tensor, layout: str, start: int, stop: int, pin: bool) -> torch.Tensor:
+        """Output features ``[start, stop)`` of host weight ``w`` (rows for out_in, columns for in_out).
+
+        Rows of an ``[out, in]`` weight are a view; columns of an ``[in, out]`` weight are made contiguous
+        once (and cached), since a strided copy over PCIe is slow.
+        """
+        if w.device.type != "cpu":
+            raise UnsupportedModelError(
+                f"offloaded weights must live in host memory, found one on {w.device}; load the model on the CPU"
+            )
+        part = w.detach()[start:stop] if layout == "out_in" else w.detach()[:, start:stop]
+        if not part.is_contiguous():
+            key = (id(w), layout, start, stop)
+            cached = self._host_parts.get(key)
+            if cached is None:
+                cached = self._host_parts[key] = part.contiguous()
+            part = cached
+        if pin and not self.emulated:
+            self._pin(part)
+        return part
+
+    def _pin(self, t: torch.Tensor) -> None:
+        """Page-lock the storage behind ``t`` in place (no copy of the weights)."""
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._pinned or t.is_pinned():
+            return
+        err = torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0)
+        if int(getattr(err, "value", err)) != 0:
+            warnings.warn(
+                f"could not pin {storage.nbytes()} bytes in place (cudaHostRegister error {err}); "
+                "copies of this weight will be slower",
+                stacklevel=2,
+            )
+            return
+        self._pinned.add(ptr)
+        weakref.finalize(storage, _unregister, ptr)
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown: the driver may be gone already
+        pass
+
+
+_STORES: dict[int, tuple[weakref.ref, WeightStore]] = {}
+_LOCK = threading.Lock()
+
+
+def store_for(params: list[torch.Tensor], device: torch.device, fresh: bool = False) -> WeightStore:
+    """The store that already holds any of ``params`` on ``device`` (unless ``fresh``), else a new one.
+
+    Either way the store is registered for all of ``params``: a new compile of a model starts afresh,
+    and every graph dynamo later hands over for it finds that store.
+    """
+    with _LOCK:
+        store = None
+        for p in params:
+            hit = _STORES.get(id(p))
+            if not fresh and hit is not None and hit[0]() is p and hit[1].device == device:
+                store = hit[1]
+                break
+        if store is None:
+            store = WeightStore(device=device)
+        for p in params:
+            _STORES[id(p)] = (weakref.ref(p), store)
+        return store
+
+
+def find_store(params: list[torch.Tensor]) -> WeightStore | None:
+    """The store holding any of ``params``, if one exists."""
+    with _LOCK:
+        for p in params:
+            hit = _STORES.get(id(p))
+            if hit is not None and hit[0]() is p:
+                return hit[1]
+    return None

@@ -1,0 +1,215 @@
+"""PlacementPass: which weights stay resident on the device, and each offloaded Linear's CPU share α.
+
+Residency is decided once per model (the WeightStore) by priority ``g = T_cpu / M_gpu``: the weights whose
+CPU time per device byte is highest stay resident while the budget — minus the KV-cache, activation,
+other-parameter and staging reserves — holds them. Every graph of the model then reuses that residency
+and computes its own α from its own (shape-specific) costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from hetegen_fx import meta
+from hetegen_fx.config import Config, format_bytes
+from hetegen_fx.errors import BudgetError, ConfigError
+from hetegen_fx.graph_utils import concrete, node_value
+from hetegen_fx.linear import LinearSite, param_of
+from hetegen_fx.plan import LayerPlan, Plan
+from hetegen_fx.store import WeightStore
+
+#: headroom left free on the device when no budget is given (CUDA context, allocator fragmentation)
+DEVICE_HEADROOM = 512 * 2**20
+
+
+def split_row(alpha: float, out_features: int) -> int:
+    """Output features on the CPU for share α; multiples of 64 for large layers (vector-friendly)."""
+    q = 64 if out_features >= 1024 else 1
+    k = int(round(alpha * out_features / q)) * q
+    return min(max(k, 0), out_features)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
+    """Bytes one token adds to the KV cache, read off the attention ops of the graph (0 if none)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+            k = node_value(node.args[1]) if len(node.args) > 1 else None
+            if k is not None and getattr(k, "dim", lambda: 0)() == 4:
+                heads, head_dim = concrete(k.shape[1]), concrete(k.shape[3])
+                total += 2 * heads * head_dim * k.element_size()
+    return total
+
+
+def activation_bytes(gm: fx.GraphModule) -> int:
+    """Room for activations: four times the largest intermediate tensor of the graph."""
+    largest = 0
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            v = node_value(node)
+            if isinstance(v, torch.Tensor):
+                largest = max(largest, v.numel() * v.element_size())
+    return 4 * largest
+
+
+def other_param_bytes(gm: fx.GraphModule, linear_params: set[int]) -> int:
+    """Bytes of parameters used by anything but a Linear's weight (embeddings, norms, biases, buffers)."""
+    seen: set[int] = set()
+    total = 0
+    for node in gm.graph.nodes:
+        ref = param_of(node)
+        if ref is None or id(ref.tensor) in seen or not node.users:
+            continue
+        if id(ref.tensor) in linear_params and all(meta.LINEAR in u.meta for u in node.users):
+            continue
+        seen.add(id(ref.tensor))
+        total += _nbytes(ref.tensor)
+    return total
+
+
+class PlacementPass(PassBase):
+    """Analysis: writes the Plan to ``gm.meta[meta.PLAN]`` and each Linear's LayerPlan to ``node.meta``."""
+
+    def __init__(self, config: Config, store: WeightStore, plan: Plan | None = None, label: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.store = store
+        self.given = plan
+        self.label = label
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = [n for n in gm.graph.nodes if meta.LINEAR in n.meta]
+        sites: list[LinearSite] = [n.meta[meta.LINEAR] for n in nodes]
+        plan = self._from_given(sites) if self.given is not None else self._place(gm, sites)
+        plan.label = self.label
+        for node, lp in zip(nodes, plan.layers, strict=True):
+            node.meta[meta.PLACEMENT] = lp
+        gm.meta[meta.PLAN] = plan
+        return PassResult(gm, False)
+
+    def _budget(self) -> int | None:
+        if self.config.gpu_memory is not None:
+            return self.config.gpu_memory
+        device = torch.device(self.config.device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(0, free - DEVICE_HEADROOM + self.store.device_bytes())
+        return None
+
+    def _place(self, gm: fx.GraphModule, sites: list[LinearSite]) -> Plan:
+        cfg = self.config
+        layers = []
+        for s in sites:
+            cost = s.node.meta[meta.COST]
+            alpha = cost.alpha() if cfg.alpha is None else float(cfg.alpha)
+            layers.append(
+                LayerPlan(
+                    name=s.name,
+                    out_features=s.out_features,
+                    in_features=s.in_features,
+                    tokens=s.node.meta.get(meta.TOKENS, 1),
+                    dtype=str(s.weight.tensor.dtype).removeprefix("torch."),
+                    bytes=s.weight_bytes,
+                    resident=True,
+                    alpha=alpha,
+                    split=split_row(alpha, s.out_features),
+                    t_cpu=cost.t_cpu,
+                    t_copy=cost.t_copy,
+                    t_gpu=cost.t_gpu,
+                )
+            )
+        budget = self._budget()
+        store = self.store
+        if store.residency is None:
+            reserved = {
+                "kv_cache": kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size,
+                "activations": cfg.activation_reserve
+                if cfg.activation_reserve is not None
+                else activation_bytes(gm),
+                "other_params": other_param_bytes(gm, {id(s.weight.tensor) for s in sites}),
+            }
+            store.residency = self._choose_residency(layers, reserved, budget)
+            store.reserved = reserved
+        for lp in layers:
+            lp.resident = store.residency.get(lp.name, False)
+            if lp.resident:
+                lp.alpha, lp.split = 0.0, 0
+        reserved = dict(store.reserved)
+        reserved["staging"] = self._staging(layers)
+        src = {s.node.meta[meta.COST].source for s in sites}
+        return Plan(
+            device=cfg.device,
+            gpu_memory=budget,
+            tokens=max((lp.tokens for lp in layers), default=0),
+            layers=layers,
+            reserved=reserved,
+            source="/".join(sorted(src)) or "none",
+        )
+
+    def _staging(self, layers: list[LayerPlan]) -> int:
+        parts = [lp.gpu_part_bytes for lp in layers if not lp.resident]
+        return self.config.prefetch * max(parts, default=0)
+
+    def _choose_residency(
+        self, layers: list[LayerPlan], reserved: dict[str, int], budget: int | None
+    ) -> dict:
+        fixed = sum(reserved.values())
+        everything = fixed + sum(lp.bytes for lp in layers)
+        if budget is None or everything <= budget:
+            return {lp.name: True for lp in layers}
+        for lp in layers:
+            lp.resident = False
+        minimum = fixed + self._staging(layers)
+        if budget < minimum:
+            parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in reserved.items())
+            raise BudgetError(
+                f"gpu_memory {format_bytes(budget)} is below the minimum working set of {format_bytes(minimum)} "
+                f"({minimum} bytes: {parts}, staging {format_bytes(self._staging(layers))} for prefetch="
+                f"{self.config.prefetch}); raise gpu_memory to at least {format_bytes(minimum)}, or lower "
+                "max_seq_len / prefetch"
+            )
+        order = sorted(layers, key=lambda lp: lp.t_cpu / max(lp.bytes, 1), reverse=True)
+        resident_bytes = 0
+        for lp in order:
+            lp.resident = True
+            if fixed + resident_bytes + lp.bytes + self._staging(layers) <= budget:
+                resident_bytes += lp.bytes
+            else:
+                lp.resident = False
+        return {lp.name: lp.resident for lp in layers}
+
+    def _from_given(self, sites: list[LinearSite]) -> Plan:
+        given = self.given
+        by_name = {lp.name: lp for lp in given.layers}
+        missing = [s.name for s in sites if s.name not in by_name]
+        if missing:
+            raise ConfigError(
+                f"the plan has no entry for Linear(s) {missing[:5]}{' …' if len(missing) > 5 else ''}; "
+                "it was made for another model — compile without plan= to make a new one"
+            )
+        layers = []
+        for s in sites:
+            lp = LayerPlan(**{**by_name[s.name].__dict__})
+            if (lp.out_features, lp.in_features) != (s.out_features, s.in_features):
+                raise ConfigError(
+                    f"plan entry {s.name} is {lp.out_features}x{lp.in_features} but the model's Linear is "
+                    f"{s.out_features}x{s.in_features}; the plan was made for another model"
+                )
+            layers.append(lp)
+        if self.store.residency is None:
+            self.store.residency = {lp.name: lp.resident for lp in layers}
+            self.store.reserved = {k: v for k, v in given.reserved.items() if k != "staging"}
+        return Plan(
+            device=self.config.device,
+            gpu_memory=given.gpu_memory,
+            tokens=given.tokens,
+            layers=layers,
+            reserved=dict(given.reserved),
+            source="plan",
+        )

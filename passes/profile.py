@@ -1,0 +1,91 @@
+"""ProfilePass: per-Linear CPU / host-to-device / GPU costs in ``node.meta`` for the shapes the graph runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from hetegen_fx import meta
+from hetegen_fx.config import Config
+from hetegen_fx.costs import CostCache, HardwareModel, LinearCost, default_model, measure_cost
+from hetegen_fx.errors import UnsupportedModelError
+from hetegen_fx.graph_utils import concrete, has_shapes, node_value, propagate_shapes
+from hetegen_fx.linear import LinearSite, find_linears
+
+
+def linear_tokens(site: LinearSite) -> int:
+    """Rows the Linear multiplies (batch × sequence) at the graph's example shape."""
+    v = node_value(site.x)
+    if v is None or not hasattr(v, "shape"):
+        return 1
+    n = 1
+    for d in v.shape[:-1]:
+        n *= concrete(d)
+    return max(n, 1)
+
+
+class ProfilePass(PassBase):
+    """Analysis: writes :data:`meta.LINEAR` and :data:`meta.COST` on every Linear; the graph is unchanged.
+
+    Costs are measured on this machine (``profile="measure"``, or ``"auto"`` on a CUDA device), each distinct
+    (shape, dtype) once and cached on disk, or predicted from a :class:`HardwareModel` (``"model"``, or
+    ``"auto"`` when the accelerator is emulated on the CPU). When compiling from a saved Plan nothing is
+    measured (``measure=False``): the Plan already holds the costs.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        example_inputs: Sequence[Any] | None = None,
+        hardware: HardwareModel | None = None,
+        progress: Callable[[str], None] | None = None,
+        measure: bool = True,
+    ) -> None:
+        super().__init__()
+        self.measure = measure
+        self.config = config
+        self.example_inputs = example_inputs
+        self.hardware = hardware
+        self.progress = progress
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not has_shapes(gm) and self.example_inputs is not None:
+            propagate_shapes(gm, self.example_inputs)
+        sites = find_linears(gm)
+        device = torch.device(self.config.device)
+        measure = self.measure and (
+            self.config.profile == "measure" or (self.config.profile == "auto" and device.type == "cuda")
+        )
+        model = self.hardware or default_model(device)
+        cache = CostCache(self.config.cache_dir, device) if measure else None
+        seen: dict[str, LinearCost] = {}
+        for i, site in enumerate(sites):
+            w = site.weight.tensor
+            if not w.is_floating_point():
+                raise UnsupportedModelError(
+                    f"Linear {site.name} has {w.dtype} weights; hetegen_fx splits floating-point Linears only "
+                    "(dequantize the model first, e.g. load it with dtype=torch.float16)"
+                )
+            tokens = linear_tokens(site)
+            key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
+            cost = seen.get(key)
+            if cost is None and cache is not None:
+                cost = cache.get(key)
+                if cost is None:
+                    if self.progress:
+                        self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
+                    cost = measure_cost(site.out_features, site.in_features, tokens, w.dtype, device)
+                    cache.put(key, cost)
+            if cost is None:
+                cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
+            seen[key] = cost
+            site.node.meta[meta.LINEAR] = site
+            site.node.meta[meta.COST] = cost
+            site.node.meta[meta.TOKENS] = tokens
+        if cache is not None:
+            cache.save()
+        return PassResult(gm, False)

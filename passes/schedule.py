@@ -1,0 +1,96 @@
+"""SchedulePass: order the partitioned graph so copies are issued early and overlap CPU work.
+
+The graph becomes a networkx DAG: data edges, ordering edges around ops that mutate their inputs
+(``wait_copy`` before, ``release_slot`` after, the GPU part that reads the staged weight), and staging
+edges — the copy into a slot comes after the release of the slot's previous user. A lexicographic
+topological sort then emits every copy as soon as its slot is free (prefetching ``prefetch`` Linears ahead)
+and everything else in the original order. The emitted order is verified topological.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from hetegen_fx import meta
+from hetegen_fx.ops import COPY, RELEASE, is_op
+
+
+def _mutated_args(node: fx.Node) -> list[fx.Node]:
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+        return []
+    out = []
+    for arg, value in zip(t._schema.arguments, node.args, strict=False):
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+            out.append(value)
+    return out
+
+
+def build_dag(graph: fx.Graph) -> nx.DiGraph:
+    """Dependencies of ``graph``: data, mutation order and staging-slot reuse."""
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    dag = nx.DiGraph()
+    for n in graph.nodes:
+        dag.add_node(n)
+        for inp in n.all_input_nodes:
+            dag.add_edge(inp, n, kind="data")
+    for n in graph.nodes:
+        for arg in _mutated_args(n):
+            for user in arg.users:
+                if user is n:
+                    continue
+                a, b = (user, n) if index[user] < index[n] else (n, user)
+                dag.add_edge(a, b, kind="mutation")
+    last_release: dict[int, fx.Node] = {}
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        slot = n.meta.get(meta.SLOT)
+        if is_op(n.target, COPY) and slot in last_release:
+            dag.add_edge(last_release[slot], n, kind="staging")
+        elif is_op(n.target, RELEASE):
+            last_release[slot] = n
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for a, b in zip(placeholders, placeholders[1:], strict=False):
+        dag.add_edge(a, b, kind="signature")
+    out = graph.output_node()
+    for n in graph.nodes:
+        if n is not out and not dag.has_edge(n, out):
+            dag.add_edge(n, out, kind="last")
+    return dag
+
+
+def is_topological(order: list[fx.Node], dag: nx.DiGraph) -> bool:
+    pos = {n: i for i, n in enumerate(order)}
+    return len(pos) == dag.number_of_nodes() and all(pos[a] < pos[b] for a, b in dag.edges)
+
+
+class SchedulePass(PassBase):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        nodes = list(graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        dag = build_dag(graph)
+
+        def key(n: fx.Node) -> tuple[int, int]:
+            if n.op == "placeholder":
+                return (0, index[n])
+            early = n.meta.get(meta.SIDE) == "copy"  # copies and the host weights they read
+            return (1 if early else 2, index[n])
+
+        order = list(nx.lexicographical_topological_sort(dag, key=key))
+        if not is_topological(order, dag):
+            raise AssertionError("SchedulePass produced an order that breaks a dependency")
+        modified = order != nodes
+        if modified:
+            out = graph.output_node()
+            for n in order:
+                if n is not out:
+                    out.prepend(n)
+        for i, n in enumerate(graph.nodes):
+            n.meta[meta.ORDER] = i
+        graph.lint()
+        return PassResult(gm, modified)
