@@ -1,0 +1,343 @@
+"""``hetegen bench``: hetegen_fx side by side with what users would otherwise pick, in one process.
+
+On one model (a real architecture with random weights, built in seconds), one prompt and one GPU budget:
+
+* ``gpu``        all weights on the GPU where they fit: the reference (and the tokens every variant must match);
+* ``accelerate`` HF Accelerate ``infer_auto_device_map`` + ``dispatch_model`` with ``max_memory``;
+* ``stream``     hetegen_fx with α = 0: offloaded weights streamed with prefetch (the FlexGen way);
+* ``cpu``        hetegen_fx with α = 1: offloaded Linears computed on the CPU (llama.cpp ``-ngl``);
+* ``hetegen``    hetegen_fx with profiled α.
+
+It also measures the ceilings of the machine in the same run (pinned host→device, CPU GEMV, both at once,
+HBM) and computes the bandwidth bound of the offloaded decode step. Output: a table, JSON, a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default="llama-2-7b",
+        help="architecture preset with random weights (hetegen_fx.models.PRESETS)",
+    )
+    p.add_argument("--model", default=None, help="a local checkpoint instead of a preset")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("--gpu-memory", default="6GiB")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--accelerate-tokens", type=int, default=8, help="Accelerate is ~1 tok/s: fewer tokens for it"
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    p.add_argument("--cpu-threads", type=int, default=None)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Bandwidths in bytes/s measured now: pinned H2D, CPU GEMV, both at once, device copy."""
+    out_f, in_f, reps = 11008, 4096, 8
+    w = [torch.empty(out_f, in_f, dtype=dtype).uniform_(-0.01, 0.01) for _ in range(4)]
+    x = torch.randn(1, in_f, dtype=dtype)
+    nbytes = w[0].numel() * w[0].element_size()
+
+    def gemv(n: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            torch.nn.functional.linear(x, w[i % 4])
+        return n * nbytes / (time.perf_counter() - t0)
+
+    gemv(2)
+    res = {"cpu_gemv": statistics.median(gemv(reps) for _ in range(3))}
+    if device.type != "cuda":
+        return res
+    host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device=device)
+    stream = torch.cuda.Stream(device)
+
+    def h2d(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(n):
+                dev.copy_(host, non_blocking=True)
+        stream.synchronize()
+        return n * host.numel() / (time.perf_counter() - t0)
+
+    h2d(2)
+    res["h2d_pinned"] = statistics.median(h2d(16) for _ in range(3))
+    # both at once: copies on the copy stream while the CPU runs GEMVs
+    moved = {}
+
+    def copier() -> None:
+        moved["bw"] = h2d(40)
+
+    th = threading.Thread(target=copier)
+    t0 = time.perf_counter()
+    th.start()
+    cpu_bw = gemv(24)
+    th.join()
+    wall = time.perf_counter() - t0
+    res["together_cpu"] = cpu_bw
+    res["together_h2d"] = moved["bw"]
+    res["combined"] = (24 * nbytes + 40 * host.numel()) / wall
+    big = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    big2 = torch.empty_like(big)
+    big2.copy_(big)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        big2.copy_(big)
+    _sync(device)
+    res["hbm"] = 5 * 2 * big.numel() / (time.perf_counter() - t0)
+    del big, big2, host, dev
+    return res
+
+
+def _time_generate(
+    model, ids: torch.Tensor, new_tokens: int, device: torch.device
+) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds per token, tokens) with a warm model."""
+    kw = {"do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kw)
+        _sync(device)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, **kw)
+        _sync(device)
+        total = time.perf_counter() - t0
+    decode = max(total - prefill, 1e-9) / max(new_tokens - 1, 1)
+    return prefill, decode, out[0, ids.shape[1] :].tolist()
+
+
+def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device) -> dict:
+    import hetegen_fx
+
+    result: dict = {"variant": name}
+    new_tokens = args.accelerate_tokens if name == "accelerate" else args.new_tokens
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    if name == "gpu":
+        runner = model.to(device)
+    elif name == "accelerate":
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        dmap = infer_auto_device_map(
+            model,
+            max_memory={device.index or 0: args.gpu_memory, "cpu": "1000GiB"},
+            no_split_module_classes=getattr(model, "_no_split_modules", None),
+        )
+        runner = dispatch_model(model, device_map=dmap, main_device=device)
+    else:
+        alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None}[name]
+        runner = hetegen_fx.compile(
+            model,
+            gpu_memory=args.gpu_memory,
+            device=str(device),
+            alpha=alpha,
+            max_seq_len=args.prompt_len + args.new_tokens + 8,
+            cpu_threads=args.cpu_threads,
+        )
+    result["setup_s"] = time.perf_counter() - t0
+    with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
+        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    result["first_call_s"] = time.perf_counter() - t0
+    prefill, decode, tokens = _time_generate(runner, ids, new_tokens, device)
+    result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
+    if device.type == "cuda":
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    if name not in ("gpu", "accelerate"):
+        plans = hetegen_fx.explain(runner).plans
+        dec = min(plans, key=lambda p: p.tokens)
+        result["offloaded_bytes"] = dec.offloaded_bytes
+        result["resident_bytes"] = dec.resident_bytes
+        result["mean_alpha"] = statistics.fmean(
+            [lp.split / lp.out_features for lp in dec.layers if not lp.resident] or [0]
+        )
+        result["plan_table"] = dec.table()
+    if name == "accelerate":
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(model, recurse=True)
+    del runner
+    _free(device)
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    from hetegen_fx.config import format_bytes, parse_bytes
+    from hetegen_fx.models import build_random, load
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("hetegen bench: no CUDA device here; use --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    dtype = DTYPES[args.dtype]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if args.model:
+        model, _ = load(args.model, dtype=dtype)
+    else:
+        model = build_random(args.preset, dtype=dtype)
+    build_s = time.perf_counter() - t0
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=gen)
+
+    ceilings = measure_ceilings(device, dtype)
+    _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
+
+    results = []
+    order = [v for v in VARIANTS if v in variants]
+    if "gpu" in order and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if model_bytes > free * 0.9:
+            _log("the model does not fit the GPU: no all-GPU reference")
+            order.remove("gpu")
+    for name in order:
+        if name == "accelerate" and device.type != "cuda":
+            continue
+        _log(f"running {name} ...")
+        r = run_variant(name, model, ids, args, device)
+        _log(f"{name}: prefill {r['prefill_s']:.3f} s, decode {r['decode_tok_s']:.2f} tok/s")
+        results.append(r)
+        if name == "gpu":
+            model.to("cpu")
+
+    by = {r["variant"]: r for r in results}
+    ref = by.get("gpu") or by.get("stream")
+    for r in results:
+        n = len(r["tokens"])
+        r["tokens_match_reference"] = ref is not None and r["tokens"] == ref["tokens"][:n]
+    hb = by.get("hetegen")
+    bound = None
+    if hb and "combined" in ceilings:
+        bound = hb["offloaded_bytes"] / ceilings["combined"] + hb["resident_bytes"] / ceilings["hbm"]
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model or args.preset,
+        "dtype": args.dtype,
+        "model_bytes": model_bytes,
+        "build_s": build_s,
+        "gpu_memory": parse_bytes(args.gpu_memory),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "ceilings": ceilings,
+        "bound_decode_s": bound,
+        "results": results,
+    }
+    (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
+    table = format_table(summary)
+    (out_dir / "bench.md").write_text(table + "\n")
+    _chart(summary, out_dir / "bench.png")
+    print(table)
+    return 0
+
+
+def format_table(s: dict) -> str:
+    from hetegen_fx.config import format_bytes
+
+    rows = [
+        f"{s['model']} {s['dtype']}, budget {format_bytes(s['gpu_memory'] or 0)}, prompt {s['prompt_len']}, "
+        f"{s['device']}, {s['date']}, torch {s['torch']}, {s['cpu_threads']} CPU threads",
+        "",
+        "| variant | prefill s | decode tok/s | ms/token | peak GPU | tokens = ref | vs accelerate | vs stream | vs cpu |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {r["variant"]: r for r in s["results"]}
+
+    def ratio(r, other):
+        o = by.get(other)
+        return f"{r['decode_tok_s'] / o['decode_tok_s']:.2f}x" if o else "-"
+
+    for r in s["results"]:
+        peak = format_bytes(r["peak_gpu_bytes"]) if "peak_gpu_bytes" in r else "-"
+        rows.append(
+            f"| {r['variant']} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.2f} | {r['decode_s_per_token'] * 1e3:.1f} | "
+            f"{peak} | {'yes' if r['tokens_match_reference'] else 'NO'} | {ratio(r, 'accelerate')} | "
+            f"{ratio(r, 'stream')} | {ratio(r, 'cpu')} |"
+        )
+    if s.get("bound_decode_s"):
+        hb = by["hetegen"]
+        rows += [
+            "",
+            f"bandwidth bound of the decode step: {s['bound_decode_s'] * 1e3:.1f} ms "
+            f"({format_bytes(hb['offloaded_bytes'])} offloaded at {s['ceilings']['combined'] / 1e9:.0f} GB/s combined, "
+            f"{format_bytes(hb['resident_bytes'])} resident at {s['ceilings']['hbm'] / 1e9:.0f} GB/s); hetegen reaches "
+            f"{s['bound_decode_s'] / hb['decode_s_per_token'] * 100:.0f}% of it",
+        ]
+    return "\n".join(rows)
+
+
+def _chart(s: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    res = s["results"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [r["variant"] for r in res]
+    ax[0].bar(names, [r["decode_tok_s"] for r in res], color="#4472c4")
+    ax[0].set_ylabel("decode tokens/s")
+    if s.get("bound_decode_s"):
+        ax[0].axhline(1 / s["bound_decode_s"], color="gray", ls="--", label="bandwidth bound")
+        ax[0].legend()
+    ax[1].bar(names, [r["prefill_s"] for r in res], color="#ed7d31")
+    ax[1].set_ylabel(f"prefill-{s['prompt_len']} s")
+    fig.suptitle(f"{s['model']} {s['dtype']}, budget {s['gpu_memory'] / 2**30:.1f} GiB, {s['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

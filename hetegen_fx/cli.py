@@ -1,0 +1,126 @@
+"""The ``hetegen`` command line.
+
+hetegen generate --prompt "What is the capital of France?"          # SmolLM2-135M, bundled
+hetegen generate --model ./Llama-2-7b-hf --gpu-memory 6GiB --prompt "..." --dtype float16
+hetegen bench --preset llama-2-7b --gpu-memory 6GiB                   # see docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .errors import HetegenError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _log(msg: str) -> None:
+    print(f"[hetegen] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    import hetegen_fx
+    from hetegen_fx.models import chat_prompt, load
+
+    model, tok = load(args.model, dtype=DTYPES[args.dtype], progress=True)
+    if tok is None:
+        raise HetegenError(f"{args.model!r} has no tokenizer: generate needs a checkpoint with one")
+    options = {"gpu_memory": args.gpu_memory, "device": args.device, "max_seq_len": args.max_seq_len}
+    if args.plan:
+        options["plan"] = args.plan
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
+    ids = chat_prompt(tok, args.prompt)
+    _log(
+        f"generating up to {args.max_new_tokens} tokens on {args.device} (budget {args.gpu_memory or 'all free'})"
+    )
+    streamer = None if args.quiet else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = compiled.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    dt = time.perf_counter() - t0
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    if args.quiet:
+        print(text)
+    n = out.shape[1] - ids.shape[1]
+    _log(f"{n} tokens in {dt:.2f} s (first call includes compiling)")
+    if args.show_plan:
+        print(hetegen_fx.explain(compiled), file=sys.stderr)
+    if args.save_plan:
+        plans = hetegen_fx.explain(compiled).plans
+        decode = min(plans, key=lambda p: p.tokens)
+        decode.save(args.save_plan)
+        _log(f"plan written to {args.save_plan}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hetegen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a model compiled by hetegen_fx")
+    g.add_argument(
+        "--model", default=None, help="local HF checkpoint dir, .gguf file or preset (default: SmolLM2-135M)"
+    )
+    g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--gpu-memory", default=None, help="accelerator memory budget, e.g. 6GiB (default: all free)"
+    )
+    g.add_argument("--device", default=_default_device(), help="cuda, cuda:1, or cpu (emulates the GPU side)")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-seq-len", type=int, default=2048, help="tokens the KV-cache reserve is sized for")
+    g.add_argument("--alpha", type=float, default=None, help="force one CPU share for every offloaded Linear")
+    g.add_argument("--plan", default=None, help="compile from a saved plan JSON (skips profiling)")
+    g.add_argument("--save-plan", default=None, help="write the decode graph's plan as JSON")
+    g.add_argument("--show-plan", action="store_true", help="print the plans and generated code")
+    g.add_argument("--quiet", action="store_true", help="print only the answer, once, at the end")
+    g.add_argument("--verbose", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    from .bench import add_arguments
+
+    b = sub.add_parser(
+        "bench", help="benchmark hetegen_fx against Accelerate, streaming and CPU-only offload"
+    )
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (HetegenError, ValueError, FileNotFoundError) as e:
+        print(f"hetegen: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
