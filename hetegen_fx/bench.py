@@ -121,7 +121,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
         big2.copy_(big)
     _sync(device)
     res["hbm"] = 5 * 2 * big.numel() / (time.perf_counter() - t0)
-    del big, big2, host, dev
+    del big, big2
     return res
 
 
