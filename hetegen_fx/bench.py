@@ -19,7 +19,6 @@ import gc
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -97,21 +96,23 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
 
     h2d(2)
     res["h2d_pinned"] = statistics.median(h2d(16) for _ in range(3))
-    # both at once: copies on the copy stream while the CPU runs GEMVs
-    moved = {}
-
-    def copier() -> None:
-        moved["bw"] = h2d(40)
-
-    th = threading.Thread(target=copier)
+    # both at once: queue copies on the copy stream, run GEMVs meanwhile, then wait for the copies
+    n_copy, n_gemv = 40, 24
+    _sync(device)
     t0 = time.perf_counter()
-    th.start()
-    cpu_bw = gemv(24)
-    th.join()
+    with torch.cuda.stream(stream):
+        for _ in range(n_copy):
+            dev.copy_(host, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(stream)
+    t_gemv0 = time.perf_counter()
+    for i in range(n_gemv):
+        torch.nn.functional.linear(x, w[i % 4])
+    t_gemv = time.perf_counter() - t_gemv0
+    done.synchronize()
     wall = time.perf_counter() - t0
-    res["together_cpu"] = cpu_bw
-    res["together_h2d"] = moved["bw"]
-    res["combined"] = (24 * nbytes + 40 * host.numel()) / wall
+    res["together_cpu"] = n_gemv * nbytes / t_gemv
+    res["combined"] = (n_gemv * nbytes + n_copy * host.numel()) / wall
     big = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     big2 = torch.empty_like(big)
     big2.copy_(big)
@@ -144,6 +145,14 @@ def _time_generate(
     return prefill, decode, out[0, ids.shape[1] :].tolist()
 
 
+def _build(args):
+    from hetegen_fx.models import build_random, load
+
+    if args.model:
+        return load(args.model, dtype=DTYPES[args.dtype])[0]
+    return build_random(args.preset, dtype=DTYPES[args.dtype])
+
+
 def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device) -> dict:
     import hetegen_fx
 
@@ -159,6 +168,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
     elif name == "accelerate":
         from accelerate import dispatch_model, infer_auto_device_map
 
+        model = _build(args)  # dispatch_model rewrites the model it is given: use a twin
         dmap = infer_auto_device_map(
             model,
             max_memory={device.index or 0: args.gpu_memory, "cpu": "1000GiB"},
@@ -192,18 +202,13 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             [lp.split / lp.out_features for lp in dec.layers if not lp.resident] or [0]
         )
         result["plan_table"] = dec.table()
-    if name == "accelerate":
-        from accelerate.hooks import remove_hook_from_module
-
-        remove_hook_from_module(model, recurse=True)
-    del runner
+    del runner, model
     _free(device)
     return result
 
 
 def main(args: argparse.Namespace) -> int:
     from hetegen_fx.config import format_bytes, parse_bytes
-    from hetegen_fx.models import build_random, load
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -215,22 +220,18 @@ def main(args: argparse.Namespace) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
-    dtype = DTYPES[args.dtype]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    if args.model:
-        model, _ = load(args.model, dtype=dtype)
-    else:
-        model = build_random(args.preset, dtype=dtype)
+    model = _build(args)
     build_s = time.perf_counter() - t0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=gen)
 
-    ceilings = measure_ceilings(device, dtype)
+    ceilings = measure_ceilings(device, DTYPES[args.dtype])
     _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
 
     results = []
