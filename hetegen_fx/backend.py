@@ -54,8 +54,8 @@ def make_backend(config: Config, names: dict[int, str] | None = None) -> Callabl
 def hetegen_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None
 ) -> Callable:
-    """Entry-point backend: options as in :class:`hetegen_fx.Config` (``output_device`` defaults to "accelerator")."""
-    config = Config.from_options(options, output_device="accelerator")
+    """Entry-point backend: options as in :class:`hetegen_fx.Config` (``output_device`` defaults to "auto")."""
+    config = Config.from_options(options, output_device="auto")
     return _compile_graph(gm, example_inputs, config, None)
 
 

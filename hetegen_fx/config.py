@@ -73,8 +73,11 @@ class Config:
     group_linears: fuse Linears that share an input (q/k/v, gate/up) into one split.
     cpu_threads: threads for the CPU side (``None`` leaves torch's setting).
     plan: a Plan (or a path to its JSON) to apply instead of profiling and placing.
-    output_device: "input" returns outputs on the device of the inputs; "accelerator" leaves them on the
-        accelerator (the torch.compile backend's default, so an HF KV cache stays on the GPU).
+    output_device: where outputs go. "input": back to the device the inputs came from. "accelerator": left
+        on the accelerator. "auto" (the torch.compile backend's default): outputs computed from the graph's
+        last Linear (e.g. logits) go back to the inputs' device; other outputs (state such as an HF KV cache)
+        stay on the accelerator behind host stand-ins (:func:`hetegen_fx.runtime.park`), so the host-resident
+        model stays traceable and the state is never copied.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -101,7 +104,7 @@ class Config:
         self.activation_reserve = parse_bytes(self.activation_reserve)
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
-        _check_choice("output_device", self.output_device, ("input", "accelerator"))
+        _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
         if int(self.prefetch) < 1:

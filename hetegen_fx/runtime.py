@@ -8,6 +8,7 @@ same staging buffers and events are no-ops, so the data flow is exercised exactl
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -96,11 +97,47 @@ def get_runtime(device: str | torch.device) -> DeviceRuntime:
         return rt
 
 
+#: id(host stand-in) → (weak reference to the stand-in, the device tensor it stands for)
+_PARKED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def park(t: torch.Tensor) -> torch.Tensor:
+    """Keep device tensor ``t`` on its device and hand back a host *stand-in* of the same shape and strides.
+
+    State a model carries between calls (an HF KV cache) stays on the accelerator while the user's model,
+    whose weights live on the host, keeps seeing host tensors, so dynamo can trace it. The stand-in's
+    memory is never written (so never paged in); when it comes back as a graph input, :func:`to_device`
+    swaps the device tensor in without a copy.
+    """
+    if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
+        return t
+    shadow = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+    key = id(shadow)
+    _PARKED[key] = (weakref.ref(shadow), t)
+    weakref.finalize(shadow, _PARKED.pop, key, None)
+    return shadow
+
+
+def unpark(x: torch.Tensor) -> torch.Tensor | None:
+    """The device tensor behind host stand-in ``x``, or None if ``x`` is not one."""
+    hit = _PARKED.get(id(x))
+    return hit[1] if hit is not None and hit[0]() is x else None
+
+
 def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     """Move an activation; a no-op when it is already there. Host-to-device copies do not block the host."""
-    if not isinstance(x, torch.Tensor) or x.device == torch.device(device):
+    if not isinstance(x, torch.Tensor):
         return x
+    dev = torch.device(device)
+    if x.device == dev:
+        return x
+    parked = unpark(x) if x.device.type == "cpu" else None
+    if parked is not None and parked.device.type == dev.type:
+        return parked
     return x.to(device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+
+
+torch.fx.wrap("park")
 
 
 torch.fx.wrap("to_device")

@@ -4,7 +4,8 @@
   Linears already handled) are read from their device copies in the WeightStore;
 * tensor inputs are moved to the device on entry (a no-op for those already there, e.g. a KV cache);
 * device constants baked in at capture (``arange(..., device='cpu')``) are retargeted to the device;
-* with ``output_device="input"`` outputs go back to the device the inputs came from.
+* outputs go back to the device the inputs came from (``output_device="input"``), or, with "auto", those
+  computed from the last Linear do while the others (model state) are parked on the device.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, node_value
 from hetegen_fx.linear import param_of
-from hetegen_fx.runtime import to_device
+from hetegen_fx.runtime import park, to_device
 from hetegen_fx.store import WeightStore
 
 HOST = torch.device("cpu")
@@ -50,6 +51,9 @@ class DevicePass(PassBase):
             modified = True
         # inputs onto the device
         host_devices = []
+        unknown: list[
+            fx.Node
+        ] = []  # inputs without a recorded value (fx graphs traced without example inputs)
         for ph in placeholders:
             if param_of(ph) is not None or not ph.users:
                 continue
@@ -58,6 +62,8 @@ class DevicePass(PassBase):
                 continue
             if isinstance(v, torch.Tensor):
                 host_devices.append(v.device)
+            else:
+                unknown.append(ph)
             with graph.inserting_after(_last_placeholder(graph)):
                 moved = graph.create_node(
                     "call_function", to_device, (ph, self.config.device), name=f"{ph.name}_dev"
@@ -77,24 +83,57 @@ class DevicePass(PassBase):
                     if new_args != node.args or new_kwargs != node.kwargs:
                         node.args, node.kwargs = new_args, new_kwargs
                         modified = True
-        # outputs back to the inputs' device
-        if self.config.output_device == "input":
-            back = next((d for d in host_devices if d != self.device), None)
+        # outputs back to the inputs' device, or parked on the accelerator
+        back: torch.device | fx.Node | None = next((d for d in host_devices if d != self.device), None)
+        if back is None and not host_devices and unknown and self.config.output_device != "accelerator":
+            # no shapes recorded: follow the device of the first input at run time
+            with graph.inserting_after(_last_placeholder(graph)):
+                back = graph.create_node("call_function", input_device, (unknown[0], str(self.device)))
+            back.meta[meta.SIDE] = "move"
+        if self.config.output_device != "accelerator" and back is not None:
+            returned = _from_last_linear(graph) if self.config.output_device == "auto" else None
             out = graph.output_node()
-            if back is not None:
-                with graph.inserting_before(out):
-                    out.args = (fx.node.map_arg(out.args[0], lambda n: self._back(graph, n, back)),)
-                modified = True
+            with graph.inserting_before(out):
+                out.args = (fx.node.map_arg(out.args[0], lambda n: self._back(graph, n, back, returned)),)
+            modified = True
         graph.lint()
         return PassResult(gm, modified)
 
-    def _back(self, graph: fx.Graph, n: fx.Node, device: torch.device) -> fx.Node:
+    def _back(
+        self, graph: fx.Graph, n: fx.Node, device: torch.device | fx.Node, returned: set[fx.Node] | None
+    ) -> fx.Node:
         v = node_value(n)
         if v is not None and not isinstance(v, torch.Tensor):
             return n
-        node = graph.create_node("call_function", to_device, (n, str(device)), name=f"{n.name}_out")
+        if returned is not None and n not in returned:
+            node = graph.create_node("call_function", park, (n,), name=f"{n.name}_parked")
+        else:
+            dev = device if isinstance(device, fx.Node) else str(device)
+            node = graph.create_node("call_function", to_device, (n, dev), name=f"{n.name}_out")
         node.meta[meta.SIDE] = "move"
         return node
+
+
+def input_device(x: Any, default: str) -> torch.device:
+    """The device of input ``x`` (``default`` if it is not a tensor): where outputs go back to."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device(default)
+
+
+def _from_last_linear(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from the graph's last Linear (e.g. the logits of an LM); all nodes if it has none."""
+    last = None
+    for n in graph.nodes:
+        if meta.LAYER in n.meta and n.op == "call_function":
+            last = n
+    if last is None:
+        return set(graph.nodes)
+    seen, todo = {last}, [last]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 def _first_user(node: fx.Node) -> fx.Node:
