@@ -245,7 +245,15 @@ def main(args: argparse.Namespace) -> int:
         if name == "accelerate" and device.type != "cuda":
             continue
         _log(f"running {name} ...")
-        r = run_variant(name, model, ids, args, device)
+        try:
+            r = run_variant(name, model, ids, args, device)
+        except Exception as e:  # record the failure and go on with the other variants
+            import traceback
+
+            traceback.print_exc()
+            _log(f"{name} FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            _free(device)
+            continue
         _log(f"{name}: prefill {r['prefill_s']:.3f} s, decode {r['decode_tok_s']:.2f} tok/s")
         results.append(r)
         if name == "gpu":

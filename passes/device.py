@@ -90,6 +90,8 @@ class DevicePass(PassBase):
             with graph.inserting_after(_last_placeholder(graph)):
                 back = graph.create_node("call_function", input_device, (unknown[0], str(self.device)))
             back.meta[meta.SIDE] = "move"
+        if back is None and self.device != HOST:
+            back = HOST  # the model's weights live on the host: that is where its callers expect results
         if self.config.output_device != "accelerator" and back is not None:
             returned = _from_last_linear(graph) if self.config.output_device == "auto" else None
             out = graph.output_node()

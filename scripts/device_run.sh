@@ -10,7 +10,7 @@ cp -r hetegen_fx "$SHIM/hetegen_fx" && cp -r passes "$SHIM/hetegen_fx/passes" &&
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0), torch.get_num_threads(), 'threads')"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (cd "$SHIM" && python3 -m pytest "$REPO/tests/test_gpu.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | tail -25)
+  (cd "$SHIM" && python3 -m pytest "$REPO/tests/test_gpu.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | grep -v DEBUG | tail -60)
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   (cd "$SHIM" && python3 -m hetegen_fx.cli bench --out "$OUT" "$@" 2>&1 | grep -v "^\[transformers\]")
