@@ -92,10 +92,8 @@ def compile(  # noqa: A001  (mirrors torch.compile)
 def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     from .backend import make_backend
 
-    if config.output_device == "input" and is_hf_model(model):
-        config.output_device = (
-            "accelerator"  # keep the KV cache on the device; generate() moves logits itself
-        )
+    if config.output_device == "input":
+        config.output_device = "auto"  # logits back to the host, the KV cache kept on the device (parked)
     store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     compiled.compile(backend=make_backend(config, param_names(model)), dynamic=None)
