@@ -94,11 +94,23 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
 
     if config.output_device == "input":
         config.output_device = "auto"  # logits back to the host, the KV cache kept on the device (parked)
+    if config.max_seq_len is None:
+        config.max_seq_len = _max_positions(model)  # the KV-cache reserve: the model's limit, capped
     store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     compiled.compile(backend=make_backend(config, param_names(model)), dynamic=None)
     compiled.hetegen_config = config
     return compiled
+
+
+def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:
+    """The longest sequence the model's config allows, capped at ``cap`` (None if it does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return None
 
 
 def _check_weights(model: torch.nn.Module) -> None:

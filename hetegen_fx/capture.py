@@ -50,8 +50,10 @@ def bind_get_attr_params(gm: fx.GraphModule, names: dict[int, str] | None = None
 
 
 def dynamo_param_name(placeholder: str) -> str:
-    """``L_self_modules_model_modules_layers_modules_0_..._parameters_weight_`` → ``model.layers.0....weight``."""
-    s = re.sub(r"^L_(self|fn|mod|model)_", "", placeholder).rstrip("_")
+    """``L_self_modules_model_modules_layers_modules_0_..._parameters_weight_`` → ``model.layers.0....weight``;
+    ``G_lin_parameters_weight_`` (a global ``lin`` used by a compiled function) → ``lin.weight``."""
+    s = re.sub(r"^[LG]_", "", placeholder).rstrip("_")  # dynamo's local / global prefix
+    s = re.sub(r"^(self|fn|mod|model)_(?=(?:modules|parameters|buffers)_)", "", s)
     parts = [p for p in re.split(r"(?:^|_)(?:modules|parameters|buffers)_", s) if p]
     return ".".join(parts) if parts else placeholder
 

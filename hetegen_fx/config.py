@@ -67,7 +67,8 @@ class Config:
     alpha: force one CPU share for every offloaded Linear (0 = stream everything, 1 = CPU only);
         ``None`` chooses α per layer from the profile.
     prefetch: staging buffers on the device, i.e. how many offloaded Linears' copies may be in flight.
-    max_seq_len: tokens the KV cache must hold (budget reserve); ``None`` takes the model's limit, capped at 4096.
+    max_seq_len: tokens the KV cache must hold (budget reserve); ``None`` takes the model's limit, capped at 4096
+        (2048 when the model is not known, e.g. through the torch.compile backend).
     batch_size: sequences the KV-cache reserve is sized for.
     activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
     group_linears: fuse Linears that share an input (q/k/v, gate/up) into one split.

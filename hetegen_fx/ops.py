@@ -6,8 +6,8 @@
 * ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so the next
   copy into the slot waits for it.
 
-``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and ``copy_h2d`` is
-registered as side-effectful: dead-code elimination keeps all three, and functionalization (export,
+``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and all three are
+registered as side-effectful: dead-code elimination keeps them, and functionalization (export,
 decompositions) threads the staged tensor through them, which keeps copy → wait → matmul → release in order.
 """
 
@@ -49,11 +49,15 @@ def _release_slot_fake(staged: torch.Tensor, slot: int) -> None:
     return None
 
 
-has_side_effect(torch.ops.hetegen.copy_h2d.default)
-
 COPY = torch.ops.hetegen.copy_h2d.default
 WAIT = torch.ops.hetegen.wait_copy.default
 RELEASE = torch.ops.hetegen.release_slot.default
+
+# Side effects beyond their outputs: DCE must keep them. Mutating ops are kept by fx's DCE anyway, but once
+# functionalized (export's run_decompositions) wait/release become auto_functionalized nodes whose results
+# nobody reads, and only this registration keeps them.
+for _op in (COPY, WAIT, RELEASE):
+    has_side_effect(_op)
 
 
 def is_op(node_target: object, op: torch._ops.OpOverload) -> bool:

@@ -112,6 +112,8 @@ def park(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
         return t
     shadow = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+    for dim in range(t.dim() - 1):  # state grows (a KV cache's sequence): trace it once, not per length
+        torch._dynamo.maybe_mark_dynamic(shadow, dim)
     key = id(shadow)
     _PARKED[key] = (weakref.ref(shadow), t)
     weakref.finalize(shadow, _PARKED.pop, key, None)

@@ -75,7 +75,7 @@ class WeightStore:
             if cached is None:
                 cached = self._host_parts[key] = part.contiguous()
             part = cached
-        if pin and not self.emulated:
+        if pin and self.device.type == "cuda":  # page-locking is a CUDA notion (not cpu, meta, ...)
             self._pin(part)
         return part
 

@@ -58,15 +58,23 @@ def activation_bytes(gm: fx.GraphModule) -> int:
     return 4 * largest
 
 
-def other_param_bytes(gm: fx.GraphModule, linear_params: set[int]) -> int:
-    """Bytes of parameters used by anything but a Linear's weight (embeddings, norms, biases, buffers)."""
+def other_param_bytes(gm: fx.GraphModule, sites: list[LinearSite]) -> int:
+    """Bytes of parameters used by anything but a Linear (embeddings, norms, buffers).
+
+    A Linear's weight and bias are counted in its own bytes; they count here too only when something else
+    also reads them (e.g. an embedding tied to ``lm_head``).
+    """
+    linear_params = {id(s.weight.tensor) for s in sites} | {
+        id(s.bias.tensor) for s in sites if s.bias is not None
+    }
+    linear_nodes = {s.node for s in sites} | {n for s in sites for n in s.absorbed}
     seen: set[int] = set()
     total = 0
     for node in gm.graph.nodes:
         ref = param_of(node)
         if ref is None or id(ref.tensor) in seen or not node.users:
             continue
-        if id(ref.tensor) in linear_params and all(meta.LINEAR in u.meta for u in node.users):
+        if id(ref.tensor) in linear_params and all(u in linear_nodes for u in node.users):
             continue
         seen.add(id(ref.tensor))
         total += _nbytes(ref.tensor)
@@ -132,7 +140,7 @@ class PlacementPass(PassBase):
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
-                "other_params": other_param_bytes(gm, {id(s.weight.tensor) for s in sites}),
+                "other_params": other_param_bytes(gm, sites),
             }
             store.residency = self._choose_residency(layers, reserved, budget)
             store.reserved = reserved

@@ -72,4 +72,4 @@ def test_generate_parity_and_budget():
     assert len(plans) >= 2
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers if not lp.resident)
     assert peak <= budget, f"peak {peak} over budget {budget}"
-    assert out.tolist() == ref.tolist()
+    assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])

@@ -1,0 +1,199 @@
+"""Shared fixtures of the core test suite.
+
+* every test starts with a fresh dynamo cache and fixed seeds;
+* ``tiny_hf(arch)`` builds tiny random Hugging Face models (the only place that knows their configs);
+* ``mlp()``, ``dynamo_capture(...)`` and ``count(...)`` build and inspect small graphs;
+* tests marked ``gpu`` are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = ("llama", "opt", "gpt2", "qwen2", "mistral")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# global state
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state() -> None:
+    """Each compile of an HF model adds dynamo cache entries: reset them, and fix the seeds."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiny Hugging Face models
+
+
+def _tiny_config(arch: str):
+    import transformers as tr
+
+    common = {"vocab_size": 128, "max_position_embeddings": 128}
+    llama_like = {
+        **common,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    if arch == "llama":
+        return tr.LlamaConfig(**llama_like, bos_token_id=1, eos_token_id=2)
+    if arch == "mistral":
+        return tr.MistralConfig(**llama_like, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen2":
+        return tr.Qwen2Config(**llama_like, bos_token_id=1, eos_token_id=2)
+    if arch == "opt":
+        return tr.OPTConfig(
+            **common,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            bos_token_id=2,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    if arch == "gpt2":
+        return tr.GPT2Config(
+            vocab_size=128,
+            n_positions=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    raise ValueError(f"unknown architecture {arch!r}; known: {ARCHS}")
+
+
+def build_tiny_hf(arch: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = _tiny_config(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = (
+        cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    )
+    return model
+
+
+@pytest.fixture
+def tiny_hf() -> Callable[..., torch.nn.Module]:
+    """``tiny_hf("llama")`` → a random LlamaForCausalLM (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads)."""
+    return build_tiny_hf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small plain modules and graphs
+
+
+class MLP(nn.Module):
+    """Three Linears of different shapes (32→64→48→16), the last without bias."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 64, bias=bias)
+        self.b = nn.Linear(64, 48, bias=bias)
+        self.c = nn.Linear(48, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.fixture
+def mlp() -> Callable[..., nn.Module]:
+    """``mlp(bias=True)`` → an eval-mode :class:`MLP` with random weights (in 32, out 16)."""
+
+    def make(bias: bool = True) -> nn.Module:
+        return MLP(bias=bias).eval()
+
+    return make
+
+
+def dynamo_capture_impl(fn: Callable, *inputs: Any) -> tuple[fx.GraphModule, list[Any]]:
+    """The (first) graph dynamo hands a backend for ``fn(*inputs)``, with its parameters bound."""
+    from hetegen_fx.capture import bind_placeholder_params
+
+    seen: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def record(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(fn, backend=record, fullgraph=True, dynamic=False)(*inputs)
+    assert seen, "dynamo produced no graph"
+    gm, example_inputs = seen[0]
+    bind_placeholder_params(gm, example_inputs)
+    return gm, example_inputs
+
+
+@pytest.fixture
+def dynamo_capture() -> Callable[..., tuple[fx.GraphModule, list[Any]]]:
+    return dynamo_capture_impl
+
+
+LINEAR_FNS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+
+
+def count_impl(gm: fx.GraphModule, what: Any) -> int:
+    """Nodes of ``gm`` by kind: "linear" (any Linear call), "copy", "wait", "release", "cat", "to_device",
+    "matmul", "addmm", or a call target."""
+    from hetegen_fx.ops import COPY, RELEASE, WAIT, is_op
+    from hetegen_fx.runtime import to_device
+
+    def match(n: fx.Node) -> bool:
+        if what == "linear":
+            if n.op == "call_module":
+                return isinstance(gm.get_submodule(n.target), nn.Linear)
+            return n.op == "call_function" and n.target in LINEAR_FNS
+        if n.op != "call_function":
+            return False
+        if what == "copy":
+            return is_op(n.target, COPY)
+        if what == "wait":
+            return is_op(n.target, WAIT)
+        if what == "release":
+            return is_op(n.target, RELEASE)
+        if what == "cat":
+            return n.target in (torch.cat, torch.ops.aten.cat.default)
+        if what == "to_device":
+            return n.target is to_device
+        if what == "matmul":
+            return n.target in (torch.matmul, operator.matmul, torch.ops.aten.matmul.default)
+        if what == "addmm":
+            return n.target in (torch.addmm, torch.ops.aten.addmm.default)
+        return n.target is what
+
+    return sum(1 for n in gm.graph.nodes if match(n))
+
+
+@pytest.fixture
+def count():
+    return count_impl

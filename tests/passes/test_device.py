@@ -1,0 +1,155 @@
+"""DevicePass: parameters read from device copies, inputs moved on entry, host constants retargeted,
+outputs moved back to the inputs' device.
+
+On "cpu" the graph can run; on "meta" (an accelerator stand-in that needs no hardware) the structure is
+checked: which nodes move what where.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
+from torch import nn
+
+from hetegen_fx import meta
+from hetegen_fx.capture import capture_fx
+from hetegen_fx.config import Config
+from hetegen_fx.linear import param_of
+from hetegen_fx.runtime import to_device
+from hetegen_fx.store import WeightStore
+
+
+class Block(nn.Module):
+    """A norm, a Linear, a buffer, a host-made tensor and an int argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        nn.init.normal_(self.norm.weight)
+        nn.init.normal_(self.norm.bias)
+        self.fc = nn.Linear(32, 16)
+        self.register_buffer("pos", torch.randn(16))
+
+    def forward(self, x, n: int = 2):
+        steps = torch.arange(x.shape[-1] // 2, device="cpu")  # [16], made on the host at trace time
+        return self.fc(self.norm(x)) * n + self.pos + steps
+
+
+def _run(gm, device="cpu", example_inputs=None, upto="device", **kw):
+    config = Config(device=device, profile="model", **kw)
+    store = WeightStore(torch.device(device))
+    results = {}
+    passes = [
+        ProfilePass(config, example_inputs),
+        PlacementPass(config, store),
+        PartitionPass(config, store),
+        DevicePass(config, store),
+    ]
+    for p in passes:
+        results[type(p).__name__] = p(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return results["DevicePass"], store
+
+
+def _moves(gm) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is to_device]
+
+
+def test_parameters_come_from_device_copies_and_numerics_hold():
+    model = Block().eval()
+    gm = capture_fx(model)
+    read_before = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    assert read_before == {"norm.weight", "norm.bias", "pos"}
+    res, store = _run(gm, example_inputs=[torch.randn(3, 32), 2])
+    assert res.modified is True
+    attrs = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    assert {"norm_weight__dev", "norm_bias__dev", "pos__dev", "fc_weight__dev", "fc_bias__dev"} <= attrs
+    assert not attrs & read_before  # nothing reads the host parameters any more
+    for n in gm.graph.find_nodes(op="get_attr"):
+        assert n.meta[meta.SIDE] == "gpu"
+    # emulation: the "device copy" of a host weight is the weight itself (no copy)
+    assert gm.norm_weight__dev.data_ptr() == model.norm.weight.data_ptr()
+    # x is moved once on entry; the int argument is not a tensor and is not moved
+    (move,) = _moves(gm)
+    assert move.args[0].target == "x" and move.args[1] == "cpu"
+    for n in (2, 5):
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(gm(x, n), model(x, n))
+
+
+def test_dynamo_parameter_placeholders_lose_their_users(mlp, dynamo_capture):
+    model = mlp()
+    x = torch.randn(2, 32)
+    gm, example_inputs = dynamo_capture(model, x)
+    params = [n for n in gm.graph.find_nodes(op="placeholder") if param_of(n) is not None]
+    assert len(params) == 5 and all(p.users for p in params)
+    res, _ = _run(gm, example_inputs=example_inputs)
+    assert res.modified
+    assert all(not p.users for p in params)  # read through __dev attributes instead
+    (move,) = _moves(gm)
+    assert move.args[0].target == "L_x_"
+    args = [torch.randn(2, 32) if not isinstance(a, nn.Parameter) else a for a in example_inputs]
+    xi = next(a for a in args if not isinstance(a, nn.Parameter))
+    torch.testing.assert_close(gm(*args)[0], model(xi))
+
+
+def test_accelerator_structure_on_meta():
+    gm = capture_fx(Block())
+    _run(
+        gm,
+        device="meta",
+        example_inputs=[torch.randn(3, 32), 2],
+        alpha=0.5,
+        gpu_memory=2000,
+        prefetch=1,
+        activation_reserve=0,
+    )
+    plan = gm.meta[meta.PLAN]
+    assert not plan.layers[0].resident  # split: a CPU part that must stay on the host
+    moves = _moves(gm)
+    entry = [m for m in moves if m.args[0].op == "placeholder"]
+    assert [(m.args[0].target, m.args[1]) for m in entry] == [("x", "meta")]
+    # the host constant is retargeted to the device, the CPU part's own moves are not
+    (arange,) = [n for n in gm.graph.nodes if n.target is torch.arange]
+    assert arange.kwargs["device"] == torch.device("meta")
+    cpu_moves = [m for m in moves if m.meta.get(meta.SIDE) == "move" and m.args[1] == "cpu"]
+    assert any(m.name.endswith("_x_cpu") for m in cpu_moves)
+    # device copies of parameters are on the device
+    assert gm.norm_weight__dev.device.type == "meta" and gm.pos__dev.device.type == "meta"
+    # output_device="input": the result goes back to the host
+    out = gm.graph.output_node().args[0]
+    assert out.target is to_device and out.args[1] == "cpu"
+
+
+def test_output_stays_on_the_accelerator_when_asked():
+    gm = capture_fx(Block())
+    _run(gm, device="meta", example_inputs=[torch.randn(3, 32), 2], output_device="accelerator")
+    out = gm.graph.output_node().args[0]
+    assert out.target is not to_device
+
+
+def test_output_goes_back_even_without_shapes(mlp):
+    """fx graphs compiled without example inputs have no shapes: outputs must still follow the inputs."""
+    gm = capture_fx(mlp())
+    _run(gm, device="meta")
+    out = gm.graph.output_node().args[0]
+    assert out.target is to_device
+    # on "cpu" the same rewrite runs and returns on the input's device
+    model = mlp()
+    gm = capture_fx(model)
+    _run(gm, device="cpu")
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_no_parameters_no_inputs_unchanged():
+    class Const(nn.Module):
+        def forward(self, x):
+            return 3
+
+    gm = capture_fx(Const())
+    code = gm.code
+    res, _ = _run(gm)
+    assert res.modified is False and gm.code == code

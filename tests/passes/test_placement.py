@@ -1,0 +1,269 @@
+"""PlacementPass: residency by priority g = T_cpu / bytes under a budget, α and the split row per Linear."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hetegen_fx.passes import PlacementPass, ProfilePass
+from hetegen_fx.passes.placement import split_row
+
+from hetegen_fx import meta
+from hetegen_fx.capture import capture_fx
+from hetegen_fx.config import Config
+from hetegen_fx.costs import LinearCost
+from hetegen_fx.errors import BudgetError, ConfigError
+from hetegen_fx.plan import LayerPlan, Plan
+from hetegen_fx.store import WeightStore
+
+# bias-free MLP fixture: a 32→64 (8192 B), b 64→48 (12288 B), c 48→16 (3072 B); 23552 B in all
+BYTES = {"a.weight": 8192, "b.weight": 12288, "c.weight": 3072}
+TOTAL = sum(BYTES.values())
+
+
+def _profiled(model, costs: dict[str, float] | None = None, example_inputs=None):
+    """fx graph of ``model`` after ProfilePass; ``costs`` overrides T_cpu per layer (to control priority)."""
+    gm = capture_fx(model)
+    ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta and costs:
+            t = costs[n.meta[meta.LINEAR].name]
+            n.meta[meta.COST] = LinearCost(t_cpu=t, t_copy=1e-6, t_gpu=1e-6, source="model")
+    return gm
+
+
+def _config(**kw) -> Config:
+    return Config(**{"device": "cpu", "profile": "model", "activation_reserve": 0, "prefetch": 1, **kw})
+
+
+def _place(gm, config, store=None):
+    store = store or WeightStore(torch.device("cpu"))
+    res = PlacementPass(config, store)(gm)
+    return res, gm.meta[meta.PLAN], store
+
+
+def _resident(plan: Plan) -> set[str]:
+    return {lp.name for lp in plan.layers if lp.resident}
+
+
+@pytest.mark.parametrize(
+    ("alpha", "out", "expected"),
+    [
+        (0.5, 48, 24),
+        (0.0, 48, 0),
+        (1.0, 48, 48),
+        (0.26, 10, 3),
+        (1.5, 10, 10),  # clamped
+        (-0.2, 10, 0),  # clamped
+        (0.3, 4096, 1216),  # large layers: multiples of 64 (0.3 * 4096 / 64 = 19.2 → 19 * 64)
+        (0.99, 1024, 1024),
+        (0.01, 1024, 0),
+    ],
+)
+def test_split_row(alpha, out, expected):
+    assert split_row(alpha, out) == expected
+
+
+def test_analysis_writes_plan_and_layer_plans(mlp, count):
+    gm = _profiled(mlp(bias=False))
+    code = gm.code
+    res, plan, store = _place(gm, _config(gpu_memory=10**9))
+    assert res.modified is False and gm.code == code and count(gm, "linear") == 3
+    nodes = [n for n in gm.graph.nodes if meta.PLACEMENT in n.meta]
+    assert [n.meta[meta.PLACEMENT] for n in nodes] == plan.layers
+    assert [lp.name for lp in plan.layers] == list(BYTES)
+    assert {lp.name: lp.bytes for lp in plan.layers} == BYTES
+    assert plan.source == "model" and plan.device == "cpu" and plan.gpu_memory == 10**9
+    assert store.residency == dict.fromkeys(BYTES, True)
+
+
+def test_everything_resident_when_the_budget_holds_the_model(mlp):
+    gm = _profiled(mlp(bias=False))
+    _, plan, _ = _place(gm, _config(gpu_memory=TOTAL))  # exactly the weights (no other reserve here)
+    assert _resident(plan) == set(BYTES)
+    assert all(lp.alpha == 0 and lp.split == 0 and lp.slot == -1 for lp in plan.layers)
+    assert plan.reserved["staging"] == 0
+    # one byte less and something must be offloaded
+    _, plan, _ = _place(_profiled(mlp(bias=False)), _config(gpu_memory=TOTAL - 1))
+    assert _resident(plan) != set(BYTES)
+
+
+def test_no_budget_on_cpu_means_everything_resident(mlp):
+    _, plan, _ = _place(_profiled(mlp(bias=False)), _config(gpu_memory=None))
+    assert _resident(plan) == set(BYTES) and plan.gpu_memory is None
+
+
+def test_everything_resident_with_biases_and_dynamo_params(mlp, dynamo_capture):
+    """Linear biases count once (in the Linear's bytes), not again as 'other parameters'."""
+    model = mlp(bias=True)
+    gm, example_inputs = dynamo_capture(model, torch.randn(3, 32))
+    ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _, plan, store = _place(gm, _config(gpu_memory=model_bytes))
+    assert plan.reserved["other_params"] == 0
+    assert sum(lp.bytes for lp in plan.layers) == model_bytes
+    assert _resident(plan) == set(BYTES)
+
+
+# priorities that disagree with both size order and absolute T_cpu order
+PER_BYTE = {"a.weight": 1.0, "b.weight": 1.2, "c.weight": 0.2}  # g: a 1.2e-4 > b 9.8e-5 > c 6.5e-5
+
+
+def test_priority_is_time_saved_per_byte(mlp):
+    # α = 0.5 for every Linear, prefetch 1: staging = half of the largest offloaded Linear.
+    # by g: a (8192 + staging 6144 ≤ 18000) → resident; b (8192 + 12288 > 18000) → offloaded;
+    #        c (8192 + 3072 + staging 6144 = 17408 ≤ 18000) → resident
+    gm = _profiled(mlp(bias=False), PER_BYTE)
+    _, plan, _ = _place(gm, _config(gpu_memory=18000, alpha=0.5))
+    assert _resident(plan) == {"a.weight", "c.weight"}
+    b = plan.layer("b.weight")
+    assert b.split == 24 and b.alpha == 0.5 and not b.resident
+    assert plan.reserved["staging"] == 6144
+    assert plan.resident_bytes + plan.reserved["staging"] <= 18000
+
+
+def test_priority_order_changes_residency(mlp):
+    # b first (12288 + staging 4096 ≤ 18000), then a (20480 > 18000), then c (12288 + 3072 + 4096 > 18000)
+    costs = {"a.weight": 1.0, "b.weight": 10.0, "c.weight": 0.1}
+    _, plan, _ = _place(_profiled(mlp(bias=False), costs), _config(gpu_memory=18000, alpha=0.5))
+    assert _resident(plan) == {"b.weight"}
+
+
+def test_priority_with_a_hardware_model(mlp):
+    """With a big per-call CPU overhead, small Linears save the most time per byte and stay resident."""
+    from hetegen_fx.costs import HardwareModel
+
+    hw = HardwareModel(
+        cpu_bw=1e12, cpu_flops=1e15, h2d_bw=1e12, gpu_bw=1e12, gpu_flops=1e15, cpu_overhead=1e-3
+    )
+    gm = capture_fx(mlp(bias=False))
+    ProfilePass(Config(device="cpu", profile="model"), hardware=hw)(gm)
+    _, plan, _ = _place(gm, _config(gpu_memory=17500, alpha=0.5))
+    # by g: c (3072 + staging 6144), then a (3072 + 8192 + 6144 = 17408); b: 3072 + 8192 + 12288 > 17500
+    assert _resident(plan) == {"c.weight", "a.weight"}
+
+
+def test_alpha_from_costs_when_not_forced(mlp):
+    gm = _profiled(mlp(bias=False), example_inputs=[torch.randn(4, 32)])
+    _, plan, _ = _place(gm, _config(gpu_memory=12290))  # a and b cannot be resident
+    offloaded = [lp for lp in plan.layers if not lp.resident]
+    assert {lp.name for lp in offloaded} >= {"a.weight", "b.weight"}
+    nodes = {n.meta[meta.LINEAR].name: n for n in gm.graph.nodes if meta.LINEAR in n.meta}
+    for lp in offloaded:
+        cost = nodes[lp.name].meta[meta.COST]
+        assert lp.alpha == pytest.approx(cost.alpha())
+        assert 0 < lp.split < lp.out_features
+        assert lp.split == split_row(cost.alpha(), lp.out_features)
+        assert (lp.t_cpu, lp.t_copy, lp.t_gpu) == (cost.t_cpu, cost.t_copy, cost.t_gpu)
+        assert lp.tokens == 4
+
+
+def test_budget_error_names_the_minimum_in_bytes(mlp):
+    # α = 0, prefetch 1: the minimum is one staging buffer for the largest Linear (b, 12288 B)
+    cfg = dict(alpha=0.0, prefetch=1)
+    with pytest.raises(BudgetError) as exc:
+        _place(_profiled(mlp(bias=False)), _config(gpu_memory=12287, **cfg))
+    msg = str(exc.value)
+    assert "12288 bytes" in msg and "prefetch=1" in msg
+    assert re.search(r"raise gpu_memory to at least 12\.00 KiB", msg)
+    # exactly the minimum works: everything offloaded
+    _, plan, _ = _place(_profiled(mlp(bias=False)), _config(gpu_memory=12288, **cfg))
+    assert not _resident(plan)
+    assert plan.reserved["staging"] == 12288
+
+
+def test_no_budget_error_when_the_model_fits(mlp):
+    # two staging buffers (24576 B) would exceed the whole model (23552 B): it simply stays resident
+    _, plan, _ = _place(_profiled(mlp(bias=False)), _config(gpu_memory=TOTAL, alpha=0.0, prefetch=2))
+    assert _resident(plan) == set(BYTES)
+
+
+def test_budget_minimum_includes_the_activation_reserve(mlp):
+    with pytest.raises(BudgetError, match=r"\(12800 bytes: .*activations 512 B"):
+        _place(
+            _profiled(mlp(bias=False)),
+            _config(gpu_memory=12799, alpha=0.0, prefetch=1, activation_reserve=512),
+        )
+
+
+def test_residency_is_decided_once_per_store(mlp):
+    model = mlp(bias=False)
+    store = WeightStore(torch.device("cpu"))
+    _, first, _ = _place(_profiled(model, PER_BYTE), _config(gpu_memory=18000, alpha=0.5), store)
+    # a second graph of the same model (another shape) with another α reuses the residency
+    gm2 = _profiled(model, example_inputs=[torch.randn(9, 32)])
+    _, second, _ = _place(gm2, _config(gpu_memory=18000, alpha=0.25), store)
+    assert _resident(second) == _resident(first) == {"a.weight", "c.weight"}
+    assert second.layer("b.weight").split == 12 and second.tokens == 9
+
+
+def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
+    model = tiny_hf("llama")
+    ids = torch.randint(0, 128, (1, 6))
+    gm, example_inputs = dynamo_capture(model, ids)
+    ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
+    cfg = _config(max_seq_len=64, batch_size=3, gpu_memory=None)
+    _, plan, _ = _place(gm, cfg)
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert plan.reserved["kv_cache"] == per_token * 64 * 3
+    # the embedding and the norms are "other parameters"; the Linears are not
+    other = sum(p.numel() * 4 for n, p in model.named_parameters() if "proj" not in n and "lm_head" not in n)
+    assert plan.reserved["other_params"] == other
+    assert len(plan.layers) == 2 * 7 + 1
+
+
+def test_given_plan_is_applied(mlp):
+    gm = _profiled(mlp(bias=False))
+    layers = [
+        LayerPlan(
+            name, out, inn, 1, "float32", BYTES[name], resident=(name == "b.weight"), alpha=0.5, split=split
+        )
+        for name, out, inn, split in [
+            ("a.weight", 64, 32, 10),
+            ("b.weight", 48, 64, 0),
+            ("c.weight", 16, 48, 16),
+        ]
+    ]
+    given = Plan(device="cpu", gpu_memory=1234, tokens=1, layers=layers, reserved={"staging": 4})
+    store = WeightStore(torch.device("cpu"))
+    res = PlacementPass(_config(gpu_memory=10), store, plan=given)(gm)
+    plan = gm.meta[meta.PLAN]
+    assert res.modified is False
+    assert plan.source == "plan" and plan.layers == layers and plan.layers[0] is not layers[0]
+    assert store.residency == {"a.weight": False, "b.weight": True, "c.weight": False}
+
+
+def test_given_plan_for_another_model(mlp):
+    other = Plan("cpu", None, 1, [LayerPlan("x.weight", 64, 32, 1, "float32", 8192, True)])
+    with pytest.raises(ConfigError, match="another model"):
+        PlacementPass(_config(), WeightStore(torch.device("cpu")), plan=other)(_profiled(mlp(bias=False)))
+    wrong_shape = Plan("cpu", None, 1, [LayerPlan(n, 7, 7, 1, "float32", 196, True) for n in BYTES])
+    with pytest.raises(ConfigError, match=r"a\.weight is 7x7 but the model's Linear is 64x32"):
+        PlacementPass(_config(), WeightStore(torch.device("cpu")), plan=wrong_shape)(
+            _profiled(mlp(bias=False))
+        )
+
+
+def test_matmul_add_weights_and_biases_count_once():
+    """A Conv1D-style ``x @ W + b``: W is read by the absorbed matmul, b by the add; neither is 'other'."""
+
+    class MatmulAdd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(32, 40))
+            self.b = torch.nn.Parameter(torch.randn(40))
+            self.norm = torch.nn.Parameter(torch.randn(40))
+
+        def forward(self, x):
+            return (x @ self.w + self.b) * self.norm
+
+    model = MatmulAdd()
+    gm = capture_fx(model)
+    ProfilePass(Config(device="cpu", profile="model"))(gm)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    _, plan, _ = _place(gm, _config(gpu_memory=model_bytes))
+    assert plan.reserved["other_params"] == 40 * 4  # the norm only
+    assert [lp.bytes for lp in plan.layers] == [(32 * 40 + 40) * 4]
+    assert _resident(plan) == {"w"}

@@ -1,0 +1,161 @@
+"""ProfilePass: an analysis that writes LINEAR / COST / TOKENS on every Linear and leaves the graph alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hetegen_fx.passes import ProfilePass
+from torch import nn
+
+from hetegen_fx import meta
+from hetegen_fx.capture import capture_fx
+from hetegen_fx.config import Config
+from hetegen_fx.costs import CPU_EMULATION, CUDA_HOST, HardwareModel, LinearCost
+from hetegen_fx.errors import UnsupportedModelError
+
+SHAPES = {"a.weight": (64, 32), "b.weight": (48, 64), "c.weight": (16, 48)}  # (out, in) of the MLP fixture
+
+
+def _linear_nodes(gm):
+    return [n for n in gm.graph.nodes if meta.LINEAR in n.meta]
+
+
+def test_analysis_only_writes_meta(mlp, count):
+    gm = capture_fx(mlp())
+    code, n_nodes = gm.code, len(gm.graph.nodes)
+    assert count(gm, "linear") == 3 and not _linear_nodes(gm)
+
+    res = ProfilePass(Config(device="cpu", profile="model"))(gm)
+
+    assert res.modified is False
+    assert res.graph_module.code == code and len(gm.graph.nodes) == n_nodes
+    nodes = _linear_nodes(gm)
+    assert [n.meta[meta.LINEAR].name for n in nodes] == list(SHAPES)
+    for n in nodes:
+        site = n.meta[meta.LINEAR]
+        assert (site.out_features, site.in_features) == SHAPES[site.name]
+        cost = n.meta[meta.COST]
+        assert isinstance(cost, LinearCost) and cost.source == "model"
+        assert min(cost.t_cpu, cost.t_copy, cost.t_gpu) > 0
+        assert n.meta[meta.TOKENS] == 1  # no shapes and no example inputs: one row
+
+
+def test_tokens_from_example_inputs_fx(mlp):
+    gm = capture_fx(mlp())
+    ProfilePass(Config(device="cpu", profile="model"), [torch.randn(3, 5, 32)])(gm)
+    assert [n.meta[meta.TOKENS] for n in _linear_nodes(gm)] == [15, 15, 15]
+
+
+def test_tokens_and_bound_names_from_dynamo_graph(mlp, dynamo_capture, count):
+    model = mlp()
+    gm, example_inputs = dynamo_capture(model, torch.randn(2, 7, 32))
+    assert count(gm, "linear") == 3
+    res = ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
+    assert res.modified is False
+    nodes = _linear_nodes(gm)
+    assert [n.meta[meta.LINEAR].name for n in nodes] == list(SHAPES)
+    assert all(n.meta[meta.TOKENS] == 14 for n in nodes)
+    # the sites hold the model's own parameters (identity), never copies
+    assert nodes[0].meta[meta.LINEAR].weight.tensor is model.a.weight
+    assert nodes[0].meta[meta.LINEAR].bias.tensor is model.a.bias
+
+
+def test_hardware_model_is_used(mlp):
+    hw = HardwareModel(cpu_bw=1e9, cpu_flops=1e10, h2d_bw=2e9, gpu_bw=5e10, gpu_flops=1e12, cpu_overhead=0)
+    gm = capture_fx(mlp())
+    ProfilePass(Config(device="cpu", profile="model"), [torch.randn(4, 32)], hardware=hw)(gm)
+    for n in _linear_nodes(gm):
+        out, inp = SHAPES[n.meta[meta.LINEAR].name]
+        assert n.meta[meta.COST] == hw.cost(out, inp, 4, torch.float32)
+        assert n.meta[meta.COST] != CPU_EMULATION.cost(out, inp, 4, torch.float32)
+
+
+def test_alpha_balances_cpu_against_copy_plus_gpu():
+    cost = LinearCost(t_cpu=3.0, t_copy=1.0, t_gpu=2.0, source="model")
+    a = cost.alpha()
+    assert a == pytest.approx(0.5)  # (M + G) / (C + M + G) = 3 / 6
+    assert a * cost.t_cpu == pytest.approx((1 - a) * (cost.t_copy + cost.t_gpu))
+    assert LinearCost(1.0, 3.0, 0.0, "model").alpha() == pytest.approx(0.75)
+    # degenerate inputs are clamped into [0, 1]
+    assert LinearCost(0.0, 0.0, 0.0, "model").alpha() == 0.0
+    assert LinearCost(-1.0, 1.0, 1.0, "model").alpha() == 1.0
+    assert LinearCost(2.0, -1.0, -0.5, "model").alpha() == 0.0
+
+
+def test_decode_is_split_more_towards_cpu_than_prefill():
+    """Bandwidth-bound decode: α ≈ B_cpu / (B_cpu + B_pcie); compute-bound prefill: α small."""
+    decode = CUDA_HOST.cost(4096, 4096, 1, torch.float16).alpha()
+    prefill = CUDA_HOST.cost(4096, 4096, 512, torch.float16).alpha()
+    assert decode == pytest.approx(70 / (70 + 55), abs=0.03)
+    assert prefill < 0.1 < decode
+
+
+def test_integer_weights_are_rejected():
+    class IntLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randint(-5, 5, (8, 4), dtype=torch.int32), requires_grad=False)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w)
+
+    gm = capture_fx(IntLinear())
+    with pytest.raises(UnsupportedModelError, match="int32"):
+        ProfilePass(Config(device="cpu", profile="model"))(gm)
+
+
+def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
+    import hetegen_fx.passes.profile as profile_mod
+
+    calls: list[tuple] = []
+    real = profile_mod.measure_cost
+
+    def counting(*args):
+        calls.append(args[:4])
+        return real(*args)
+
+    monkeypatch.setattr(profile_mod, "measure_cost", counting)
+    cfg = Config(device="cpu", profile="measure", cache_dir=str(tmp_path))
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 8)).eval()
+    x = [torch.randn(2, 32)]
+
+    gm = capture_fx(model)
+    ProfilePass(cfg, x)(gm)
+    # two distinct (shape, dtype) keys: the two 32x32 Linears are measured once
+    assert sorted(calls) == [(8, 32, 2, torch.float32), (32, 32, 2, torch.float32)]
+    costs = [n.meta[meta.COST] for n in _linear_nodes(gm)]
+    assert all(c.source == "measured" and c.t_cpu > 0 and c.t_copy > 0 for c in costs)
+    assert costs[0] == costs[1]
+    cache_file = tmp_path / "profiles.json"
+    data = json.loads(cache_file.read_text())
+    (entries,) = data.values()  # one machine
+    assert set(entries) == {"32x32x2:float32", "8x32x2:float32"}
+
+    # a second compilation finds everything in the cache and measures nothing
+    def boom(*args):
+        raise AssertionError("measured although the cache holds the cost")
+
+    monkeypatch.setattr(profile_mod, "measure_cost", boom)
+    gm2 = capture_fx(model)
+    ProfilePass(cfg, x)(gm2)
+    assert [n.meta[meta.COST] for n in _linear_nodes(gm2)] == costs
+
+    # a new shape is measured and added to the same file
+    monkeypatch.setattr(profile_mod, "measure_cost", counting)
+    calls.clear()
+    ProfilePass(cfg, [torch.randn(5, 32)])(capture_fx(model))
+    assert len(calls) == 2
+    assert len(next(iter(json.loads(cache_file.read_text()).values()))) == 4
+
+
+def test_measure_false_uses_the_model_even_when_profile_is_measure(mlp, tmp_path, monkeypatch):
+    import hetegen_fx.passes.profile as profile_mod
+
+    monkeypatch.setattr(profile_mod, "measure_cost", lambda *a: pytest.fail("measured"))
+    gm = capture_fx(mlp())
+    cfg = Config(device="cpu", profile="measure", cache_dir=str(tmp_path))
+    ProfilePass(cfg, measure=False)(gm)
+    assert all(n.meta[meta.COST].source == "model" for n in _linear_nodes(gm))
+    assert not (tmp_path / "profiles.json").exists()

@@ -1,0 +1,165 @@
+"""SchedulePass: a topological order that issues copies early, within the staging slots, and overlaps them
+with earlier layers' compute and with their own layer's CPU part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
+from hetegen_fx.passes.schedule import build_dag, is_topological
+from torch import nn
+
+from hetegen_fx import meta
+from hetegen_fx.capture import capture_fx
+from hetegen_fx.config import Config
+from hetegen_fx.ops import COPY, RELEASE, WAIT, is_op
+from hetegen_fx.store import WeightStore
+
+
+class Stack(nn.Module):
+    """Four Linears in a chain, with non-Linear work between them."""
+
+    def __init__(self, n: int = 4, width: int = 48) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) * 2
+        return x
+
+
+def _partitioned(model, alpha=0.5, prefetch=2, **kw) -> tuple[fx.GraphModule, Config]:
+    gm = capture_fx(model)
+    config = Config(device="cpu", profile="model", alpha=alpha, prefetch=prefetch, gpu_memory=1, **kw)
+    store = WeightStore(torch.device("cpu"))
+    # gpu_memory=1 is below any working set: place everything offloaded by hand instead
+    ProfilePass(config, [torch.randn(2, 48)])(gm)
+    store.residency = {n.meta[meta.LINEAR].name: False for n in gm.graph.nodes if meta.LINEAR in n.meta}
+    store.reserved = {}
+    for p in (PlacementPass(config, store), PartitionPass(config, store), DevicePass(config, store)):
+        p(gm)
+    gm.graph.lint()
+    return gm, config
+
+
+def _layer_nodes(order: list[fx.Node], layer: str) -> dict[str, int]:
+    """Positions of one layer's copy / CPU linear / wait / GPU linear / release in ``order``."""
+    pos: dict[str, int] = {}
+    for i, n in enumerate(order):
+        if n.meta.get(meta.LAYER) != layer or n.op != "call_function":
+            continue
+        if is_op(n.target, COPY):
+            pos["copy"] = i
+        elif is_op(n.target, WAIT):
+            pos["wait"] = i
+        elif is_op(n.target, RELEASE):
+            pos["release"] = i
+        elif n.target is F.linear:
+            pos[n.meta[meta.SIDE]] = i
+    return pos
+
+
+LAYERS = [f"layers.{i}.weight" for i in range(4)]
+
+
+def test_order_is_topological_and_numerics_hold():
+    model = Stack().eval()
+    gm, _ = _partitioned(model)
+    before = list(gm.graph.nodes)
+    dag = build_dag(gm.graph)  # dependencies of the graph as PartitionPass/DevicePass left it
+    res = SchedulePass()(gm)
+    after = list(gm.graph.nodes)
+    assert res.modified is True and after != before and set(after) == set(before)
+    assert is_topological(after, dag)
+    assert [n.meta[meta.ORDER] for n in after] == list(range(len(after)))
+    gm.recompile()
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_is_topological_rejects_a_broken_order():
+    gm, _ = _partitioned(Stack())
+    dag = build_dag(gm.graph)
+    order = list(gm.graph.nodes)
+    copy = next(i for i, n in enumerate(order) if n.op == "call_function" and is_op(n.target, COPY))
+    wait = next(i for i, n in enumerate(order) if n.op == "call_function" and is_op(n.target, WAIT))
+    order[copy], order[wait] = order[wait], order[copy]
+    assert not is_topological(order, dag)
+
+
+def test_copies_before_their_layers_cpu_work():
+    gm, _ = _partitioned(Stack(), alpha=0.5)
+    SchedulePass()(gm)
+    order = list(gm.graph.nodes)
+    for layer in LAYERS:
+        p = _layer_nodes(order, layer)
+        assert set(p) == {"copy", "cpu", "wait", "gpu", "release"}
+        assert p["copy"] < p["cpu"] < p["wait"] < p["gpu"] < p["release"]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_copies_wait_for_their_slot_and_are_hoisted(prefetch):
+    gm, _ = _partitioned(Stack(), alpha=0.5, prefetch=prefetch)
+    SchedulePass()(gm)
+    order = list(gm.graph.nodes)
+    pos = [_layer_nodes(order, layer) for layer in LAYERS]
+    slots = [n.meta[meta.SLOT] for n in order if n.op == "call_function" and is_op(n.target, COPY)]
+    assert slots == [i % prefetch for i in range(4)]
+    for i in range(4):
+        if i >= prefetch:
+            # the slot is reused: its previous user (layer i - prefetch) must have released it
+            assert pos[i - prefetch]["release"] < pos[i]["copy"]
+        for j in range(max(0, i - prefetch + 1), i):
+            # within the slots, the copy is issued ahead of earlier layers' compute
+            assert pos[i]["copy"] < pos[j]["cpu"], (i, j)
+    if prefetch == 1:
+        # a single slot: each copy comes right after the previous release, before that layer's next work
+        for i in range(1, 4):
+            assert pos[i - 1]["release"] < pos[i]["copy"] < pos[i]["cpu"]
+    # the first `prefetch` copies are issued before any Linear work at all
+    first_work = min(p["cpu"] for p in pos)
+    assert all(pos[i]["copy"] < first_work for i in range(min(prefetch, 4)))
+
+
+def test_stream_only_copies_are_hoisted_too():
+    gm, _ = _partitioned(Stack(), alpha=0.0, prefetch=2)
+    SchedulePass()(gm)
+    order = list(gm.graph.nodes)
+    pos = [_layer_nodes(order, layer) for layer in LAYERS]
+    assert all("cpu" not in p for p in pos)
+    assert pos[1]["copy"] < pos[0]["gpu"]  # layer 1's copy overlaps layer 0's compute
+    assert pos[0]["release"] < pos[2]["copy"] < pos[1]["gpu"]
+
+
+def test_schedule_is_stable():
+    gm, _ = _partitioned(Stack())
+    assert SchedulePass()(gm).modified is True
+    order = list(gm.graph.nodes)
+    assert SchedulePass()(gm).modified is False
+    assert list(gm.graph.nodes) == order
+
+
+def test_nothing_to_move_when_all_resident():
+    gm = capture_fx(Stack())
+    config = Config(device="cpu", profile="model")  # no budget on cpu: everything resident
+    store = WeightStore(torch.device("cpu"))
+    for p in (
+        ProfilePass(config),
+        PlacementPass(config, store),
+        PartitionPass(config, store),
+        DevicePass(config, store),
+    ):
+        p(gm)
+    assert not any(n.meta.get(meta.SIDE) == "copy" for n in gm.graph.nodes)
+    order = list(gm.graph.nodes)
+    res = SchedulePass()(gm)
+    assert res.modified is False and list(gm.graph.nodes) == order
+
+
+def test_cpu_only_layers_take_no_slot():
+    gm, _ = _partitioned(Stack(), alpha=1.0)
+    assert SchedulePass()(gm).graph_module is gm
+    assert not any(n.meta.get(meta.SLOT) is not None for n in gm.graph.nodes)
