@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hetegen_fx.models import build_random
 
 import hetegen_fx
+from hetegen_fx.models import build_random
 
 pytestmark = pytest.mark.gpu
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
 
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.errors import BudgetError
+from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
 from hetegen_fx.pipeline import build_passes, transform
 from hetegen_fx.store import WeightStore
 

@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from hetegen_fx.models import (
     ARCHS,
     PRESETS,
@@ -17,7 +19,6 @@ from hetegen_fx.models import (
     tiny,
     tiny_config,
 )
-from transformers import AutoModelForCausalLM
 
 CLASS_NAMES = {
     "llama": "LlamaForCausalLM",

@@ -1,8 +1,9 @@
 from pathlib import Path
 
-import hetegen_fx.models.loading as loading
 import pytest
 import torch
+
+import hetegen_fx.models.loading as loading
 from hetegen_fx.models import (
     DEFAULT_MODEL,
     DefaultModelMissingError,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
 from torch import nn
 
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.linear import param_of
+from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.runtime import to_device
 from hetegen_fx.store import WeightStore
 

@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from hetegen_fx.passes import PartitionPass, PlacementPass, ProfilePass
-from hetegen_fx.passes.placement import split_row
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -16,6 +14,8 @@ from hetegen_fx import meta
 from hetegen_fx.capture import capture_export, capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.linear import find_linears
+from hetegen_fx.passes import PartitionPass, PlacementPass, ProfilePass
+from hetegen_fx.passes.placement import split_row
 from hetegen_fx.pipeline import transform
 from hetegen_fx.plan import LayerPlan, Plan
 from hetegen_fx.store import WeightStore

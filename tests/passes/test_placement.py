@@ -6,14 +6,14 @@ import re
 
 import pytest
 import torch
-from hetegen_fx.passes import PlacementPass, ProfilePass
-from hetegen_fx.passes.placement import split_row
 
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.costs import LinearCost
 from hetegen_fx.errors import BudgetError, ConfigError
+from hetegen_fx.passes import PlacementPass, ProfilePass
+from hetegen_fx.passes.placement import split_row
 from hetegen_fx.plan import LayerPlan, Plan
 from hetegen_fx.store import WeightStore
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from hetegen_fx.passes import ProfilePass
 from torch import nn
 
 from hetegen_fx import meta
@@ -14,6 +13,7 @@ from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.costs import CPU_EMULATION, CUDA_HOST, HardwareModel, LinearCost
 from hetegen_fx.errors import UnsupportedModelError
+from hetegen_fx.passes import ProfilePass
 
 SHAPES = {"a.weight": (64, 32), "b.weight": (48, 64), "c.weight": (16, 48)}  # (out, in) of the MLP fixture
 

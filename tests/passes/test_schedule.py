@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
-from hetegen_fx.passes.schedule import build_dag, is_topological
 from torch import nn
 
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.ops import COPY, RELEASE, WAIT, is_op
+from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
+from hetegen_fx.passes.schedule import build_dag, is_topological
 from hetegen_fx.store import WeightStore
 
 
