@@ -8,6 +8,8 @@ and computes its own α from its own (shape-specific) costs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -54,7 +56,9 @@ def activation_bytes(gm: fx.GraphModule) -> int:
         if node.op in ("call_function", "call_method", "call_module"):
             v = node_value(node)
             if isinstance(v, torch.Tensor):
-                largest = max(largest, v.numel() * v.element_size())
+                # sizes through their hints: comparing symbolic sizes would specialise dynamic graphs
+                numel = math.prod(concrete(d) for d in v.shape)
+                largest = max(largest, numel * v.element_size())
     return 4 * largest
 
 
