@@ -117,9 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (HetegenError, ValueError, FileNotFoundError) as e:
-        print(f"hetegen: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        print(f"hetegen: error: {cause}", file=sys.stderr)
         return 2
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The error to show the user in one line (dynamo wraps a backend's errors), or None for a bug."""
+    while e is not None:
+        if isinstance(e, (HetegenError, ValueError, FileNotFoundError)):
+            return e
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return None
 
 
 if __name__ == "__main__":

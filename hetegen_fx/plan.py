@@ -138,7 +138,7 @@ class Plan:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(
-                f"plan file {str(p)!r} does not exist; write one with Plan.save() or `hetegen plan`"
+                f"plan file {str(p)!r} does not exist; write one with Plan.save() or `hetegen generate --save-plan FILE`"
             )
         return cls.from_json(p.read_text())
 

@@ -13,7 +13,7 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.costs import CostCache, HardwareModel, LinearCost, default_model, measure_cost
 from hetegen_fx.errors import UnsupportedModelError
-from hetegen_fx.graph_utils import concrete, has_shapes, node_value, propagate_shapes
+from hetegen_fx.graph_utils import concrete, node_value, propagate_shapes
 from hetegen_fx.linear import LinearSite, find_linears
 
 
@@ -26,6 +26,12 @@ def linear_tokens(site: LinearSite) -> int:
     for d in v.shape[:-1]:
         n *= concrete(d)
     return max(n, 1)
+
+
+def _concrete_inputs(example_inputs: Sequence[Any] | None) -> bool:
+    """True when shapes may be propagated from ``example_inputs``: never with dynamo's SymInts, since
+    computing with them adds guards that would specialise the graph's dynamic sizes."""
+    return example_inputs is not None and not any(isinstance(x, torch.SymInt) for x in example_inputs)
 
 
 class ProfilePass(PassBase):
@@ -53,9 +59,9 @@ class ProfilePass(PassBase):
         self.progress = progress
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        if not has_shapes(gm) and self.example_inputs is not None:
-            propagate_shapes(gm, self.example_inputs)
         sites = find_linears(gm)
+        if any(node_value(s.x) is None for s in sites) and _concrete_inputs(self.example_inputs):
+            propagate_shapes(gm, self.example_inputs)
         device = torch.device(self.config.device)
         measure = self.measure and (
             self.config.profile == "measure" or (self.config.profile == "auto" and device.type == "cuda")
