@@ -109,37 +109,52 @@ class CostCache:
             pass  # an unwritable cache only costs a re-measurement next time
 
 
-def _median_time(fn, sync, min_reps: int = 3, budget_s: float = 0.05) -> float:
-    fn()
+#: bytes of weights cycled through when timing the CPU part: more than any last-level cache (the GPU host
+#: has 300 MiB of L3), so a layer is timed streaming from DRAM as it will run, not from cache
+ROTATION_BYTES = 768 * 2**20
+
+
+def _median_time(fns: list, sync, min_reps: int = 5, budget_s: float = 0.05) -> float:
+    """Median seconds of one call, cycling through ``fns`` (each touching different memory)."""
+    for f in fns[:3]:
+        f()
     sync()
     times: list[float] = []
     start = time.perf_counter()
+    i = 0
     while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
         t0 = time.perf_counter()
-        fn()
+        fns[i % len(fns)]()
         sync()
         times.append(time.perf_counter() - t0)
+        i += 1
     return statistics.median(times)
 
 
 def measure_cost(
     out_features: int, in_features: int, tokens: int, dtype: torch.dtype, device: torch.device
 ) -> LinearCost:
-    """Time the layer's three parts on this machine, on fresh random data."""
+    """Time the layer's three parts on this machine, on fresh random data streamed from DRAM."""
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
-    w = torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+    nbytes = out_features * in_features * _itemsize(dtype)
+    copies = max(2, min(16, -(-ROTATION_BYTES // max(nbytes, 1))))
+    ws = [
+        torch.empty(out_features, in_features, dtype=dtype).uniform_(-0.05, 0.05, generator=gen)
+        for _ in range(copies)
+    ]
     x = torch.empty(tokens, in_features, dtype=dtype).uniform_(-1, 1, generator=gen)
-    t_cpu = _median_time(lambda: torch.nn.functional.linear(x, w), lambda: None)
+    linear = torch.nn.functional.linear
+    t_cpu = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
     if device.type == "cuda":
         sync = torch.cuda.synchronize
-        wp = w.pin_memory()
-        wd = torch.empty_like(w, device=device)
+        wp = ws[0].pin_memory()
+        wd = torch.empty_like(wp, device=device)
         xd = x.to(device)
-        t_copy = _median_time(lambda: wd.copy_(wp, non_blocking=True), sync)
-        t_gpu = _median_time(lambda: torch.nn.functional.linear(xd, wd), sync)
+        t_copy = _median_time([lambda: wd.copy_(wp, non_blocking=True)], sync)
+        t_gpu = _median_time([lambda: linear(xd, wd)], sync)
         del wp, wd, xd
     else:
-        buf = torch.empty_like(w)
-        t_copy = _median_time(lambda: buf.copy_(w), lambda: None)
+        buf = torch.empty_like(ws[0])
+        t_copy = _median_time([lambda w=w: buf.copy_(w) for w in ws], lambda: None)
         t_gpu = t_cpu
     return LinearCost(t_cpu=t_cpu, t_copy=t_copy, t_gpu=t_gpu, source="measured")
