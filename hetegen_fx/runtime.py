@@ -39,8 +39,10 @@ class DeviceRuntime:
         buf = self._slots.get(slot)
         if buf is not None and buf.numel() >= nbytes:
             return
-        if buf is not None and self.is_cuda:
-            torch.cuda.synchronize(self.device)  # the old buffer may still be in use by either stream
+        if buf is not None:
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)  # the old buffer may still be in use by either stream
+            del self._slots[slot], buf  # free it first: old and new together would overshoot the budget
         self._slots[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:

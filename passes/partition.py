@@ -26,7 +26,7 @@ from hetegen_fx.graph_utils import attach, safe_name
 from hetegen_fx.linear import LinearSite, match_linear
 from hetegen_fx.ops import COPY, RELEASE, WAIT
 from hetegen_fx.plan import LayerPlan
-from hetegen_fx.runtime import to_device
+from hetegen_fx.runtime import get_runtime, to_device
 from hetegen_fx.store import WeightStore
 
 HOST = "cpu"
@@ -59,8 +59,18 @@ class PartitionPass(PassBase):
             for dead in site.absorbed:
                 if not dead.users:
                     gm.graph.erase_node(dead)
+        self._size_staging(nodes)
         gm.graph.lint()
         return PassResult(gm, bool(nodes))
+
+    def _size_staging(self, nodes: list[fx.Node]) -> None:
+        """Grow the staging slots now, at compile time, to this graph's largest GPU part: a slot that grew
+        while the graph runs would hold its old and new buffers at once, above the budget."""
+        parts = [n.meta[meta.PLACEMENT].gpu_part_bytes for n in nodes if not n.meta[meta.PLACEMENT].resident]
+        if parts and max(parts) > 0:
+            rt = get_runtime(self.config.device)
+            for slot in range(self.config.prefetch):
+                rt.reserve(slot, max(parts))
 
     # -- emission helpers ---------------------------------------------------------------------------------
 
