@@ -43,6 +43,7 @@ class PartitionPass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if meta.PLACEMENT in n.meta]
         slot = 0
+        self._x_cpu: dict[fx.Node, fx.Node] = {}  # one device→host copy per input shared by several Linears
         for node in nodes:
             site = match_linear(node, gm)  # re-matched: its input may be a Linear rewritten just before
             lp: LayerPlan = node.meta[meta.PLACEMENT]
@@ -124,7 +125,11 @@ class PartitionPass(PassBase):
             b_cpu = None
             if bias is not None:
                 b_cpu = self._attach(gm, f"{site.bias.name}__cpu_part", bias.detach()[:k], "cpu", s)
-            x_cpu = self._new(gm, to_device, (site.x, HOST), f"{short}_x_cpu", "move", s)
+            x_cpu = self._x_cpu.get(site.x)
+            if x_cpu is None:
+                x_cpu = self._x_cpu[site.x] = self._new(
+                    gm, to_device, (site.x, HOST), f"{short}_x_cpu", "move", s
+                )
             y_cpu = self._linear(gm, site, x_cpu, w_cpu, b_cpu, f"{short}_cpu", "cpu")
             if k == out:
                 return self._new(gm, to_device, (y_cpu, device), f"{short}_out", "move", s)

@@ -290,3 +290,29 @@ def test_conv1d_parts_are_contiguous_and_cached(mlp):
     out2, _ = transform(capture_fx(model), config, store)
     assert out2.fc_weight__cpu_part.data_ptr() == cpu.data_ptr()
     assert out2.fc_weight__gpu_part_host.data_ptr() == gpu.data_ptr()
+
+
+def test_linears_sharing_an_input_share_one_host_copy_of_it():
+    """q/k/v (or gate/up) read the same activation: it crosses to the host once, not once per Linear."""
+    import hetegen_fx
+    from hetegen_fx.runtime import to_device
+
+    class QKV(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(32, 48) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x)
+
+    m = QKV()
+    x = torch.randn(4, 32)
+    budget = 48 * 32 * 4 + 3 * 48 * 4 + 1024  # room for one full staging buffer and the biases: all offloaded
+    c = hetegen_fx.compile(
+        m, (x,), device="cpu", gpu_memory=budget, alpha=0.5, profile="model", prefetch=1, activation_reserve=0
+    )
+    assert all(not lp.resident and 0 < lp.split < lp.out_features for lp in c.plan.layers)
+    moves = [n for n in c.graph_module.graph.nodes if n.target is to_device and n.name.endswith("_x_cpu")]
+    assert len(moves) == 1
+    assert len(moves[0].users) == 3  # the CPU parts of q, k and v all read it
+    torch.testing.assert_close(c(x), m(x))
