@@ -71,8 +71,8 @@ class Config:
         (2048 when the model is not known, e.g. through the torch.compile backend).
     batch_size: sequences the KV-cache reserve is sized for.
     activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
-    group_linears: fuse Linears that share an input (q/k/v, gate/up) into one split.
-    cpu_threads: threads for the CPU side (``None`` leaves torch's setting).
+    cpu_threads: threads for the CPU side; sets ``torch.set_num_threads`` for the process when compiling
+        (``None`` leaves torch's setting).
     plan: a Plan (or a path to its JSON) to apply instead of profiling and placing.
     output_device: where outputs go. "input": back to the device the inputs came from. "accelerator": left
         on the accelerator. "auto" (the torch.compile backend's default): outputs computed from the graph's
@@ -92,7 +92,6 @@ class Config:
     max_seq_len: int | None = None
     batch_size: int = 1
     activation_reserve: int | None = None
-    group_linears: bool = True
     cpu_threads: int | None = None
     plan: Any = None
     output_device: str = "input"
@@ -110,6 +109,8 @@ class Config:
             raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
         if int(self.prefetch) < 1:
             raise ConfigError(f"prefetch must be at least 1 staging buffer, got {self.prefetch!r}")
+        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
+            raise ConfigError(f"cpu_threads must be at least 1 (or None), got {self.cpu_threads!r}")
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size!r}")
         try:

@@ -252,3 +252,15 @@ def test_format_bytes():
     assert format_bytes(2048) == "2.00 KiB"
     assert format_bytes(6 * 2**30) == "6.00 GiB"
     assert parse_bytes(format_bytes(6 * 2**30).replace(" ", "")) == 6 * 2**30
+
+
+def test_cpu_threads_sets_the_intra_op_pool():
+    before = torch.get_num_threads()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    try:
+        hetegen_fx.compile(m, (torch.randn(2, 8),), device="cpu", profile="model", cpu_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(hetegen_fx.ConfigError, match="cpu_threads"):
+        hetegen_fx.compile(m, device="cpu", cpu_threads=0)
