@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -123,19 +123,62 @@ def _check_weights(model: torch.nn.Module) -> None:
         )
 
 
-@dataclass
+@dataclass(repr=False)
 class Explanation:
-    """What the compiler decided, for reading in a notebook: one Plan and generated code per graph."""
+    """What the compiler decided, for reading in a notebook: one Plan and generated code per graph.
+
+    ``.plan`` is the decode plan (the graph with the fewest tokens), ``.graph_module`` its GraphModule
+    (for :func:`hetegen_fx.plot.draw_layer`); ``print()`` shows every plan's table and code.
+    """
 
     plans: list[Plan]
     codes: list[str]
     labels: list[str]
+    graph_modules: list[fx.GraphModule] = field(default_factory=list)
+
+    def _decode_index(self) -> int:
+        if not self.plans:
+            raise ConfigError("nothing compiled yet: run the model once")
+        return min(range(len(self.plans)), key=lambda i: self.plans[i].tokens)
+
+    @property
+    def plan(self) -> Plan:
+        """The decode plan: that of the graph with the fewest tokens."""
+        return self.plans[self._decode_index()]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The compiled GraphModule of :attr:`plan`."""
+        return self.graph_modules[self._decode_index()]
 
     def __str__(self) -> str:
         parts = []
         for label, plan, code in zip(self.labels, self.plans, self.codes, strict=True):
             parts += [f"=== {label} ===", plan.table(), "", code]
         return "\n".join(parts) if parts else "nothing compiled yet: run the model once"
+
+    def __repr__(self) -> str:
+        if not self.plans:
+            return "Explanation(nothing compiled yet: run the model once)"
+        graphs = ", ".join(
+            f"{p.tokens} token(s): {sum(not lp.resident for lp in p.layers)}/{len(p.layers)} offloaded"
+            for p in self.plans
+        )
+        return f"Explanation({len(self.plans)} graph(s) [{graphs}]; .plan is the decode plan)\n{self.plan.table()}"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        if not self.plans:
+            return "<p>nothing compiled yet: run the model once</p>"
+        parts = []
+        for i, (label, plan, code) in enumerate(zip(self.labels, self.plans, self.codes, strict=True)):
+            mark = " (decode: <code>.plan</code>)" if i == self._decode_index() else ""
+            parts.append(
+                f"<h4>{html.escape(label)}{mark}</h4><pre>{html.escape(plan.table())}</pre>"
+                f"<details><summary>generated code</summary><pre>{html.escape(code)}</pre></details>"
+            )
+        return "".join(parts)
 
     _repr_pretty_ = lambda self, p, cycle: p.text(str(self))  # noqa: E731
 
@@ -155,5 +198,8 @@ def explain(compiled: torch.nn.Module) -> Explanation:
         if not isinstance(compiled, CompiledModule) or g.graph_module is compiled.graph_module
     ]
     return Explanation(
-        [g.plan for g in graphs], [g.graph_module.code for g in graphs], [g.label for g in graphs]
+        [g.plan for g in graphs],
+        [g.graph_module.code for g in graphs],
+        [g.label for g in graphs],
+        [g.graph_module for g in graphs],
     )

@@ -3,6 +3,7 @@
 hetegen generate --prompt "What is the capital of France?"          # SmolLM2-135M, bundled
 hetegen generate --model ./Llama-2-7b-hf --gpu-memory 6GiB --prompt "..." --dtype float16
 hetegen bench --preset llama-2-7b --gpu-memory 6GiB                   # see docs/benchmarks.md
+hetegen plan --model tiny-llama --device cpu --gpu-memory 400KiB --png plan.png   # inspect a compilation
 """
 
 from __future__ import annotations
@@ -71,6 +72,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Compile, run one short generation (prefill + decode graphs), print and draw one graph's plan."""
+    import hetegen_fx
+    from hetegen_fx.models import load
+
+    if args.png and args.svg:
+        raise HetegenError("give --png or --svg, not both")
+    if bool(args.draw_layer) != bool(args.draw_out):
+        raise HetegenError("--draw-layer NAME and --draw-out FILE go together")
+    model, _ = load(args.model, dtype=DTYPES[args.dtype], progress=args.verbose)
+    options = {"gpu_memory": args.gpu_memory, "device": args.device, "max_seq_len": args.max_seq_len}
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    if args.prefetch is not None:
+        options["prefetch"] = args.prefetch
+    compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
+    vocab = int(getattr(model.config, "vocab_size", 32) or 32)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(3, vocab - 1), vocab, (1, args.prompt_len), generator=gen)
+    _log(f"compiling and running {args.prompt_len} prompt tokens + 2 new tokens on {args.device}")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=model.generation_config.pad_token_id or 0,
+        )
+    _log(f"done in {time.perf_counter() - t0:.1f} s")
+    ex = hetegen_fx.explain(compiled)
+    index = [i for i, p in enumerate(ex.plans) if p.tokens == args.tokens]
+    if not index:
+        have = sorted({p.tokens for p in ex.plans})
+        raise HetegenError(f"no graph was compiled for {args.tokens} token(s); graphs have {have} tokens")
+    plan, gm = ex.plans[index[0]], ex.graph_modules[index[0]]
+    print(plan.table())
+    if args.out:
+        plan.save(args.out)
+        _log(f"plan written to {args.out}")
+    picture = args.png or args.svg
+    if picture:
+        from .plot import plot_plan
+
+        plot_plan(plan, picture, prefetch=args.prefetch)
+        _log(f"plan drawn to {picture}")
+    if args.draw_layer:
+        from .plot import draw_layer
+
+        draw_layer(gm, args.draw_layer, args.draw_out)
+        _log(f"layer {args.draw_layer} drawn to {args.draw_out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
@@ -102,6 +157,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="print only the answer, once, at the end")
     g.add_argument("--verbose", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser(
+        "plan", help="compile a model, run it once, print its decode plan and draw it (PNG / SVG)"
+    )
+    q.add_argument(
+        "--model", default=None, help="local HF checkpoint dir, .gguf file or preset (default: SmolLM2-135M)"
+    )
+    q.add_argument(
+        "--gpu-memory", default=None, help="accelerator memory budget, e.g. 6GiB (default: all free)"
+    )
+    q.add_argument("--device", default=_default_device(), help="cuda, cuda:1, or cpu (emulates the GPU side)")
+    q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    q.add_argument(
+        "--tokens", type=int, default=1, help="which graph's plan: 1 = decode, --prompt-len = prefill"
+    )
+    q.add_argument("--prompt-len", type=int, default=8, help="tokens of the random prompt run once")
+    q.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="tokens the KV-cache reserve is sized for (default: the model's limit, at most 4096)",
+    )
+    q.add_argument("--alpha", type=float, default=None, help="force one CPU share for every offloaded Linear")
+    q.add_argument("--prefetch", type=int, default=None, help="staging buffers (default: the Config default)")
+    q.add_argument("--out", default=None, help="write the plan as JSON")
+    q.add_argument("--png", default=None, help="draw α per Linear and the predicted timeline to a PNG")
+    q.add_argument("--svg", default=None, help="the same picture as SVG")
+    q.add_argument("--draw-layer", default=None, help="a Linear to draw, e.g. layers.0.mlp.down_proj")
+    q.add_argument("--draw-out", default=None, help="where to draw it: .png / .svg (need graphviz) or .dot")
+    q.add_argument("--verbose", action="store_true")
+    q.set_defaults(func=cmd_plan)
 
     from .bench import add_arguments
 
