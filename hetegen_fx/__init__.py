@@ -12,6 +12,7 @@ Importing this package touches no GPU.
 from .api import CompiledModule, Explanation, compile, explain
 from .config import Config, format_bytes, parse_bytes
 from .errors import BudgetError, CaptureError, ConfigError, HetegenError, UnsupportedModelError
+from .exporting import ExportError, export, load_exported
 from .plan import LayerPlan, Plan, load_plan
 
 __version__ = "0.1.0"
@@ -23,13 +24,16 @@ __all__ = [
     "Config",
     "ConfigError",
     "Explanation",
+    "ExportError",
     "HetegenError",
     "LayerPlan",
     "Plan",
     "UnsupportedModelError",
     "compile",
     "explain",
+    "export",
     "format_bytes",
+    "load_exported",
     "load_plan",
     "parse_bytes",
 ]
