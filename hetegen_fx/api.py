@@ -16,6 +16,7 @@ from .config import Config
 from .errors import CaptureError, ConfigError, UnsupportedModelError
 from .plan import Plan
 from .store import WeightStore, find_store, store_for
+from .trace import traced
 
 
 class CompiledModule(torch.nn.Module):
@@ -27,9 +28,14 @@ class CompiledModule(torch.nn.Module):
         self.plan = plan
         self.frontend = frontend
         self._store = store
+        self._call = traced(
+            graph_module, store.device.type if store.device.index is None else str(store.device)
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(*args, **kwargs)
+        if kwargs:
+            return self.graph_module(*args, **kwargs)
+        return self._call(*args)  # records a timeline inside hetegen_fx.trace.record()
 
     @property
     def code(self) -> str:

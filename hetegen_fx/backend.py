@@ -23,6 +23,7 @@ from .errors import BudgetError, ConfigError, HetegenError
 from .linear import param_of
 from .pipeline import transform
 from .store import store_for
+from .trace import traced
 
 _warned: set[str] = set()
 
@@ -69,7 +70,7 @@ def _compile_graph(gm, example_inputs, config: Config, names: dict[int, str] | N
         out, plan = transform(gm, config, store, example_inputs, label=_label(example_inputs))
         if config.verbose:
             print(plan.table(), file=sys.stderr)
-        return out
+        return traced(out, config.device)  # records a timeline inside hetegen_fx.trace.record()
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:

@@ -131,16 +131,19 @@ def _time_generate(
 ) -> tuple[float, float, list[int]]:
     """(prefill seconds, decode seconds per token, tokens) with a warm model."""
     kw = {"do_sample": False, "pad_token_id": 0}
+    result = {}
+
+    def timed(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        result["out"] = model.generate(ids, max_new_tokens=n, **kw)
+        _sync(device)
+        return time.perf_counter() - t0
+
     with torch.no_grad():
-        _sync(device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, **kw)
-        _sync(device)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, **kw)
-        _sync(device)
-        total = time.perf_counter() - t0
+        prefill = statistics.median(timed(1) for _ in range(3))
+        total = timed(new_tokens)
+    out = result["out"]
     decode = max(total - prefill, 1e-9) / max(new_tokens - 1, 1)
     return prefill, decode, out[0, ids.shape[1] :].tolist()
 
@@ -202,6 +205,25 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             [lp.split / lp.out_features for lp in dec.layers if not lp.resident] or [0]
         )
         result["plan_table"] = dec.table()
+    if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
+        from hetegen_fx.trace import record
+
+        with torch.no_grad(), record() as timelines:
+            runner.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        step = timelines[-1]
+        out_dir = Path(args.out)
+        step.save(out_dir / "trace_decode.json")
+        try:
+            step.plot(out_dir / "trace_decode.png", title=f"one decode step of {args.model or args.preset}")
+        except Exception as e:  # matplotlib missing: the JSON is still there
+            _log(f"no timeline picture: {e}")
+        result["trace"] = {
+            "step_s": step.duration,
+            "copy_busy_s": step.busy("PCIe"),
+            "cpu_busy_s": step.busy("CPU"),
+            "gpu_busy_s": step.busy("GPU"),
+            "copy_cpu_overlap_s": step.overlap("PCIe", "CPU"),
+        }
     del runner, model
     _free(device)
     return result

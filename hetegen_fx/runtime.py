@@ -8,6 +8,7 @@ same staging buffers and events are no-ops, so the data flow is exercised exactl
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import torch
@@ -23,6 +24,8 @@ class DeviceRuntime:
         self._copied: dict[int, torch.cuda.Event] = {}
         self._released: dict[int, torch.cuda.Event] = {}
         self._copy_stream: torch.cuda.Stream | None = None
+        #: when a list, every copy appends its (start, end): CUDA events on the copy stream, or host seconds
+        self.copy_log: list | None = None
 
     @property
     def copy_stream(self) -> torch.cuda.Stream:
@@ -55,14 +58,23 @@ class DeviceRuntime:
         """Start copying host tensor ``src`` into staging buffer ``slot``; return that buffer."""
         dst = self.buffer(slot, src)
         if not self.is_cuda:
+            t0 = time.perf_counter()
             dst.copy_(src)
+            if self.copy_log is not None:
+                self.copy_log.append((t0, time.perf_counter()))
             return dst
         stream = self.copy_stream
         released = self._released.get(slot)
         if released is not None:
             stream.wait_event(released)  # the buffer's previous contents are no longer needed
+        if self.copy_log is not None:
+            marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            marks[0].record(stream)
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
+        if self.copy_log is not None:
+            marks[1].record(stream)
+            self.copy_log.append(marks)
         ev = self._copied.get(slot)
         if ev is None:
             ev = self._copied[slot] = torch.cuda.Event()

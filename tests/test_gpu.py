@@ -73,3 +73,20 @@ def test_generate_parity_and_budget():
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers if not lp.resident)
     assert peak <= budget, f"peak {peak} over budget {budget}"
     assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])
+
+
+@needs_cuda
+def test_trace_shows_copies_overlapping_cpu_parts(tmp_path):
+    from hetegen_fx import trace
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]).half()
+    x = torch.randn(1, 2048, dtype=torch.float16)
+    c = hetegen_fx.compile(m, (x,), gpu_memory="20MiB", device="cuda", alpha=0.5, activation_reserve=0)
+    assert sum(not lp.resident for lp in c.plan.layers) >= 4
+    c(x)  # warm-up
+    with trace.record() as timelines:
+        c(x)
+    t = timelines[-1]
+    assert t.overlap("PCIe", "CPU") > 0, "copies should be in flight while the CPU computes its parts"
+    t.save(tmp_path / "trace.json")

@@ -1,0 +1,79 @@
+"""Measured timelines (hetegen_fx.trace): what ran on which lane, as a Chrome trace, for fx and dynamo graphs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import hetegen_fx
+from hetegen_fx import trace
+from hetegen_fx.models import tiny
+
+
+def _split_mlp():
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(3, 64)
+    c = hetegen_fx.compile(
+        m, (x,), device="cpu", gpu_memory=70_000, alpha=0.5, profile="model", prefetch=1, activation_reserve=0
+    )
+    assert all(not lp.resident and 0 < lp.split < lp.out_features for lp in c.plan.layers)
+    return m, c, x
+
+
+def test_record_gives_one_timeline_per_call_with_every_lane(tmp_path):
+    m, c, x = _split_mlp()
+    with trace.record() as timelines:
+        out = c(x)
+        c(torch.randn(5, 64))
+    torch.testing.assert_close(out, m(x))
+    assert len(timelines) == 2
+    t = timelines[0]
+    lanes = {e.lane for e in t.events}
+    assert {"PCIe", "CPU", "GPU", "host"} <= lanes
+    assert all(0 <= e.start <= e.end <= t.duration for e in t.events)
+    # each split Linear has exactly one copy, and its CPU part starts after the copy was issued
+    copies = [e for e in t.events if e.lane == "PCIe"]
+    assert len(copies) == 2 and all(e.name.endswith("_copy") for e in copies)
+    cpu_parts = [e for e in t.events if e.lane == "CPU" and e.name.endswith("_cpu")]
+    assert len(cpu_parts) == 2
+    assert t.busy("CPU") > 0 and t.overlap("CPU", "CPU") == t.busy("CPU")
+    path = t.save(tmp_path / "step.json")
+    data = json.loads(path.read_text())
+    names = {e["name"] for e in data["traceEvents"] if e["ph"] == "X"}
+    assert {e.name for e in copies} <= names
+    assert t.plot(tmp_path / "step.png").stat().st_size > 0
+
+
+def test_outside_record_nothing_is_recorded_and_results_are_unchanged():
+    m, c, x = _split_mlp()
+    with trace.record() as timelines:
+        pass
+    torch.testing.assert_close(c(x), m(x))
+    assert timelines == []
+
+
+def test_overlap_of_lanes():
+    t = trace.Timeline(
+        [
+            trace.Event("PCIe", "a", 0.0, 2.0),
+            trace.Event("CPU", "b", 1.0, 3.0),
+            trace.Event("CPU", "c", 1.5, 2.5),
+        ]
+    )
+    assert t.overlap("PCIe", "CPU") == 1.0
+    assert t.busy("CPU") == 2.0
+    assert t.duration == 3.0
+
+
+def test_hf_generate_records_prefill_and_decode_steps():
+    model = tiny("llama")
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = hetegen_fx.compile(model, gpu_memory=total, device="cpu", max_seq_len=64)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+    with trace.record() as timelines:
+        out = c.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.tolist() == ref.tolist()
+    assert len(timelines) == 3  # prefill + two decode steps
+    assert any(e.lane == "PCIe" for e in timelines[-1].events)
