@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -64,6 +65,37 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def cpu_gemv_by_dtype(out_f: int, in_f: int) -> dict[str, float]:
+    """CPU GEMV bandwidth (weight bytes/s, from DRAM) for fp16, bf16 and fp32, and each one's relative
+    error against an fp64 reference: which CPU dtype is fastest at acceptable accuracy."""
+    res: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(1)
+    w64 = torch.empty(out_f, in_f, dtype=torch.float64).uniform_(-0.01, 0.01, generator=gen)
+    x64 = torch.empty(1, in_f, dtype=torch.float64).uniform_(-1, 1, generator=gen)
+    ref = torch.nn.functional.linear(x64, w64)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        name = str(dt).removeprefix("torch.")
+        ws = [w64.to(dt) for _ in range(4)]  # 4 copies of >= 90 MB: more than the 300 MiB L3 of the host
+        x = x64.to(dt)
+        nbytes = ws[0].numel() * ws[0].element_size()
+        torch.nn.functional.linear(x, ws[0])
+        t0 = time.perf_counter()
+        for i in range(8):
+            y = torch.nn.functional.linear(x, ws[i % 4])
+        res[f"cpu_gemv_{name}"] = 8 * nbytes / (time.perf_counter() - t0)
+        res[f"cpu_gemv_{name}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+    return res
+
+
+def _rss() -> int:
+    """Resident host memory of this process, in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Bandwidths in bytes/s measured now: pinned H2D, CPU GEMV, both at once, device copy."""
     out_f, in_f, reps = 11008, 4096, 8
@@ -79,6 +111,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
 
     gemv(2)
     res = {"cpu_gemv": statistics.median(gemv(reps) for _ in range(3))}
+    res.update(cpu_gemv_by_dtype(out_f, in_f))
     if device.type != "cuda":
         return res
     host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
@@ -189,6 +222,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             cpu_threads=args.cpu_threads,
         )
     result["setup_s"] = time.perf_counter() - t0
+    result["host_rss_after_setup_bytes"] = _rss()
     with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
         runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     result["first_call_s"] = time.perf_counter() - t0
@@ -248,6 +282,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = _build(args)
     build_s = time.perf_counter() - t0
+    rss_model = _rss()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
     gen = torch.Generator().manual_seed(0)
@@ -304,6 +339,7 @@ def main(args: argparse.Namespace) -> int:
         "cpu_threads": torch.get_num_threads(),
         "ceilings": ceilings,
         "bound_decode_s": bound,
+        "host_rss_after_build_bytes": rss_model,
         "results": results,
     }
     (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
@@ -346,6 +382,28 @@ def format_table(s: dict) -> str:
             f"{format_bytes(hb['resident_bytes'])} resident at {s['ceilings']['hbm'] / 1e9:.0f} GB/s); hetegen reaches "
             f"{s['bound_decode_s'] / hb['decode_s_per_token'] * 100:.0f}% of it",
         ]
+    c = s["ceilings"]
+    dts = [d for d in ("float16", "bfloat16", "float32") if f"cpu_gemv_{d}" in c]
+    if dts:
+        rows += [
+            "",
+            "CPU GEMV by dtype (weights from DRAM; relative error vs fp64): "
+            + ", ".join(
+                f"{d} {c[f'cpu_gemv_{d}'] / 1e9:.1f} GB/s ({c[f'cpu_gemv_{d}_rel_err']:.1e})" for d in dts
+            ),
+        ]
+    model_bytes = s.get("model_bytes") or 0
+    rss = [
+        (r["variant"], r["host_rss_after_setup_bytes"])
+        for r in s["results"]
+        if r.get("host_rss_after_setup_bytes")
+    ]
+    if model_bytes and rss:
+        rows.append(
+            "host memory after setup / model bytes: "
+            + ", ".join(f"{v} {b / model_bytes:.2f}x" for v, b in rss)
+            + f" (after building the model: {s.get('host_rss_after_build_bytes', 0) / model_bytes:.2f}x)"
+        )
     return "\n".join(rows)
 
 
