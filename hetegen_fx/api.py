@@ -111,12 +111,11 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
 
 def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:
     """The longest sequence the model's config allows, capped at ``cap`` (None if it does not say)."""
+    from hetegen_fx.models import max_positions
+
     cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return min(value, cap)
-    return None
+    limit = max_positions(cfg) if cfg is not None else None
+    return None if limit is None else min(limit, cap)
 
 
 def _check_weights(model: torch.nn.Module) -> None:
