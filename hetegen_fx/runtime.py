@@ -99,11 +99,26 @@ _RUNTIMES: dict[torch.device, DeviceRuntime] = {}
 _LOCK = threading.Lock()
 
 
+_DEVICES: dict[str | torch.device, torch.device] = {}
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` parsed once ("cuda" resolved to the current CUDA device): called per Linear per token."""
+    dev = _DEVICES.get(device)
+    if dev is None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        _DEVICES[device] = dev
+    return dev
+
+
 def get_runtime(device: str | torch.device) -> DeviceRuntime:
     """The process-wide runtime of ``device`` (created on first use)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = _device(device)
+    rt = _RUNTIMES.get(dev)
+    if rt is not None:
+        return rt
     with _LOCK:
         rt = _RUNTIMES.get(dev)
         if rt is None:
@@ -144,13 +159,13 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     """Move an activation; a no-op when it is already there. Host-to-device copies do not block the host."""
     if not isinstance(x, torch.Tensor):
         return x
-    dev = torch.device(device)
+    dev = _device(device)
     if x.device == dev:
         return x
     parked = unpark(x) if x.device.type == "cpu" else None
-    if parked is not None and parked.device.type == dev.type:
+    if parked is not None and parked.device == dev:
         return parked
-    return x.to(device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+    return x.to(dev, non_blocking=x.device.type == "cpu" and x.is_pinned())
 
 
 torch.fx.wrap("park")
