@@ -102,6 +102,7 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         config.output_device = "auto"  # logits back to the host, the KV cache kept on the device (parked)
     if config.max_seq_len is None:
         config.max_seq_len = _max_positions(model)  # the KV-cache reserve: the model's limit, capped
+    _check_budget_floor(model, config)
     store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     compiled.compile(backend=make_backend(config, param_names(model)), dynamic=None)
@@ -116,6 +117,37 @@ def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:
     cfg = getattr(model, "config", None)
     limit = max_positions(cfg) if cfg is not None else None
     return None if limit is None else min(limit, cap)
+
+
+def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
+    """Refuse at compile time a budget that cannot hold even the parameters that are not Linear weights
+    plus the KV cache (the exact minimum, with staging, is checked when the first graph is placed)."""
+    if config.gpu_memory is None:
+        return
+    from hetegen_fx.models import kv_cache_bytes
+
+    linear_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    }
+    seen: set[int] = set()
+    other = 0
+    for p in model.parameters():
+        if id(p) not in linear_weights and id(p) not in seen:
+            seen.add(id(p))
+            other += p.numel() * p.element_size()
+    dtype = next(model.parameters()).dtype
+    kv = kv_cache_bytes(model.config, config.batch_size, config.max_seq_len or 2048, dtype) or 0
+    floor = other + kv
+    if config.gpu_memory < floor:
+        from .config import format_bytes
+        from .errors import BudgetError
+
+        raise BudgetError(
+            f"gpu_memory {format_bytes(config.gpu_memory)} is below the minimum working set: at least "
+            f"{format_bytes(floor)} ({floor} bytes: parameters other than Linear weights {format_bytes(other)}, "
+            f"KV cache for {config.max_seq_len or 2048} tokens {format_bytes(kv)}), before staging buffers; raise "
+            "gpu_memory, or lower max_seq_len"
+        )
 
 
 def _check_weights(model: torch.nn.Module) -> None:

@@ -90,3 +90,11 @@ def test_model_compile_with_backend_options(tiny_hf):
     plans = hetegen_fx.explain(model).plans
     assert len(plans) >= 2
     _check_split(plans)
+
+
+def test_hf_budget_far_too_small_fails_at_compile_naming_the_minimum(tiny_hf):
+    model = tiny_hf("llama")
+    with pytest.raises(hetegen_fx.BudgetError, match=r"at least .*\(\d+ bytes") as err:
+        hetegen_fx.compile(model, gpu_memory=1024, device="cpu", max_seq_len=64)
+    assert "KV cache for 64 tokens" in str(err.value)
+    assert not hasattr(model, "hetegen_config") and "_compiled_call_impl" not in vars(model)
