@@ -127,7 +127,9 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
     from hetegen_fx.models import kv_cache_bytes
 
     linear_weights = {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
     }
     seen: set[int] = set()
     other = 0

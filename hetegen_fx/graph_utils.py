@@ -30,8 +30,10 @@ def concrete(n: Any) -> int:
     return int(n)
 
 
-def has_shapes(gm: fx.GraphModule) -> bool:
-    return all(node_value(n) is not None for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
+def layer_label(name: str) -> str:
+    """A Linear's weight name without the parts every layer shares: ``model.layers.0.mlp.up_proj.weight`` →
+    ``layers.0.mlp.up_proj``."""
+    return name.removesuffix(".weight").removeprefix("model.").removeprefix("transformer.")
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:

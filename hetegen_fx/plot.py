@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from . import meta
 from .errors import HetegenError
+from .graph_utils import layer_label
 from .plan import Plan
 
 LANES = ("PCIe", "CPU", "GPU")
@@ -119,8 +120,7 @@ def _pyplot():
 
 
 def _short(name: str) -> str:
-    s = name.removesuffix(".weight").removeprefix("model.").removeprefix("transformer.")
-    return s.replace("layers.", "").replace("self_attn.", "").replace("mlp.", "")
+    return layer_label(name).replace("layers.", "").replace("self_attn.", "").replace("mlp.", "")
 
 
 def plot_plan(plan: Plan, path: str | os.PathLike, prefetch: int | None = None) -> Path:

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config
-from hetegen_fx.graph_utils import attach, safe_name
+from hetegen_fx.graph_utils import attach, layer_label, safe_name
 from hetegen_fx.linear import LinearSite, match_linear
 from hetegen_fx.ops import COPY, RELEASE, WAIT
 from hetegen_fx.plan import LayerPlan
@@ -149,5 +149,4 @@ class PartitionPass(PassBase):
 
 def _short(name: str) -> str:
     """``model.layers.0.self_attn.q_proj.weight`` → ``layers_0_self_attn_q_proj``."""
-    s = name.removesuffix(".weight").removeprefix("model.").removeprefix("transformer.")
-    return safe_name(s)
+    return safe_name(layer_label(name))
