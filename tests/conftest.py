@@ -1,7 +1,7 @@
 """Shared fixtures of the core test suite.
 
 * every test starts with a fresh dynamo cache and fixed seeds;
-* ``tiny_hf(arch)`` builds tiny random Hugging Face models (the only place that knows their configs);
+* ``tiny_hf(arch)`` builds tiny random Hugging Face models (configs from ``hetegen_fx.models.tiny_config``);
 * ``mlp()``, ``dynamo_capture(...)`` and ``count(...)`` build and inspect small graphs;
 * tests marked ``gpu`` are skipped without CUDA.
 """
@@ -18,9 +18,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-
-ARCHS = ("llama", "opt", "gpt2", "qwen2", "mistral")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # global state
@@ -47,54 +44,12 @@ def _fresh_state() -> None:
 # tiny Hugging Face models
 
 
-def _tiny_config(arch: str):
-    import transformers as tr
-
-    common = {"vocab_size": 128, "max_position_embeddings": 128}
-    llama_like = {
-        **common,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
-    if arch == "llama":
-        return tr.LlamaConfig(**llama_like, bos_token_id=1, eos_token_id=2)
-    if arch == "mistral":
-        return tr.MistralConfig(**llama_like, bos_token_id=1, eos_token_id=2)
-    if arch == "qwen2":
-        return tr.Qwen2Config(**llama_like, bos_token_id=1, eos_token_id=2)
-    if arch == "opt":
-        return tr.OPTConfig(
-            **common,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            bos_token_id=2,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    if arch == "gpt2":
-        return tr.GPT2Config(
-            vocab_size=128,
-            n_positions=128,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    raise ValueError(f"unknown architecture {arch!r}; known: {ARCHS}")
-
-
 def build_tiny_hf(arch: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    cfg = _tiny_config(arch)
+    from hetegen_fx.models import tiny_config
+
+    cfg = tiny_config(arch, vocab_size=128)  # the project's tiny configs, with HF's own initialisation
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.generation_config.pad_token_id = (

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hetegen_fx
+from hetegen_fx.models import ARCHS
 
-ARCHS = ["llama", "opt", "gpt2", "qwen2", "mistral"]
 NEW_TOKENS = 8
 
 
