@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import meta, ops
 from .api import CompiledModule
@@ -190,10 +191,13 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
 
     Every node carries ``meta["custom"]`` with its placement, which ``torch.export`` propagates to the nodes
     it traces from it (and the ONNX export reads back). For ONNX, the activation moves (``to_device``,
-    ``park``) become identities, waits and releases are dropped, and everything is retargeted to the host.
+    ``park``) become identities, waits and releases are dropped, each CPU job becomes the Linears it runs
+    (``linear`` per part, then ``cat``), and everything is retargeted to the host.
     """
     gm = clone_graph_module(cm.graph_module)
     graph = gm.graph
+    if for_onnx:
+        _inline_cpu_jobs(graph)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)  # export's own input checks; torch.export adds its own
@@ -203,7 +207,7 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 continue
-            if ops.is_op(node.target, ops.WAIT) or ops.is_op(node.target, ops.RELEASE):
+            if any(ops.is_op(node.target, op) for op in (ops.WAIT, ops.RELEASE, ops.CPU_WAIT)):
                 graph.erase_node(node)  # no outputs; functionalized they become HOPs the exporter rejects
                 continue
         node.meta["custom"] = {**node.meta.get("custom", {}), **_placement(node, cm.plan)}
@@ -213,6 +217,28 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _inline_cpu_jobs(graph: fx.Graph) -> None:
+    """Replace each ``cpu_end(cpu_begin(x, weights, biases))`` by ``cat([linear(x, w, b), ...], -1)``: the
+    same function, as ops an ONNX runtime has. The new nodes keep the job's placement metadata."""
+    for end in [n for n in graph.nodes if n.op == "call_function" and ops.is_op(n.target, ops.CPU_END)]:
+        begin = end.args[0]
+        x, weights, biases = begin.args[0], begin.args[1], begin.args[2]
+        with graph.inserting_before(end):
+            parts = []
+            for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+                part = graph.call_function(F.linear, (x, w, b), name=f"{begin.name}_{i}")
+                part.meta.update({k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)})
+                if w.meta.get(meta.LAYER):
+                    part.meta[meta.LAYER] = w.meta[meta.LAYER]
+                parts.append(part)
+            out = parts[0] if len(parts) == 1 else graph.call_function(torch.cat, (parts, -1))
+            out.meta.update({k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)})
+        end.replace_all_uses_with(out)
+        graph.erase_node(end)
+        if not begin.users:
+            graph.erase_node(begin)
 
 
 def _placement(node: fx.Node, plan: Plan) -> dict[str, str]:

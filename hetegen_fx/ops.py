@@ -4,7 +4,14 @@
   offloaded weight part into staging buffer ``slot`` (records the slot's "copied" event);
 * ``hetegen::wait_copy(staged!, slot)``: the compute stream waits for that event;
 * ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so the next
-  copy into the slot waits for it.
+  copy into the slot waits for it;
+* ``hetegen::cpu_begin(x, weights, biases, device) -> ticket``: queue the CPU parts of the Linears that read
+  ``x`` (their host weight rows ``weights``) on the worker thread (:mod:`hetegen_fx.host`); the ticket is
+  a host int64 scalar holding the job's number;
+* ``hetegen::cpu_end(ticket, x, features, device) -> Tensor``: the job's result ``[..., features]`` on the
+  device; on CUDA the compute stream waits for the worker on the device, the launching thread does not;
+* ``hetegen::cpu_wait(device)``: the launching thread waits until every CPU job queued so far has run (the
+  last node before a graph's outputs are handed back; see :mod:`hetegen_fx.host` for why).
 
 ``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and all three are
 registered as side-effectful: dead-code elimination keeps them, and functionalization (export,
@@ -49,14 +56,51 @@ def _release_slot_fake(staged: torch.Tensor, slot: int) -> None:
     return None
 
 
+@torch.library.custom_op("hetegen::cpu_begin", mutates_args=())
+def cpu_begin(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str
+) -> torch.Tensor:
+    return torch.tensor(get_runtime(device).host.begin(x, weights, biases), dtype=torch.int64)
+
+
+@cpu_begin.register_fake
+def _cpu_begin_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str
+) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("hetegen::cpu_end", mutates_args=())
+def cpu_end(ticket: torch.Tensor, x: torch.Tensor, features: int, device: str) -> torch.Tensor:
+    return get_runtime(device).host.end(int(ticket), (*x.shape[:-1], features), x.dtype)
+
+
+@cpu_end.register_fake
+def _cpu_end_fake(ticket: torch.Tensor, x: torch.Tensor, features: int, device: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], features), device=device)
+
+
+@torch.library.custom_op("hetegen::cpu_wait", mutates_args=())
+def cpu_wait(device: str) -> None:
+    get_runtime(device).host.wait_all()
+
+
+@cpu_wait.register_fake
+def _cpu_wait_fake(device: str) -> None:
+    return None
+
+
 COPY = torch.ops.hetegen.copy_h2d.default
 WAIT = torch.ops.hetegen.wait_copy.default
 RELEASE = torch.ops.hetegen.release_slot.default
+CPU_BEGIN = torch.ops.hetegen.cpu_begin.default
+CPU_END = torch.ops.hetegen.cpu_end.default
+CPU_WAIT = torch.ops.hetegen.cpu_wait.default
 
 # Side effects beyond their outputs: DCE must keep them. Mutating ops are kept by fx's DCE anyway, but once
 # functionalized (export's run_decompositions) wait/release become auto_functionalized nodes whose results
-# nobody reads, and only this registration keeps them.
-for _op in (COPY, WAIT, RELEASE):
+# nobody reads, and only this registration keeps them. A CPU job queued must also be collected.
+for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT):
     has_side_effect(_op)
 
 

@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from .host import HostWorker
+
 
 class DeviceRuntime:
     """Staging slots, copy stream and events for one accelerator device."""
@@ -24,6 +26,7 @@ class DeviceRuntime:
         self._copied: dict[int, torch.cuda.Event] = {}
         self._released: dict[int, torch.cuda.Event] = {}
         self._copy_stream: torch.cuda.Stream | None = None
+        self._host: HostWorker | None = None
         #: when a list, every copy appends its (start, end): CUDA events on the copy stream, or host seconds
         self.copy_log: list | None = None
 
@@ -32,6 +35,23 @@ class DeviceRuntime:
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=self.device)
         return self._copy_stream
+
+    @property
+    def host(self) -> HostWorker:
+        """The worker thread that runs this device's CPU parts (started on first use)."""
+        if self._host is None:
+            self._host = HostWorker(self.device)
+        return self._host
+
+    def free(self) -> None:
+        """Give back the staging buffers and the CPU parts' pinned buffers (e.g. between two models)."""
+        if self._host is not None:
+            self._host.free()
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        self._slots.clear()
+        self._copied.clear()
+        self._released.clear()
 
     def staging_bytes(self) -> int:
         """Bytes held by the staging buffers."""

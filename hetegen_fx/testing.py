@@ -49,7 +49,7 @@ def op_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
 
     * a Linear in any form of call (``nn.Linear`` module, ``F.linear``, ``aten.linear``) → ``"linear"``;
     * an ``aten`` op → its name without overload (``aten.cat.default`` → ``"cat"``), another namespace's
-      op → ``"namespace.name"`` (``"hetegen.copy_h2d"``, ``"hetegen.wait_copy"``, ``"hetegen.release_slot"``);
+      op → ``"namespace.name"`` (``"hetegen.copy_h2d"``, ``"hetegen.cpu_begin"``, ``"hetegen.cpu_end"``, ...);
     * a Python function → its ``__name__`` (``torch.cat`` → ``"cat"``, ``torch.matmul`` → ``"matmul"``,
       ``operator.add`` → ``"add"``, hetegen's ``to_device`` → ``"to_device"``);
     * a method call → the method (``"view"``); another module call → its class name (``"ReLU"``).

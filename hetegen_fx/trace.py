@@ -8,7 +8,8 @@
 
 While recording, each call of a compiled graph runs node by node under :class:`TimelineInterpreter`:
 GPU work is timed with CUDA events on the compute stream, copies with CUDA events on the copy stream (the
-runtime records them), CPU parts and transfers with host timestamps; everything is placed on one clock
+runtime records them), CPU jobs with host timestamps on the worker thread that runs them, and the launching
+thread's own work ("host": queueing jobs, moves, waits) with host timestamps; everything is placed on one clock
 (a CUDA event recorded on an idle device at the same instant as the host's start time). Recording
 synchronises the device once per call and adds per-node overhead: use it to look, not to time.
 """
@@ -28,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from . import meta
-from .ops import COPY, is_op
+from .ops import COPY, CPU_BEGIN, is_op
 from .plan import atomic_write
 from .runtime import get_runtime
 
@@ -163,13 +164,18 @@ class TimelineInterpreter(fx.Interpreter):
             self._base.record()
         self._t0 = time.perf_counter()
         self.runtime.copy_log = []
+        host = self.runtime.host
+        host.log, self._jobs = [], {}
         try:
             out = self.run(*args)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
+            host.drain()
+            for seq, start, end in host.log:
+                self._pending.append(("CPU", self._jobs.get(seq, f"cpu job {seq}"), start, end))
         finally:
-            self.runtime.copy_log = None
-        return out, Timeline([self._resolve(*p) for p in self._pending], label=type(self.module).__name__)
+            self.runtime.copy_log = host.log = None
+        return out, Timeline([self._resolve(*p) for p in self._pending], label=_label(self.module))
 
     def _resolve(self, lane: str, name: str, start: Any, end: Any) -> Event:
         if isinstance(start, float):
@@ -186,6 +192,12 @@ class TimelineInterpreter(fx.Interpreter):
             for start, end in self.runtime.copy_log[before:]:
                 self._pending.append(("PCIe", n.name, start, end))
             return out
+        if is_op(n.target, CPU_BEGIN):  # queued here ("host"); the worker's log times the job itself
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            self._jobs[int(out)] = n.name
+            self._pending.append(("host", n.name, t0, time.perf_counter()))
+            return out
         lane = _LANE_OF_SIDE.get(side, "GPU")  # nodes PartitionPass did not add run on the device
         if lane == "GPU" and self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -198,6 +210,14 @@ class TimelineInterpreter(fx.Interpreter):
         out = super().run_node(n)
         self._pending.append((lane, n.name, t0, time.perf_counter()))
         return out
+
+
+def _label(gm: fx.GraphModule) -> str:
+    """The graph's Plan label and token count, e.g. "graph inputs [(1, 1)] (1 token)"."""
+    plan = gm.meta.get(meta.PLAN)
+    if plan is None:
+        return type(gm).__name__
+    return f"{plan.label or type(gm).__name__} ({plan.tokens} token{'s' if plan.tokens != 1 else ''})"
 
 
 _RECORDING: list[list[Timeline]] = []

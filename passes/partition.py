@@ -4,13 +4,20 @@ A resident Linear reads its weight from the device copy. An offloaded one with C
 becomes::
 
     staged = hetegen.copy_h2d(w_gpu_host, slot, device)     # async copy of rows [k, out)
-    y_cpu  = linear(to_device(x, "cpu"), w_cpu, b_cpu)        # CPU part from host memory, meanwhile
     hetegen.wait_copy(staged, slot)                           # the copy has landed
     y_gpu  = linear(x, staged, b_gpu)                         # GPU part
     hetegen.release_slot(staged, slot)                        # the staging buffer may be reused
-    y      = cat([to_device(y_cpu, device), y_gpu], -1)
+    y      = cat([y_cpu, y_gpu], -1)
 
-α = 0 leaves only the copy + GPU part, α = 1 only the CPU part (no copy, no concat).
+and the CPU parts of all the split Linears that read the same ``x`` (q/k/v, gate/up) form one job on the
+worker thread (:mod:`hetegen_fx.host`), queued before their GPU parts and collected after them::
+
+    ticket = hetegen.cpu_begin(x, [w_q[:k_q], w_k[:k_k], ...], [b_q[:k_q], ...], device)
+    y_cpus = hetegen.cpu_end(ticket, x, k_q + k_k + ..., device)     # [..., k_q + k_k + ...] on the device
+    y_cpu  = narrow(y_cpus, -1, offset, k)                            # each Linear's columns
+
+α = 0 leaves only the copy + GPU part, α = 1 only the CPU part (no copy, no concat). A graph with CPU
+jobs ends with ``hetegen.cpu_wait(device)``: its jobs have all run before its outputs are handed back.
 """
 
 from __future__ import annotations
@@ -23,13 +30,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
+from hetegen_fx.host import default_threads
 from hetegen_fx.linear import LinearSite, match_linear
-from hetegen_fx.ops import COPY, RELEASE, WAIT
+from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT
 from hetegen_fx.plan import LayerPlan
-from hetegen_fx.runtime import get_runtime, to_device
+from hetegen_fx.runtime import get_runtime
 from hetegen_fx.store import WeightStore
-
-HOST = "cpu"
 
 
 class PartitionPass(PassBase):
@@ -42,27 +48,50 @@ class PartitionPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if meta.PLACEMENT in n.meta]
-        slot = 0
-        self._x_cpu: dict[fx.Node, fx.Node] = {}  # one device→host copy per input shared by several Linears
+        self._slot = 0
+        groups = self._cpu_groups(gm, nodes)
+        done: dict[fx.Node, fx.Node] = {}  # Linears of a group already emitted with its first member
         for node in nodes:
             site = match_linear(node, gm)  # re-matched: its input may be a Linear rewritten just before
             lp: LayerPlan = node.meta[meta.PLACEMENT]
             assert site is not None and site.name == lp.name, f"{node} no longer computes Linear {lp.name}"
-            with gm.graph.inserting_before(node):
-                if lp.resident:
-                    out = self._resident(gm, site)
-                else:
-                    lp.slot = slot if lp.split < lp.out_features else -1
-                    out = self._split(gm, site, lp)
-                    slot = (slot + 1) % self.config.prefetch if lp.slot >= 0 else slot
+            if node in done:
+                out = done.pop(node)
+            else:
+                with gm.graph.inserting_before(node):
+                    if lp.resident:
+                        out = self._resident(gm, site)
+                    elif node in groups:
+                        done.update(self._split_group(gm, groups[node]))
+                        out = done.pop(node)
+                    else:
+                        out = self._split(gm, site, lp)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
             for dead in site.absorbed:
                 if not dead.users:
                     gm.graph.erase_node(dead)
         self._size_staging(nodes)
+        if any(lp.split > 0 for n in nodes if not (lp := n.meta[meta.PLACEMENT]).resident):
+            with gm.graph.inserting_before(gm.graph.output_node()):  # before anything blocks on the device
+                done = gm.graph.create_node(
+                    "call_function", CPU_WAIT, (self.config.device,), name="cpu_jobs_done"
+                )
+                done.meta[meta.SIDE] = "sync"  # no LAYER: it belongs to no Linear
+            rt = get_runtime(self.config.device)
+            if rt.is_cuda:  # every core but the one that launches GPU work, unless the user chose
+                rt.host.threads = self.config.cpu_threads or default_threads()
         gm.graph.lint()
         return PassResult(gm, bool(nodes))
+
+    def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+        """Linear node → the split Linears (CPU part > 0) that read the same input, in graph order."""
+        by_input: dict[fx.Node, list[fx.Node]] = {}
+        for node in nodes:
+            lp: LayerPlan = node.meta[meta.PLACEMENT]
+            if not lp.resident and lp.split > 0:
+                by_input.setdefault(match_linear(node, gm).x, []).append(node)
+        return {n: members for members in by_input.values() for n in members}
 
     def _size_staging(self, nodes: list[fx.Node]) -> None:
         """Grow the staging slots now, at compile time, to this graph's largest GPU part: a slot that grew
@@ -107,44 +136,82 @@ class PartitionPass(PassBase):
             b = self._attach(gm, f"{site.bias.name}__dev", store.on_device(site.bias.tensor), "gpu", s)
         return self._linear(gm, site, site.x, w, b, short, "gpu")
 
-    def _split(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node:
-        s, store, short, k, out = site.name, self.store, _short(site.name), lp.split, lp.out_features
-        device = self.config.device
-        w, bias = site.weight.tensor, site.bias.tensor if site.bias is not None else None
-        staged = None
-        if k < out:
-            w_host = self._attach(
-                gm, f"{s}__gpu_part_host", store.host_part(w, site.layout, k, out, pin=True), "copy", s
-            )
-            staged = self._new(gm, COPY, (w_host, lp.slot, device), f"{short}_copy", "copy", s, lp.slot)
-        y_cpu = None
-        if k > 0:
-            w_cpu = self._attach(
-                gm, f"{s}__cpu_part", store.host_part(w, site.layout, 0, k, pin=False), "cpu", s
-            )
-            b_cpu = None
-            if bias is not None:
-                b_cpu = self._attach(gm, f"{site.bias.name}__cpu_part", bias.detach()[:k], "cpu", s)
-            x_cpu = self._x_cpu.get(site.x)
-            if x_cpu is None:
-                x_cpu = self._x_cpu[site.x] = self._new(
-                    gm, to_device, (site.x, HOST), f"{short}_x_cpu", "move", s
+    def _split_group(self, gm: fx.GraphModule, members: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+        """Emit the Linears of one CPU job together: the job is queued first, then every GPU part, then the
+        job's result is collected (where the stream waits for the CPU) and each Linear's output assembled."""
+        sites = [match_linear(m, gm) for m in members]
+        plans: list[LayerPlan] = [m.meta[meta.PLACEMENT] for m in members]
+        x, device = sites[0].x, self.config.device
+        weights, biases = [], []
+        for site, lp in zip(sites, plans, strict=True):
+            s, k = site.name, lp.split
+            part = self.store.host_part(site.weight.tensor, site.layout, 0, k, pin=False)
+            if site.layout == "in_out":
+                part = part.t()  # [k, in], as F.linear takes it (a view: no copy of the weights)
+            weights.append(self._attach(gm, f"{s}__cpu_part", part, "cpu", s))
+            b = None
+            if site.bias is not None:
+                b = self._attach(gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", s)
+            biases.append(b)
+        label = _short(sites[0].name) + (f"_and_{len(sites) - 1}" if len(sites) > 1 else "")
+        first = plans[0].name
+        ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
+        y_gpus = [self._gpu_part(gm, site, lp) for site, lp in zip(sites, plans, strict=True)]
+        features = sum(lp.split for lp in plans)
+        y_cpus = self._new(gm, CPU_END, (ticket, x, features, device), f"{label}_cpu_out", "move", first)
+        outs, offset = {}, 0
+        for member, site, lp, y_gpu in zip(members, sites, plans, y_gpus, strict=True):
+            y_cpu = y_cpus
+            if len(members) > 1:
+                y_cpu = self._new(
+                    gm,
+                    torch.narrow,
+                    (y_cpus, -1, offset, lp.split),
+                    f"{_short(site.name)}_cpu_cols",
+                    "move",
+                    site.name,
                 )
-            y_cpu = self._linear(gm, site, x_cpu, w_cpu, b_cpu, f"{short}_cpu", "cpu")
-            if k == out:
-                return self._new(gm, to_device, (y_cpu, device), f"{short}_out", "move", s)
-            y_cpu = self._new(gm, to_device, (y_cpu, device), f"{short}_cpu_out", "move", s)
+            offset += lp.split
+            outs[member] = self._join(gm, site, y_cpu, y_gpu)
+        return outs
+
+    def _split(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node:
+        """A Linear without a CPU part (α = 0): the copy and the GPU part."""
+        return self._gpu_part(gm, site, lp)
+
+    def _join(self, gm: fx.GraphModule, site: LinearSite, y_cpu: fx.Node | None, y_gpu: fx.Node | None):
+        if y_gpu is None or y_cpu is None:
+            return y_gpu if y_cpu is None else y_cpu
+        return self._new(gm, torch.cat, ([y_cpu, y_gpu], -1), f"{_short(site.name)}_out", "gpu", site.name)
+
+    def _gpu_part(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node | None:
+        """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none."""
+        s, short, k, out = site.name, _short(site.name), lp.split, lp.out_features
+        if k == out:
+            lp.slot = -1
+            return None
+        lp.slot = self._slot
+        self._slot = (self._slot + 1) % self.config.prefetch
+        w = site.weight.tensor
+        w_host = self._attach(
+            gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
+        )
+        staged = self._new(
+            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, lp.slot
+        )
         self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, lp.slot)
         b_gpu = None
-        if bias is not None:
+        if site.bias is not None:
             b_gpu = self._attach(
-                gm, f"{site.bias.name}__gpu_part", store.on_device(bias, rows=(k, out)), "gpu", s
+                gm,
+                f"{site.bias.name}__gpu_part",
+                self.store.on_device(site.bias.tensor, rows=(k, out)),
+                "gpu",
+                s,
             )
         y_gpu = self._linear(gm, site, site.x, staged, b_gpu, f"{short}_gpu", "gpu")
         self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, lp.slot)
-        if y_cpu is None:
-            return y_gpu
-        return self._new(gm, torch.cat, ([y_cpu, y_gpu], -1), f"{short}_out", "gpu", s)
+        return y_gpu
 
 
 def _short(name: str) -> str:

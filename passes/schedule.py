@@ -4,7 +4,9 @@ The graph becomes a networkx DAG: data edges, ordering edges around ops that mut
 (``wait_copy`` before, ``release_slot`` after, the GPU part that reads the staged weight), and staging
 edges — the copy into a slot comes after the release of the slot's previous user. A lexicographic
 topological sort then emits every copy as soon as its slot is free (prefetching ``prefetch`` Linears ahead)
-and everything else in the original order. The emitted order is verified topological.
+and everything else in the original order (``cpu_wait`` stays after every CPU job and before the outputs'
+moves; a CPU job's ``cpu_end``, where the compute stream waits for the
+CPU, stays after the GPU parts PartitionPass queued before it). The emitted order is verified topological.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
-from hetegen_fx.ops import COPY, RELEASE, is_op
+from hetegen_fx.ops import COPY, CPU_END, CPU_WAIT, RELEASE, is_op
 
 
 def _mutated_args(node: fx.Node) -> list[fx.Node]:
@@ -53,6 +55,14 @@ def build_dag(graph: fx.Graph) -> nx.DiGraph:
             dag.add_edge(last_release[slot], n, kind="staging")
         elif is_op(n.target, RELEASE):
             last_release[slot] = n
+    for n in graph.nodes:  # the wait for all CPU jobs stays put: after every job, before what follows it
+        if n.op != "call_function" or not is_op(n.target, CPU_WAIT):
+            continue
+        for m in graph.nodes:
+            if m.op == "call_function" and is_op(m.target, CPU_END):
+                dag.add_edge(m, n, kind="barrier")
+            elif index[m] > index[n]:
+                dag.add_edge(n, m, kind="barrier")
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for a, b in zip(placeholders, placeholders[1:], strict=False):
         dag.add_edge(a, b, kind="signature")

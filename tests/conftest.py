@@ -118,9 +118,9 @@ LINEAR_FNS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
 
 def count_impl(gm: fx.GraphModule, what: Any) -> int:
-    """Nodes of ``gm`` by kind: "linear" (any Linear call), "copy", "wait", "release", "cat", "to_device",
-    "matmul", "addmm", or a call target."""
-    from hetegen_fx.ops import COPY, RELEASE, WAIT, is_op
+    """Nodes of ``gm`` by kind: "linear" (any Linear call), "copy", "wait", "release", "cpu_begin",
+    "cpu_end", "cat", "to_device", "matmul", "addmm", or a call target."""
+    from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, RELEASE, WAIT, is_op
     from hetegen_fx.runtime import to_device
 
     def match(n: fx.Node) -> bool:
@@ -136,6 +136,10 @@ def count_impl(gm: fx.GraphModule, what: Any) -> int:
             return is_op(n.target, WAIT)
         if what == "release":
             return is_op(n.target, RELEASE)
+        if what == "cpu_begin":
+            return is_op(n.target, CPU_BEGIN)
+        if what == "cpu_end":
+            return is_op(n.target, CPU_END)
         if what == "cat":
             return n.target in (torch.cat, torch.ops.aten.cat.default)
         if what == "to_device":

@@ -15,6 +15,7 @@ from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.linear import param_of
+from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.runtime import to_device
 from hetegen_fx.store import WeightStore
@@ -114,8 +115,9 @@ def test_accelerator_structure_on_meta():
     # the host constant is retargeted to the device, the CPU part's own moves are not
     (arange,) = [n for n in gm.graph.nodes if n.target is torch.arange]
     assert arange.kwargs["device"] == torch.device("meta")
-    cpu_moves = [m for m in moves if m.meta.get(meta.SIDE) == "move" and m.args[1] == "cpu"]
-    assert any(m.name.endswith("_x_cpu") for m in cpu_moves)
+    (job,) = [n for n in gm.graph.nodes if n.target is CPU_BEGIN]
+    assert job.args[3] == "meta"  # the CPU job hands its result to the device ...
+    assert all(getattr(gm, w.target).device.type == "cpu" for w in job.args[1])  # ... its weights stay home
     # device copies of parameters are on the device
     assert gm.norm_weight__dev.device.type == "meta" and gm.pos__dev.device.type == "meta"
     # output_device="input": the result goes back to the host

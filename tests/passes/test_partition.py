@@ -14,6 +14,7 @@ from hetegen_fx import meta
 from hetegen_fx.capture import capture_export, capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.linear import find_linears
+from hetegen_fx.ops import CPU_BEGIN, CPU_END, CPU_WAIT
 from hetegen_fx.passes import PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.passes.placement import split_row
 from hetegen_fx.pipeline import transform
@@ -63,22 +64,27 @@ def _sides(gm: fx.GraphModule, side: str) -> list[fx.Node]:
 @pytest.mark.parametrize(
     ("alpha", "expected"),
     [
-        # α: (linear calls, copies, waits, releases, cats)
-        (0.0, (3, 3, 3, 3, 0)),
-        (0.5, (6, 3, 3, 3, 3)),
-        (1.0, (3, 0, 0, 0, 0)),
+        # α: (GPU linear calls, copies, waits, releases, cats, CPU jobs)
+        (0.0, (3, 3, 3, 3, 0, 0)),
+        (0.5, (3, 3, 3, 3, 3, 3)),
+        (1.0, (0, 0, 0, 0, 0, 3)),
     ],
 )
 def test_op_counts_follow_the_plan(mlp, count, alpha, expected):
     model = mlp()
     gm = capture_fx(model)
-    before = [count(gm, k) for k in ("linear", "copy", "wait", "release", "cat")]
-    assert before == [3, 0, 0, 0, 0]
+    kinds = ("linear", "copy", "wait", "release", "cat", "cpu_begin")
+    before = [count(gm, k) for k in kinds]
+    assert before == [3, 0, 0, 0, 0, 0]
     res, plan = _partition(gm, _plan(gm, {"*": alpha}))
     assert res.modified is True
-    assert tuple(count(gm, k) for k in ("linear", "copy", "wait", "release", "cat")) == expected
-    cpu_linears = [n for n in _sides(gm, "cpu") if n.target is F.linear]
-    assert len(cpu_linears) == (0 if alpha == 0 else 3)
+    assert tuple(count(gm, k) for k in kinds) == expected
+    assert count(gm, "cpu_end") == count(gm, "cpu_begin")  # every CPU job queued is collected ...
+    waits = [n for n in gm.graph.nodes if n.target is CPU_WAIT]  # ... and waited for before the output
+    assert len(waits) == (1 if alpha > 0 else 0)
+    assert all(n.next.op == "output" for n in waits)
+    for job in [n for n in gm.graph.nodes if n.target is CPU_BEGIN]:  # one Linear each: a, b, c read
+        assert job.meta[meta.SIDE] == "cpu" and len(job.args[1]) == 1  # different inputs
     assert not any(n.op == "call_module" for n in gm.graph.nodes)  # the nn.Linear calls are gone
     x = torch.randn(5, 32)
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
@@ -90,7 +96,8 @@ def test_mixed_plan(mlp, count):
     res, plan = _partition(gm, _plan(gm, {"a.weight": None, "b.weight": 0.25, "c.weight": 1.0}))
     assert res.modified
     assert (count(gm, "copy"), count(gm, "wait"), count(gm, "release"), count(gm, "cat")) == (1, 1, 1, 1)
-    assert count(gm, "linear") == 1 + 2 + 1
+    assert count(gm, "linear") == 1 + 1  # a on the device, b's GPU part
+    assert count(gm, "cpu_begin") == 2  # b's CPU part and c (all on the CPU): different inputs
     assert [lp.slot for lp in plan.layers] == [-1, 0, -1]  # only a Linear with a GPU part takes a slot
     b = plan.layer("b.weight")
     assert b.split == 12
@@ -113,7 +120,7 @@ def test_slots_rotate_over_prefetch_buffers(mlp, prefetch, slots):
     assert [lp.slot for lp in plan.layers] == slots
     for op in ("copy", "sync"):
         for n in _sides(gm, op):
-            if n.op == "call_function":
+            if n.op == "call_function" and n.target is not CPU_WAIT:  # the graph's final wait has no slot
                 assert n.meta[meta.SLOT] == plan.layer(n.meta[meta.LAYER]).slot
 
 
@@ -282,20 +289,22 @@ def test_conv1d_parts_are_contiguous_and_cached(mlp):
     config = Config(device="cpu", profile="model", plan=_plan(gm, {"*": 0.5}))
     out, _ = transform(gm, config, store)
     w = model.fc.weight.detach()
-    cpu = out.fc_weight__cpu_part
+    cpu = out.fc_weight__cpu_part.t()  # the CPU job takes [k, in]: a transposed view of the columns
     gpu = out.fc_weight__gpu_part_host
     assert cpu.is_contiguous() and gpu.is_contiguous()
     assert torch.equal(cpu, w[:, :24]) and torch.equal(gpu, w[:, 24:])
     # a second graph of the same model reuses the same host parts (made once)
     out2, _ = transform(capture_fx(model), config, store)
     assert out2.fc_weight__cpu_part.data_ptr() == cpu.data_ptr()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
     assert out2.fc_weight__gpu_part_host.data_ptr() == gpu.data_ptr()
 
 
-def test_linears_sharing_an_input_share_one_host_copy_of_it():
-    """q/k/v (or gate/up) read the same activation: it crosses to the host once, not once per Linear."""
+def test_linears_sharing_an_input_are_one_cpu_job():
+    """q/k/v (or gate/up) read the same activation: their CPU parts are one job (one transfer of the input,
+    one wait for the CPU), queued before their GPU parts and collected after them."""
     import hetegen_fx
-    from hetegen_fx.runtime import to_device
 
     class QKV(torch.nn.Module):
         def __init__(self) -> None:
@@ -312,7 +321,12 @@ def test_linears_sharing_an_input_share_one_host_copy_of_it():
         m, (x,), device="cpu", gpu_memory=budget, alpha=0.5, profile="model", prefetch=1, activation_reserve=0
     )
     assert all(not lp.resident and 0 < lp.split < lp.out_features for lp in c.plan.layers)
-    moves = [n for n in c.graph_module.graph.nodes if n.target is to_device and n.name.endswith("_x_cpu")]
-    assert len(moves) == 1
-    assert len(moves[0].users) == 3  # the CPU parts of q, k and v all read it
+    nodes = list(c.graph_module.graph.nodes)
+    (begin,) = [n for n in nodes if n.target is CPU_BEGIN]
+    (end,) = [n for n in nodes if n.target is CPU_END]
+    assert [w.meta[meta.LAYER] for w in begin.args[1]] == ["q.weight", "k.weight", "v.weight"]
+    splits = [c.plan.layer(f"{n}.weight").split for n in "qkv"]
+    assert end.args[2] == sum(splits)  # one result holding every Linear's CPU columns
+    gpu_parts = [i for i, n in enumerate(nodes) if n.target is F.linear and n.meta[meta.SIDE] == "gpu"]
+    assert len(gpu_parts) == 3 and nodes.index(begin) < min(gpu_parts) and max(gpu_parts) < nodes.index(end)
     torch.testing.assert_close(c(x), m(x))

@@ -12,7 +12,7 @@ from torch import nn
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
-from hetegen_fx.ops import COPY, RELEASE, WAIT, is_op
+from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT, is_op
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
 from hetegen_fx.passes.schedule import build_dag, is_topological
 from hetegen_fx.store import WeightStore
@@ -46,7 +46,7 @@ def _partitioned(model, alpha=0.5, prefetch=2, **kw) -> tuple[fx.GraphModule, Co
 
 
 def _layer_nodes(order: list[fx.Node], layer: str) -> dict[str, int]:
-    """Positions of one layer's copy / CPU linear / wait / GPU linear / release in ``order``."""
+    """Positions of one layer's copy / CPU job (queued, collected) / wait / GPU linear / release in ``order``."""
     pos: dict[str, int] = {}
     for i, n in enumerate(order):
         if n.meta.get(meta.LAYER) != layer or n.op != "call_function":
@@ -57,6 +57,10 @@ def _layer_nodes(order: list[fx.Node], layer: str) -> dict[str, int]:
             pos["wait"] = i
         elif is_op(n.target, RELEASE):
             pos["release"] = i
+        elif is_op(n.target, CPU_BEGIN):
+            pos["cpu"] = i
+        elif is_op(n.target, CPU_END):
+            pos["end"] = i
         elif n.target is F.linear:
             pos[n.meta[meta.SIDE]] = i
     return pos
@@ -96,8 +100,9 @@ def test_copies_before_their_layers_cpu_work():
     order = list(gm.graph.nodes)
     for layer in LAYERS:
         p = _layer_nodes(order, layer)
-        assert set(p) == {"copy", "cpu", "wait", "gpu", "release"}
-        assert p["copy"] < p["cpu"] < p["wait"] < p["gpu"] < p["release"]
+        assert set(p) == {"copy", "cpu", "wait", "gpu", "release", "end"}
+        # the CPU job is queued before the GPU part, and collected (the stream waits for it) after it
+        assert p["copy"] < p["cpu"] < p["wait"] < p["gpu"] < p["release"] < p["end"]
 
 
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
@@ -163,3 +168,13 @@ def test_cpu_only_layers_take_no_slot():
     gm, _ = _partitioned(Stack(), alpha=1.0)
     assert SchedulePass()(gm).graph_module is gm
     assert not any(n.meta.get(meta.SLOT) is not None for n in gm.graph.nodes)
+
+
+def test_the_wait_for_cpu_jobs_stays_between_the_jobs_and_the_outputs():
+    gm, _ = _partitioned(Stack(), alpha=0.5)
+    SchedulePass()(gm)
+    order = list(gm.graph.nodes)
+    (wait,) = [i for i, n in enumerate(order) if n.op == "call_function" and is_op(n.target, CPU_WAIT)]
+    ends = [i for i, n in enumerate(order) if n.op == "call_function" and is_op(n.target, CPU_END)]
+    assert len(ends) == 4 and max(ends) < wait
+    assert wait == len(order) - 2  # right before the output (on "cpu" the outputs need no move back)
