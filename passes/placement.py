@@ -132,6 +132,7 @@ class PlacementPass(PassBase):
                     alpha=alpha,
                     split=split_row(alpha, s.out_features),
                     t_cpu=cost.t_cpu,
+                    t_cpu_fixed=cost.t_cpu_fixed,
                     t_copy=cost.t_copy,
                     t_gpu=cost.t_gpu,
                 )
@@ -139,8 +140,11 @@ class PlacementPass(PassBase):
         budget = self._budget()
         store = self.store
         if store.residency is None:
+            # ×2: a step extends the cache by concatenation (HF's DynamicCache), and the cache it was given
+            # stays alive until the step returns, so the old and the new cache are held at once
+            kv = kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
             reserved = {
-                "kv_cache": kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size,
+                "kv_cache": 2 * kv,
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
