@@ -1,17 +1,25 @@
 """Per-Linear costs: measured on the machine, or predicted from a hardware model; cached on disk.
 
 A cost is for the *whole* layer at one shape: ``t_cpu`` (the CPU computes it from RAM), ``t_copy`` (its
-weights cross host→device) and ``t_gpu`` (the device computes it). The split ratio follows from them.
+weights cross host→device) and ``t_gpu`` (the device computes it), plus ``t_cpu_fixed``, the part of
+``t_cpu`` that does not shrink with the rows computed (thread wake-up, launch). The split ratio follows.
+
+On a CUDA device the CPU is timed the way the split layer runs it: with the worker's thread count
+(:func:`hetegen_fx.host.default_threads`), while host→device copies stream on another stream (they share
+the memory bus: the GEMV runs ~20-30 % slower than alone on the H200 host), at all rows and at half of them
+(which gives the fixed part).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +34,15 @@ class LinearCost:
     t_copy: float
     t_gpu: float
     source: str  # "measured" or "model"
+    t_cpu_fixed: float = 0.0  # of t_cpu, what a CPU part costs however few rows it computes
 
     def alpha(self) -> float:
-        """CPU share that balances ``α·C = (1−α)(M + G)``: ``α = (M + G) / (C + M + G)``, in [0, 1]."""
-        c, m, g = self.t_cpu, self.t_copy, self.t_gpu
+        """CPU share that balances ``F + α·(C − F) = (1−α)(M + G)`` (F: the CPU's fixed part):
+        ``α = (M + G − F) / (C − F + M + G)``, in [0, 1]."""
+        f = min(self.t_cpu_fixed, self.t_cpu)
+        c, m, g = self.t_cpu - f, self.t_copy, self.t_gpu
         total = c + m + g
-        return 0.0 if total <= 0 else min(1.0, max(0.0, (m + g) / total))
+        return 0.0 if total <= 0 else min(1.0, max(0.0, (m + g - f) / total))
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,19 @@ def _itemsize(dtype: torch.dtype) -> int:
 class CostCache:
     """Measured costs on disk, keyed by machine (host, CPU, threads, device, torch), shape and dtype."""
 
-    def __init__(self, cache_dir: str | os.PathLike | None, device: torch.device) -> None:
+    #: bumped whenever what is measured changes, so older entries are measured again
+    METHOD = 2
+
+    def __init__(
+        self, cache_dir: str | os.PathLike | None, device: torch.device, threads: int | None = None
+    ) -> None:
         root = Path(cache_dir or os.environ.get("HETEGEN_CACHE_DIR") or Path.home() / ".cache" / "hetegen_fx")
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        machine = f"{platform.node()}|{platform.processor() or platform.machine()}|{torch.get_num_threads()}t|{dev}|torch{torch.__version__}"
+        threads = threads or torch.get_num_threads()
+        machine = (
+            f"{platform.node()}|{platform.processor() or platform.machine()}|{threads}t|{dev}|"
+            f"torch{torch.__version__}|m{self.METHOD}"
+        )
         self.machine = machine
         self.path = root / "profiles.json"
         self._lock = threading.Lock()
@@ -131,10 +151,53 @@ def _median_time(fns: list, sync, min_reps: int = 5, budget_s: float = 0.05) -> 
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (as the CPU worker will), then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _CopyLoad:
+    """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only)."""
+
+    _bufs: dict = {}
+
+    def __init__(self, device: torch.device) -> None:
+        key = device
+        if key not in self._bufs:
+            host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
+            self._bufs[key] = (host, torch.empty_like(host, device=device), torch.cuda.Stream(device))
+        self.host, self.dev, self.stream = self._bufs[key]
+
+    def start(self, seconds: float) -> None:
+        copies = max(4, int(seconds * 55e9 / self.host.numel()) + 2)  # ~55 GB/s: enough to outlast the timing
+        with torch.cuda.stream(self.stream):
+            for _ in range(copies):
+                self.dev.copy_(self.host, non_blocking=True)
+
+    def stop(self) -> None:
+        self.stream.synchronize()
+
+
 def measure_cost(
-    out_features: int, in_features: int, tokens: int, dtype: torch.dtype, device: torch.device
+    out_features: int,
+    in_features: int,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    threads: int | None = None,
 ) -> LinearCost:
-    """Time the layer's three parts on this machine, on fresh random data streamed from DRAM."""
+    """Time the layer's three parts on this machine, on fresh random data streamed from DRAM.
+
+    On CUDA the CPU is timed with ``threads`` threads while copies stream (see the module docstring), at all
+    rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``.
+    """
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     nbytes = out_features * in_features * _itemsize(dtype)
     copies = max(2, min(16, -(-ROTATION_BYTES // max(nbytes, 1))))
@@ -144,7 +207,16 @@ def measure_cost(
     ]
     x = torch.empty(tokens, in_features, dtype=dtype).uniform_(-1, 1, generator=gen)
     linear = torch.nn.functional.linear
-    t_cpu = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
+    half = max(1, out_features // 2)
+    load = _CopyLoad(device) if device.type == "cuda" else None
+    with _threads(threads if load is not None else None):
+        if load is not None:
+            load.start(0.15)
+        t_cpu = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
+        t_half = _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None)
+        if load is not None:
+            load.stop()
+    fixed = min(t_cpu, max(0.0, 2 * t_half - t_cpu)) if half < out_features else 0.0
     if device.type == "cuda":
         sync = torch.cuda.synchronize
         wp = ws[0].pin_memory()
@@ -157,4 +229,4 @@ def measure_cost(
         buf = torch.empty_like(ws[0])
         t_copy = _median_time([lambda w=w: buf.copy_(w) for w in ws], lambda: None)
         t_gpu = t_cpu
-    return LinearCost(t_cpu=t_cpu, t_copy=t_copy, t_gpu=t_gpu, source="measured")
+    return LinearCost(t_cpu=t_cpu, t_copy=t_copy, t_gpu=t_gpu, source="measured", t_cpu_fixed=fixed)

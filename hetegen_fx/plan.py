@@ -35,6 +35,15 @@ class LayerPlan:
     t_copy: float = 0.0  # ... to copy the whole layer host→device
     t_gpu: float = 0.0  # ... on the GPU
     slot: int = -1  # staging buffer of the GPU part (-1: none)
+    t_cpu_fixed: float = 0.0  # of t_cpu, what a CPU part costs however few rows it computes
+
+    @property
+    def t_cpu_part(self) -> float:
+        """Predicted seconds of the CPU part as planned (0 without one)."""
+        if self.resident or self.split == 0 or not self.out_features:
+            return 0.0
+        f = min(self.t_cpu_fixed, self.t_cpu)
+        return f + (self.split / self.out_features) * (self.t_cpu - f)
 
     @property
     def t_pred(self) -> float:
@@ -42,7 +51,7 @@ class LayerPlan:
         if self.resident:
             return self.t_gpu
         a = self.split / self.out_features if self.out_features else 0.0
-        return max(a * self.t_cpu, (1 - a) * (self.t_copy + self.t_gpu))
+        return max(self.t_cpu_part, (1 - a) * (self.t_copy + self.t_gpu))
 
     @property
     def gpu_part_bytes(self) -> int:

@@ -62,7 +62,7 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
     * its copy, ``(1 - a) · t_copy``, goes on the "PCIe" lane: copies run back to back, each as early as
       possible, but a copy into staging slot ``s`` cannot start before the GPU part of the previous user of
       ``s`` has ended (so ``prefetch`` copies may be in flight ahead of the compute);
-    * its CPU part, ``a · t_cpu``, goes on the "CPU" lane, in graph order, once its input is ready;
+    * its CPU part, ``lp.t_cpu_part`` (fixed part + a · the rest), goes on the "CPU" lane, in graph order, once its input is ready;
     * its GPU part, ``(1 - a) · t_gpu``, goes on the "GPU" lane once both its copy and the previous GPU work
       have ended. The layer's output (the CPU part joined on the GPU) is ready when both parts have ended.
 
@@ -87,7 +87,7 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
         cpu_end = ready
         if lp.split > 0:
             start = max(cpu, ready)
-            cpu = cpu_end = start + a * lp.t_cpu
+            cpu = cpu_end = start + lp.t_cpu_part
             spans.append(Span("CPU", lp.name, start, cpu_end))
         gpu_end = ready
         if lp.split < lp.out_features:

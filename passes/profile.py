@@ -67,7 +67,12 @@ class ProfilePass(PassBase):
             self.config.profile == "measure" or (self.config.profile == "auto" and device.type == "cuda")
         )
         model = self.hardware or default_model(device)
-        cache = CostCache(self.config.cache_dir, device) if measure else None
+        threads = None
+        if device.type == "cuda":  # timed as the CPU worker will run: every core but the launching one
+            from hetegen_fx.host import default_threads
+
+            threads = self.config.cpu_threads or default_threads()
+        cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
         for i, site in enumerate(sites):
             w = site.weight.tensor
@@ -84,7 +89,7 @@ class ProfilePass(PassBase):
                 if cost is None:
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
-                    cost = measure_cost(site.out_features, site.in_features, tokens, w.dtype, device)
+                    cost = measure_cost(site.out_features, site.in_features, tokens, w.dtype, device, threads)
                     cache.put(key, cost)
             if cost is None:
                 cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -150,6 +151,10 @@ def test_table():
     assert plan.layers[0].t_pred == pytest.approx(2e-5)
     assert plan.layers[1].t_pred == pytest.approx(max(a * 1.2e-3, (1 - a) * (1.6e-3 + 4e-5)))
     assert f"{plan.layers[1].t_pred * 1e3:8.3f}" in down
+    # a fixed CPU cost F is paid by any CPU part: F + α(C − F)
+    lp = dataclasses.replace(plan.layers[1], t_cpu_fixed=1e-4)
+    assert lp.t_cpu_part == pytest.approx(1e-4 + a * (1.2e-3 - 1e-4))
+    assert dataclasses.replace(lp, split=0).t_cpu_part == 0.0
     total = lines[-1]
     for piece in (
         "2 Linears at 7 token(s) on cuda",

@@ -159,3 +159,25 @@ def test_measure_false_uses_the_model_even_when_profile_is_measure(mlp, tmp_path
     ProfilePass(cfg, measure=False)(gm)
     assert all(n.meta[meta.COST].source == "model" for n in _linear_nodes(gm))
     assert not (tmp_path / "profiles.json").exists()
+
+
+def test_alpha_balances_the_cpu_fixed_part():
+    """With a fixed CPU cost F: F + α(C − F) = (1 − α)(M + G)."""
+    from hetegen_fx.costs import LinearCost
+
+    plain = LinearCost(t_cpu=1.0, t_copy=0.8, t_gpu=0.2, source="measured")
+    assert plain.alpha() == pytest.approx(0.5)
+    fixed = LinearCost(t_cpu=1.0, t_copy=0.8, t_gpu=0.2, source="measured", t_cpu_fixed=0.1)
+    a = fixed.alpha()
+    assert a < 0.5
+    assert 0.1 + a * (1.0 - 0.1) == pytest.approx((1 - a) * (0.8 + 0.2))
+    # a CPU part that costs more than the whole GPU path, however small: no CPU share
+    assert LinearCost(1.0, 0.01, 0.01, "measured", t_cpu_fixed=0.05).alpha() == 0.0
+
+
+def test_measured_cpu_fixed_part_is_within_the_cpu_time():
+    from hetegen_fx.costs import measure_cost
+
+    cost = measure_cost(256, 128, 1, torch.float32, torch.device("cpu"))
+    assert cost.source == "measured" and cost.t_cpu > 0
+    assert 0 <= cost.t_cpu_fixed <= cost.t_cpu
