@@ -49,8 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-threads", type=int, default=None)
 
 
+_T0 = time.perf_counter()
+
+
 def _log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -59,9 +62,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _free(device: torch.device) -> None:
+    """Start the next variant from a clean device: no graphs, staging buffers or cached blocks left."""
+    from hetegen_fx.runtime import get_runtime
+
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
+        get_runtime(device).free()
         torch.cuda.empty_cache()
 
 
@@ -129,8 +136,8 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
 
     h2d(2)
     res["h2d_pinned"] = statistics.median(h2d(16) for _ in range(3))
-    # both at once: queue copies on the copy stream, run GEMVs meanwhile, then wait for the copies
-    n_copy, n_gemv = 40, 24
+    # both at once, both busy the whole time: queue copies on the copy stream, run GEMVs until they are done
+    n_copy = 40
     _sync(device)
     t0 = time.perf_counter()
     with torch.cuda.stream(stream):
@@ -138,14 +145,15 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
             dev.copy_(host, non_blocking=True)
     done = torch.cuda.Event()
     done.record(stream)
-    t_gemv0 = time.perf_counter()
-    for i in range(n_gemv):
-        torch.nn.functional.linear(x, w[i % 4])
-    t_gemv = time.perf_counter() - t_gemv0
-    done.synchronize()
+    n_gemv = 0
+    while not done.query():
+        torch.nn.functional.linear(x, w[n_gemv % 4])
+        n_gemv += 1
     wall = time.perf_counter() - t0
-    res["together_cpu"] = n_gemv * nbytes / t_gemv
-    res["combined"] = (n_gemv * nbytes + n_copy * host.numel()) / wall
+    done.synchronize()
+    res["together_cpu"] = n_gemv * nbytes / wall
+    res["together_h2d"] = n_copy * host.numel() / wall
+    res["combined"] = res["together_cpu"] + res["together_h2d"]
     big = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     big2 = torch.empty_like(big)
     big2.copy_(big)
@@ -191,6 +199,7 @@ def _build(args):
 
 def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device) -> dict:
     import hetegen_fx
+    from hetegen_fx.runtime import get_runtime
 
     result: dict = {"variant": name}
     new_tokens = args.accelerate_tokens if name == "accelerate" else args.new_tokens
@@ -226,6 +235,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
     with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
         runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     result["first_call_s"] = time.perf_counter() - t0
+    _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
     prefill, decode, tokens = _time_generate(runner, ids, new_tokens, device)
     result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
     if device.type == "cuda":
@@ -239,6 +249,19 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             [lp.split / lp.out_features for lp in dec.layers if not lp.resident] or [0]
         )
         result["plan_table"] = dec.table()
+        result["plans"] = [
+            {
+                "label": p.label,
+                "tokens": p.tokens,
+                "mean_alpha": statistics.fmean(
+                    [lp.split / lp.out_features for lp in p.layers if not lp.resident] or [0]
+                ),
+                "predicted_linear_s": p.predicted_seconds,
+            }
+            for p in plans
+        ]
+        host = get_runtime(device).host
+        result["cpu_worker"] = {"threads": host.threads, "stream_wait": host.stream_wait}
     if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
         from hetegen_fx.trace import record
 

@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# Run on the lent GPU host (no package registry there): install the tree as a plain import path,
-# run the GPU tests, then the benchmark (from the shim folder, so the checkout's hetegen_fx/ is not imported). Usage: bash scripts/device_run.sh [bench args...]
+# Run on the lent GPU host (no package registry there): install the tree as a plain import path, run the GPU
+# tests, then the benchmark (from the shim folder, so the checkout's hetegen_fx/ is not imported).
+# Usage: bash scripts/device_run.sh [bench args...]
+# Env: OUT (results folder), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_TIMEOUT (s, default 480): a benchmark still
+# running then prints every thread's stack (faulthandler) and is killed; its log is $OUT/bench.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 REPO=$(pwd)
 SHIM=/tmp/hetegen_shim
+mkdir -p "$OUT"
 rm -rf "$SHIM" && mkdir -p "$SHIM"
 cp -r hetegen_fx "$SHIM/hetegen_fx" && cp -r passes "$SHIM/hetegen_fx/passes" && cp -r models "$SHIM/hetegen_fx/models"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0), torch.get_num_threads(), 'threads')"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (cd "$SHIM" && python3 -m pytest "$REPO/tests/test_gpu.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | grep -v DEBUG | tail -60)
+  (cd "$SHIM" && timeout -s KILL 300 python3 -m pytest "$REPO/tests/test_gpu.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | grep -v DEBUG | tail -60)
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  (cd "$SHIM" && python3 -m hetegen_fx.cli bench --out "$OUT" "$@" 2>&1 | grep -v "^\[transformers\]")
+  T=${BENCH_TIMEOUT:-480}
+  (cd "$SHIM" && timeout -s KILL $((T + 15)) python3 -c "
+import faulthandler, sys
+faulthandler.dump_traceback_later($T, file=sys.stderr)
+from hetegen_fx.cli import main
+sys.exit(main(sys.argv[1:]))" bench --out "$OUT" "$@" >"$OUT/bench.log" 2>&1)
+  echo "bench exit code $?"
+  grep -v "^\[transformers\]\|profiling" "$OUT/bench.log" | tail -80
 fi
