@@ -25,10 +25,41 @@ from torch.fx.node import has_side_effect
 
 from .runtime import get_runtime
 
+# -- what each op does, as plain functions: the custom ops below call them, and the code that runs
+# -- (codegen.direct) calls them without the dispatcher
+
+
+def run_copy_h2d(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
+    return get_runtime(device).copy_h2d(src, slot)  # a staging buffer: never a view of ``src``
+
+
+def run_wait_copy(staged: torch.Tensor, slot: int) -> None:
+    get_runtime(staged.device).wait(slot)
+
+
+def run_release_slot(staged: torch.Tensor, slot: int) -> None:
+    get_runtime(staged.device).release(slot)
+
+
+def run_cpu_begin(x: torch.Tensor, weights: list, biases: list, device: str) -> int:
+    return get_runtime(device).host.begin(x, weights, biases)
+
+
+def run_cpu_end(ticket: torch.Tensor | int, x: torch.Tensor, features: int, device: str) -> torch.Tensor:
+    return get_runtime(device).host.end(int(ticket), (*x.shape[:-1], features), x.dtype)
+
+
+def run_cpu_wait(device: str) -> None:
+    get_runtime(device).host.wait_all()
+
+
+for _f in (run_copy_h2d, run_wait_copy, run_release_slot, run_cpu_begin, run_cpu_end, run_cpu_wait):
+    torch.fx.wrap(_f.__name__)
+
 
 @torch.library.custom_op("hetegen::copy_h2d", mutates_args=())
 def copy_h2d(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
-    return get_runtime(device).copy_h2d(src, slot)  # a staging buffer: never a view of ``src``
+    return run_copy_h2d(src, slot, device)
 
 
 @copy_h2d.register_fake
@@ -38,7 +69,7 @@ def _copy_h2d_fake(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
 
 @torch.library.custom_op("hetegen::wait_copy", mutates_args=("staged",))
 def wait_copy(staged: torch.Tensor, slot: int) -> None:
-    get_runtime(staged.device).wait(slot)
+    run_wait_copy(staged, slot)
 
 
 @wait_copy.register_fake
@@ -48,7 +79,7 @@ def _wait_copy_fake(staged: torch.Tensor, slot: int) -> None:
 
 @torch.library.custom_op("hetegen::release_slot", mutates_args=("staged",))
 def release_slot(staged: torch.Tensor, slot: int) -> None:
-    get_runtime(staged.device).release(slot)
+    run_release_slot(staged, slot)
 
 
 @release_slot.register_fake
@@ -60,7 +91,7 @@ def _release_slot_fake(staged: torch.Tensor, slot: int) -> None:
 def cpu_begin(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str
 ) -> torch.Tensor:
-    return torch.tensor(get_runtime(device).host.begin(x, weights, biases), dtype=torch.int64)
+    return torch.tensor(run_cpu_begin(x, weights, biases, device), dtype=torch.int64)
 
 
 @cpu_begin.register_fake
@@ -72,7 +103,7 @@ def _cpu_begin_fake(
 
 @torch.library.custom_op("hetegen::cpu_end", mutates_args=())
 def cpu_end(ticket: torch.Tensor, x: torch.Tensor, features: int, device: str) -> torch.Tensor:
-    return get_runtime(device).host.end(int(ticket), (*x.shape[:-1], features), x.dtype)
+    return run_cpu_end(ticket, x, features, device)
 
 
 @cpu_end.register_fake
@@ -82,7 +113,7 @@ def _cpu_end_fake(ticket: torch.Tensor, x: torch.Tensor, features: int, device: 
 
 @torch.library.custom_op("hetegen::cpu_wait", mutates_args=())
 def cpu_wait(device: str) -> None:
-    get_runtime(device).host.wait_all()
+    run_cpu_wait(device)
 
 
 @cpu_wait.register_fake
@@ -102,6 +133,17 @@ CPU_WAIT = torch.ops.hetegen.cpu_wait.default
 # nobody reads, and only this registration keeps them. A CPU job queued must also be collected.
 for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT):
     has_side_effect(_op)
+
+
+#: each op → the plain function that does its work (what :func:`hetegen_fx.codegen.direct` calls)
+DIRECT = {
+    COPY: run_copy_h2d,
+    WAIT: run_wait_copy,
+    RELEASE: run_release_slot,
+    CPU_BEGIN: run_cpu_begin,
+    CPU_END: run_cpu_end,
+    CPU_WAIT: run_cpu_wait,
+}
 
 
 def is_op(node_target: object, op: torch._ops.OpOverload) -> bool:

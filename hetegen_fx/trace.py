@@ -235,11 +235,15 @@ def record() -> Iterator[list[Timeline]]:
 
 
 def traced(gm: fx.GraphModule, device: str) -> Callable:
-    """``gm`` as a callable that records a Timeline when inside :func:`record` (plain call otherwise)."""
+    """``gm`` as a callable that records a Timeline when inside :func:`record`; otherwise it runs
+    :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the custom ops' dispatch)."""
+    from .codegen import direct
+
+    fast = direct(gm)
 
     def call(*args: Any) -> Any:
         if not _RECORDING:
-            return gm(*args)
+            return fast(*args)
         out, timeline = TimelineInterpreter(gm, device).run_timed(*args)
         _RECORDING[-1].append(timeline)
         return out

@@ -147,3 +147,25 @@ def test_functionalization_keeps_the_ops_in_order():
     assert set(pos) == {"copy", "wait", "matmul", "release"}
     assert pos["copy"] < pos["wait"] < pos["matmul"] < pos["release"]
     torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_direct_runs_the_same_program_without_the_dispatcher(mlp):
+    """codegen.direct: the executed twin calls the ops' plain functions; the graph with the ops stays
+    the one to inspect and export, and the twin shares its weights."""
+    import hetegen_fx
+    from hetegen_fx.codegen import direct
+
+    model = mlp()
+    c = hetegen_fx.compile(model, device="cpu", gpu_memory=8000, alpha=0.5, prefetch=1, activation_reserve=0)
+    fast = direct(c.graph_module)
+    assert "torch.ops.hetegen" in c.graph_module.code and "torch.ops.hetegen" not in fast.code
+    assert "run_cpu_begin" in fast.code and "run_copy_h2d" in fast.code
+    names = {n for n, _ in c.graph_module.named_buffers()}
+    assert names and all(
+        getattr(fast, n).data_ptr() == getattr(c.graph_module, n).data_ptr()
+        for n in names
+        if hasattr(fast, n)
+    )
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c(x), model(x), rtol=1e-5, atol=1e-5)
