@@ -74,10 +74,10 @@ class PartitionPass(PassBase):
         self._size_staging(nodes)
         if any(lp.split > 0 for n in nodes if not (lp := n.meta[meta.PLACEMENT]).resident):
             with gm.graph.inserting_before(gm.graph.output_node()):  # before anything blocks on the device
-                done = gm.graph.create_node(
+                barrier = gm.graph.create_node(
                     "call_function", CPU_WAIT, (self.config.device,), name="cpu_jobs_done"
                 )
-                done.meta[meta.SIDE] = "sync"  # no LAYER: it belongs to no Linear
+                barrier.meta[meta.SIDE] = "sync"  # no LAYER: it belongs to no Linear
             rt = get_runtime(self.config.device)
             if rt.is_cuda:  # every core but the one that launches GPU work, unless the user chose
                 rt.host.threads = self.config.cpu_threads or default_threads()
