@@ -163,17 +163,16 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _CopyLoad:
-    """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only)."""
+class CopyLoad:
+    """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only).
 
-    _bufs: dict = {}
+    Its 64 MiB device buffer lies outside every budget: hold one for a profiling pass, then drop it.
+    """
 
     def __init__(self, device: torch.device) -> None:
-        key = device
-        if key not in self._bufs:
-            host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
-            self._bufs[key] = (host, torch.empty_like(host, device=device), torch.cuda.Stream(device))
-        self.host, self.dev, self.stream = self._bufs[key]
+        self.host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
+        self.dev = torch.empty_like(self.host, device=device)
+        self.stream = torch.cuda.Stream(device)
 
     def start(self, seconds: float) -> None:
         copies = max(4, int(seconds * 55e9 / self.host.numel()) + 2)  # ~55 GB/s: enough to outlast the timing
@@ -192,11 +191,12 @@ def measure_cost(
     dtype: torch.dtype,
     device: torch.device,
     threads: int | None = None,
+    load: CopyLoad | None = None,
 ) -> LinearCost:
     """Time the layer's three parts on this machine, on fresh random data streamed from DRAM.
 
-    On CUDA the CPU is timed with ``threads`` threads while copies stream (see the module docstring), at all
-    rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``.
+    On CUDA the CPU is timed with ``threads`` threads while copies stream (``load``, made for this call if
+    not given; see the module docstring), at all rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``.
     """
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     nbytes = out_features * in_features * _itemsize(dtype)
@@ -208,7 +208,8 @@ def measure_cost(
     x = torch.empty(tokens, in_features, dtype=dtype).uniform_(-1, 1, generator=gen)
     linear = torch.nn.functional.linear
     half = max(1, out_features // 2)
-    load = _CopyLoad(device) if device.type == "cuda" else None
+    if device.type == "cuda" and load is None:
+        load = CopyLoad(device)
     with _threads(threads if load is not None else None):
         if load is not None:
             load.start(0.15)

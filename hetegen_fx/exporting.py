@@ -225,16 +225,17 @@ def _inline_cpu_jobs(graph: fx.Graph) -> None:
     for end in [n for n in graph.nodes if n.op == "call_function" and ops.is_op(n.target, ops.CPU_END)]:
         begin = end.args[0]
         x, weights, biases = begin.args[0], begin.args[1], begin.args[2]
+        placement = {k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)}
         with graph.inserting_before(end):
             parts = []
             for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
                 part = graph.call_function(F.linear, (x, w, b), name=f"{begin.name}_{i}")
-                part.meta.update({k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)})
+                part.meta.update(placement)
                 if w.meta.get(meta.LAYER):
                     part.meta[meta.LAYER] = w.meta[meta.LAYER]
                 parts.append(part)
             out = parts[0] if len(parts) == 1 else graph.call_function(torch.cat, (parts, -1))
-            out.meta.update({k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)})
+            out.meta.update(placement)
         end.replace_all_uses_with(out)
         graph.erase_node(end)
         if not begin.users:

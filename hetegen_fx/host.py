@@ -208,11 +208,9 @@ class HostWorker:
         self._raise_pending()
 
     def drain(self) -> None:
-        """Wait until every queued job is done (and re-raise the error of a job already collected)."""
-        for job in list(self._pending.values()):
-            job.done.wait()
+        """:meth:`wait_all`, then forget the jobs never collected (a graph call that failed midway)."""
+        self.wait_all()
         self._pending.clear()
-        self._raise_pending()
 
     def free(self) -> None:
         """Drop the pinned buffers (after the device and the worker are idle)."""

@@ -11,7 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config
-from hetegen_fx.costs import CostCache, HardwareModel, LinearCost, default_model, measure_cost
+from hetegen_fx.costs import CopyLoad, CostCache, HardwareModel, LinearCost, default_model, measure_cost
 from hetegen_fx.errors import UnsupportedModelError
 from hetegen_fx.graph_utils import concrete, node_value, propagate_shapes
 from hetegen_fx.linear import LinearSite, find_linears
@@ -74,6 +74,7 @@ class ProfilePass(PassBase):
             threads = self.config.cpu_threads or default_threads()
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
+        load: CopyLoad | None = None
         for i, site in enumerate(sites):
             w = site.weight.tensor
             if not w.is_floating_point():
@@ -89,7 +90,11 @@ class ProfilePass(PassBase):
                 if cost is None:
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
-                    cost = measure_cost(site.out_features, site.in_features, tokens, w.dtype, device, threads)
+                    if load is None and device.type == "cuda":
+                        load = CopyLoad(device)  # one for the whole pass, dropped with it
+                    cost = measure_cost(
+                        site.out_features, site.in_features, tokens, w.dtype, device, threads, load
+                    )
                     cache.put(key, cost)
             if cost is None:
                 cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
