@@ -71,9 +71,10 @@ class Config:
         (2048 when the model is not known, e.g. through the torch.compile backend).
     batch_size: sequences the KV-cache reserve is sized for.
     activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
-    cpu_threads: intra-op threads of the worker thread that runs the CPU parts (``torch.set_num_threads``,
-        which affects the process). ``None``: on CUDA every core but one (the one that launches GPU work),
-        on the emulated device torch's own setting.
+    cpu_threads: intra-op threads of the worker thread that runs the CPU parts (it calls
+        ``torch.set_num_threads`` itself; compiling leaves the caller's setting alone, which dynamo requires).
+        ``None``: on CUDA every core but one (the one that launches GPU work), on the emulated device torch's
+        own setting.
     plan: a Plan (or a path to its JSON) to apply instead of profiling and placing.
     output_device: where outputs go. "input": back to the device the inputs came from. "accelerator": left
         on the accelerator. "auto" (the torch.compile backend's default): outputs computed from the graph's

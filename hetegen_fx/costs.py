@@ -4,10 +4,12 @@ A cost is for the *whole* layer at one shape: ``t_cpu`` (the CPU computes it fro
 weights cross host→device) and ``t_gpu`` (the device computes it), plus ``t_cpu_fixed``, the part of
 ``t_cpu`` that does not shrink with the rows computed (thread wake-up, launch). The split ratio follows.
 
-On a CUDA device the CPU is timed the way the split layer runs it: with the worker's thread count
-(:func:`hetegen_fx.host.default_threads`), while host→device copies stream on another stream (they share
-the memory bus: the GEMV runs ~20-30 % slower than alone on the H200 host), at all rows and at half of them
-(which gives the fixed part).
+On a CUDA device the CPU is timed the way the split layer runs it: on the worker thread that runs the CPU
+parts, with its thread count (:func:`hetegen_fx.host.default_threads`), while host→device copies stream on
+another stream (they share the memory bus: the GEMV runs ~20-30 % slower than alone on the H200 host), at
+all rows and at half of them (which gives the fixed part). Timed on the launching thread instead, once the
+worker had run jobs, every decode-shaped GEMV of a 7B model read ~6 ms whatever its size: two teams of
+intra-op threads shared the cores.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class CostCache:
     """Measured costs on disk, keyed by machine (host, CPU, threads, device, torch), shape and dtype."""
 
     #: bumped whenever what is measured changes, so older entries are measured again
-    METHOD = 2
+    METHOD = 3
 
     def __init__(
         self, cache_dir: str | os.PathLike | None, device: torch.device, threads: int | None = None
@@ -166,19 +168,24 @@ def _threads(n: int | None) -> Iterator[None]:
 class CopyLoad:
     """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only).
 
-    Its 64 MiB device buffer lies outside every budget: hold one for a profiling pass, then drop it.
+    The copies read a 64 MiB pinned host buffer chunk by chunk into one small device buffer: the host's
+    memory bus sees the traffic of streaming weights, while the device holds only :data:`CHUNK` bytes
+    (profiling runs inside a model's first call, within its ``gpu_memory`` budget).
     """
+
+    CHUNK = 2 * 2**20
 
     def __init__(self, device: torch.device) -> None:
         self.host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
-        self.dev = torch.empty_like(self.host, device=device)
+        self.dev = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
+        self.chunks = self.host.view(-1, self.CHUNK)
         self.stream = torch.cuda.Stream(device)
 
     def start(self, seconds: float) -> None:
-        copies = max(4, int(seconds * 55e9 / self.host.numel()) + 2)  # ~55 GB/s: enough to outlast the timing
+        copies = max(16, int(seconds * 55e9 / self.CHUNK) + 16)  # ~55 GB/s: enough to outlast the timing
         with torch.cuda.stream(self.stream):
-            for _ in range(copies):
-                self.dev.copy_(self.host, non_blocking=True)
+            for i in range(copies):
+                self.dev.copy_(self.chunks[i % len(self.chunks)], non_blocking=True)
 
     def stop(self) -> None:
         self.stream.synchronize()
@@ -192,11 +199,13 @@ def measure_cost(
     device: torch.device,
     threads: int | None = None,
     load: CopyLoad | None = None,
+    worker=None,
 ) -> LinearCost:
     """Time the layer's three parts on this machine, on fresh random data streamed from DRAM.
 
     On CUDA the CPU is timed with ``threads`` threads while copies stream (``load``, made for this call if
-    not given; see the module docstring), at all rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``.
+    not given; see the module docstring), at all rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``,
+    on ``worker`` (a :class:`hetegen_fx.host.HostWorker`, the one that will run the CPU parts) when given.
     """
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     nbytes = out_features * in_features * _itemsize(dtype)
@@ -210,11 +219,18 @@ def measure_cost(
     half = max(1, out_features // 2)
     if device.type == "cuda" and load is None:
         load = CopyLoad(device)
-    with _threads(threads if load is not None else None):
-        if load is not None:
-            load.start(0.15)
-        t_cpu = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
-        t_half = _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None)
+
+    def time_cpu() -> tuple[float, float]:  # no CUDA call: it may run on the worker thread
+        with _threads(threads if load is not None else None), torch.no_grad():
+            full = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
+            part = _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None)
+        return full, part
+
+    if load is not None:
+        load.start(0.15)
+    try:
+        t_cpu, t_half = worker.call(time_cpu) if worker is not None else time_cpu()
+    finally:
         if load is not None:
             load.stop()
     fixed = min(t_cpu, max(0.0, 2 * t_half - t_cpu)) if half < out_features else 0.0

@@ -6,7 +6,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -51,8 +50,6 @@ def transform(
 
     ``debug_hook(pass_name, gm)`` is called after each pass, e.g. to dump or draw the graph.
     """
-    if config.cpu_threads is not None:
-        torch.set_num_threads(int(config.cpu_threads))  # the CPU parts run on torch's intra-op pool
     work = clone_graph_module(gm)
     progress = (
         (lambda msg: print(f"[hetegen] {msg}", file=sys.stderr, flush=True)) if config.verbose else None

@@ -78,9 +78,9 @@ class PartitionPass(PassBase):
                     "call_function", CPU_WAIT, (self.config.device,), name="cpu_jobs_done"
                 )
                 barrier.meta[meta.SIDE] = "sync"  # no LAYER: it belongs to no Linear
-            rt = get_runtime(self.config.device)
-            if rt.is_cuda:  # every core but the one that launches GPU work, unless the user chose
-                rt.host.threads = self.config.cpu_threads or default_threads()
+        rt = get_runtime(self.config.device)
+        if self.config.cpu_threads or rt.is_cuda:  # on CUDA every core but the one that launches GPU work
+            rt.host.threads = self.config.cpu_threads or default_threads()
         gm.graph.lint()
         return PassResult(gm, bool(nodes))
 

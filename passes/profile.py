@@ -67,11 +67,13 @@ class ProfilePass(PassBase):
             self.config.profile == "measure" or (self.config.profile == "auto" and device.type == "cuda")
         )
         model = self.hardware or default_model(device)
-        threads = None
-        if device.type == "cuda":  # timed as the CPU worker will run: every core but the launching one
+        threads, worker = None, None
+        if device.type == "cuda":  # timed on the CPU worker, as it will run: every core but the launching one
             from hetegen_fx.host import default_threads
+            from hetegen_fx.runtime import get_runtime
 
             threads = self.config.cpu_threads or default_threads()
+            worker = get_runtime(device).host if measure else None
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
         load: CopyLoad | None = None
@@ -93,7 +95,7 @@ class ProfilePass(PassBase):
                     if load is None and device.type == "cuda":
                         load = CopyLoad(device)  # one for the whole pass, dropped with it
                     cost = measure_cost(
-                        site.out_features, site.in_features, tokens, w.dtype, device, threads, load
+                        site.out_features, site.in_features, tokens, w.dtype, device, threads, load, worker
                     )
                     cache.put(key, cost)
             if cost is None:

@@ -254,13 +254,20 @@ def test_format_bytes():
     assert parse_bytes(format_bytes(6 * 2**30).replace(" ", "")) == 6 * 2**30
 
 
-def test_cpu_threads_sets_the_intra_op_pool():
+def test_cpu_threads_sets_the_workers_pool_and_leaves_the_callers_alone():
+    """The worker applies ``cpu_threads``; compiling must not change the caller's setting (dynamo
+    fails a trace during which the global thread count changed)."""
+    from hetegen_fx.runtime import get_runtime
+
     before = torch.get_num_threads()
     m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    host = get_runtime("cpu").host
+    old = host.threads
     try:
         hetegen_fx.compile(m, (torch.randn(2, 8),), device="cpu", profile="model", cpu_threads=1)
-        assert torch.get_num_threads() == 1
+        assert host.threads == 1
+        assert torch.get_num_threads() == before
     finally:
-        torch.set_num_threads(before)
+        host.threads = old
     with pytest.raises(hetegen_fx.ConfigError, match="cpu_threads"):
         hetegen_fx.compile(m, device="cpu", cpu_threads=0)

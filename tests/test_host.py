@@ -1,16 +1,30 @@
 """The CPU worker of hetegen_fx.host (the device emulated on "cpu"): jobs run in order, off the calling
-thread; errors reach the caller; the wrap-safe counter compare the device uses."""
+thread, in the scripted (GIL-free) job loop and in its Python fallback; errors reach the caller; the
+wrap-safe counter compare the device uses; the ready-word wait without the GIL."""
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hetegen_fx.host import HostWorker, _reached, _round_up
+import hetegen_fx.host as host_mod
+from hetegen_fx.host import HostWorker, _reached, _round_up, _scripted_loop
+
+
+@pytest.fixture(params=["scripted", "python"], autouse=True)
+def job_loop(request, monkeypatch):
+    """Every test runs with the TorchScript job loop and with its Python fallback."""
+    if request.param == "scripted":
+        assert _scripted_loop() is not None, "TorchScript should script the job loop on this torch"
+    else:
+        monkeypatch.setattr(host_mod, "_SCRIPTED", [None])
+    return request.param
 
 
 def _job(gen: torch.Generator, rows: int = 3):
@@ -80,3 +94,63 @@ def test_counter_compare_wraps_like_the_drivers_geq():
 
 def test_buffer_sizes_round_up_to_powers_of_two():
     assert _round_up(1) == 4096 and _round_up(4096) == 4096 and _round_up(4097) == 8192
+
+
+def test_jobs_queued_together_run_together_and_a_failure_stays_with_its_job():
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    good = [_job(gen) for _ in range(4)]
+    seqs = [host.begin(*good[0][:3]), host.begin(*good[1][:3])]
+    bad = host.begin(torch.randn(3, 31), good[0][1], good[0][2])  # fails in the middle of a batch
+    seqs += [host.begin(*good[2][:3]), host.begin(*good[3][:3])]
+    for seq, (x, _, _, ref) in zip(seqs[:2], good[:2], strict=True):
+        torch.testing.assert_close(host.end(seq, (3, 13), x.dtype), ref)
+    with pytest.raises(RuntimeError, match="CPU part failed on the worker thread"):
+        host.end(bad, (3, 13), torch.float32)
+    for seq, (x, _, _, ref) in zip(seqs[2:], good[2:], strict=True):
+        torch.testing.assert_close(host.end(seq, (3, 13), x.dtype), ref)
+
+
+def test_the_scripted_loop_waits_for_the_ready_word_without_the_gil(job_loop):
+    """What the device's "ready" write does on CUDA, done here by a thread: the job must not start before
+    the word reaches its number, and the spin must leave the GIL to other threads."""
+    if job_loop != "scripted":
+        pytest.skip("the Python fallback waits with time.sleep (covered by the GPU tests)")
+    loop = _scripted_loop()
+    words = torch.zeros(2, dtype=torch.int32)
+    ready = ctypes.c_uint32.from_address(words.data_ptr())
+    x, ws, bs, ref = _job(torch.Generator().manual_seed(6))
+    out = torch.zeros(3, 13)
+    progress, flipped = [0], []
+
+    def device():  # counts in Python while the loop spins, then marks job 7 ready
+        end = time.perf_counter() + 0.1
+        while time.perf_counter() < end:
+            progress[0] += 1
+        flipped.append(time.perf_counter())
+        ready.value = 7
+
+    faulthandler.dump_traceback_later(120, exit=True)  # a loop holding the GIL would hang: fail instead
+    try:
+        t = threading.Thread(target=device)
+        t.start()
+        loop([x], [ws], [bs], [out], [7], words, True)
+        returned = time.perf_counter()
+        t.join()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert returned > flipped[0] and int(words[1]) == 7  # ran after "ready", then wrote "done"
+    torch.testing.assert_close(out, ref)
+    assert progress[0] > 1000  # the other thread ran while the loop waited: the GIL was free
+
+
+def test_call_runs_on_the_worker_after_the_queued_jobs_and_returns_or_raises():
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    seq = host.begin(*_job(gen)[:3])
+    job = host._pending[seq]
+    seen = host.call(lambda: (threading.current_thread(), job.done.is_set()))
+    assert seen == (host._thread, True)  # on the worker, and only once the job before it had run
+    with pytest.raises(ZeroDivisionError):
+        host.call(lambda: 1 / 0)
+    assert host.call(lambda: 3) == 3  # the worker survives a failing call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -181,3 +182,16 @@ def test_measured_cpu_fixed_part_is_within_the_cpu_time():
     cost = measure_cost(256, 128, 1, torch.float32, torch.device("cpu"))
     assert cost.source == "measured" and cost.t_cpu > 0
     assert 0 <= cost.t_cpu_fixed <= cost.t_cpu
+
+
+def test_cpu_time_is_measured_on_the_given_worker_thread():
+    """On CUDA the profiler times the CPU on the worker that runs the CPU parts (its threads)."""
+    from hetegen_fx.costs import measure_cost
+    from hetegen_fx.host import HostWorker
+
+    worker = HostWorker(torch.device("cpu"))
+    threads = []
+    real = worker.call
+    worker.call = lambda fn: real(lambda: (threads.append(threading.current_thread()), fn())[1])
+    cost = measure_cost(256, 128, 1, torch.float32, torch.device("cpu"), worker=worker)
+    assert threads == [worker._thread] and cost.t_cpu > 0
