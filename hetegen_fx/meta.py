@@ -4,6 +4,8 @@
 LINEAR = "hetegen_linear"
 #: a :class:`hetegen_fx.profile.LinearCost` written by ProfilePass on every Linear node
 COST = "hetegen_cost"
+#: the same Linear's cost at one token (a decode step), written by ProfilePass: residency is chosen by it
+DECODE_COST = "hetegen_decode_cost"
 #: a :class:`hetegen_fx.plan.LayerPlan` written by PlacementPass on every Linear node
 PLACEMENT = "hetegen_placement"
 #: "cpu" | "gpu" | "copy" | "sync" | "move": which side a node added by PartitionPass runs on

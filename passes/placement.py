@@ -3,14 +3,19 @@
 Residency is decided once per model (the WeightStore) by priority ``g = T_cpu / M_gpu``: the weights whose
 CPU time per device byte is highest stay resident while the budget — minus the KV-cache, activation,
 other-parameter and staging reserves — holds them. Every graph of the model then reuses that residency
-and computes its own α from its own (shape-specific) costs.
+and computes its own α from its own (shape-specific) costs. Three refinements of ``g``:
 
-``T_cpu`` here includes the Linear's share of :data:`JOB_OVERHEAD`: each CPU job (the Linears that read one
-input) costs hand-offs between the device and the worker on top of its GEMVs, so at equal ``T_cpu / M``
-a lone Linear (``o_proj``) gains more from residency than one of three sharing a job (``q/k/v``), and an
-attention block kept resident saves two jobs a layer over fewer bytes than an MLP block. Without it, two
-H200 machines that profiled the 7B model a few percent apart placed it with 60 and with 100 CPU jobs a
-token; the second spent 23 ms a token between jobs against 12 ms, and decoded 10-20 % slower.
+* ``T_cpu`` is taken at one token (:data:`meta.DECODE_COST`): generation time is decode time, and the
+  residency must not depend on whether the prefill or the decode graph is compiled first.
+* At one token a GEMV streams its weights from DRAM, so ``T_cpu / M`` is one rate per dtype; measured per
+  shape it scattered by up to 30 % between runs on the H200 host (``gate_proj`` 1.5-2.1 ms, ``q_proj``
+  0.65-0.72 ms), enough to flip the plan. The rate is pooled over the Linears of each dtype.
+* ``T_cpu`` includes the Linear's share of :data:`JOB_OVERHEAD`: each CPU job (the Linears that read one
+  input) costs hand-offs between the device and the worker on top of its GEMVs. So among Linears of one
+  dtype, the fewer bytes a CPU job spans, the higher the priority: a lone ``o_proj`` before ``q/k/v``,
+  which share a job, before ``gate/up``. Without this, two H200 machines that profiled the 7B model a few
+  percent apart placed it with 60 and with 100 CPU jobs a token; the second spent 23 ms a token between
+  jobs against 12 ms, and decoded 10-20 % slower.
 """
 
 from __future__ import annotations
@@ -162,9 +167,7 @@ class PlacementPass(PassBase):
                 else activation_bytes(gm),
                 "other_params": other_param_bytes(gm, sites),
             }
-            sharing = Counter(s.x for s in sites)  # Linears that read the same input share one CPU job
-            group = {s.name: sharing[s.x] for s in sites}
-            store.residency = self._choose_residency(layers, reserved, budget, group)
+            store.residency = self._choose_residency(layers, reserved, budget, self._priority(sites))
             store.reserved = reserved
         for lp in layers:
             lp.resident = store.residency.get(lp.name, False)
@@ -182,12 +185,35 @@ class PlacementPass(PassBase):
             source="/".join(sorted(src)) or "none",
         )
 
+    def _priority(self, sites: list[LinearSite]) -> dict[str, float]:
+        """g of every Linear: its dtype's pooled CPU time per byte at one token, plus its share of its job's
+        overhead per byte (see the module docstring)."""
+        sharing = Counter(s.x for s in sites)  # Linears that read the same input share one CPU job
+        decode = {s.name: s.node.meta.get(meta.DECODE_COST) or s.node.meta[meta.COST] for s in sites}
+        pooled: dict[torch.dtype, list[float]] = {}  # dtype → [Σ T_cpu, Σ bytes]
+        for s in sites:
+            acc = pooled.setdefault(s.weight.tensor.dtype, [0.0, 0])
+            acc[0] += decode[s.name].t_cpu
+            acc[1] += s.weight_bytes
+        g = {}
+        for s in sites:
+            t, nbytes = pooled[s.weight.tensor.dtype]
+            cost = decode[s.name]
+            alpha = cost.alpha() if self.config.alpha is None else float(self.config.alpha)
+            overhead = JOB_OVERHEAD / sharing[s.x] if split_row(alpha, s.out_features) > 0 else 0.0
+            g[s.name] = t / max(nbytes, 1) + overhead / max(s.weight_bytes, 1)
+        return g
+
     def _staging(self, layers: list[LayerPlan]) -> int:
         parts = [lp.gpu_part_bytes for lp in layers if not lp.resident]
         return self.config.prefetch * max(parts, default=0)
 
     def _choose_residency(
-        self, layers: list[LayerPlan], reserved: dict[str, int], budget: int | None, group: dict[str, int]
+        self,
+        layers: list[LayerPlan],
+        reserved: dict[str, int],
+        budget: int | None,
+        priority: dict[str, float],
     ) -> dict:
         fixed = sum(reserved.values())
         everything = fixed + sum(lp.bytes for lp in layers)
@@ -205,11 +231,7 @@ class PlacementPass(PassBase):
                 "max_seq_len / prefetch"
             )
 
-        def g(lp: LayerPlan) -> float:  # T_cpu / M_gpu, T_cpu with this Linear's share of its job's overhead
-            overhead = JOB_OVERHEAD / group.get(lp.name, 1) if lp.split > 0 else 0.0
-            return (lp.t_cpu + overhead) / max(lp.bytes, 1)
-
-        order = sorted(layers, key=g, reverse=True)
+        order = sorted(layers, key=lambda lp: priority[lp.name], reverse=True)
         resident_bytes = 0
         for lp in order:
             lp.resident = True

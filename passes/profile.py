@@ -35,7 +35,8 @@ def _concrete_inputs(example_inputs: Sequence[Any] | None) -> bool:
 
 
 class ProfilePass(PassBase):
-    """Analysis: writes :data:`meta.LINEAR` and :data:`meta.COST` on every Linear; the graph is unchanged.
+    """Analysis: writes :data:`meta.LINEAR`, :data:`meta.COST` and :data:`meta.DECODE_COST` on every Linear;
+    the graph is unchanged.
 
     Costs are measured on this machine (``profile="measure"``, or ``"auto"`` on a CUDA device), each distinct
     (shape, dtype) once and cached on disk, or predicted from a :class:`HardwareModel` (``"model"``, or
@@ -76,7 +77,35 @@ class ProfilePass(PassBase):
             worker = get_runtime(device).host if measure else None
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
-        load: CopyLoad | None = None
+        load: list[CopyLoad] = []  # one for the whole pass, dropped with it
+
+        def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
+            w = site.weight.tensor
+            key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
+            cost = seen.get(key)
+            if cost is None and cache is not None:
+                cost = cache.get(key)
+                if cost is None:
+                    if self.progress:
+                        self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
+                    if not load and device.type == "cuda":
+                        load.append(CopyLoad(device))
+                    cost = measure_cost(
+                        site.out_features,
+                        site.in_features,
+                        tokens,
+                        w.dtype,
+                        device,
+                        threads,
+                        load[0] if load else None,
+                        worker,
+                    )
+                    cache.put(key, cost)
+            if cost is None:
+                cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
+            seen[key] = cost
+            return cost
+
         for i, site in enumerate(sites):
             w = site.weight.tensor
             if not w.is_floating_point():
@@ -85,24 +114,11 @@ class ProfilePass(PassBase):
                     "(dequantize the model first, e.g. load it with dtype=torch.float16)"
                 )
             tokens = linear_tokens(site)
-            key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
-            cost = seen.get(key)
-            if cost is None and cache is not None:
-                cost = cache.get(key)
-                if cost is None:
-                    if self.progress:
-                        self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
-                    if load is None and device.type == "cuda":
-                        load = CopyLoad(device)  # one for the whole pass, dropped with it
-                    cost = measure_cost(
-                        site.out_features, site.in_features, tokens, w.dtype, device, threads, load, worker
-                    )
-                    cache.put(key, cost)
-            if cost is None:
-                cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
-            seen[key] = cost
             site.node.meta[meta.LINEAR] = site
-            site.node.meta[meta.COST] = cost
+            site.node.meta[meta.COST] = cost_of(site, tokens, i)
+            site.node.meta[meta.DECODE_COST] = (
+                site.node.meta[meta.COST] if tokens == 1 else cost_of(site, 1, i)
+            )
             site.node.meta[meta.TOKENS] = tokens
         if cache is not None:
             cache.save()

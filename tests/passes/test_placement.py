@@ -1,4 +1,5 @@
-"""PlacementPass: residency by priority g = T_cpu / bytes under a budget, α and the split row per Linear."""
+"""PlacementPass: residency by priority g = T_cpu / bytes (at one token, pooled per dtype, with the job overhead)
+under a budget, α and the split row per Linear."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _profiled(model, costs: dict[str, float] | None = None, example_inputs=None)
     for n in gm.graph.nodes:
         if meta.LINEAR in n.meta and costs:
             t = costs[n.meta[meta.LINEAR].name]
-            n.meta[meta.COST] = LinearCost(t_cpu=t, t_copy=1e-6, t_gpu=1e-6, source="model")
+            cost = LinearCost(t_cpu=t, t_copy=1e-6, t_gpu=1e-6, source="model")
+            n.meta[meta.COST] = n.meta[meta.DECODE_COST] = cost
     return gm
 
 
@@ -123,11 +125,15 @@ def test_priority_is_time_saved_per_byte(mlp):
     assert plan.resident_bytes + plan.reserved["staging"] <= 18000
 
 
-def test_priority_order_changes_residency(mlp):
-    # b first (12288 + staging 4096 ≤ 18000), then a (20480 > 18000), then c (12288 + 3072 + 4096 > 18000)
-    costs = {"a.weight": 1.0, "b.weight": 10.0, "c.weight": 0.1}
-    _, plan, _ = _place(_profiled(mlp(bias=False), costs), _config(gpu_memory=18000, alpha=0.5))
-    assert _resident(plan) == {"b.weight"}
+def test_cpu_time_differences_within_a_dtype_do_not_reorder_residency(mlp):
+    """At one token T_cpu / M is one rate per dtype: per-shape measurements (noise) do not reorder the
+    Linears; the job overhead per byte does (c, the smallest, then a; b does not fit)."""
+    for costs in (
+        {"a.weight": 1.0, "b.weight": 10.0, "c.weight": 0.1},
+        {"a.weight": 0.1, "b.weight": 1.0, "c.weight": 10.0},
+    ):
+        _, plan, _ = _place(_profiled(mlp(bias=False), costs), _config(gpu_memory=18000, alpha=0.5))
+        assert _resident(plan) == {"a.weight", "c.weight"}
 
 
 def test_priority_with_a_hardware_model(mlp):
@@ -268,3 +274,41 @@ def test_matmul_add_weights_and_biases_count_once():
     assert plan.reserved["other_params"] == 40 * 4  # the norm only
     assert [lp.bytes for lp in plan.layers] == [(32 * 40 + 40) * 4]
     assert _resident(plan) == {"w"}
+
+
+def test_residency_follows_the_decode_costs_whatever_graph_comes_first(mlp):
+    """Residency is chosen once, by one-token costs. Here the prefill costs (the graph's own) would put a
+    and c wholly on the GPU side (α = 0: no CPU job, no job overhead) and so rank b first; the decode costs
+    split all three, which ranks c and a first."""
+    gm = _profiled(mlp(bias=False))
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta:
+            name = n.meta[meta.LINEAR].name
+            n.meta[meta.DECODE_COST] = LinearCost(t_cpu=1e-3, t_copy=1e-3, t_gpu=0.0, source="model")
+            slow = 1.0 if name != "b.weight" else 1e-3  # a, c: far slower on the CPU at the prefill shape
+            n.meta[meta.COST] = LinearCost(t_cpu=slow, t_copy=1e-3, t_gpu=0.0, source="model")
+    # 21000 B: by the prefill ranking b fits first (12288 + staging 8192) and then nothing else; by the
+    # decode ranking c and a fit (3072 + 8192 + staging 6144) and b does not
+    _, plan, _ = _place(gm, _config(gpu_memory=21000))
+    assert _resident(plan) == {"a.weight", "c.weight"}
+
+
+def test_a_lone_linear_outranks_one_that_shares_its_job():
+    """At equal T_cpu / M, the job overhead makes a Linear with its own CPU job the one to keep resident."""
+    from hetegen_fx.passes.placement import JOB_OVERHEAD
+
+    class Attn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(64, 64, bias=False)
+            self.k = torch.nn.Linear(64, 64, bias=False)
+            self.o = torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    t = 10 * JOB_OVERHEAD  # the same T_cpu for all three; the overhead share decides
+    gm = _profiled(Attn(), {"q.weight": t, "k.weight": t, "o.weight": t})
+    weight = 64 * 64 * 4
+    _, plan, _ = _place(gm, _config(gpu_memory=weight + weight // 2 + 100, alpha=0.5))
+    assert _resident(plan) == {"o.weight"}

@@ -124,15 +124,22 @@ def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
 
     gm = capture_fx(model)
     ProfilePass(cfg, x)(gm)
-    # two distinct (shape, dtype) keys: the two 32x32 Linears are measured once
-    assert sorted(calls) == [(8, 32, 2, torch.float32), (32, 32, 2, torch.float32)]
+    # two distinct (shape, dtype) keys, at the graph's 2 tokens and at 1 (the decode costs residency uses):
+    # the two 32x32 Linears are measured once
+    assert sorted(calls) == [(8, 32, t, torch.float32) for t in (1, 2)] + [
+        (32, 32, t, torch.float32) for t in (1, 2)
+    ]
     costs = [n.meta[meta.COST] for n in _linear_nodes(gm)]
     assert all(c.source == "measured" and c.t_cpu > 0 and c.t_copy > 0 for c in costs)
     assert costs[0] == costs[1]
     cache_file = tmp_path / "profiles.json"
     data = json.loads(cache_file.read_text())
     (entries,) = data.values()  # one machine
-    assert set(entries) == {"32x32x2:float32", "8x32x2:float32"}
+    assert set(entries) == {"32x32x2:float32", "8x32x2:float32", "32x32x1:float32", "8x32x1:float32"}
+    decode = [n.meta[meta.DECODE_COST] for n in _linear_nodes(gm)]
+    assert decode[0] == _cached_cost(data, "32x32x1:float32") and decode[2] == _cached_cost(
+        data, "8x32x1:float32"
+    )
 
     # a second compilation finds everything in the cache and measures nothing
     def boom(*args):
@@ -147,8 +154,13 @@ def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
     monkeypatch.setattr(profile_mod, "measure_cost", counting)
     calls.clear()
     ProfilePass(cfg, [torch.randn(5, 32)])(capture_fx(model))
-    assert len(calls) == 2
-    assert len(next(iter(json.loads(cache_file.read_text()).values()))) == 4
+    assert len(calls) == 2  # the one-token costs are cached already
+    assert len(next(iter(json.loads(cache_file.read_text()).values()))) == 6
+
+
+def _cached_cost(data: dict, key: str) -> LinearCost:
+    (entries,) = data.values()
+    return LinearCost(**entries[key])
 
 
 def test_measure_false_uses_the_model_even_when_profile_is_measure(mlp, tmp_path, monkeypatch):
