@@ -29,8 +29,9 @@ a worker that needs the GIL between two steps of a job can wait that long, and a
 Python takes it from the launcher at every poll. So the jobs run as a *TorchScript* function
 (:func:`_job_loop`), which the interpreter runs without the GIL: waiting for "ready" (a spin on the word),
 the Linears, and writing "done" are one GIL-free call, and the worker takes every job already queued into
-that call. (Measured on the H200 host, 7B decode: 118 ms a token against 126-131 ms with the same steps in
-Python; lowering the switch interval did not help the scripted loop and slowed the launching thread.)
+that call. (Measured on the H200 host, 7B decode, same process and plan, scripted against Python: 108.5
+against 111.7 ms a token with 60 jobs a token, 117.6 against 126-131 ms with 100. Lowering the switch
+interval did not help the scripted loop and slowed the launching thread.)
 TorchScript is deprecated in favour of ``torch.compile``, which offers no GIL-free interpreter for such a
 loop; where scripting fails (or with ``HETEGEN_SCRIPTED_JOBS=0``, and while a timeline is recorded, which
 times each job) the same steps run in Python.
