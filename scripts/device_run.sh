@@ -3,7 +3,8 @@
 # tests, then the benchmark (from the shim folder, so the checkout's hetegen_fx/ is not imported).
 # Usage: bash scripts/device_run.sh [bench args...]
 # Env: OUT (results folder), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_TIMEOUT (s, default 480): a benchmark still
-# running then prints every thread's stack (faulthandler) and is killed; its log is $OUT/bench.log.
+# running then prints every thread's Python stack (faulthandler) and, where cuda-gdb exists, every thread's
+# native stack ($OUT/gdb.txt), and is killed; its log is $OUT/bench.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 REPO=$(pwd)
@@ -18,11 +19,21 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   T=${BENCH_TIMEOUT:-480}
-  (cd "$SHIM" && timeout -s KILL $((T + 15)) python3 -c "
+  (cd "$SHIM" && exec python3 -c "
 import faulthandler, sys
 faulthandler.dump_traceback_later($T, file=sys.stderr)
 from hetegen_fx.cli import main
-sys.exit(main(sys.argv[1:]))" bench --out "$OUT" "$@" >"$OUT/bench.log" 2>&1)
+sys.exit(main(sys.argv[1:]))" bench --out "$OUT" "$@" >"$OUT/bench.log" 2>&1) &
+  PID=$!
+  for _ in $(seq 1 $((T + 5))); do sleep 1; kill -0 $PID 2>/dev/null || break; done
+  if kill -0 $PID 2>/dev/null; then  # still running: native stacks of every thread too (CUDA driver calls)
+    if command -v cuda-gdb >/dev/null; then
+      timeout 90 cuda-gdb -p $PID -batch -ex "info threads" -ex "thread apply all bt 30" >"$OUT/gdb.txt" 2>&1
+      echo "native stacks in $OUT/gdb.txt"
+    fi
+    kill -9 $PID
+  fi
+  wait $PID
   echo "bench exit code $?"
   grep -v "^\[transformers\]\|profiling" "$OUT/bench.log" | tail -80
 fi
