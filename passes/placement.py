@@ -230,7 +230,6 @@ class PlacementPass(PassBase):
                 f"{self.config.prefetch}); raise gpu_memory to at least {format_bytes(minimum)}, or lower "
                 "max_seq_len / prefetch"
             )
-
         order = sorted(layers, key=lambda lp: priority[lp.name], reverse=True)
         resident_bytes = 0
         for lp in order:

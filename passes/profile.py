@@ -77,9 +77,10 @@ class ProfilePass(PassBase):
             worker = get_runtime(device).host if measure else None
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
-        load: list[CopyLoad] = []  # one for the whole pass, dropped with it
+        load: CopyLoad | None = None  # one for the whole pass, dropped with it
 
         def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
+            nonlocal load
             w = site.weight.tensor
             key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
             cost = seen.get(key)
@@ -88,8 +89,8 @@ class ProfilePass(PassBase):
                 if cost is None:
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
-                    if not load and device.type == "cuda":
-                        load.append(CopyLoad(device))
+                    if load is None and device.type == "cuda":
+                        load = CopyLoad(device)
                     cost = measure_cost(
                         site.out_features,
                         site.in_features,
@@ -97,7 +98,7 @@ class ProfilePass(PassBase):
                         w.dtype,
                         device,
                         threads,
-                        load[0] if load else None,
+                        load,
                         worker,
                     )
                     cache.put(key, cost)
