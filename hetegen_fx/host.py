@@ -2,7 +2,8 @@
 
 A group of Linears that read the same activation ``x`` (q/k/v, gate/up) is one *job*::
 
-    cpu_begin:  [stream] x → pinned host buffer; write the job's number into the "ready" word
+    cpu_begin:  [stream] x → pinned host buffer; write the job's number into the "ready" word;
+                [thread] post the job's descriptor (number, weights, buffers, shape) to the worker
     worker:     wait for the "ready" word; y = cat(linear(x, W_i[:k_i], b_i[:k_i])) into a pinned host
                 buffer; write the job's number into the "done" word
     cpu_end:    [stream] wait until the "done" word reaches the job's number; y → device
@@ -18,28 +19,34 @@ kernel loading on the launching thread does), and a worker blocked on that lock 
 the device waits for (seen on an H200: a deadlock at the first GEMM of a new shape). For the same reason
 the worker never frees pinned memory (freeing it records CUDA events): buffers live until :meth:`free`.
 
-Where the driver offers no stream memory operations (or ``HETEGEN_STREAM_WAIT=0``), a CUDA event marks
-"x ready" and ``cpu_end`` blocks the launching thread until the job is done: correct, with less overlap,
-and the device never waits on the worker. On an emulated device (``"cpu"``) the same worker runs the jobs
-and ``cpu_end`` waits for them, so the job logic is exercised without an accelerator.
+The GIL, for the same reason. The launching thread holds the GIL nearly all the time, *also while a CUDA
+call blocks it*: a kernel launch blocks once the device's launch queue is full, which happens whenever the
+thread runs far ahead of a device that waits for a long CPU job (a 512-token prefill with every Linear on
+the CPU). A worker that needed the GIL to start the job the device waits for would then never get it: a
+deadlock (seen on the H100 and H200 hosts, reproducibly, in that prefill). So the worker takes jobs without
+the GIL. It runs :func:`_job_server`, compiled by TorchScript, whose interpreter runs without the GIL: the
+server reads job descriptors from a ring the launching thread fills (:attr:`HostWorker._desc`, plain
+integers written through ctypes), looks up the weights and buffers in tables it was entered with, and
+spins on the ring and on the "ready" word. It leaves (and the worker needs the GIL again) only when it has
+been idle for a while, when its tables must grow (a new group of weights, a larger buffer) or for a
+:meth:`HostWorker.call`; before the launching thread posts a job, it makes sure (waiting with the GIL
+released) that a server with the current tables runs. Measured before this design, with the job loop
+scripted per batch of queued jobs, against the same loop in Python: 108.5 against 111.7 ms a 7B token
+(60 jobs a token), 117.6 against 126-131 ms (100 jobs).
 
-The GIL. The launching thread holds it nearly all the time (it runs the graph's Python), and CPython
-hands it to a waiting thread only when the holder blocks or after the *switch interval* (5 ms by default):
-a worker that needs the GIL between two steps of a job can wait that long, and a worker that polls in
-Python takes it from the launcher at every poll. So the jobs run as a *TorchScript* function
-(:func:`_job_loop`), which the interpreter runs without the GIL: waiting for "ready" (a spin on the word),
-the Linears, and writing "done" are one GIL-free call, and the worker takes every job already queued into
-that call. (Measured on the H200 host, 7B decode, same process and plan, scripted against Python: 108.5
-against 111.7 ms a token with 60 jobs a token, 117.6 against 126-131 ms with 100. Lowering the switch
-interval did not help the scripted loop and slowed the launching thread.)
 TorchScript is deprecated in favour of ``torch.compile``, which offers no GIL-free interpreter for such a
-loop; where scripting fails (or with ``HETEGEN_SCRIPTED_JOBS=0``, and while a timeline is recorded, which
-times each job) the same steps run in Python.
+loop; where scripting fails (or with ``HETEGEN_SCRIPTED_JOBS=0``) the same function runs in Python, which
+needs the GIL between its steps: correct, slower, and open to the deadlock above. While a timeline is
+recorded (:attr:`HostWorker.log`) the worker times each job from Python, with the same exposure.
 
-A thread that blocks on the device while holding the GIL (many blocking device→host copies do) would still
-wait for a device that waits for a worker that needs the GIL to start its next call. So a graph with CPU
-jobs ends with ``cpu_wait``, which waits for its jobs with the GIL released, before anything blocks on the
-device (its outputs' copies to the host, the caller's next steps).
+Where the driver offers no stream memory operations (or ``HETEGEN_STREAM_WAIT=0``), ``cpu_begin`` waits on
+the launching thread (GIL released) until ``x`` is on the host, and ``cpu_end`` until the job is done:
+correct, with less overlap, and the device never waits on the worker. On an emulated device (``"cpu"``)
+the same server runs the jobs and ``cpu_end`` waits for them, so the job logic is exercised without an
+accelerator.
+
+A graph with CPU jobs ends with ``cpu_wait``, which waits for its jobs with the GIL released, before
+anything blocks on the device with the GIL held (its outputs' copies to the host, the caller's next steps).
 
 Buffer reuse is safe because every job's device-side steps are ordered on the one compute stream and the
 worker runs jobs in order: a host buffer pair goes back to the pool only after ``cpu_end`` has queued the
@@ -49,21 +56,30 @@ its own "x ready".
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import queue
 import threading
 import time
 import warnings
-from collections import deque
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 #: CU_STREAM_WAIT_VALUE_GEQ: ``(int32)(*addr - value) >= 0``, so the job counter may wrap around
 _WAIT_GEQ = 0
-#: most jobs the worker hands to one call of the job loop
-_MAX_BATCH = 64
+#: job descriptors in the ring; the launching thread waits (GIL released) when all are unread
+_CAPACITY = 1024
+#: a descriptor: job number, site (weights) index, x buffer index, y buffer index, rows, x's columns
+_FIELDS = 6
+#: polls of an empty ring before the server leaves (tens of ms; the worker then sleeps in Python)
+_IDLE_SPINS = 100_000
+#: counters shared with the server: [0] ring head (written by the launching thread), [1] ring tail (next
+#: descriptor to run; written by the server), [2] generation of the tables a server runs with (0 while
+#: none runs), [3] generation of the latest server entered (never cleared)
+_HEAD, _TAIL, _SERVING, _ENTERED = 0, 1, 2, 3
 
 
 class _StreamMemOps:
@@ -100,43 +116,98 @@ def _reached(word: ctypes.c_uint32, seq: int) -> bool:
     return ((word.value - seq) & 0xFFFFFFFF) < 0x80000000
 
 
-def _job_loop(
-    xs: list[torch.Tensor],
-    weights: list[list[torch.Tensor]],
-    biases: list[list[torch.Tensor | None]],
-    outs: list[torch.Tensor],
-    seqs: list[int],
+@torch.jit.ignore
+def _pause() -> None:
+    """Give the GIL away for a moment (only the Python run of :func:`_job_server` calls this)."""
+    time.sleep(0)
+
+
+_pause.__annotations__ = {"return": None}  # a real None, not the string ``from __future__`` makes of it
+
+
+def _job_server(
+    desc: torch.Tensor,
+    counters: torch.Tensor,
     words: torch.Tensor,
+    sites_w: list[list[torch.Tensor]],
+    sites_b: list[list[torch.Tensor | None]],
+    xbufs: list[torch.Tensor],
+    ybufs: list[torch.Tensor],
+    generation: int,
     wait_ready: bool,
-) -> None:
-    """Run jobs in order. For job ``j``: if ``wait_ready``, spin until ``words[0] ≥ seqs[j]`` (wrap-safe);
-    write each Linear's output into its columns of ``outs[j]`` (``[rows, features]``); set ``words[1]``
-    to ``seqs[j]``. Scripted by :func:`_scripted_loop`, it runs without the GIL."""
-    for j in range(len(xs)):
-        seq = seqs[j] & 0xFFFFFFFF
+    idle_spins: int,
+    max_jobs: int,
+    python: bool,
+) -> int:
+    """Run the jobs posted to the ring ``desc`` in order, from ``counters[TAIL]`` on (see the module
+    docstring; ``counters`` as :data:`_HEAD` and following say). For each job: if ``wait_ready``, spin until
+    ``words[0] ≥`` its number (wrap-safe); write each Linear's output into its columns of the job's y
+    buffer; set ``words[1]`` to its number. A descriptor with a negative number ``-g`` is a stop: the
+    server leaves if ``g`` is above its ``generation`` (newer tables exist) and skips it otherwise.
+    Returns 0 after ``idle_spins`` polls of an empty ring, 1 at a stop, 2 after ``max_jobs`` jobs (0: no
+    limit). Scripted by :func:`_scripted_server`, it runs without the GIL; ``python`` pauses in its
+    polls so that the same function can run in Python."""
+    cap = desc.size(0)
+    tail = int(counters[1].item())
+    counters[3].fill_(generation)
+    counters[2].fill_(generation)
+    ran = 0
+    spins = 0
+    while True:
+        if int(counters[0].item()) == tail:
+            spins += 1
+            if python:
+                _pause()
+            if spins < idle_spins:
+                continue
+            counters[2].fill_(0)  # leaving; then look once more: a job posted meanwhile keeps us here
+            if int(counters[0].item()) == tail:
+                return 0
+            counters[2].fill_(generation)
+        spins = 0
+        d = desc[tail % cap]
+        seq = int(d[0].item())
+        if seq < 0:
+            tail += 1
+            counters[1].fill_(tail)
+            if -seq > generation:
+                counters[2].fill_(0)
+                return 1
+            continue
         if wait_ready:
             while ((int(words[0].item()) - seq) & 0xFFFFFFFF) >= 0x80000000:
-                pass
-        x = xs[j]
-        x = x.reshape(-1, x.size(-1))
-        out = outs[j]
-        ws = weights[j]
-        bs = biases[j]
+                if python:
+                    _pause()
+        ws = sites_w[int(d[1].item())]
+        bs = sites_b[int(d[1].item())]
+        rows = int(d[4].item())
+        cols = int(d[5].item())
+        features = 0
+        for w in ws:
+            features += w.size(0)
+        x = xbufs[int(d[2].item())].narrow(0, 0, rows * cols).view(rows, cols)
+        out = ybufs[int(d[3].item())].narrow(0, 0, rows * features).view(rows, features)
         off = 0
         for i in range(len(ws)):
             n = ws[i].size(0)
             out.narrow(1, off, n).copy_(torch.nn.functional.linear(x, ws[i], bs[i]))
             off += n
         words[1].fill_(seq - 0x100000000 if seq >= 0x80000000 else seq)  # int32 storage of the uint32
+        tail += 1
+        counters[1].fill_(tail)
+        ran += 1
+        if ran == max_jobs:
+            return 2
+    return 3  # not reached (TorchScript wants a return after the loop)
 
 
-_SCRIPTED: list = []  # [the scripted job loop, or None]: tried once
+_SCRIPTED: list = []  # [the scripted job server, or None]: tried once
 _SCRIPT_LOCK = threading.Lock()
 
 
-def _scripted_loop():
-    """:func:`_job_loop` compiled by TorchScript (GIL-free), or None (unavailable, or
-    ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same loop in Python."""
+def _scripted_server():
+    """:func:`_job_server` compiled by TorchScript (GIL-free), or None (unavailable, or
+    ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same function in Python."""
     with _SCRIPT_LOCK:
         if not _SCRIPTED:
             fn = None
@@ -144,11 +215,11 @@ def _scripted_loop():
                 try:
                     with warnings.catch_warnings():  # deprecated in torch 2.11+; see the module docstring
                         warnings.simplefilter("ignore")
-                        fn = torch.jit.script(_job_loop)
-                except Exception as e:  # noqa: BLE001  (any failure means: run the loop in Python)
+                        fn = torch.jit.script(_job_server)
+                except Exception as e:  # noqa: BLE001  (any failure means: run the server in Python)
                     warnings.warn(
                         f"hetegen: TorchScript is unavailable ({type(e).__name__}: {e}); CPU parts run in "
-                        "Python, with more waiting for the GIL",
+                        "Python, which needs the GIL between jobs",
                         RuntimeWarning,
                         stacklevel=2,
                     )
@@ -158,24 +229,19 @@ def _scripted_loop():
 
 @dataclass
 class _Buffers:
-    """A pinned host buffer pair for one job: its input ``x`` and its output ``y``."""
+    """A host buffer pair for one job (pinned on CUDA), flat, of the job's dtype: its input ``x`` and its
+    output ``y``."""
 
     x: torch.Tensor
     y: torch.Tensor
 
 
 @dataclass
-class Job:
-    seq: int
-    x: torch.Tensor  # on the host: a view of pinned memory (CUDA) or the activation itself (emulation)
-    weights: list[torch.Tensor]
-    biases: list[torch.Tensor | None]
-    ready: torch.cuda.Event | None = None  # "x has landed in host memory" (CUDA)
-    out: torch.Tensor | None = None  # where y goes, ``[rows, features]`` (CUDA: pinned)
-    buffers: _Buffers | None = None
-    error: BaseException | None = None
-    collected: bool = False  # ``end`` has handed the result on (on CUDA possibly before the job ran)
-    done: threading.Event = field(default_factory=threading.Event)
+class _Pending:
+    """A job posted and not yet collected by :meth:`HostWorker.end`."""
+
+    buffers: int  # index into HostWorker._buffers
+    out: torch.Tensor  # y, ``[rows, features]``, a view of the buffer
 
 
 @dataclass
@@ -188,7 +254,7 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-_NOTHING = object()  # "no item in hand" for the worker's queue loop
+_SERVE = object()  # queue item: enter the job server with the current tables
 
 
 class HostWorker:
@@ -198,22 +264,43 @@ class HostWorker:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.threads = threads
-        self._queue: queue.SimpleQueue[Job | _Call | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._seq = 0
-        self._last: Job | None = None
-        self._pending: dict[int, Job] = {}
-        self._pool: list[_Buffers] = []  # free buffer pairs
-        self._buffers: list[_Buffers] = []  # every pair ever made: freed only by free(), never by the worker
-        self._events: deque[torch.cuda.Event] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._failed: dict[int, BaseException] = {}  # jobs that failed before they were collected
         self._error: BaseException | None = None  # of a job that failed after it was collected
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _pending membership and the errors, between the two threads
+        self._fence = threading.Lock()  # a full memory barrier between a store and a load (see _post)
+        # tables the server looks jobs up in; they only grow (until free()), each growth is a generation
+        self._sites: dict[tuple[int, ...], int] = {}
+        self._site_w: list[list[torch.Tensor]] = []
+        self._site_b: list[list[torch.Tensor | None]] = []
+        self._site_keep: list[tuple] = []  # the weights themselves, so that a site's key stays unique
+        self._buffers: list[_Buffers] = []  # every pair ever made: freed only by free(), never by the worker
+        self._pool: list[int] = []  # free pairs
+        self._generation = 1
+        self._head = 0
+        self._desc = torch.zeros(_CAPACITY, _FIELDS, dtype=torch.int64)
+        self._desc_mem = (ctypes.c_int64 * (_CAPACITY * _FIELDS)).from_address(self._desc.data_ptr())
+        self._counters = torch.zeros(4, dtype=torch.int64)
+        self._counter_mem = (ctypes.c_int64 * 4).from_address(self._counters.data_ptr())
         self._words: torch.Tensor | None = None  # [ready, done] (pinned on CUDA)
         self._ready_word: ctypes.c_uint32 | None = None
         self._done_word: ctypes.c_uint32 | None = None
         self._memops: tuple | None = None
-        #: when a list, the worker appends (job number, start, end) in ``time.perf_counter`` seconds
-        self.log: list | None = None
+        self._log: list | None = None
+
+    @property
+    def log(self) -> list | None:
+        """When a list, the worker appends (job number, start, end) in ``time.perf_counter`` seconds for
+        each job (it then runs jobs from Python; see the module docstring)."""
+        return self._log
+
+    @log.setter
+    def log(self, value: list | None) -> None:
+        self._log = value
+        self._generation += 1  # the server must be re-entered in (or out of) the recording mode
 
     # -- the launching thread ------------------------------------------------------------------------------
 
@@ -227,69 +314,80 @@ class HostWorker:
         """Queue ``cat([linear(x, w, b) for w, b in zip(weights, biases)], -1)``; return the job's number."""
         self._start()
         self._raise_pending()
+        if x.dtype != weights[0].dtype:
+            raise TypeError(
+                f"hetegen: a CPU part got a {x.dtype} input for {weights[0].dtype} weights; the activations "
+                "and the offloaded weights must have one dtype"
+            )
+        site = self._site(weights, biases)
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        features = sum(w.shape[0] for w in weights)
+        b = self._take(x.dtype, rows * cols, rows * features)
+        bufs = self._buffers[b]
+        xh = bufs.x[: rows * cols].view(x.shape)
+        out = bufs.y[: rows * features].view(rows, features)
         self._seq += 1
-        job = Job(self._seq, x, list(weights), list(biases))
-        rows, features = x.numel() // x.shape[-1], sum(w.shape[0] for w in weights)
+        seq = self._seq
         if self.is_cuda:
-            x = x.contiguous()
-            bufs = self._take(x.numel() * x.element_size(), rows * features * x.element_size())
-            job.buffers = bufs
-            job.x = bufs.x[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-            job.out = bufs.y[: rows * features * x.element_size()].view(x.dtype).view(rows, features)
             stream = torch.cuda.current_stream(self.device)
-            job.x.copy_(x, non_blocking=True)
+            xh.copy_(x, non_blocking=True)
             if self._memops is not None:
                 rc = self._memops[1](
-                    ctypes.c_void_p(stream.cuda_stream), self._ready_addr, job.seq & 0xFFFFFFFF, 0
+                    ctypes.c_void_p(stream.cuda_stream), self._ready_addr, seq & 0xFFFFFFFF, 0
                 )
                 if rc != 0:
                     raise RuntimeError(f"hetegen: cuStreamWriteValue32 failed (CUDA error {rc})")
-            else:
-                job.ready = self._events.popleft() if self._events else torch.cuda.Event()
-                job.ready.record(stream)
+            else:  # no device-side wait: x must be on the host before the job is posted
+                ready = torch.cuda.Event()
+                ready.record(stream)
+                ready.synchronize()
         else:
-            if x.device.type != "cpu":
-                job.x = x.to("cpu")
-            job.out = torch.empty(rows, features, dtype=x.dtype)
-        self._pending[job.seq] = job
-        self._last = job
-        self._queue.put(job)
-        return job.seq
+            xh.copy_(x)
+        with self._lock:
+            self._pending[seq] = _Pending(b, out)
+        self._post(seq, site, b, b, rows, cols)
+        return seq
 
     def end(self, seq: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The result of job ``seq`` on the device, shaped ``shape``: on CUDA, queued behind the job."""
-        job = self._pending.pop(seq, None)
+        """The result of job ``seq``, shaped ``shape``: on CUDA a device tensor queued behind the job."""
+        job = self._pending.get(seq)
         if job is None:
             raise RuntimeError(f"hetegen: CPU job {seq} was never started or was already collected")
-        for old in [s for s in self._pending if s < seq]:  # orphans of a graph call that failed midway
-            if self._pending[old].done.is_set():
-                del self._pending[old]
-        if not self.is_cuda:
-            job.done.wait()
-            self._collect(job)
-            return job.out.reshape(shape)
-        stream = torch.cuda.current_stream(self.device)
-        if self._memops is not None:
+        self._drop_orphans(seq)
+        if self.is_cuda and self._memops is not None:
+            stream = torch.cuda.current_stream(self.device)
             rc = self._memops[0](
                 ctypes.c_void_p(stream.cuda_stream), self._done_addr, seq & 0xFFFFFFFF, _WAIT_GEQ
             )
             if rc != 0:
                 raise RuntimeError(f"hetegen: cuStreamWaitValue32 failed (CUDA error {rc})")
         else:
-            job.done.wait()
-        self._collect(job)
-        y = torch.empty(shape, dtype=dtype, device=self.device)
-        y.view(job.out.shape).copy_(job.out, non_blocking=True)
+            self._wait_done(seq)
+        with self._lock:  # collected: a later failure of this job is reported at the next call
+            del self._pending[seq]
+        self._collect(seq)
+        if self.is_cuda:
+            y = torch.empty(shape, dtype=dtype, device=self.device)
+            y.view(job.out.shape).copy_(job.out, non_blocking=True)
+        else:
+            y = job.out.reshape(shape).clone()
         self._pool.append(job.buffers)  # safe to reuse: see the module docstring
         return y
 
+    def is_done(self, seq: int) -> bool:
+        """Whether job ``seq`` has run (the worker runs jobs in order)."""
+        self._start()
+        return _reached(self._done_word, seq)
+
     def call(self, fn):
-        """Run ``fn()`` on the worker thread, after the jobs queued so far, and return its result (or raise
+        """Run ``fn()`` on the worker thread, after the jobs posted so far, and return its result (or raise
         its error). The profiler times CPU parts this way: on the thread and intra-op threads that will run
         them (a second team of OpenMP threads on the launching thread would share the cores with this one's,
         still spinning after its last job, and the timings come out several times too slow). ``fn`` must
         make no CUDA call (see the module docstring)."""
         self._start()
+        self._generation += 1
+        self._post_stop()  # the server leaves (after the jobs before it) and the worker takes the call
         item = _Call(fn)
         self._queue.put(item)
         item.done.wait()
@@ -298,26 +396,33 @@ class HostWorker:
         return item.result
 
     def wait_all(self) -> None:
-        """Block until every job queued so far has run (the worker runs them in order), without holding
-        the GIL: afterwards the launching thread may block on the device with the GIL held (a blocking
-        device→host copy, ``.item()``), which would otherwise starve the worker the device is waiting for."""
-        last = self._last
-        if last is not None:
-            last.done.wait()
+        """Block until every job posted so far has run, without holding the GIL: afterwards the launching
+        thread may block on the device with the GIL held (a blocking device→host copy, ``.item()``)."""
+        if self._thread is not None:
+            self._wait_done(self._seq)
         self._raise_pending()
 
     def drain(self) -> None:
         """:meth:`wait_all`, then forget the jobs never collected (a graph call that failed midway)."""
         self.wait_all()
-        self._pending.clear()
+        with self._lock:
+            self._pool.extend(job.buffers for job in self._pending.values())
+            self._pending.clear()
+            self._failed.clear()
 
     def free(self) -> None:
-        """Drop the pinned buffers (after the device and the worker are idle)."""
+        """Drop the pinned buffers and the weight tables (after the device and the worker are idle)."""
         self.drain()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
+        if self._thread is not None:
+            self.call(lambda: None)  # the server has left and the worker dropped its copies of the tables
         self._pool.clear()
         self._buffers.clear()
+        self._sites.clear()
+        self._site_w.clear()
+        self._site_b.clear()
+        self._site_keep.clear()
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -334,23 +439,99 @@ class HostWorker:
                 self._ready_word = ctypes.c_uint32.from_address(self._ready_addr)
         self._thread = threading.Thread(target=self._run, name=f"hetegen-cpu-{self.device}", daemon=True)
         self._thread.start()
+        _WORKERS.add(self)
 
-    def _take(self, x_bytes: int, y_bytes: int) -> _Buffers:
+    def _site(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> int:
+        """The index of this group of weights in the server's tables (a new one: a new generation)."""
+        key = tuple(map(id, weights)) + tuple(map(id, biases))
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = len(self._site_w)
+            self._site_w.append(list(weights))
+            self._site_b.append(list(biases))
+            self._site_keep.append((weights, biases))
+            self._generation += 1
+        return site
+
+    def _take(self, dtype: torch.dtype, x_numel: int, y_numel: int) -> int:
+        """A free buffer pair of ``dtype`` that holds ``x_numel`` and ``y_numel`` elements (a new one: a new
+        generation)."""
         for i, b in enumerate(self._pool):
-            if b.x.numel() >= x_bytes and b.y.numel() >= y_bytes:
+            bufs = self._buffers[b]
+            if bufs.x.dtype == dtype and bufs.x.numel() >= x_numel and bufs.y.numel() >= y_numel:
                 return self._pool.pop(i)
-        bufs = _Buffers(
-            torch.empty(_round_up(x_bytes), dtype=torch.uint8, pin_memory=True),
-            torch.empty(_round_up(y_bytes), dtype=torch.uint8, pin_memory=True),
+        pin = self.is_cuda
+        self._buffers.append(
+            _Buffers(
+                torch.empty(_round_up(x_numel), dtype=dtype, pin_memory=pin),
+                torch.empty(_round_up(y_numel), dtype=dtype, pin_memory=pin),
+            )
         )
-        self._buffers.append(bufs)
-        return bufs
+        self._generation += 1
+        return len(self._buffers) - 1
 
-    def _collect(self, job: Job) -> None:
-        """Mark ``job`` collected; raise its error if it has already failed (or an earlier job's)."""
+    def _post(self, *fields: int) -> None:
+        """Append a descriptor to the ring, with a server running the current tables to read it."""
+        mem = self._counter_mem
+        if mem[_ENTERED] != self._generation or mem[_SERVING] != self._generation:
+            self._serve_now()
+        self._wait_for(lambda: self._head - mem[_TAIL] < _CAPACITY)  # the ring is full: wait for the server
+        base = (self._head % _CAPACITY) * _FIELDS
+        for i, v in enumerate(fields):
+            self._desc_mem[base + i] = v
+        self._head += 1
+        mem[_HEAD] = (
+            self._head
+        )  # after the fields (x86 and the C11 model keep stores to plain memory in order)
+        with (
+            self._fence
+        ):  # a full barrier: the store above before the load below (the server does the mirror)
+            pass
+        seq = fields[0]
+        if seq > 0 and mem[_SERVING] != self._generation:  # the server left just as the job came
+            self._queue.put(_SERVE)
+            self._wait_for(lambda: mem[_SERVING] == self._generation or _reached(self._done_word, seq))
+
+    def _post_stop(self, wait: bool = True) -> None:
+        """A stop for every server with tables older than the current generation (see _job_server)."""
+        if wait:
+            self._wait_for(lambda: self._head - self._counter_mem[_TAIL] < _CAPACITY)
+        base = (self._head % _CAPACITY) * _FIELDS
+        self._desc_mem[base] = -self._generation
+        self._head += 1
+        self._counter_mem[_HEAD] = self._head
+
+    def _serve_now(self) -> None:
+        """Have a server with the current tables run (it reads the ring from where the last one left)."""
+        gen = self._generation
+        self._post_stop()
+        self._queue.put(_SERVE)
+        self._wait_for(lambda: self._counter_mem[_ENTERED] >= gen)
+
+    def _wait_for(self, ready) -> None:
+        """Wait with the GIL released (a few yields, then short sleeps) until ``ready()``."""
+        spins = 0
+        while not ready():
+            spins += 1
+            time.sleep(0 if spins < 100 else 2e-5)
+            if spins % 50_000 == 0 and not self._thread.is_alive():
+                raise RuntimeError("hetegen: the CPU worker thread died")
+
+    def _wait_done(self, seq: int) -> None:
+        self._wait_for(lambda: _reached(self._done_word, seq))
+
+    def _drop_orphans(self, seq: int) -> None:
+        """Forget jobs before ``seq`` left uncollected by a graph call that failed midway, once they ran."""
         with self._lock:
-            job.collected = True
-            err = job.error
+            old = [s for s in self._pending if s < seq and _reached(self._done_word, s)]
+            for s in old:
+                self._pool.append(self._pending.pop(s).buffers)
+                self._failed.pop(s, None)
+
+    def _collect(self, seq: int) -> None:
+        """Raise the error of job ``seq`` if it has already failed (or an earlier collected job's)."""
+        with self._lock:
+            err = self._failed.pop(seq, None)
         if err is not None:
             raise RuntimeError(f"hetegen: a Linear's CPU part failed on the worker thread: {err}") from err
         self._raise_pending()
@@ -366,8 +547,10 @@ class HostWorker:
                 f"is wrong): {err}"
             ) from err
 
+    # -- the worker thread ---------------------------------------------------------------------------------
+
     def _run(self) -> None:
-        # TorchScript's optimising executor re-profiles and re-specialises the loop for every new mix of
+        # TorchScript's optimising executor re-profiles and re-specialises the server for every new mix of
         # shapes (tens of ms each, for many calls); plain interpretation runs as fast from the first call.
         # The flag is this thread's own.
         with torch.jit.optimized_execution(False):
@@ -375,27 +558,9 @@ class HostWorker:
 
     def _serve(self) -> None:
         applied = None
-        loop = _scripted_loop()
+        server = _scripted_server()
         while True:
             item = self._queue.get()
-            jobs: list[Job] = []  # every job queued behind the first: one call of the job loop
-            while isinstance(item, Job):
-                jobs.append(item)
-                item = _NOTHING
-                if len(jobs) < _MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        pass
-            if self.threads and self.threads != applied:
-                torch.set_num_threads(self.threads)
-                applied = self.threads
-            if jobs and loop is not None and self.log is None and all(job.ready is None for job in jobs):
-                self._run_scripted(loop, jobs)
-            else:
-                for job in jobs:
-                    self._run_one(job)
-            jobs = None  # drop the views of pinned memory here, not while blocked in the next get()
             if item is None:
                 return
             if isinstance(item, _Call):
@@ -404,65 +569,108 @@ class HostWorker:
                 except BaseException as e:  # noqa: BLE001  (re-raised on the calling thread)
                     item.error = e
                 item.done.set()
+                continue
+            if self.threads and self.threads != applied:
+                torch.set_num_threads(self.threads)
+                applied = self.threads
+            self._serve_jobs(server)
 
-    def _run_scripted(self, loop, jobs: list[Job]) -> None:
-        """All of ``jobs`` in one GIL-free call; after a failure, the jobs not done run one by one (the
-        failing one fails again there and its error is recorded)."""
-        try:
-            with torch.no_grad():
-                loop(
-                    [job.x for job in jobs],
-                    [job.weights for job in jobs],
-                    [job.biases for job in jobs],
-                    [job.out for job in jobs],
-                    [job.seq for job in jobs],
-                    self._words,
-                    self._ready_word is not None,
-                )
-        except BaseException:  # noqa: BLE001  (recorded per job by _run_one below)
-            for job in jobs:
-                if _reached(self._done_word, job.seq):
-                    job.done.set()
-                else:
-                    self._run_one(job)
-            return
-        for job in jobs:
-            job.done.set()
+    def _serve_jobs(self, server) -> None:
+        """Run the job server with the current tables until it leaves (a failed job is recorded, marked done
+        and skipped, and the server goes on)."""
+        gen = self._generation
+        tables = (
+            self._site_w.copy(),
+            self._site_b.copy(),
+            [b.x for b in self._buffers],
+            [b.y for b in self._buffers],
+        )
+        args = (self._desc, self._counters, self._words, *tables, gen, self._ready_word is not None)
+        log = self._log
+        while True:
+            try:
+                with torch.no_grad():
+                    if log is not None:
+                        reason = self._run_timed(args, log)
+                    elif server is not None:
+                        reason = server(*args, _IDLE_SPINS, 0, False)
+                    else:
+                        reason = _job_server(*args, _IDLE_SPINS // 50, 0, True)  # ~60 µs a poll
+            except BaseException as e:  # noqa: BLE001  (reported on the launching thread)
+                self._fail_current(e)
+                continue
+            if reason != 2:
+                return
 
-    def _run_one(self, job: Job) -> None:
-        """One job with the GIL held between its steps; timed into :attr:`log` when that is a list."""
-        try:
-            if job.ready is not None:
-                job.ready.synchronize()
-                self._events.append(job.ready)
-            elif self._ready_word is not None:
-                self._wait_ready(job.seq)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                _job_loop([job.x], [job.weights], [job.biases], [job.out], [job.seq], self._words, False)
-            if self.log is not None:
-                self.log.append((job.seq, t0, time.perf_counter()))
-        except BaseException as e:  # reported on the launching thread; the device must not wait forever
-            with self._lock:
-                job.error = e
-                if job.collected and self._error is None:
-                    self._error = e
-        finally:
-            self._done_word.value = job.seq & 0xFFFFFFFF
-            job.done.set()
-
-    def _wait_ready(self, seq: int) -> None:
-        """Poll the "ready" word the device writes (no CUDA call, see the module docstring): a few
-        GIL-yielding spins first (the device is usually close), then short sleeps."""
-        word = self._ready_word
+    def _run_timed(self, args, log: list) -> int:
+        """:func:`_job_server` from Python, one job at a time, each timed into ``log`` (the wait for
+        "ready" is not part of its time); returns as the server does."""
+        mem = self._counter_mem
+        gen = args[7]
+        mem[_ENTERED] = mem[_SERVING] = gen
         spins = 0
-        while not _reached(word, seq):
-            spins += 1
-            time.sleep(0 if spins < 200 else 2e-5)
+        while True:
+            tail = mem[_TAIL]
+            if mem[_HEAD] == tail:
+                spins += 1
+                if spins < _IDLE_SPINS // 50:
+                    time.sleep(0 if spins < 100 else 2e-5)
+                    continue
+                mem[_SERVING] = 0
+                with self._fence:
+                    pass
+                if mem[_HEAD] == tail:
+                    return 0
+                mem[_SERVING] = gen
+            spins = 0
+            seq = self._desc_mem[(tail % _CAPACITY) * _FIELDS]
+            if seq < 0:  # a stop
+                mem[_TAIL] = tail + 1
+                if -seq > gen:
+                    mem[_SERVING] = 0
+                    return 1
+                continue
+            if self._ready_word is not None:
+                while not _reached(self._ready_word, seq):
+                    time.sleep(0)
+            t0 = time.perf_counter()
+            _job_server(*args, 1, 1, True)
+            log.append((seq, t0, time.perf_counter()))
+
+    def _fail_current(self, err: BaseException) -> None:
+        """The job at the ring's tail failed: record its error, mark it done (the device must not wait
+        forever) and step past it."""
+        mem = self._counter_mem
+        tail = mem[_TAIL]
+        seq = self._desc_mem[(tail % _CAPACITY) * _FIELDS]
+        with self._lock:
+            if seq in self._pending:
+                self._failed[seq] = err
+            elif self._error is None:  # already collected: its graph call has returned
+                self._error = err
+        self._done_word.value = seq & 0xFFFFFFFF
+        mem[_TAIL] = tail + 1
+
+
+_WORKERS: weakref.WeakSet[HostWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _leave_servers() -> None:
+    """At exit, bring each worker back from its job server to its queue: a thread that comes back from a
+    GIL-free call while the interpreter finalizes is killed inside C++ code, which aborts the process."""
+    for worker in list(_WORKERS):
+        if worker._thread is not None and worker._thread.is_alive():
+            worker._generation += 1
+            worker._post_stop(wait=False)
+            deadline = time.monotonic() + 10
+            while worker._counter_mem[_SERVING] != 0 and time.monotonic() < deadline:
+                time.sleep(1e-3)
+            time.sleep(1e-3)  # the worker back in its queue's wait
 
 
 def _round_up(n: int) -> int:
-    """Buffer sizes rounded up to a power of two (at least 4 KiB), so a few sizes serve every shape."""
+    """Buffer sizes rounded up to a power of two (at least 4096 elements), so a few sizes serve every shape."""
     return max(4096, 1 << max(0, (n - 1).bit_length()))
 
 

@@ -1,6 +1,7 @@
 """The CPU worker of hetegen_fx.host (the device emulated on "cpu"): jobs run in order, off the calling
-thread, in the scripted (GIL-free) job loop and in its Python fallback; errors reach the caller; the
-wrap-safe counter compare the device uses; the ready-word wait without the GIL."""
+thread, in the scripted (GIL-free) job server and in its Python fallback; errors reach the caller; the
+wrap-safe counter compare the device uses; the ready-word wait without the GIL; jobs that run while the
+posting thread holds the GIL (the deadlock the server exists for); a clean exit."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import hetegen_fx.host as host_mod
-from hetegen_fx.host import HostWorker, _reached, _round_up, _scripted_loop
+from hetegen_fx.host import _CAPACITY, _FIELDS, HostWorker, _reached, _round_up, _scripted_server
 
 
 @pytest.fixture(params=["scripted", "python"], autouse=True)
 def job_loop(request, monkeypatch):
-    """Every test runs with the TorchScript job loop and with its Python fallback."""
+    """Every test runs with the TorchScript job server and with its Python fallback."""
     if request.param == "scripted":
-        assert _scripted_loop() is not None, "TorchScript should script the job loop on this torch"
+        assert _scripted_server() is not None, "TorchScript should script the job server on this torch"
     else:
         monkeypatch.setattr(host_mod, "_SCRIPTED", [None])
     return request.param
@@ -80,7 +81,7 @@ def test_wait_all_returns_once_every_job_ran():
     gen = torch.Generator().manual_seed(3)
     seqs = [host.begin(*_job(gen)[:3]) for _ in range(4)]
     host.wait_all()
-    assert all(host._pending[s].done.is_set() for s in seqs)
+    assert all(host.is_done(s) for s in seqs)
     host.drain()
     assert host._pending == {}
 
@@ -111,45 +112,99 @@ def test_jobs_queued_together_run_together_and_a_failure_stays_with_its_job():
         torch.testing.assert_close(host.end(seq, (3, 13), x.dtype), ref)
 
 
-def test_the_scripted_loop_waits_for_the_ready_word_without_the_gil(job_loop):
+def test_the_scripted_server_waits_for_the_ready_word_without_the_gil(job_loop):
     """What the device's "ready" write does on CUDA, done here by a thread: the job must not start before
     the word reaches its number, and the spin must leave the GIL to other threads."""
     if job_loop != "scripted":
-        pytest.skip("the Python fallback waits with time.sleep (covered by the GPU tests)")
-    loop = _scripted_loop()
+        pytest.skip("the Python fallback pauses in Python (covered by the GPU tests)")
+    server = _scripted_server()
     words = torch.zeros(2, dtype=torch.int32)
     ready = ctypes.c_uint32.from_address(words.data_ptr())
     x, ws, bs, ref = _job(torch.Generator().manual_seed(6))
-    out = torch.zeros(3, 13)
+    desc = torch.zeros(_CAPACITY, _FIELDS, dtype=torch.int64)
+    desc[0] = torch.tensor([7, 0, 0, 0, 3, 32])  # job 7: site 0, buffers 0, 3 rows of 32
+    counters = torch.tensor([1, 0, 0, 0])  # one descriptor posted, none read
+    out = torch.zeros(64)
     progress, flipped = [0], []
 
-    def device():  # counts in Python while the loop spins, then marks job 7 ready
+    def device():  # counts in Python while the server spins, then marks job 7 ready
         end = time.perf_counter() + 0.1
         while time.perf_counter() < end:
             progress[0] += 1
         flipped.append(time.perf_counter())
         ready.value = 7
 
-    faulthandler.dump_traceback_later(120, exit=True)  # a loop holding the GIL would hang: fail instead
+    faulthandler.dump_traceback_later(120, exit=True)  # a server holding the GIL would hang: fail instead
     try:
         t = threading.Thread(target=device)
         t.start()
-        loop([x], [ws], [bs], [out], [7], words, True)
+        reason = server(desc, counters, words, [ws], [bs], [x.flatten()], [out], 5, True, 10, 1, False)
         returned = time.perf_counter()
         t.join()
     finally:
         faulthandler.cancel_dump_traceback_later()
-    assert returned > flipped[0] and int(words[1]) == 7  # ran after "ready", then wrote "done"
-    torch.testing.assert_close(out, ref)
-    assert progress[0] > 1000  # the other thread ran while the loop waited: the GIL was free
+    assert reason == 2 and returned > flipped[0] and int(words[1]) == 7  # ran after "ready", wrote "done"
+    assert counters.tolist() == [1, 1, 5, 5]  # read one descriptor; entered and serving with its tables
+    torch.testing.assert_close(out[:39].view(3, 13), ref)
+    assert progress[0] > 1000  # the other thread ran while the server waited: the GIL was free
+
+
+def test_a_job_runs_while_the_posting_thread_holds_the_gil(job_loop):
+    """The deadlock the server exists for: on CUDA the launching thread can block in a driver call with the
+    GIL held (a full launch queue) while the device waits for a job. Here it holds the GIL in a C call for
+    half a second right after posting: the job must be done by then."""
+    if job_loop != "scripted":
+        pytest.skip("the Python fallback needs the GIL between jobs (see hetegen_fx.host)")
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(8)
+    x, ws, bs, ref = _job(gen)
+    host.end(host.begin(x, ws, bs), (3, 13), x.dtype)  # the server runs with these weights' tables
+    seq = host.begin(x, ws, bs)
+    ctypes.PyDLL(None).usleep(500_000)  # PyDLL: the GIL stays held during the call
+    assert host.is_done(seq)
+    torch.testing.assert_close(host.end(seq, (3, 13), x.dtype), ref)
+
+
+def test_tables_grow_and_the_ring_wraps_while_jobs_are_queued():
+    """New weights and larger buffers mid-stream make a new server generation; more jobs than the ring
+    holds go through it in order."""
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(9)
+    sites = [_job(gen)[1:3] for _ in range(3)]
+    done = 0
+    while done < _CAPACITY + 200:
+        batch = []
+        for i in range(37):
+            ws, bs = sites[(done + i) % 3]
+            x = torch.randn((done + i) % 5 + 1 + (40 if i == 20 else 0), 32, generator=gen)
+            ref = torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], -1)
+            batch.append((host.begin(x, ws, bs), x, ref))
+        for seq, x, ref in batch:
+            torch.testing.assert_close(host.end(seq, (x.shape[0], 13), x.dtype), ref)
+        done += len(batch)
+    assert host._seq == done and host._counter_mem[1] > _CAPACITY  # the tail went round the ring
+
+
+def test_a_program_exits_cleanly_right_after_a_job():
+    """The server spins without the GIL for a while after its last job; a thread that returns from such a
+    call while the interpreter finalizes would abort the process, so the worker is brought back at exit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom hetegen_fx.host import HostWorker\n"
+        "h = HostWorker(torch.device('cpu'))\nx = torch.randn(2, 8)\n"
+        "print(h.end(h.begin(x, [torch.randn(4, 8)], [None]), (2, 4), x.dtype).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "torch.Size([2, 4])" in r.stdout, r.stderr[-2000:]
 
 
 def test_call_runs_on_the_worker_after_the_queued_jobs_and_returns_or_raises():
     host = HostWorker(torch.device("cpu"))
     gen = torch.Generator().manual_seed(7)
     seq = host.begin(*_job(gen)[:3])
-    job = host._pending[seq]
-    seen = host.call(lambda: (threading.current_thread(), job.done.is_set()))
+    seen = host.call(lambda: (threading.current_thread(), host.is_done(seq)))
     assert seen == (host._thread, True)  # on the worker, and only once the job before it had run
     with pytest.raises(ZeroDivisionError):
         host.call(lambda: 1 / 0)
