@@ -73,7 +73,7 @@ class Config:
     activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
     cpu_threads: intra-op threads of the worker thread that runs the CPU parts (it calls
         ``torch.set_num_threads`` itself; compiling leaves the caller's setting alone, which dynamo requires).
-        ``None``: on CUDA every core but one (the one that launches GPU work), on the emulated device torch's
+        ``None``: on CUDA three quarters of the cores (the rest launch GPU work), on the emulated device torch's
         own setting.
     plan: a Plan (or a path to its JSON) to apply instead of profiling and placing.
     output_device: where outputs go. "input": back to the device the inputs came from. "accelerator": left

@@ -209,3 +209,11 @@ def test_call_runs_on_the_worker_after_the_queued_jobs_and_returns_or_raises():
     with pytest.raises(ZeroDivisionError):
         host.call(lambda: 1 / 0)
     assert host.call(lambda: 3) == 3  # the worker survives a failing call
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(16, 12), (8, 6), (4, 2), (2, 1), (1, 1)])
+def test_default_threads_leave_cores_to_the_launching_thread(monkeypatch, cores, threads, job_loop):
+    if job_loop != "scripted":
+        pytest.skip("independent of the job server")
+    monkeypatch.setattr(host_mod.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert host_mod.default_threads() == threads
