@@ -660,13 +660,16 @@ def _leave_servers() -> None:
     """At exit, bring each worker back from its job server to its queue: a thread that comes back from a
     GIL-free call while the interpreter finalizes is killed inside C++ code, which aborts the process."""
     for worker in list(_WORKERS):
-        if worker._thread is not None and worker._thread.is_alive():
+        if worker._thread is None or not worker._thread.is_alive():
+            continue
+        if worker._head - worker._counter_mem[_TAIL] < _CAPACITY:  # never overwrite an unread descriptor
             worker._generation += 1
             worker._post_stop(wait=False)
-            deadline = time.monotonic() + 10
-            while worker._counter_mem[_SERVING] != 0 and time.monotonic() < deadline:
-                time.sleep(1e-3)
-            time.sleep(1e-3)  # the worker back in its queue's wait
+        back = _Call(
+            lambda: None
+        )  # runs once the server has left, on the worker, which then waits in its queue
+        worker._queue.put(back)
+        back.done.wait(10)
 
 
 def _round_up(n: int) -> int:
