@@ -276,7 +276,6 @@ class HostWorker:
         self._sites: dict[tuple[int, ...], int] = {}
         self._site_w: list[list[torch.Tensor]] = []
         self._site_b: list[list[torch.Tensor | None]] = []
-        self._site_keep: list[tuple] = []  # the weights themselves, so that a site's key stays unique
         self._buffers: list[_Buffers] = []  # every pair ever made: freed only by free(), never by the worker
         self._pool: list[int] = []  # free pairs
         self._generation = 1
@@ -422,7 +421,6 @@ class HostWorker:
         self._sites.clear()
         self._site_w.clear()
         self._site_b.clear()
-        self._site_keep.clear()
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -447,9 +445,8 @@ class HostWorker:
         site = self._sites.get(key)
         if site is None:
             site = self._sites[key] = len(self._site_w)
-            self._site_w.append(list(weights))
+            self._site_w.append(list(weights))  # also keeps the tensors alive, so their ids stay unique
             self._site_b.append(list(biases))
-            self._site_keep.append((weights, biases))
             self._generation += 1
         return site
 
@@ -471,35 +468,35 @@ class HostWorker:
         return len(self._buffers) - 1
 
     def _post(self, *fields: int) -> None:
-        """Append a descriptor to the ring, with a server running the current tables to read it."""
+        """Append a job's descriptor to the ring, with a server running the current tables to read it."""
         mem = self._counter_mem
         if mem[_ENTERED] != self._generation or mem[_SERVING] != self._generation:
             self._serve_now()
-        self._wait_for(lambda: self._head - mem[_TAIL] < _CAPACITY)  # the ring is full: wait for the server
-        base = (self._head % _CAPACITY) * _FIELDS
-        for i, v in enumerate(fields):
-            self._desc_mem[base + i] = v
-        self._head += 1
-        mem[_HEAD] = (
-            self._head
-        )  # after the fields (x86 and the C11 model keep stores to plain memory in order)
-        with (
-            self._fence
-        ):  # a full barrier: the store above before the load below (the server does the mirror)
+        self._append(fields)
+        # a full barrier: the store of the head before the load below (the server does the mirror)
+        with self._fence:
             pass
         seq = fields[0]
-        if seq > 0 and mem[_SERVING] != self._generation:  # the server left just as the job came
+        if mem[_SERVING] != self._generation:  # the server left just as the job came
             self._queue.put(_SERVE)
             self._wait_for(lambda: mem[_SERVING] == self._generation or _reached(self._done_word, seq))
 
     def _post_stop(self, wait: bool = True) -> None:
         """A stop for every server with tables older than the current generation (see _job_server)."""
+        self._append((-self._generation,), wait)
+
+    def _append(self, fields: tuple[int, ...], wait: bool = True) -> None:
+        """Write a descriptor at the ring's head (waiting, if ``wait``, while the ring is full), then move
+        the head past it."""
+        mem = self._counter_mem
         if wait:
-            self._wait_for(lambda: self._head - self._counter_mem[_TAIL] < _CAPACITY)
+            self._wait_for(lambda: self._head - mem[_TAIL] < _CAPACITY)
         base = (self._head % _CAPACITY) * _FIELDS
-        self._desc_mem[base] = -self._generation
+        for i, v in enumerate(fields):
+            self._desc_mem[base + i] = v
         self._head += 1
-        self._counter_mem[_HEAD] = self._head
+        # after the fields: x86 and the C11 model keep stores to plain memory in order
+        mem[_HEAD] = self._head
 
     def _serve_now(self) -> None:
         """Have a server with the current tables run (it reads the ring from where the last one left)."""
@@ -665,9 +662,8 @@ def _leave_servers() -> None:
         if worker._head - worker._counter_mem[_TAIL] < _CAPACITY:  # never overwrite an unread descriptor
             worker._generation += 1
             worker._post_stop(wait=False)
-        back = _Call(
-            lambda: None
-        )  # runs once the server has left, on the worker, which then waits in its queue
+        # runs once the server has left, on the worker, which then waits in its queue
+        back = _Call(lambda: None)
         worker._queue.put(back)
         back.done.wait(10)
 
