@@ -180,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens the KV-cache reserve is sized for (default: the model's limit, at most 4096)",
     )
     q.add_argument("--alpha", type=float, default=None, help="force one CPU share for every offloaded Linear")
-    q.add_argument("--prefetch", type=int, default=None, help="staging buffers (default: the Config default)")
+    q.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="GPU parts the staging arena holds, i.e. copied ahead (default: the Config default)",
+    )
     q.add_argument("--out", default=None, help="write the plan as JSON")
     q.add_argument("--png", default=None, help="draw α per Linear and the predicted timeline to a PNG")
     q.add_argument("--svg", default=None, help="the same picture as SVG")

@@ -66,7 +66,9 @@ class Config:
     profile: "auto" (measure when the device exists, else the hardware model), "measure" or "model".
     alpha: force one CPU share for every offloaded Linear (0 = stream everything, 1 = CPU only);
         ``None`` chooses α per layer from the profile.
-    prefetch: staging buffers on the device, i.e. how many offloaded Linears' copies may be in flight.
+    prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
+        staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
+        ``None``: twice the largest part, which holds several of the usual smaller ones.
     max_seq_len: tokens the KV cache must hold (budget reserve); ``None`` takes the model's limit, capped at 4096
         (2048 when the model is not known, e.g. through the torch.compile backend).
     batch_size: sequences the KV-cache reserve is sized for.
@@ -90,7 +92,7 @@ class Config:
     frontend: str = "auto"
     profile: str = "auto"
     alpha: float | None = None
-    prefetch: int = 2
+    prefetch: int | None = None
     max_seq_len: int | None = None
     batch_size: int = 1
     activation_reserve: int | None = None
@@ -109,8 +111,8 @@ class Config:
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
-        if int(self.prefetch) < 1:
-            raise ConfigError(f"prefetch must be at least 1 staging buffer, got {self.prefetch!r}")
+        if self.prefetch is not None and int(self.prefetch) < 1:
+            raise ConfigError(f"prefetch must be at least 1 GPU part (or None), got {self.prefetch!r}")
         if self.cpu_threads is not None and int(self.cpu_threads) < 1:
             raise ConfigError(f"cpu_threads must be at least 1 (or None), got {self.cpu_threads!r}")
         if int(self.batch_size) < 1:

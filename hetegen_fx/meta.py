@@ -12,8 +12,10 @@ PLACEMENT = "hetegen_placement"
 SIDE = "hetegen_side"
 #: name of the Linear (its weight's qualified name) a partitioned node belongs to
 LAYER = "hetegen_layer"
-#: staging-slot index of a copy / wait / release node
+#: byte offset, in the device's staging arena, of the region a copy / wait / release node uses
 SLOT = "hetegen_slot"
+#: bytes of that region (the GPU part's weight rows)
+SLOT_BYTES = "hetegen_slot_bytes"
 #: position of a node in the order emitted by SchedulePass
 ORDER = "hetegen_order"
 #: a :class:`hetegen_fx.linear.ParamRef` on every placeholder / get_attr node bound to a model parameter

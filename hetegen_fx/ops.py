@@ -1,10 +1,11 @@
 """Custom ops for the side effects of a partitioned graph.
 
 * ``hetegen::copy_h2d(src, slot, device) -> Tensor``: start an asynchronous host-to-device copy of an
-  offloaded weight part into staging buffer ``slot`` (records the slot's "copied" event);
+  offloaded weight part into the staging region at byte offset ``slot`` of the device's staging arena
+  (records the region's "copied" event);
 * ``hetegen::wait_copy(staged!, slot)``: the compute stream waits for that event;
-* ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so the next
-  copy into the slot waits for it;
+* ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so later
+  copies into any of the region's bytes wait for it;
 * ``hetegen::cpu_begin(x, weights, biases, device) -> ticket``: queue the CPU parts of the Linears that read
   ``x`` (their host weight rows ``weights``) on the worker thread (:mod:`hetegen_fx.host`); the ticket is
   a host int64 scalar holding the job's number;
@@ -38,7 +39,7 @@ def run_wait_copy(staged: torch.Tensor, slot: int) -> None:
 
 
 def run_release_slot(staged: torch.Tensor, slot: int) -> None:
-    get_runtime(staged.device).release(slot)
+    get_runtime(staged.device).release(slot, staged.numel() * staged.element_size())
 
 
 def run_cpu_begin(x: torch.Tensor, weights: list, biases: list, device: str) -> int:

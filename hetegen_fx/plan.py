@@ -34,7 +34,7 @@ class LayerPlan:
     t_cpu: float = 0.0  # predicted seconds for the whole layer on the CPU ...
     t_copy: float = 0.0  # ... to copy the whole layer host→device
     t_gpu: float = 0.0  # ... on the GPU
-    slot: int = -1  # staging buffer of the GPU part (-1: none)
+    slot: int = -1  # byte offset of the GPU part's region in the device's staging arena (-1: none)
     t_cpu_fixed: float = 0.0  # of t_cpu, what a CPU part costs however few rows it computes
 
     @property
@@ -150,6 +150,46 @@ class Plan:
                 f"plan file {str(p)!r} does not exist; write one with Plan.save() or `hetegen generate --save-plan FILE`"
             )
         return cls.from_json(p.read_text())
+
+
+#: staging regions start at multiples of this many bytes
+STAGING_ALIGN = 256
+
+
+def _aligned(n: int) -> int:
+    return -(-n // STAGING_ALIGN) * STAGING_ALIGN
+
+
+def staging_size(parts: list[int], prefetch: int | None) -> int:
+    """Bytes of the staging arena that holds any ``prefetch`` consecutive GPU parts of ``parts`` (bytes, in the
+    order their copies are issued; the window wraps around, as the next call's first copies follow the last).
+    ``None``: twice the largest part (the memory of two buffers for the largest part, packed with as many
+    smaller parts as fit).
+    """
+    sizes = [_aligned(n) for n in parts if n > 0]
+    if not sizes:
+        return 0
+    if prefetch is None:
+        return 2 * max(sizes)
+    k = min(prefetch, len(sizes))
+    ring = sizes + sizes[: k - 1]
+    return max(sum(ring[i : i + k]) for i in range(len(sizes)))
+
+
+def staging_offsets(parts: list[int], arena: int) -> list[int]:
+    """Where each GPU part goes in an arena of ``arena`` bytes: one after the other, first in first out,
+    starting over at 0 where the next part no longer fits (-1 for a part of 0 bytes). A copy overwrites only
+    regions whose GPU parts were issued before it, so it waits for those alone (see :mod:`hetegen_fx.runtime`)."""
+    out, head = [], 0
+    for n in parts:
+        if n <= 0:
+            out.append(-1)
+            continue
+        if head + n > arena:
+            head = 0
+        out.append(head)
+        head += _aligned(n)
+    return out
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from . import meta
 from .errors import HetegenError
 from .graph_utils import layer_label
-from .plan import Plan
+from .plan import Plan, staging_offsets, staging_size
 
 LANES = ("PCIe", "CPU", "GPU")
 SIDE_COLORS = {
@@ -43,15 +43,16 @@ class Span(NamedTuple):
     end: float
 
 
-def _slots(plan: Plan, prefetch: int | None) -> dict[str, int]:
-    """Staging slot of every offloaded Linear that has a GPU part."""
+def _regions(plan: Plan, prefetch: int | None) -> dict[str, tuple[int, int]]:
+    """Staging region ``(start, end)`` of every offloaded Linear that has a GPU part."""
     users = [lp for lp in plan.layers if not lp.resident and lp.split < lp.out_features]
-    if prefetch is None and all(lp.slot >= 0 for lp in users):
-        return {lp.name: lp.slot for lp in users}  # as PartitionPass assigned them
-    depth = prefetch or 2
-    if depth < 1:
+    if prefetch is None and all(lp.slot >= 0 for lp in users):  # as PartitionPass laid them out
+        return {lp.name: (lp.slot, lp.slot + lp.gpu_part_bytes) for lp in users}
+    if prefetch is not None and prefetch < 1:
         raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-    return {lp.name: i % depth for i, lp in enumerate(users)}
+    parts = [lp.gpu_part_bytes for lp in users]
+    offsets = staging_offsets(parts, staging_size(parts, prefetch))
+    return {lp.name: (o, o + n) for lp, o, n in zip(users, offsets, parts, strict=True)}
 
 
 def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
@@ -60,8 +61,9 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
     Linears run in the plan's (graph) order. For an offloaded Linear with CPU share ``a = split / out``:
 
     * its copy, ``(1 - a) · t_copy``, goes on the "PCIe" lane: copies run back to back, each as early as
-      possible, but a copy into staging slot ``s`` cannot start before the GPU part of the previous user of
-      ``s`` has ended (so ``prefetch`` copies may be in flight ahead of the compute);
+      possible, but a copy into a region of the staging arena cannot start before every earlier GPU part
+      that read any of its bytes has ended (so the copies of ``prefetch`` consecutive GPU parts may be in
+      flight ahead of the compute);
     * its CPU part, ``lp.t_cpu_part`` (fixed part + a · the rest), goes on the "CPU" lane, in graph order, once its input is ready;
     * its GPU part, ``(1 - a) · t_gpu``, goes on the "GPU" lane once both its copy and the previous GPU work
       have ended. The layer's output (the CPU part joined on the GPU) is ready when both parts have ended.
@@ -69,14 +71,14 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
     A resident Linear takes ``t_gpu`` on the "GPU" lane. A layer's input is the previous layer's output
     (a conservative chain: q/k/v projections that could overlap are serialised).
 
-    ``prefetch=None`` uses the staging slots PartitionPass wrote into the plan (``LayerPlan.slot``);
-    a number re-assigns slots round-robin over that many buffers, to ask "what if".
+    ``prefetch=None`` uses the regions PartitionPass wrote into the plan (``LayerPlan.slot``); a number lays
+    the parts out again in an arena sized for that many, to ask "what if".
     """
-    slots = _slots(plan, prefetch)
+    regions = _regions(plan, prefetch)
     spans: list[Span] = []
     pcie = cpu = gpu = 0.0  # when each lane is free
     ready = 0.0  # when the current layer's input is ready
-    slot_free: dict[int, float] = {}  # when the last GPU part that read each slot ended
+    read: list[tuple[int, int, float]] = []  # (start, end, when its GPU part ended) of each region so far
     for lp in plan.layers:
         if lp.resident:
             start = max(gpu, ready)
@@ -91,14 +93,14 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
             spans.append(Span("CPU", lp.name, start, cpu_end))
         gpu_end = ready
         if lp.split < lp.out_features:
-            s = slots[lp.name]
-            c0 = max(pcie, slot_free.get(s, 0.0))
+            a0, b0 = regions[lp.name]
+            c0 = max([pcie] + [t for a1, b1, t in read if a1 < b0 and a0 < b1])
             pcie = c0 + (1 - a) * lp.t_copy
             spans.append(Span("PCIe", lp.name, c0, pcie))
             g0 = max(gpu, ready, pcie)
             gpu_end = g0 + (1 - a) * lp.t_gpu
             spans.append(Span("GPU", lp.name, g0, gpu_end))
-            slot_free[s] = gpu_end
+            read.append((a0, b0, gpu_end))
         ready = max(cpu_end, gpu_end)
         gpu = max(gpu, ready)  # the join (cat / move of the CPU result) happens on the GPU stream
     return spans
@@ -190,7 +192,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike, prefetch: int | None = None) 
     ax2.set_yticklabels(list(rows.keys()))
     ax2.set_xlabel("ms")
     ax2.set_xlim(0, max(total * 1e3 * 1.02, 1e-6))
-    depth = "plan's slots" if prefetch is None else f"prefetch {prefetch}"
+    depth = "plan's staging" if prefetch is None else f"prefetch {prefetch}"
     ax2.set_title(
         f"predicted timeline of one step ({depth}): {total * 1e3:.3f} ms "
         f"(sum of per-layer predictions {plan.predicted_seconds * 1e3:.3f} ms)",

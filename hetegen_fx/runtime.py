@@ -15,16 +15,27 @@ import torch
 
 from .host import HostWorker
 
+#: granularity, in bytes, at which the staging arena tracks which GPU part last read its memory
+PAGE = 1 << 20
+
 
 class DeviceRuntime:
-    """Staging slots, copy stream and events for one accelerator device."""
+    """The staging arena, copy stream and events of one accelerator device.
+
+    GPU parts are copied into regions of one *staging arena* (PartitionPass lays them out one after the other,
+    first in first out, see :func:`hetegen_fx.plan.staging_offsets`), so how many copies may be in flight is
+    a matter of bytes, not of a count of equal buffers sized for the largest part. A copy into a region waits
+    until every earlier GPU part that read any byte of it is done: the arena is tracked in pages of
+    :data:`PAGE` bytes, each pointing at the "released" event of the last region that covered it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self._slots: dict[int, torch.Tensor] = {}
-        self._copied: dict[int, torch.cuda.Event] = {}
-        self._released: dict[int, torch.cuda.Event] = {}
+        self._arena: torch.Tensor | None = None
+        self._pages: list = []  # page → the "released" event of the last region that covered it (or None)
+        self._copied: dict[int, torch.cuda.Event] = {}  # region offset → its copy has landed
+        self._released: dict[int, torch.cuda.Event] = {}  # region offset → its GPU part is done
         self._copy_stream: torch.cuda.Stream | None = None
         self._host: HostWorker | None = None
         #: when a list, every copy appends its (start, end): CUDA events on the copy stream, or host seconds
@@ -44,39 +55,40 @@ class DeviceRuntime:
         return self._host
 
     def free(self) -> None:
-        """Give back the staging buffers and the CPU parts' pinned buffers (e.g. between two models)."""
+        """Give back the staging arena and the CPU parts' pinned buffers (e.g. between two models)."""
         if self._host is not None:
             self._host.free()
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
-        self._slots.clear()
+        self._arena = None
+        self._pages = []
         self._copied.clear()
         self._released.clear()
 
     def staging_bytes(self) -> int:
-        """Bytes held by the staging buffers."""
-        return sum(b.numel() for b in self._slots.values())
+        """Bytes held by the staging arena."""
+        return 0 if self._arena is None else self._arena.numel()
 
-    def reserve(self, slot: int, nbytes: int) -> None:
-        """Make sure staging buffer ``slot`` holds at least ``nbytes``."""
-        buf = self._slots.get(slot)
-        if buf is not None and buf.numel() >= nbytes:
+    def reserve(self, nbytes: int) -> None:
+        """Make sure the staging arena holds at least ``nbytes``."""
+        if self._arena is not None and self._arena.numel() >= nbytes:
             return
-        if buf is not None:
+        if self._arena is not None:
             if self.is_cuda:
-                torch.cuda.synchronize(self.device)  # the old buffer may still be in use by either stream
-            del self._slots[slot], buf  # free it first: old and new together would overshoot the budget
-        self._slots[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                torch.cuda.synchronize(self.device)  # the old arena may still be in use by either stream
+            self._arena = None  # free it first: old and new together would overshoot the budget
+        self._arena = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._pages = [None] * -(-nbytes // PAGE)
 
-    def buffer(self, slot: int, like: torch.Tensor) -> torch.Tensor:
-        """Staging buffer ``slot`` viewed with the shape and dtype of ``like``."""
+    def buffer(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        """The staging region at byte ``offset`` viewed with the shape and dtype of ``like``."""
         nbytes = like.numel() * like.element_size()
-        self.reserve(slot, nbytes)
-        return self._slots[slot][:nbytes].view(like.dtype).view(like.shape)
+        self.reserve(offset + nbytes)
+        return self._arena[offset : offset + nbytes].view(like.dtype).view(like.shape)
 
-    def copy_h2d(self, src: torch.Tensor, slot: int) -> torch.Tensor:
-        """Start copying host tensor ``src`` into staging buffer ``slot``; return that buffer."""
-        dst = self.buffer(slot, src)
+    def copy_h2d(self, src: torch.Tensor, offset: int) -> torch.Tensor:
+        """Start copying host tensor ``src`` into the staging region at ``offset``; return that region."""
+        dst = self.buffer(offset, src)
         if not self.is_cuda:
             t0 = time.perf_counter()
             dst.copy_(src)
@@ -84,9 +96,12 @@ class DeviceRuntime:
                 self.copy_log.append((t0, time.perf_counter()))
             return dst
         stream = self.copy_stream
-        released = self._released.get(slot)
-        if released is not None:
-            stream.wait_event(released)  # the buffer's previous contents are no longer needed
+        nbytes = dst.numel() * dst.element_size()
+        seen = None
+        for ev in self._pages[offset // PAGE : -(-(offset + nbytes) // PAGE)]:
+            if ev is not None and ev is not seen:  # the region's bytes are no longer read by earlier parts
+                stream.wait_event(ev)
+                seen = ev
         if self.copy_log is not None:
             marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             marks[0].record(stream)
@@ -95,24 +110,28 @@ class DeviceRuntime:
         if self.copy_log is not None:
             marks[1].record(stream)
             self.copy_log.append(marks)
-        ev = self._copied.get(slot)
+        ev = self._copied.get(offset)
         if ev is None:
-            ev = self._copied[slot] = torch.cuda.Event()
+            ev = self._copied[offset] = torch.cuda.Event()
         ev.record(stream)
         return dst
 
-    def wait(self, slot: int) -> None:
-        """Make the current stream wait until the copy into ``slot`` has landed."""
-        if self.is_cuda and slot in self._copied:
-            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+    def wait(self, offset: int) -> None:
+        """Make the current stream wait until the copy into the region at ``offset`` has landed."""
+        if self.is_cuda and offset in self._copied:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[offset])
 
-    def release(self, slot: int) -> None:
-        """Mark ``slot`` free once the work queued so far on the current stream is done."""
+    def release(self, offset: int, nbytes: int) -> None:
+        """Mark the ``nbytes`` at ``offset`` free once the work queued so far on the current stream is done."""
         if self.is_cuda:
-            ev = self._released.get(slot)
+            ev = self._released.get(offset)
             if ev is None:
-                ev = self._released[slot] = torch.cuda.Event()
+                ev = self._released[offset] = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
+            # A page may still point at an event re-recorded since for another region: a copy into it then
+            # waits for a later point of the same stream, issued before the copy (late, never wrong).
+            first, last = offset // PAGE, -(-(offset + nbytes) // PAGE)
+            self._pages[first:last] = [ev] * (last - first)
 
 
 _RUNTIMES: dict[torch.device, DeviceRuntime] = {}

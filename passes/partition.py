@@ -3,10 +3,11 @@
 A resident Linear reads its weight from the device copy. An offloaded one with CPU rows ``[0, k)``
 becomes::
 
-    staged = hetegen.copy_h2d(w_gpu_host, slot, device)     # async copy of rows [k, out)
+    staged = hetegen.copy_h2d(w_gpu_host, slot, device)     # async copy of rows [k, out) into the
+                                                              # staging arena, at byte offset ``slot``
     hetegen.wait_copy(staged, slot)                           # the copy has landed
     y_gpu  = linear(x, staged, b_gpu)                         # GPU part
-    hetegen.release_slot(staged, slot)                        # the staging buffer may be reused
+    hetegen.release_slot(staged, slot)                        # the region may be overwritten
     y      = cat([y_cpu, y_gpu], -1)
 
 and the CPU parts of all the split Linears that read the same ``x`` (q/k/v, gate/up) form one job on the
@@ -33,7 +34,7 @@ from hetegen_fx.graph_utils import attach, layer_label, safe_name
 from hetegen_fx.host import default_threads
 from hetegen_fx.linear import LinearSite, match_linear
 from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT
-from hetegen_fx.plan import LayerPlan
+from hetegen_fx.plan import LayerPlan, staging_offsets, staging_size
 from hetegen_fx.runtime import get_runtime
 from hetegen_fx.store import WeightStore
 
@@ -48,8 +49,8 @@ class PartitionPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if meta.PLACEMENT in n.meta]
-        self._slot = 0
         groups = self._cpu_groups(gm, nodes)
+        self._offsets = self._lay_out_staging(gm, nodes, groups)
         done: dict[fx.Node, fx.Node] = {}  # Linears of a group already emitted with its first member
         for node in nodes:
             site = match_linear(node, gm)  # re-matched: its input may be a Linear rewritten just before
@@ -71,7 +72,6 @@ class PartitionPass(PassBase):
             for dead in site.absorbed:
                 if not dead.users:
                     gm.graph.erase_node(dead)
-        self._size_staging(nodes)
         if any(lp.split > 0 for n in nodes if not (lp := n.meta[meta.PLACEMENT]).resident):
             with gm.graph.inserting_before(gm.graph.output_node()):  # before anything blocks on the device
                 barrier = gm.graph.create_node(
@@ -93,23 +93,35 @@ class PartitionPass(PassBase):
                 by_input.setdefault(match_linear(node, gm).x, []).append(node)
         return {n: members for members in by_input.values() for n in members}
 
-    def _size_staging(self, nodes: list[fx.Node]) -> None:
-        """Grow the staging slots now, at compile time, to this graph's largest GPU part: a slot that grew
-        while the graph runs would hold its old and new buffers at once, above the budget."""
-        parts = [n.meta[meta.PLACEMENT].gpu_part_bytes for n in nodes if not n.meta[meta.PLACEMENT].resident]
-        if parts and max(parts) > 0:
-            rt = get_runtime(self.config.device)
-            for slot in range(self.config.prefetch):
-                rt.reserve(slot, max(parts))
+    def _lay_out_staging(
+        self, gm: fx.GraphModule, nodes: list[fx.Node], groups: dict[fx.Node, list[fx.Node]]
+    ) -> dict[str, int]:
+        """Each GPU part's region in the staging arena, in the order the copies are emitted (a CPU job's
+        Linears together, at the first of them); the arena holds ``prefetch`` consecutive parts and is grown
+        now, at compile time: an arena that grew while the graph runs would be held twice, above the budget."""
+        order, seen = [], set()
+        for node in nodes:
+            for member in groups.get(node, [node]):
+                if member not in seen:
+                    seen.add(member)
+                    order.append(member.meta[meta.PLACEMENT])
+        parts = [lp.gpu_part_bytes if lp.split < lp.out_features else 0 for lp in order]
+        size = staging_size(parts, self.config.prefetch)
+        plan = gm.meta.get(meta.PLAN)
+        if plan is not None:
+            plan.reserved["staging"] = size  # as laid out (PlacementPass estimated it in graph order)
+        if size:
+            get_runtime(self.config.device).reserve(size)
+        return {lp.name: off for lp, off in zip(order, staging_offsets(parts, size), strict=True)}
 
     # -- emission helpers ---------------------------------------------------------------------------------
 
-    def _new(self, gm: fx.GraphModule, target, args: tuple, name: str, side: str, layer: str, slot: int = -1):
+    def _new(self, gm: fx.GraphModule, target, args: tuple, name: str, side: str, layer: str, region=None):
         node = gm.graph.create_node("call_function", target, args, name=name)
         node.meta[meta.SIDE] = side
         node.meta[meta.LAYER] = layer
-        if slot >= 0:
-            node.meta[meta.SLOT] = slot
+        if region is not None:
+            node.meta[meta.SLOT], node.meta[meta.SLOT_BYTES] = region
         return node
 
     def _attach(self, gm: fx.GraphModule, name: str, t: torch.Tensor, side: str, layer: str) -> fx.Node:
@@ -187,19 +199,18 @@ class PartitionPass(PassBase):
     def _gpu_part(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node | None:
         """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none."""
         s, short, k, out = site.name, _short(site.name), lp.split, lp.out_features
+        lp.slot = self._offsets[lp.name]
         if k == out:
-            lp.slot = -1
             return None
-        lp.slot = self._slot
-        self._slot = (self._slot + 1) % self.config.prefetch
+        region = (lp.slot, lp.gpu_part_bytes)
         w = site.weight.tensor
         w_host = self._attach(
             gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
         )
         staged = self._new(
-            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, lp.slot
+            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
         )
-        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, lp.slot)
+        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
         b_gpu = None
         if site.bias is not None:
             b_gpu = self._attach(
@@ -210,7 +221,7 @@ class PartitionPass(PassBase):
                 s,
             )
         y_gpu = self._linear(gm, site, site.x, staged, b_gpu, f"{short}_gpu", "gpu")
-        self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, lp.slot)
+        self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, region)
         return y_gpu
 
 

@@ -32,7 +32,7 @@ from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.errors import BudgetError, ConfigError
 from hetegen_fx.graph_utils import concrete, node_value
 from hetegen_fx.linear import LinearSite, param_of
-from hetegen_fx.plan import LayerPlan, Plan
+from hetegen_fx.plan import LayerPlan, Plan, staging_size
 from hetegen_fx.store import WeightStore
 
 #: headroom left free on the device when no budget is given (CUDA context, allocator fragmentation)
@@ -205,8 +205,9 @@ class PlacementPass(PassBase):
         return g
 
     def _staging(self, layers: list[LayerPlan]) -> int:
-        parts = [lp.gpu_part_bytes for lp in layers if not lp.resident]
-        return self.config.prefetch * max(parts, default=0)
+        """The staging arena for ``prefetch`` consecutive GPU parts, in graph order (PartitionPass lays the
+        parts out in the order it emits them, a CPU job's Linears together: the same order in practice)."""
+        return staging_size([lp.gpu_part_bytes for lp in layers], self.config.prefetch)
 
     def _choose_residency(
         self,

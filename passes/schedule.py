@@ -2,8 +2,9 @@
 
 The graph becomes a networkx DAG: data edges, ordering edges around ops that mutate their inputs
 (``wait_copy`` before, ``release_slot`` after, the GPU part that reads the staged weight), and staging
-edges — the copy into a slot comes after the release of the slot's previous user. A lexicographic
-topological sort then emits every copy as soon as its slot is free (prefetching ``prefetch`` Linears ahead)
+edges — a copy into a region of the staging arena comes after the release of every earlier GPU part that
+read any of its bytes. A lexicographic topological sort then emits every copy as soon as its region is free
+(prefetching as many Linears ahead as the arena holds: ``prefetch`` consecutive GPU parts)
 and everything else in the original order (``cpu_wait`` stays after every CPU job and before the outputs'
 moves; a CPU job's ``cpu_end``, where the compute stream waits for the
 CPU, stays after the GPU parts PartitionPass queued before it). The emitted order is verified topological.
@@ -46,15 +47,18 @@ def build_dag(graph: fx.Graph) -> nx.DiGraph:
                     continue
                 a, b = (user, n) if index[user] < index[n] else (n, user)
                 dag.add_edge(a, b, kind="mutation")
-    last_release: dict[int, fx.Node] = {}
+    releases: list[tuple[int, int, fx.Node]] = []  # (start, end, release) of the staging regions so far
     for n in graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or meta.SLOT not in n.meta:
             continue
-        slot = n.meta.get(meta.SLOT)
-        if is_op(n.target, COPY) and slot in last_release:
-            dag.add_edge(last_release[slot], n, kind="staging")
+        start = n.meta[meta.SLOT]
+        end = start + n.meta[meta.SLOT_BYTES]
+        if is_op(n.target, COPY):
+            for a, b, release in releases:
+                if a < end and start < b:  # the copy overwrites bytes an earlier GPU part read
+                    dag.add_edge(release, n, kind="staging")
         elif is_op(n.target, RELEASE):
-            last_release[slot] = n
+            releases.append((start, end, n))
     for n in graph.nodes:  # the wait for all CPU jobs stays put: after every job, before what follows it
         if n.op != "call_function" or not is_op(n.target, CPU_WAIT):
             continue

@@ -18,7 +18,8 @@ from hetegen_fx.ops import CPU_BEGIN, CPU_END, CPU_WAIT
 from hetegen_fx.passes import PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.passes.placement import split_row
 from hetegen_fx.pipeline import transform
-from hetegen_fx.plan import LayerPlan, Plan
+from hetegen_fx.plan import LayerPlan, Plan, staging_offsets, staging_size
+from hetegen_fx.runtime import get_runtime
 from hetegen_fx.store import WeightStore
 
 CPU = torch.device("cpu")
@@ -113,15 +114,36 @@ def test_mixed_plan(mlp, count):
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("prefetch", "slots"), [(1, [0, 0, 0]), (2, [0, 1, 0]), (3, [0, 1, 2])])
-def test_slots_rotate_over_prefetch_buffers(mlp, prefetch, slots):
+@pytest.mark.parametrize("prefetch", [1, 2, 3, None])
+def test_staging_regions_are_laid_out_first_in_first_out(mlp, prefetch):
     gm = capture_fx(mlp())
-    _, plan = _partition(gm, _plan(gm, {"*": 0.5}), prefetch=prefetch)
-    assert [lp.slot for lp in plan.layers] == slots
+    _, plan = _partition(
+        gm, _plan(gm, {"a.weight": 0.5, "b.weight": 0.25, "c.weight": 0.5}), prefetch=prefetch
+    )
+    parts = [lp.gpu_part_bytes for lp in plan.layers]
+    assert len(set(parts)) > 1  # parts of different sizes: the arena packs them, it holds no equal buffers
+    size = staging_size(parts, prefetch)
+    assert plan.reserved["staging"] == size and get_runtime("cpu").staging_bytes() >= size
+    assert [lp.slot for lp in plan.layers] == staging_offsets(parts, size)
+    regions = [(lp.slot, lp.slot + lp.gpu_part_bytes) for lp in plan.layers]
+    assert all(b <= size for _, b in regions)
+    depth = 2 if prefetch is None else prefetch  # None: twice the largest part, so at least two
+    for i in range(len(regions)):  # the regions of `depth` consecutive parts never overlap
+        for j in range(i + 1, min(i + depth, len(regions))):
+            (a0, b0), (a1, b1) = regions[i], regions[j]
+            assert b0 <= a1 or b1 <= a0, (i, j, regions)
     for op in ("copy", "sync"):
         for n in _sides(gm, op):
-            if n.op == "call_function" and n.target is not CPU_WAIT:  # the graph's final wait has no slot
-                assert n.meta[meta.SLOT] == plan.layer(n.meta[meta.LAYER]).slot
+            if n.op == "call_function" and n.target is not CPU_WAIT:  # the graph's final wait has no region
+                lp = plan.layer(n.meta[meta.LAYER])
+                assert (n.meta[meta.SLOT], n.meta[meta.SLOT_BYTES]) == (lp.slot, lp.gpu_part_bytes)
+
+
+def test_staging_offsets_wrap_around():
+    assert staging_size([1000, 300, 300, 1000], 2) == 1024 + 1024  # the window wraps: last part, then first
+    assert staging_size([256, 512], None) == 1024
+    assert staging_offsets([256, 0, 512, 256, 256], 1024) == [0, -1, 256, 768, 0]
+    assert staging_size([], 3) == 0 and staging_size([0, 0], None) == 0
 
 
 def test_no_linear_no_change(count):

@@ -15,6 +15,7 @@ from hetegen_fx.config import Config
 from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT, is_op
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
 from hetegen_fx.passes.schedule import build_dag, is_topological
+from hetegen_fx.plan import STAGING_ALIGN
 from hetegen_fx.store import WeightStore
 
 
@@ -106,22 +107,25 @@ def test_copies_before_their_layers_cpu_work():
 
 
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
-def test_copies_wait_for_their_slot_and_are_hoisted(prefetch):
+def test_copies_wait_for_their_region_and_are_hoisted(prefetch):
     gm, _ = _partitioned(Stack(), alpha=0.5, prefetch=prefetch)
     SchedulePass()(gm)
     order = list(gm.graph.nodes)
     pos = [_layer_nodes(order, layer) for layer in LAYERS]
-    slots = [n.meta[meta.SLOT] for n in order if n.op == "call_function" and is_op(n.target, COPY)]
-    assert slots == [i % prefetch for i in range(4)]
+    copies = [n for n in order if n.op == "call_function" and is_op(n.target, COPY)]
+    assert len({n.meta[meta.SLOT_BYTES] for n in copies}) == 1
+    part = -(-copies[0].meta[meta.SLOT_BYTES] // STAGING_ALIGN) * STAGING_ALIGN  # regions start aligned
+    # equal parts: the arena holds `prefetch` of them, and the regions rotate like equal buffers
+    assert [n.meta[meta.SLOT] for n in copies] == [(i % prefetch) * part for i in range(4)]
     for i in range(4):
         if i >= prefetch:
-            # the slot is reused: its previous user (layer i - prefetch) must have released it
+            # the region is reused: its previous user (layer i - prefetch) must have released it
             assert pos[i - prefetch]["release"] < pos[i]["copy"]
         for j in range(max(0, i - prefetch + 1), i):
-            # within the slots, the copy is issued ahead of earlier layers' compute
+            # within the arena, the copy is issued ahead of earlier layers' compute
             assert pos[i]["copy"] < pos[j]["cpu"], (i, j)
     if prefetch == 1:
-        # a single slot: each copy comes right after the previous release, before that layer's next work
+        # room for one part: each copy comes right after the previous release, before that layer's next work
         for i in range(1, 4):
             assert pos[i - 1]["release"] < pos[i]["copy"] < pos[i]["cpu"]
     # the first `prefetch` copies are issued before any Linear work at all
@@ -162,6 +166,46 @@ def test_nothing_to_move_when_all_resident():
     order = list(gm.graph.nodes)
     res = SchedulePass()(gm)
     assert res.modified is False and list(gm.graph.nodes) == order
+
+
+class Uneven(nn.Module):
+    """Linears of different widths: their GPU parts differ in size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = [48, 96, 24, 192, 24, 48]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_a_copy_waits_for_every_region_it_overwrites():
+    model = Uneven()
+    gm, _ = _partitioned(model, alpha=0.5, prefetch=2)
+    before = [n for n in gm.graph.nodes if n.op == "call_function" and meta.SLOT in n.meta]
+    SchedulePass()(gm)
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    overlapped = []
+    for k, copy in enumerate(before):
+        if not is_op(copy.target, COPY):
+            continue
+        a, b = copy.meta[meta.SLOT], copy.meta[meta.SLOT] + copy.meta[meta.SLOT_BYTES]
+        earlier = [
+            r
+            for r in before[:k]
+            if is_op(r.target, RELEASE)
+            and r.meta[meta.SLOT] < b
+            and a < r.meta[meta.SLOT] + r.meta[meta.SLOT_BYTES]
+        ]
+        assert all(pos[r] < pos[copy] for r in earlier), copy
+        overlapped.append(len(earlier))
+    assert max(overlapped) >= 2  # a large part overwrote two smaller ones: it waited for both
+    gm.recompile()
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_only_layers_take_no_slot():
