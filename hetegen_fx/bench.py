@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
+from .costs import _threads
+from .host import default_threads
+
 VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,6 +95,14 @@ def cpu_gemv_by_dtype(out_f: int, in_f: int) -> dict[str, float]:
             y = torch.nn.functional.linear(x, ws[i % 4])
         res[f"cpu_gemv_{name}"] = 8 * nbytes / (time.perf_counter() - t0)
         res[f"cpu_gemv_{name}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+        if dt != torch.float32 and kernels.load():  # the CPU parts' own kernel (hetegen_fx.kernels)
+            kernel = torch.ops.hetegen_cpu.linear
+            kernel(x, ws[0], None)
+            t0 = time.perf_counter()
+            for i in range(8):
+                y = kernel(x, ws[i % 4], None)
+            res[f"cpu_gemv_kernel_{name}"] = 8 * nbytes / (time.perf_counter() - t0)
+            res[f"cpu_gemv_kernel_{name}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
     return res
 
 
@@ -104,8 +116,15 @@ def _rss() -> int:
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Bandwidths in bytes/s measured now: pinned H2D, CPU GEMV, both at once, device copy."""
+    """Bandwidths in bytes/s measured now: pinned H2D, CPU GEMV (with the CPU parts' kernel and thread
+    count), both at once, device copy."""
+    with _threads(default_threads() if device.type == "cuda" else None):
+        return _ceilings(device, dtype)
+
+
+def _ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     out_f, in_f, reps = 11008, 4096, 8
+    linear = kernels.cpu_linear()
     w = [torch.empty(out_f, in_f, dtype=dtype).uniform_(-0.01, 0.01) for _ in range(4)]
     x = torch.randn(1, in_f, dtype=dtype)
     nbytes = w[0].numel() * w[0].element_size()
@@ -113,7 +132,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
     def gemv(n: int) -> float:
         t0 = time.perf_counter()
         for i in range(n):
-            torch.nn.functional.linear(x, w[i % 4])
+            linear(x, w[i % 4])
         return n * nbytes / (time.perf_counter() - t0)
 
     gemv(2)
@@ -147,7 +166,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
     done.record(stream)
     n_gemv = 0
     while not done.query():
-        torch.nn.functional.linear(x, w[n_gemv % 4])
+        linear(x, w[n_gemv % 4])
         n_gemv += 1
     wall = time.perf_counter() - t0
     done.synchronize()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .plan import atomic_write
 
 
@@ -89,7 +90,7 @@ class CostCache:
     """Measured costs on disk, keyed by machine (host, CPU, threads, device, torch), shape and dtype."""
 
     #: bumped whenever what is measured changes, so older entries are measured again
-    METHOD = 3
+    METHOD = 4
 
     def __init__(
         self, cache_dir: str | os.PathLike | None, device: torch.device, threads: int | None = None
@@ -99,7 +100,7 @@ class CostCache:
         threads = threads or torch.get_num_threads()
         machine = (
             f"{platform.node()}|{platform.processor() or platform.machine()}|{threads}t|{dev}|"
-            f"torch{torch.__version__}|m{self.METHOD}"
+            f"torch{torch.__version__}|m{self.METHOD}|{'gemv' if kernels.load() else 'aten'}"
         )
         self.machine = machine
         self.path = root / "profiles.json"
@@ -168,15 +169,18 @@ def _threads(n: int | None) -> Iterator[None]:
 class CopyLoad:
     """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only).
 
-    The copies read a 64 MiB pinned host buffer chunk by chunk into one small device buffer: the host's
-    memory bus sees the traffic of streaming weights, while the device holds only :data:`CHUNK` bytes
-    (profiling runs inside a model's first call, within its ``gpu_memory`` budget).
+    The copies read a pinned host buffer of ``host_bytes`` chunk by chunk into one small device buffer: the
+    device holds only :data:`CHUNK` bytes (profiling runs inside a model's first call, within its
+    ``gpu_memory`` budget), and the host's memory bus sees the traffic of streaming weights, provided the
+    buffer is larger than the last-level cache (:data:`ROTATION_BYTES`): copies from a buffer the cache
+    holds leave DRAM to the GEMV, which then reads as faster than it runs next to real weight copies.
     """
 
     CHUNK = 2 * 2**20
 
-    def __init__(self, device: torch.device) -> None:
-        self.host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
+    def __init__(self, device: torch.device, host_bytes: int = 64 * 2**20) -> None:
+        n = max(self.CHUNK, host_bytes // self.CHUNK * self.CHUNK)
+        self.host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         self.dev = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
         self.chunks = self.host.view(-1, self.CHUNK)
         self.stream = torch.cuda.Stream(device)
@@ -189,6 +193,13 @@ class CopyLoad:
 
     def stop(self) -> None:
         self.stream.synchronize()
+
+
+def copy_load_bytes(model_bytes: int) -> int:
+    """Host buffer of the profiler's copy load for a model of ``model_bytes`` of Linear weights: larger than
+    the last-level cache where the model is large enough to be worth it (a transient eighth of it at most,
+    so compiling stays well under 1.2× the model's bytes of host memory), 64 MiB at least."""
+    return max(64 * 2**20, min(ROTATION_BYTES, model_bytes // 8))
 
 
 def measure_cost(
@@ -215,7 +226,7 @@ def measure_cost(
         for _ in range(copies)
     ]
     x = torch.empty(tokens, in_features, dtype=dtype).uniform_(-1, 1, generator=gen)
-    linear = torch.nn.functional.linear
+    linear = kernels.cpu_linear()  # the kernel the CPU parts will run (CPU tensors only)
     half = max(1, out_features // 2)
     if device.type == "cuda" and load is None:
         load = CopyLoad(device)
@@ -240,7 +251,7 @@ def measure_cost(
         wd = torch.empty_like(wp, device=device)
         xd = x.to(device)
         t_copy = _median_time([lambda: wd.copy_(wp, non_blocking=True)], sync)
-        t_gpu = _median_time([lambda: linear(xd, wd)], sync)
+        t_gpu = _median_time([lambda: torch.nn.functional.linear(xd, wd)], sync)
         del wp, wd, xd
     else:
         buf = torch.empty_like(ws[0])

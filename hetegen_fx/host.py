@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
+
 #: CU_STREAM_WAIT_VALUE_GEQ: ``(int32)(*addr - value) >= 0``, so the job counter may wrap around
 _WAIT_GEQ = 0
 #: job descriptors in the ring; the launching thread waits (GIL released) when all are unread
@@ -114,6 +116,19 @@ class _StreamMemOps:
 def _reached(word: ctypes.c_uint32, seq: int) -> bool:
     """``word ≥ seq`` for 32-bit counters that may wrap around (as the driver's GEQ compares)."""
     return ((word.value - seq) & 0xFFFFFFFF) < 0x80000000
+
+
+def _torch_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.hetegen_cpu.linear(x, w, b)
+
+
+#: the Linear the job server runs: :func:`_kernel_linear` once :mod:`hetegen_fx.kernels` has built it (set by
+#: :func:`_scripted_server` before it scripts the server, which binds the global then)
+_cpu_linear = _torch_linear
 
 
 @torch.jit.ignore
@@ -190,7 +205,7 @@ def _job_server(
         off = 0
         for i in range(len(ws)):
             n = ws[i].size(0)
-            out.narrow(1, off, n).copy_(torch.nn.functional.linear(x, ws[i], bs[i]))
+            out.narrow(1, off, n).copy_(_cpu_linear(x, ws[i], bs[i]))
             off += n
         words[1].fill_(seq - 0x100000000 if seq >= 0x80000000 else seq)  # int32 storage of the uint32
         tail += 1
@@ -207,9 +222,13 @@ _SCRIPT_LOCK = threading.Lock()
 
 def _scripted_server():
     """:func:`_job_server` compiled by TorchScript (GIL-free), or None (unavailable, or
-    ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same function in Python."""
+    ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same function in Python. Either way its Linears
+    are :mod:`hetegen_fx.kernels`' where that builds (the first call may take tens of seconds)."""
+    global _cpu_linear
     with _SCRIPT_LOCK:
         if not _SCRIPTED:
+            if kernels.load():
+                _cpu_linear = _kernel_linear
             fn = None
             if os.environ.get("HETEGEN_SCRIPTED_JOBS", "1") != "0":
                 try:

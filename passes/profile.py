@@ -9,9 +9,17 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from hetegen_fx import meta
+from hetegen_fx import kernels, meta
 from hetegen_fx.config import Config
-from hetegen_fx.costs import CopyLoad, CostCache, HardwareModel, LinearCost, default_model, measure_cost
+from hetegen_fx.costs import (
+    CopyLoad,
+    CostCache,
+    HardwareModel,
+    LinearCost,
+    copy_load_bytes,
+    default_model,
+    measure_cost,
+)
 from hetegen_fx.errors import UnsupportedModelError
 from hetegen_fx.graph_utils import concrete, node_value, propagate_shapes
 from hetegen_fx.linear import LinearSite, find_linears
@@ -75,9 +83,12 @@ class ProfilePass(PassBase):
 
             threads = self.config.cpu_threads or default_threads()
             worker = get_runtime(device).host if measure else None
+        if measure:  # the CPU parts' kernel, built now (once per machine) so the profile times it
+            kernels.load(self.progress)
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
         load: CopyLoad | None = None  # one for the whole pass, dropped with it
+        model_bytes = sum(s.weight_bytes for s in sites)
 
         def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
             nonlocal load
@@ -90,7 +101,7 @@ class ProfilePass(PassBase):
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
                     if load is None and device.type == "cuda":
-                        load = CopyLoad(device)
+                        load = CopyLoad(device, copy_load_bytes(model_bytes))
                     cost = measure_cost(
                         site.out_features,
                         site.in_features,
