@@ -169,18 +169,15 @@ def _threads(n: int | None) -> Iterator[None]:
 class CopyLoad:
     """Host→device copies kept streaming on a side stream while the CPU is timed (CUDA only).
 
-    The copies read a pinned host buffer of ``host_bytes`` chunk by chunk into one small device buffer: the
-    device holds only :data:`CHUNK` bytes (profiling runs inside a model's first call, within its
-    ``gpu_memory`` budget), and the host's memory bus sees the traffic of streaming weights, provided the
-    buffer is larger than the last-level cache (:data:`ROTATION_BYTES`): copies from a buffer the cache
-    holds leave DRAM to the GEMV, which then reads as faster than it runs next to real weight copies.
+    The copies read a 64 MiB pinned host buffer chunk by chunk into one small device buffer: the host's
+    memory bus sees the traffic of streaming weights, while the device holds only :data:`CHUNK` bytes
+    (profiling runs inside a model's first call, within its ``gpu_memory`` budget).
     """
 
     CHUNK = 2 * 2**20
 
-    def __init__(self, device: torch.device, host_bytes: int = 64 * 2**20) -> None:
-        n = max(self.CHUNK, host_bytes // self.CHUNK * self.CHUNK)
-        self.host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    def __init__(self, device: torch.device) -> None:
+        self.host = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
         self.dev = torch.empty(self.CHUNK, dtype=torch.uint8, device=device)
         self.chunks = self.host.view(-1, self.CHUNK)
         self.stream = torch.cuda.Stream(device)
@@ -193,13 +190,6 @@ class CopyLoad:
 
     def stop(self) -> None:
         self.stream.synchronize()
-
-
-def copy_load_bytes(model_bytes: int) -> int:
-    """Host buffer of the profiler's copy load for a model of ``model_bytes`` of Linear weights: larger than
-    the last-level cache where the model is large enough to be worth it (a transient eighth of it at most,
-    so compiling stays well under 1.2× the model's bytes of host memory), 64 MiB at least."""
-    return max(64 * 2**20, min(ROTATION_BYTES, model_bytes // 8))
 
 
 def measure_cost(

@@ -16,7 +16,6 @@ from hetegen_fx.costs import (
     CostCache,
     HardwareModel,
     LinearCost,
-    copy_load_bytes,
     default_model,
     measure_cost,
 )
@@ -88,7 +87,6 @@ class ProfilePass(PassBase):
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
         load: CopyLoad | None = None  # one for the whole pass, dropped with it
-        model_bytes = sum(s.weight_bytes for s in sites)
 
         def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
             nonlocal load
@@ -101,7 +99,7 @@ class ProfilePass(PassBase):
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
                     if load is None and device.type == "cuda":
-                        load = CopyLoad(device, copy_load_bytes(model_bytes))
+                        load = CopyLoad(device)
                     cost = measure_cost(
                         site.out_features,
                         site.in_features,
