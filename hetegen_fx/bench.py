@@ -434,6 +434,15 @@ def format_table(s: dict) -> str:
                 f"{d} {c[f'cpu_gemv_{d}'] / 1e9:.1f} GB/s ({c[f'cpu_gemv_{d}_rel_err']:.1e})" for d in dts
             ),
         ]
+        kern = [d for d in dts if f"cpu_gemv_kernel_{d}" in c]
+        if kern:
+            rows.append(
+                "CPU GEMV with the CPU parts' kernel (hetegen_cpu::linear): "
+                + ", ".join(
+                    f"{d} {c[f'cpu_gemv_kernel_{d}'] / 1e9:.1f} GB/s ({c[f'cpu_gemv_kernel_{d}_rel_err']:.1e})"
+                    for d in kern
+                )
+            )
     model_bytes = s.get("model_bytes") or 0
     rss = [
         (r["variant"], r["host_rss_after_setup_bytes"])

@@ -1,0 +1,107 @@
+"""Where a 7B decode step's time goes, from the device's side: each CPU job's latency as the compute stream
+sees it (a CUDA event after its "ready" write, another after its "done" wait) and the gaps between jobs.
+
+    OUT=/tmp/out python scripts/diag_jobs.py        # on the GPU host, with the package importable
+
+Prints, per compiled model (the first one in a process is a warm-up): decode ms/token, jobs per step, the
+sum of job latencies against the plan's predicted CPU time, the sum of gaps, and the host's posting time
+of every 8th job against the device's "ready" time (the device behind the host: the step is bound by the
+CPU jobs, not by the launching thread). Writes $OUT/diag_jobs.json.
+"""
+
+import faulthandler
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import hetegen_fx
+from hetegen_fx.host import HostWorker
+from hetegen_fx.models import build_random
+from hetegen_fx.runtime import get_runtime
+
+faulthandler.dump_traceback_later(500, file=sys.stderr)
+OUT = os.environ["OUT"]
+dev = torch.device("cuda")
+T0 = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
+
+
+m = build_random("llama-2-7b", dtype=torch.float16)
+ids = torch.randint(3, 32000, (1, 512), generator=torch.Generator().manual_seed(0))
+kw = dict(do_sample=False, pad_token_id=0)
+rec = {"on": False, "jobs": []}  # [number, ready event, done event, CPU weight bytes, host time posted]
+begin, end = HostWorker.begin, HostWorker.end
+
+
+def timed_begin(self, x, w, b):
+    seq = begin(self, x, w, b)
+    if rec["on"]:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        rec["jobs"].append([seq, e, None, sum(t.numel() * t.element_size() for t in w), time.perf_counter()])
+    return seq
+
+
+def timed_end(self, seq, shape, dtype):
+    y = end(self, seq, shape, dtype)
+    if rec["on"]:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        for j in rec["jobs"]:
+            if j[0] == seq:
+                j[2] = e
+    return y
+
+
+HostWorker.begin, HostWorker.end = timed_begin, timed_end
+res = {}
+for tag in ("warm-up", "measured"):
+    torch._dynamo.reset()
+    get_runtime(dev).free()
+    torch.cuda.empty_cache()
+    c = hetegen_fx.compile(m, device="cuda", max_seq_len=600, gpu_memory="6GiB")
+    with torch.no_grad():
+        c.generate(ids, max_new_tokens=3, **kw)
+        torch.cuda.synchronize()
+        rec["jobs"].clear()
+        rec["on"] = True
+        c.generate(ids, max_new_tokens=4, **kw)
+        torch.cuda.synchronize()
+        rec["on"] = False
+        t = time.perf_counter()
+        c.generate(ids, max_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        p = time.perf_counter() - t
+        t = time.perf_counter()
+        c.generate(ids, max_new_tokens=17, **kw)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t - p) / 16 * 1e3
+    jobs = rec["jobs"]
+    # the last decode step: its jobs repeat the previous step's pattern of sizes
+    size = [j[3] for j in jobs]
+    n = max(k for k in range(1, len(jobs) // 2 + 1) if size[-k:] == size[-2 * k : -k])
+    step = jobs[-n:]
+    lat = [j[1].elapsed_time(j[2]) for j in step]
+    gaps = [step[i - 1][2].elapsed_time(step[i][1]) for i in range(1, n)]
+    gbps = [j[3] / (t * 1e-3) / 1e9 for j, t in zip(step, lat, strict=True)]
+    dec = min(hetegen_fx.explain(c).plans, key=lambda p: p.tokens)
+    pred = sum(lp.t_cpu_part for lp in dec.layers) * 1e3
+    posted = [
+        (round((j[4] - step[0][4]) * 1e3, 1), round(step[0][1].elapsed_time(j[1]), 1)) for j in step[::8]
+    ]
+    res[tag] = dict(ms_per_token=ms, jobs=n, latency_ms=lat, gaps_ms=gaps, gb_s=gbps, predicted_cpu_ms=pred)
+    log(
+        f"{tag}: {ms:.1f} ms/token; {n} jobs a step, job latencies {sum(lat):.1f} ms (plan: {pred:.1f} ms of "
+        f"CPU parts), gaps {sum(gaps):.1f} ms; median job {statistics.median(gbps):.1f} GB/s"
+    )
+    log(" host posted vs device ready (ms, every 8th job):", posted)
+    del c
+with open(f"{OUT}/diag_jobs.json", "w") as f:
+    json.dump(res, f, indent=1)
