@@ -17,7 +17,8 @@ from pathlib import Path
 from .config import format_bytes
 from .errors import ConfigError
 
-FORMAT_VERSION = 1
+#: 2: ``LayerPlan.slot`` is a byte offset in the staging arena (in 1 it was a buffer index; read as -1)
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -120,10 +121,13 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         d = dict(d)
         version = d.pop("format_version", None)
-        if version != FORMAT_VERSION:
+        if version not in (1, FORMAT_VERSION):
             raise ConfigError(f"plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
         try:
             layers = [LayerPlan(**lp) for lp in d.pop("layers")]
+            if version == 1:  # staging buffer indices, not offsets: unknown (compiling lays the arena out anew)
+                for lp in layers:
+                    lp.slot = -1
             return cls(layers=layers, **d)
         except (TypeError, KeyError) as e:
             raise ConfigError(f"not a hetegen_fx plan: {e}") from e
@@ -161,10 +165,14 @@ def _aligned(n: int) -> int:
 
 
 def staging_size(parts: list[int], prefetch: int | None) -> int:
-    """Bytes of the staging arena that holds any ``prefetch`` consecutive GPU parts of ``parts`` (bytes, in the
-    order their copies are issued; the window wraps around, as the next call's first copies follow the last).
-    ``None``: twice the largest part (the memory of two buffers for the largest part, packed with as many
-    smaller parts as fit).
+    """Bytes of the staging arena for GPU parts of ``parts`` bytes (in the order their copies are issued),
+    laid out by :func:`staging_offsets`.
+
+    ``prefetch=k``: the largest sum of ``k`` consecutive parts (the window wraps around: the next call's
+    first copies follow the last ones), plus (for ``k`` ≥ 2) the largest part, which the layout may leave
+    unused at the arena's end before it starts over: so any ``k`` consecutive parts are in the arena at once.
+    ``None``: twice the largest part (the memory of two buffers for it), in two halves that take turns:
+    any two consecutive parts are in the arena at once, and as many more as the halves hold.
     """
     sizes = [_aligned(n) for n in parts if n > 0]
     if not sizes:
@@ -173,20 +181,23 @@ def staging_size(parts: list[int], prefetch: int | None) -> int:
         return 2 * max(sizes)
     k = min(prefetch, len(sizes))
     ring = sizes + sizes[: k - 1]
-    return max(sum(ring[i : i + k]) for i in range(len(sizes)))
+    slack = max(sizes) if 1 < k < len(sizes) else 0  # one part alone never overlaps itself
+    return max(sum(ring[i : i + k]) for i in range(len(sizes))) + slack
 
 
-def staging_offsets(parts: list[int], arena: int) -> list[int]:
-    """Where each GPU part goes in an arena of ``arena`` bytes: one after the other, first in first out,
-    starting over at 0 where the next part no longer fits (-1 for a part of 0 bytes). A copy overwrites only
-    regions whose GPU parts were issued before it, so it waits for those alone (see :mod:`hetegen_fx.runtime`)."""
-    out, head = [], 0
+def staging_offsets(parts: list[int], prefetch: int | None) -> list[int]:
+    """Where each GPU part goes in the arena of :func:`staging_size`: one after the other, first in first
+    out. With ``prefetch=k`` a part that no longer fits before the arena's end starts over at 0; with
+    ``None`` it moves to the start of the other half. A part of 0 bytes takes an empty region where the
+    next part will start. A copy overwrites only regions whose GPU parts were issued before it, and waits
+    for those alone (see :mod:`hetegen_fx.runtime`)."""
+    size = staging_size(parts, prefetch)
+    half = size // 2 if prefetch is None else size
+    out, start, head = [], 0, 0  # the current half (or the whole arena) begins at start
     for n in parts:
-        if n <= 0:
-            out.append(-1)
-            continue
-        if head + n > arena:
-            head = 0
+        if n > 0 and head + n > start + half:
+            start = (start + half) % size if prefetch is None else 0
+            head = start
         out.append(head)
         head += _aligned(n)
     return out

@@ -20,7 +20,7 @@ import torch.fx as fx
 from . import meta
 from .errors import HetegenError
 from .graph_utils import layer_label
-from .plan import Plan, staging_offsets, staging_size
+from .plan import Plan, staging_offsets
 
 LANES = ("PCIe", "CPU", "GPU")
 SIDE_COLORS = {
@@ -51,7 +51,7 @@ def _regions(plan: Plan, prefetch: int | None) -> dict[str, tuple[int, int]]:
     if prefetch is not None and prefetch < 1:
         raise ValueError(f"prefetch must be at least 1, got {prefetch}")
     parts = [lp.gpu_part_bytes for lp in users]
-    offsets = staging_offsets(parts, staging_size(parts, prefetch))
+    offsets = staging_offsets(parts, prefetch)
     return {lp.name: (o, o + n) for lp, o, n in zip(users, offsets, parts, strict=True)}
 
 

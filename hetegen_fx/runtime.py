@@ -26,7 +26,9 @@ class DeviceRuntime:
     first in first out, see :func:`hetegen_fx.plan.staging_offsets`), so how many copies may be in flight is
     a matter of bytes, not of a count of equal buffers sized for the largest part. A copy into a region waits
     until every earlier GPU part that read any byte of it is done: the arena is tracked in pages of
-    :data:`PAGE` bytes, each pointing at the "released" event of the last region that covered it.
+    :data:`PAGE` bytes, each pointing at the "released" event of the last region that covered it. That
+    assumes every release is recorded on one stream (the graphs of a device run on its current stream):
+    a page's event re-recorded for a later region then only marks a later point of the same stream.
     """
 
     def __init__(self, device: torch.device) -> None:

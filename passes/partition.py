@@ -95,24 +95,25 @@ class PartitionPass(PassBase):
 
     def _lay_out_staging(
         self, gm: fx.GraphModule, nodes: list[fx.Node], groups: dict[fx.Node, list[fx.Node]]
-    ) -> dict[str, int]:
-        """Each GPU part's region in the staging arena, in the order the copies are emitted (a CPU job's
-        Linears together, at the first of them); the arena holds ``prefetch`` consecutive parts and is grown
-        now, at compile time: an arena that grew while the graph runs would be held twice, above the budget."""
+    ) -> dict[fx.Node, int]:
+        """Each Linear node's region in the staging arena, in the order the copies are emitted (a CPU job's
+        Linears together, at the first of them; per node, as one weight may be used twice); the arena is
+        grown now, at compile time: an arena that grew while the graph runs would be held twice, above the
+        budget."""
         order, seen = [], set()
         for node in nodes:
             for member in groups.get(node, [node]):
                 if member not in seen:
                     seen.add(member)
-                    order.append(member.meta[meta.PLACEMENT])
-        parts = [lp.gpu_part_bytes if lp.split < lp.out_features else 0 for lp in order]
+                    order.append(member)
+        parts = [member.meta[meta.PLACEMENT].gpu_part_bytes for member in order]
         size = staging_size(parts, self.config.prefetch)
         plan = gm.meta.get(meta.PLAN)
         if plan is not None:
             plan.reserved["staging"] = size  # as laid out (PlacementPass estimated it in graph order)
         if size:
             get_runtime(self.config.device).reserve(size)
-        return {lp.name: off for lp, off in zip(order, staging_offsets(parts, size), strict=True)}
+        return dict(zip(order, staging_offsets(parts, self.config.prefetch), strict=True))
 
     # -- emission helpers ---------------------------------------------------------------------------------
 
@@ -199,9 +200,10 @@ class PartitionPass(PassBase):
     def _gpu_part(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node | None:
         """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none."""
         s, short, k, out = site.name, _short(site.name), lp.split, lp.out_features
-        lp.slot = self._offsets[lp.name]
         if k == out:
+            lp.slot = -1
             return None
+        lp.slot = self._offsets[site.node]
         region = (lp.slot, lp.gpu_part_bytes)
         w = site.weight.tensor
         w_host = self._attach(

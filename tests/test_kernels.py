@@ -72,6 +72,10 @@ def test_bad_shapes_give_clear_errors():
         torch.ops.hetegen_cpu.linear(
             torch.randn(1, 8, dtype=torch.float16), torch.randn(8, dtype=torch.float16)
         )
+    with pytest.raises(RuntimeError):  # a 0-d input: torch's own error
+        torch.ops.hetegen_cpu.linear(
+            torch.tensor(1.0, dtype=torch.float16), torch.randn(4, 1, dtype=torch.float16)
+        )
     with pytest.raises(RuntimeError, match="x has 8 features, weight 9"):
         torch.ops.hetegen_cpu.linear(
             torch.randn(1, 8, dtype=torch.float16), torch.randn(4, 9, dtype=torch.float16)

@@ -66,6 +66,16 @@ def test_json_round_trip():
     assert again.layers[1].slot == 1 and again.reserved == plan.reserved
 
 
+def test_a_version_1_plan_loads_without_its_staging_buffers():
+    plan = _sample_plan()
+    d = plan.to_dict()
+    d["format_version"] = 1  # its `slot` was a staging buffer's index, not a byte offset in the arena
+    old = Plan.from_dict(d)
+    assert old.layers[1].slot == -1
+    old.layers[1].slot = plan.layers[1].slot
+    assert old == plan
+
+
 def test_save_load(tmp_path):
     plan = _sample_plan()
     path = plan.save(tmp_path / "plan.json")

@@ -5,7 +5,7 @@
 // weights against 109 GB/s for fp32 (docs/benchmarks.md), so per weight it ran no faster than fp32 that reads
 // twice the bytes. Here each weight row is converted 16 (AVX-512) or 8 (AVX2 + F16C) halves at a time and
 // multiplied into fp32 accumulators, four rows at once so every load of x serves four rows; the rows are
-// split over the calling thread's intra-op threads (at::parallel_for). Shapes with more than kMaxRows rows
+// split over an OpenMP team of the calling thread's torch thread count. Shapes with more than kMaxRows rows
 // (a prefill) are compute-bound and go to at::linear.
 //
 // Built on first use for the machine it runs on (-march=native), see hetegen_fx/kernels.py.
@@ -110,7 +110,7 @@ void rows(const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K, in
     for (int m = 0; m < M; ++m) xv[m] = vload(xf + m * K + k);
     for (int r = 0; r < R; ++r) {
       const uint16_t* p = w + (n + r) * K + k;
-#if HETEGEN_PREFETCH > 0 && (defined(__AVX512F__) || defined(__AVX2__))
+#if HETEGEN_PREFETCH > 0 && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)))
       // more lines in flight per core than the hardware prefetchers keep for four streams (a prefetch past
       // the end of the weights never faults)
       if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + HETEGEN_PREFETCH, _MM_HINT_T0);
@@ -156,6 +156,7 @@ void dispatch(int64_t M, const uint16_t* w, const float* xf, float* y, int64_t N
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   TORCH_CHECK(w.dim() == 2, "hetegen_cpu::linear: weight must be 2-D, got ", w.dim(), "-D");
+  if (x.dim() == 0) return at::linear(x, w, b);  // torch's error
   TORCH_CHECK(x.size(-1) == w.size(1), "hetegen_cpu::linear: x has ", x.size(-1), " features, weight ", w.size(1));
   const auto dtype = w.scalar_type();
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;

@@ -3,6 +3,8 @@ Linear forms of hetegen_fx.linear that it rewrites (nn.Linear, F.linear, aten.li
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.fx as fx
@@ -124,7 +126,7 @@ def test_staging_regions_are_laid_out_first_in_first_out(mlp, prefetch):
     assert len(set(parts)) > 1  # parts of different sizes: the arena packs them, it holds no equal buffers
     size = staging_size(parts, prefetch)
     assert plan.reserved["staging"] == size and get_runtime("cpu").staging_bytes() >= size
-    assert [lp.slot for lp in plan.layers] == staging_offsets(parts, size)
+    assert [lp.slot for lp in plan.layers] == staging_offsets(parts, prefetch)
     regions = [(lp.slot, lp.slot + lp.gpu_part_bytes) for lp in plan.layers]
     assert all(b <= size for _, b in regions)
     depth = 2 if prefetch is None else prefetch  # None: twice the largest part, so at least two
@@ -139,11 +141,30 @@ def test_staging_regions_are_laid_out_first_in_first_out(mlp, prefetch):
                 assert (n.meta[meta.SLOT], n.meta[meta.SLOT_BYTES]) == (lp.slot, lp.gpu_part_bytes)
 
 
-def test_staging_offsets_wrap_around():
-    assert staging_size([1000, 300, 300, 1000], 2) == 1024 + 1024  # the window wraps: last part, then first
+def test_staging_layouts():
+    # prefetch=2: the largest two consecutive parts (the window wraps: last, then first) + the largest part
+    assert staging_size([1000, 300, 300, 1000], 2) == 2048 + 1024
+    assert staging_offsets([256, 512, 256, 256], 2) == [0, 256, 768, 1024]
+    # None: two halves of the largest part, taking turns; a part of 0 bytes is an empty region
     assert staging_size([256, 512], None) == 1024
-    assert staging_offsets([256, 0, 512, 256, 256], 1024) == [0, -1, 256, 768, 0]
+    assert staging_offsets([256, 0, 512, 256, 256], None) == [0, 256, 512, 0, 256]
     assert staging_size([], 3) == 0 and staging_size([0, 0], None) == 0
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 5, None])
+def test_consecutive_parts_never_share_bytes(prefetch):
+    rng = random.Random(prefetch or 0)
+    for _ in range(200):
+        parts = [rng.choice([0, 1, 255, 256, 300, 512, 768, 1000, 4096]) for _ in range(rng.randint(1, 12))]
+        size = staging_size(parts, prefetch)
+        offsets = staging_offsets(parts, prefetch)
+        regions = [(o, o + n) for o, n in zip(offsets, parts, strict=True) if n > 0]
+        assert all(0 <= a and b <= size for a, b in regions), (parts, offsets, size)
+        depth = 2 if prefetch is None else prefetch
+        for i in range(len(regions)):
+            for j in range(i + 1, min(i + depth, len(regions))):
+                (a0, b0), (a1, b1) = regions[i], regions[j]
+                assert b0 <= a1 or b1 <= a0, (parts, prefetch, offsets)
 
 
 def test_no_linear_no_change(count):
