@@ -125,9 +125,8 @@ class Plan:
             raise ConfigError(f"plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
         try:
             layers = [LayerPlan(**lp) for lp in d.pop("layers")]
-            if (
-                version == 1
-            ):  # staging buffer indices, not offsets: unknown (compiling lays the arena out anew)
+            if version == 1:
+                # staging buffer indices, not offsets: unknown (compiling lays the arena out anew)
                 for lp in layers:
                     lp.slot = -1
             return cls(layers=layers, **d)
