@@ -79,6 +79,20 @@ class WeightStore:
             self._pin(part)
         return part
 
+    def cpu_rows(self, w: torch.Tensor, layout: str, stop: int) -> torch.Tensor:
+        """The CPU part of host weight ``w``: output features ``[0, stop)`` as ``[stop, in]`` rows, as the
+        CPU kernel (:mod:`hetegen_fx.kernels`) reads them best: a view for out_in; for in_out the columns'
+        cached copy, made transposed (the same bytes a copy of the columns would take), or, for every
+        column, a transposed view (no copy of the whole weight; the kernel then copies it per call)."""
+        if layout == "out_in" or stop == w.shape[1]:
+            part = self.host_part(w, layout, 0, stop, pin=False)
+            return part if layout == "out_in" else part.t()
+        key = (id(w), "rows", 0, stop)
+        cached = self._host_parts.get(key)
+        if cached is None:
+            cached = self._host_parts[key] = w.detach()[:, :stop].t().contiguous()
+        return cached
+
     def _pin(self, t: torch.Tensor) -> None:
         """Page-lock the storage behind ``t`` in place (no copy of the weights)."""
         storage = t.untyped_storage()

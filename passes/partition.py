@@ -158,9 +158,7 @@ class PartitionPass(PassBase):
         weights, biases = [], []
         for site, lp in zip(sites, plans, strict=True):
             s, k = site.name, lp.split
-            part = self.store.host_part(site.weight.tensor, site.layout, 0, k, pin=False)
-            if site.layout == "in_out":
-                part = part.t()  # [k, in], as F.linear takes it (a view: no copy of the weights)
+            part = self.store.cpu_rows(site.weight.tensor, site.layout, k)  # [k, in], as F.linear takes it
             weights.append(self._attach(gm, f"{s}__cpu_part", part, "cpu", s))
             b = None
             if site.bias is not None:

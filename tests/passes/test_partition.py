@@ -332,10 +332,10 @@ def test_conv1d_parts_are_contiguous_and_cached(mlp):
     config = Config(device="cpu", profile="model", plan=_plan(gm, {"*": 0.5}))
     out, _ = transform(gm, config, store)
     w = model.fc.weight.detach()
-    cpu = out.fc_weight__cpu_part.t()  # the CPU job takes [k, in]: a transposed view of the columns
+    cpu = out.fc_weight__cpu_part  # the CPU job takes [k, in] rows: the columns' copy, made transposed
     gpu = out.fc_weight__gpu_part_host
     assert cpu.is_contiguous() and gpu.is_contiguous()
-    assert torch.equal(cpu, w[:, :24]) and torch.equal(gpu, w[:, 24:])
+    assert torch.equal(cpu, w[:, :24].t()) and torch.equal(gpu, w[:, 24:])
     # a second graph of the same model reuses the same host parts (made once)
     out2, _ = transform(capture_fx(model), config, store)
     assert out2.fc_weight__cpu_part.data_ptr() == cpu.data_ptr()
@@ -373,3 +373,20 @@ def test_linears_sharing_an_input_are_one_cpu_job():
     gpu_parts = [i for i, n in enumerate(nodes) if n.target is F.linear and n.meta[meta.SIDE] == "gpu"]
     assert len(gpu_parts) == 3 and nodes.index(begin) < min(gpu_parts) and max(gpu_parts) < nodes.index(end)
     torch.testing.assert_close(c(x), m(x))
+
+
+@pytest.mark.parametrize(("alpha", "copied"), [(0.5, True), (1.0, False)])
+def test_in_out_cpu_parts_are_rows(alpha, copied):
+    """A Conv1D's CPU part is handed to the CPU kernel as ``[k, in]`` rows: contiguous for a share (the copy
+    of its columns, made transposed), a view of the whole weight for all of it (no second copy)."""
+    model = GPT2MLP().eval()
+    gm = capture_fx(model)
+    _, plan = _partition(gm, _plan(gm, {"*": alpha}))
+    w = model.fc.weight
+    k = plan.layer("fc.weight").split
+    part = gm.fc_weight__cpu_part
+    assert part.shape == (k, w.shape[0]) and torch.equal(part, w.detach()[:, :k].t())
+    assert part.is_contiguous() is copied
+    assert (part.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()) is not copied
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
