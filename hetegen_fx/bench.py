@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     p.add_argument("--cpu-threads", type=int, default=None)
+    p.add_argument(
+        "--reps", type=int, default=2, help="timed generates per variant (the decode time is their median)"
+    )
 
 
 _T0 = time.perf_counter()
@@ -186,26 +190,53 @@ def _ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     return res
 
 
+class _StepClock:
+    """A logits processor that only stamps the time: ``generate`` calls it once per new token, after that
+    token's logits, so the gaps between stamps are the decode steps as the caller sees them."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.stamps)]
+
+
 def _time_generate(
-    model, ids: torch.Tensor, new_tokens: int, device: torch.device
-) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds per token, tokens) with a warm model."""
+    model, ids: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 2
+) -> tuple[float, float, list[int], list[float]]:
+    """(prefill seconds, decode seconds per token, tokens, every decode step's seconds) with a warm model.
+
+    The decode time is the median over ``reps`` generates of ``new_tokens`` (the lent hosts drift by tens of
+    percent within a minute); the steps are those of every rep, so their spread shows that drift.
+    """
+    from transformers import LogitsProcessorList
+
     kw = {"do_sample": False, "pad_token_id": 0}
     result = {}
+    clock = _StepClock()
 
-    def timed(n: int) -> float:
+    def timed(n: int, processors=None) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        result["out"] = model.generate(ids, max_new_tokens=n, **kw)
+        result["out"] = model.generate(ids, max_new_tokens=n, logits_processor=processors, **kw)
         _sync(device)
         return time.perf_counter() - t0
 
+    steps: list[float] = []
     with torch.no_grad():
         prefill = statistics.median(timed(1) for _ in range(3))
-        total = timed(new_tokens)
+        totals = []
+        for _ in range(max(1, reps)):
+            clock.stamps.clear()
+            totals.append(timed(new_tokens, LogitsProcessorList([clock])))
+            steps += clock.steps()
     out = result["out"]
-    decode = max(total - prefill, 1e-9) / max(new_tokens - 1, 1)
-    return prefill, decode, out[0, ids.shape[1] :].tolist()
+    decode = max(statistics.median(totals) - prefill, 1e-9) / max(new_tokens - 1, 1)
+    return prefill, decode, out[0, ids.shape[1] :].tolist(), steps
 
 
 def _build(args):
@@ -255,8 +286,16 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     result["first_call_s"] = time.perf_counter() - t0
     _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
-    prefill, decode, tokens = _time_generate(runner, ids, new_tokens, device)
+    prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps)
     result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
+    if steps:
+        q = statistics.quantiles(steps, n=10) if len(steps) > 1 else [steps[0]] * 9
+        result["decode_step_s"] = {
+            "p10": q[0],
+            "median": statistics.median(steps),
+            "p90": q[-1],
+            "all": steps,
+        }
     if device.type == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device) - base
     if name not in ("gpu", "accelerate"):
@@ -353,7 +392,9 @@ def main(args: argparse.Namespace) -> int:
             _log(f"{name} FAILED: {type(e).__name__}: {str(e)[:2000]}")
             _free(device)
             continue
-        _log(f"{name}: prefill {r['prefill_s']:.3f} s, decode {r['decode_tok_s']:.2f} tok/s")
+        st = r.get("decode_step_s")
+        spread = f" (steps p10-p90 {st['p10'] * 1e3:.1f}-{st['p90'] * 1e3:.1f} ms)" if st else ""
+        _log(f"{name}: prefill {r['prefill_s']:.3f} s, decode {r['decode_tok_s']:.2f} tok/s{spread}")
         results.append(r)
         if name == "gpu":
             model.to("cpu")
@@ -399,8 +440,9 @@ def format_table(s: dict) -> str:
         f"{s['model']} {s['dtype']}, budget {format_bytes(s['gpu_memory'] or 0)}, prompt {s['prompt_len']}, "
         f"{s['device']}, {s['date']}, torch {s['torch']}, {s['cpu_threads']} CPU threads",
         "",
-        "| variant | prefill s | decode tok/s | ms/token | peak GPU | tokens = ref | vs accelerate | vs stream | vs cpu |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | prefill s | decode tok/s | ms/token | step p10-p90 ms | peak GPU | tokens = ref | vs accelerate "
+        "| vs stream | vs cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {r["variant"]: r for r in s["results"]}
 
@@ -410,9 +452,11 @@ def format_table(s: dict) -> str:
 
     for r in s["results"]:
         peak = format_bytes(r["peak_gpu_bytes"]) if "peak_gpu_bytes" in r else "-"
+        st = r.get("decode_step_s")
+        spread = f"{st['p10'] * 1e3:.0f}-{st['p90'] * 1e3:.0f}" if st else "-"
         rows.append(
             f"| {r['variant']} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.2f} | {r['decode_s_per_token'] * 1e3:.1f} | "
-            f"{peak} | {'yes' if r['tokens_match_reference'] else 'NO'} | {ratio(r, 'accelerate')} | "
+            f"{spread} | {peak} | {'yes' if r['tokens_match_reference'] else 'NO'} | {ratio(r, 'accelerate')} | "
             f"{ratio(r, 'stream')} | {ratio(r, 'cpu')} |"
         )
     if s.get("bound_decode_s"):

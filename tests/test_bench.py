@@ -39,6 +39,10 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert 0.0 < by["hetegen"]["mean_alpha"] < 1.0
     assert {"cpu_gemv_float16", "cpu_gemv_bfloat16", "cpu_gemv_float32"} <= set(report["ceilings"])
     assert by["hetegen"]["trace"]["copy_busy_s"] > 0
+    for r in by.values():  # two timed generates of 4 tokens: 3 decode steps each, as the caller saw them
+        steps = r["decode_step_s"]
+        assert len(steps["all"]) == 6 and all(t > 0 for t in steps["all"])
+        assert steps["p10"] <= steps["median"] <= steps["p90"]
     trace = json.loads((tmp_path / "trace_decode.json").read_text())
     assert any(e.get("cat") == "PCIe" for e in trace["traceEvents"])
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in (
