@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 from . import ops
-from .graph_utils import clone_graph_module
+from .graph_utils import clone_graph_module, eliminate_dead_code
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop dead nodes and attributes, check the graph and generate its Python code."""
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from . import meta, ops
 from .api import CompiledModule
 from .errors import ConfigError, HetegenError
-from .graph_utils import clone_graph_module
+from .graph_utils import clone_graph_module, eliminate_dead_code
 from .plan import Plan
-from .runtime import park, to_device
+from .runtime import park, to_device, write_back
 
 FORMATS = ("onnx", "pt2", "plan")
 _SUFFIXES = {".onnx": "onnx", ".pt2": "pt2", ".json": "plan"}
@@ -207,13 +207,16 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 continue
+            if node.target is write_back:  # one device: the input itself was changed
+                graph.erase_node(node)
+                continue
             if any(ops.is_op(node.target, op) for op in (ops.WAIT, ops.RELEASE, ops.CPU_WAIT)):
                 graph.erase_node(node)  # no outputs; functionalized they become HOPs the exporter rejects
                 continue
         node.meta["custom"] = {**node.meta.get("custom", {}), **_placement(node, cm.plan)}
     if for_onnx:
         _to_host(gm)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return gm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -82,3 +83,136 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     return new
+
+
+#: Python's in-place operators: dynamo records ``x += y`` on a tensor as one of these, and it mutates ``x``
+_INPLACE_OPERATORS = frozenset(
+    {
+        operator.setitem,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.imatmul,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+    }
+)
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` has an effect besides its result, so it must stay even when nothing reads that.
+
+    fx's own check (``Node.is_impure``) knows ops with a mutable schema and registered side effects, but not
+    in-place *methods* (``cache.index_copy_(...)``, ``count.add_(1)``, as dynamo and ``symbolic_trace``
+    record them), in-place functions such as ``torch.Tensor.add_``, ``inplace=True`` or Python's in-place
+    operators: a dead-code pass trusting it drops an HF StaticCache's updates.
+    """
+    return node.is_impure() or _writes_first(node)
+
+
+def _writes_first(node: fx.Node) -> bool:
+    """Whether ``node`` writes its first argument in place (ops with a schema: see :func:`schema_writes`)."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("__")
+    if node.op != "call_function" or isinstance(
+        node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+    ):
+        return False
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """fx's dead-code elimination that keeps every node that :func:`mutates`."""
+    return graph.eliminate_dead_code(is_impure_node=mutates)
+
+
+#: methods and functions whose result may share memory with their first argument (a write through the result
+#: writes the argument): views, and conversions that return the tensor itself when there is nothing to convert
+#: (``cache.to(device)``, as HF's StaticCache does before ``add_``)
+_VIEWS = frozenset(
+    {
+        "to",
+        "type",
+        "type_as",
+        "cpu",
+        "cuda",
+        "float",
+        "half",
+        "bfloat16",
+        "double",
+        "int",
+        "long",
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "narrow",
+        "select",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "expand_as",
+        "t",
+        "T",
+        "mT",
+        "as_strided",
+        "unflatten",
+        "flatten",
+        "diagonal",
+        "movedim",
+        "swapaxes",
+        "split",
+        "chunk",
+        "unbind",
+        "contiguous",
+        "detach",
+        "getitem",
+        "__getitem__",
+        "real",
+        "imag",
+    }
+)
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def writers_of(node: fx.Node) -> list[fx.Node]:
+    """The nodes that change ``node``'s tensor in place, directly or through a view of it."""
+    aliases, todo, writers = {node}, [node], []
+    while todo:
+        for user in todo.pop().users:
+            if user.op not in ("call_method", "call_function") or user in writers:
+                continue
+            first = user.args[0] if user.args else None
+            if (_writes_first(user) and first in aliases) or set(schema_writes(user)) & aliases:
+                writers.append(user)
+            elif _name(user) in _VIEWS and first in aliases and user not in aliases:
+                aliases.add(user)
+                todo.append(user)
+    return writers
+
+
+def schema_writes(node: fx.Node) -> list[fx.Node]:
+    """The arguments an op overload declares it writes (``Tensor(a!)``)."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+        return []
+    return [
+        value
+        for arg, value in zip(t._schema.arguments, node.args, strict=False)
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node)
+    ]

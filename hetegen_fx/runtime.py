@@ -209,7 +209,25 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     return x.to(dev, non_blocking=x.device.type == "cpu" and x.is_pinned())
 
 
+def write_back(host: torch.Tensor, moved: torch.Tensor, *writers: object) -> None:
+    """Copy an input that the graph changed in place on the accelerator back into the caller's tensor.
+
+    ``moved`` is what :func:`to_device` made of ``host``; ``writers`` are the nodes that changed it (passed
+    only so that they run first). Nothing to do when no copy was made: an input already on the device, or a
+    parked stand-in whose device tensor was changed itself. Runs after the graph's CPU jobs (the copy blocks).
+    """
+    if not isinstance(host, torch.Tensor) or moved is host or unpark(host) is moved:
+        return
+    host.copy_(moved)
+
+
+torch.fx.node.has_side_effect(write_back)  # no result: dead-code elimination must keep it
+
+
 torch.fx.wrap("park")
+
+
+torch.fx.wrap("write_back")
 
 
 torch.fx.wrap("to_device")

@@ -4,6 +4,7 @@
   Linears already handled) are read from their device copies in the WeightStore;
 * tensor inputs are moved to the device on entry (a no-op for those already there, e.g. a KV cache);
 * device constants baked in at capture (``arange(..., device='cpu')``) are retargeted to the device;
+* inputs the graph changes in place are copied back at the end, into the caller's tensors;
 * outputs go back to the device the inputs came from (``output_device="input"``), or, with "auto", those
   computed from the last Linear do while the others (model state) are parked on the device.
 """
@@ -18,9 +19,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config
-from hetegen_fx.graph_utils import attach, node_value
+from hetegen_fx.graph_utils import attach, node_value, writers_of
 from hetegen_fx.linear import param_of
-from hetegen_fx.runtime import park, to_device
+from hetegen_fx.runtime import park, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 HOST = torch.device("cpu")
@@ -50,6 +51,7 @@ class DevicePass(PassBase):
                 graph.erase_node(node)
             modified = True
         # inputs onto the device
+        changed: list[tuple[fx.Node, fx.Node]] = []  # inputs moved to the device, which the graph may change
         host_devices = []
         unknown: list[
             fx.Node
@@ -71,6 +73,8 @@ class DevicePass(PassBase):
             moved.meta[meta.SIDE] = "move"
             ph.replace_all_uses_with(moved, delete_user_cb=lambda u, m=moved: u is not m)
             modified = True
+            if v is None or v.device != self.device:
+                changed.append((ph, moved))
         # device constants captured on the host
         if self.device != HOST:
             for node in graph.nodes:
@@ -83,6 +87,15 @@ class DevicePass(PassBase):
                     if new_args != node.args or new_kwargs != node.kwargs:
                         node.args, node.kwargs = new_args, new_kwargs
                         modified = True
+        # inputs changed in place (an HF StaticCache's length counter): the caller's tensors get the new values
+        for ph, moved in changed:
+            writers = writers_of(moved)
+            if writers:
+                with graph.inserting_before(graph.output_node()):
+                    node = graph.create_node(
+                        "call_function", write_back, (ph, moved, *writers), name=f"{ph.name}_written_back"
+                    )
+                node.meta[meta.SIDE] = "move"
         # outputs back to the inputs' device, or parked on the accelerator
         back: torch.device | fx.Node | None = next((d for d in host_devices if d != self.device), None)
         if back is None and not host_devices and unknown and self.config.output_device != "accelerator":

@@ -13,23 +13,12 @@ CPU, stays after the GPU parts PartitionPass queued before it). The emitted orde
 from __future__ import annotations
 
 import networkx as nx
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
+from hetegen_fx.graph_utils import schema_writes
 from hetegen_fx.ops import COPY, CPU_END, CPU_WAIT, RELEASE, is_op
-
-
-def _mutated_args(node: fx.Node) -> list[fx.Node]:
-    t = node.target
-    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
-        return []
-    out = []
-    for arg, value in zip(t._schema.arguments, node.args, strict=False):
-        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
-            out.append(value)
-    return out
 
 
 def build_dag(graph: fx.Graph) -> nx.DiGraph:
@@ -41,7 +30,7 @@ def build_dag(graph: fx.Graph) -> nx.DiGraph:
         for inp in n.all_input_nodes:
             dag.add_edge(inp, n, kind="data")
     for n in graph.nodes:
-        for arg in _mutated_args(n):
+        for arg in schema_writes(n):
             for user in arg.users:
                 if user is n:
                     continue

@@ -76,6 +76,25 @@ def test_generate_parity_and_budget():
 
 
 @needs_cuda
+def test_static_cache_parity():
+    """HF's StaticCache changes its tensors in place (``index_copy_`` into the cache, ``add_`` to its length
+    counter) and reads no result of those calls: the generated code must keep them (and the state they
+    change must persist between steps), or the cache stays empty and the tokens go wrong."""
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(4))
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
+    with torch.no_grad():
+        ref = model.cuda().generate(ids.cuda(), **kw)[0, 32:].cpu()
+    model.cpu()
+    torch.cuda.empty_cache()
+    c = hetegen_fx.compile(model, gpu_memory=int(_bytes(model) * 0.6), device="cuda", max_seq_len=64)
+    with torch.no_grad():
+        out = c.generate(ids, **kw)[0, 32:].cpu()
+    assert any(not lp.resident for lp in hetegen_fx.explain(c).plans[-1].layers)
+    assert out.tolist() == ref.tolist()
+
+
+@needs_cuda
 def test_trace_shows_copies_overlapping_cpu_parts(tmp_path):
     from hetegen_fx import trace
 

@@ -20,8 +20,8 @@ def _prompt(batch: int = 1, length: int = 7) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length))
 
 
-def _generate(model, ids):
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+def _generate(model, ids, **kw):
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS, **kw)
     assert out.shape[1] == ids.shape[1] + NEW_TOKENS
     return out
 
@@ -99,3 +99,18 @@ def test_hf_budget_far_too_small_fails_at_compile_naming_the_minimum(tiny_hf):
         hetegen_fx.compile(model, gpu_memory=1024, device="cpu", max_seq_len=64)
     assert "KV cache for 64 tokens" in str(err.value)
     assert not hasattr(model, "hetegen_config") and "_compiled_call_impl" not in vars(model)
+
+
+def test_static_cache_parity(tiny_hf):
+    """An HF StaticCache updates its tensors in place (``index_copy_``, ``cumulative_length.add_``) and uses
+    no result of those calls: the generated code must keep them."""
+    model = tiny_hf("llama")
+    ids = _prompt()
+    ref = _generate(model, ids, cache_implementation="static")
+    assert torch.equal(ref, _generate(model, ids))  # the static cache changes nothing in eager mode
+    compiled = hetegen_fx.compile(
+        model, gpu_memory=int(_nbytes(model) * 0.6), device="cpu", max_seq_len=64, profile="model"
+    )
+    assert torch.equal(_generate(compiled, ids, cache_implementation="static"), ref)
+    code = "\n".join(hetegen_fx.explain(compiled).codes)
+    assert "index_copy_" in code and "add_" in code

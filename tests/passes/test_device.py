@@ -17,7 +17,7 @@ from hetegen_fx.config import Config
 from hetegen_fx.linear import param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
-from hetegen_fx.runtime import to_device
+from hetegen_fx.runtime import to_device, write_back
 from hetegen_fx.store import WeightStore
 
 
@@ -123,6 +123,50 @@ def test_accelerator_structure_on_meta():
     # output_device="input": the result goes back to the host
     out = gm.graph.output_node().args[0]
     assert out.target is to_device and out.args[1] == "cpu"
+
+
+class Counts(nn.Module):
+    """Changes two of its inputs in place (one through a view) and returns nothing computed from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, count, cache):
+        count.add_(1)
+        cache.view(-1).narrow(0, 0, 4).copy_(x[0, :4])
+        return self.fc(x)
+
+
+def _counts_inputs():
+    return [torch.randn(2, 8), torch.zeros((), dtype=torch.int64), torch.zeros(2, 4)]
+
+
+def test_inputs_changed_in_place_are_written_back_from_the_device():
+    gm = capture_fx(Counts())
+    _run(gm, device="meta", example_inputs=_counts_inputs())
+    backs = {n.args[0].target: n for n in gm.graph.nodes if n.target is write_back}
+    assert set(backs) == {"count", "cache"}  # x is only read
+    count_back = backs["count"]
+    (add,) = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "add_"]
+    assert count_back.args[1].target is to_device and add in count_back.args[2:]  # after the change
+    (copy,) = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "copy_"]
+    assert backs["cache"].args[2:] == (copy,)  # through two views
+    nodes = list(gm.graph.nodes)
+    assert all(nodes.index(b) > nodes.index(w) for b in backs.values() for w in b.args[2:])
+
+
+def test_inputs_changed_in_place_on_the_emulated_device():
+    """Inputs already on the device are changed in place by the graph itself: no write-back."""
+    model = Counts()
+    gm = capture_fx(model)
+    _run(gm, example_inputs=_counts_inputs())
+    assert not [n for n in gm.graph.nodes if n.target is write_back]
+    x, count, cache = _counts_inputs()
+    x.normal_()
+    for i in range(1, 3):
+        torch.testing.assert_close(gm(x, count, cache), model(x, torch.zeros(()), torch.zeros(2, 4)))
+        assert count.item() == i and torch.equal(cache.view(-1)[:4], x[0, :4])
 
 
 def test_output_stays_on_the_accelerator_when_asked():

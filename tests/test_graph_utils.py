@@ -1,0 +1,72 @@
+"""graph_utils: which nodes change a tensor in place (so dead-code elimination keeps them and DevicePass
+writes changed inputs back), and runtime.write_back."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from hetegen_fx.graph_utils import eliminate_dead_code, mutates, writers_of
+from hetegen_fx.runtime import write_back
+
+
+def _changes(a, b, c, d, e):
+    a.add_(1)  # an in-place method
+    torch.relu_(b)  # an in-place function
+    F.relu(c, inplace=True)
+    d.view(-1).narrow(0, 0, 1).zero_()  # through views
+    e.add(1)  # not in place: dead
+    return a.sum()
+
+
+def _graph():
+    gm = fx.symbolic_trace(_changes)
+    by = {n.name: n for n in gm.graph.nodes}
+    return gm, by
+
+
+def test_in_place_nodes_mutate_and_survive_dead_code_elimination():
+    gm, by = _graph()
+    assert mutates(by["add_"]) and mutates(by["relu_"]) and mutates(by["relu"]) and mutates(by["zero_"])
+    assert not mutates(by["add"]) and not mutates(by["view"])
+    assert not by["add_"].is_impure()  # what fx's own elimination would have dropped
+    eliminate_dead_code(gm.graph)
+    names = {n.name for n in gm.graph.nodes}
+    assert {"add_", "relu_", "relu", "zero_"} <= names and "add" not in names
+    gm.recompile()
+    args = [torch.ones(3) for _ in range(5)]
+    args[1] = torch.tensor([-1.0, 2.0, -3.0])
+    args[2] = torch.tensor([-1.0, 2.0, -3.0])
+    gm(*args)
+    assert args[0].tolist() == [2, 2, 2] and args[1].tolist() == [0, 2, 0]
+    assert args[2].tolist() == [0, 2, 0] and args[3].tolist() == [0, 1, 1] and args[4].tolist() == [1, 1, 1]
+
+
+def test_writers_of_an_input():
+    gm, by = _graph()
+    assert writers_of(by["a"]) == [by["add_"]]
+    assert writers_of(by["b"]) == [by["relu_"]]
+    assert writers_of(by["c"]) == [by["relu"]]
+    assert writers_of(by["d"]) == [by["zero_"]]
+    assert writers_of(by["e"]) == []
+
+
+def test_python_in_place_operators_mutate():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    node = g.call_function(operator.iadd, (x, 1))
+    g.output(None)
+    assert mutates(node) and writers_of(x) == [node]
+
+
+def test_write_back_copies_only_when_the_graph_worked_on_a_copy():
+    host, moved = torch.zeros(3), torch.arange(3.0)
+    write_back(host, moved, None)
+    assert host.tolist() == [0, 1, 2]
+    same = torch.zeros(2)
+    write_back(same, same)
+    assert same.tolist() == [0, 0]
+    write_back(5, moved)  # not a tensor: nothing to do
