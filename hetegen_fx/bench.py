@@ -289,7 +289,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
     prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps)
     result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
     if steps:
-        q = statistics.quantiles(steps, n=10) if len(steps) > 1 else [steps[0]] * 9
+        q = statistics.quantiles(steps, n=10, method="inclusive") if len(steps) > 1 else [steps[0]] * 9
         result["decode_step_s"] = {
             "p10": q[0],
             "median": statistics.median(steps),

@@ -111,24 +111,34 @@ def mutates(node: fx.Node) -> bool:
 
     fx's own check (``Node.is_impure``) knows ops with a mutable schema and registered side effects, but not
     in-place *methods* (``cache.index_copy_(...)``, ``count.add_(1)``, as dynamo and ``symbolic_trace``
-    record them), in-place functions such as ``torch.Tensor.add_``, ``inplace=True`` or Python's in-place
-    operators: a dead-code pass trusting it drops an HF StaticCache's updates.
+    record them), in-place functions such as ``torch.Tensor.add_``, ``inplace=True``, ``out=`` or Python's
+    in-place operators as dynamo records them: a dead-code pass trusting it drops an HF StaticCache's
+    updates. (``symbolic_trace`` records ``x += 1`` as an ``add`` whose result is rebound: that change is
+    lost at capture, before any pass sees it.)
     """
-    return node.is_impure() or _writes_first(node)
+    return node.is_impure() or _writes_first(node) or _out(node) is not None
+
+
+def _out(node: fx.Node) -> fx.Node | None:
+    """The tensor a call writes through its ``out=`` keyword, if any."""
+    out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+    return out if isinstance(out, fx.Node) else None
 
 
 def _writes_first(node: fx.Node) -> bool:
     """Whether ``node`` writes its first argument in place (ops with a schema: see :func:`schema_writes`)."""
     if node.op == "call_method":
         return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("__")
-    if node.op != "call_function" or isinstance(
-        node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
-    ):
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverloadPacket):  # fx's check looks at .default, which add_ lacks
+        return node.target.__name__.endswith("_")
+    if isinstance(node.target, torch._ops.OpOverload):
         return False
     if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
         return True
     name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
+    return name.endswith("_") and (not name.startswith("_") or name.startswith("_foreach_"))
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
@@ -190,6 +200,17 @@ def _name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with its first argument."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):  # aten (export): the schema says so
+        returns = t._schema.returns
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+    if t is getattr and len(node.args) > 1:  # x.T, x.mT, x.real as dynamo records them
+        return node.args[1] in _VIEWS
+    return _name(node) in _VIEWS
+
+
 def writers_of(node: fx.Node) -> list[fx.Node]:
     """The nodes that change ``node``'s tensor in place, directly or through a view of it."""
     aliases, todo, writers = {node}, [node], []
@@ -198,21 +219,28 @@ def writers_of(node: fx.Node) -> list[fx.Node]:
             if user.op not in ("call_method", "call_function") or user in writers:
                 continue
             first = user.args[0] if user.args else None
-            if (_writes_first(user) and first in aliases) or set(schema_writes(user)) & aliases:
+            if (
+                (_writes_first(user) and first in aliases)
+                or _out(user) in aliases
+                or set(schema_writes(user)) & aliases
+            ):
                 writers.append(user)
-            elif _name(user) in _VIEWS and first in aliases and user not in aliases:
+            elif first in aliases and user not in aliases and _is_view(user):
                 aliases.add(user)
                 todo.append(user)
     return writers
 
 
 def schema_writes(node: fx.Node) -> list[fx.Node]:
-    """The arguments an op overload declares it writes (``Tensor(a!)``)."""
+    """The arguments an op overload declares it writes (``Tensor(a!)``), given by position or by name."""
     t = node.target
     if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
         return []
-    return [
-        value
-        for arg, value in zip(t._schema.arguments, node.args, strict=False)
-        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node)
-    ]
+    out = []
+    for i, arg in enumerate(t._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node):
+            out.append(value)
+    return out

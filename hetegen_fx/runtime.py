@@ -143,7 +143,7 @@ _LOCK = threading.Lock()
 _DEVICES: dict[str | torch.device, torch.device] = {}
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """``device`` parsed once ("cuda" resolved to the current CUDA device): called per Linear per token."""
     dev = _DEVICES.get(device)
     if dev is None:
@@ -156,7 +156,7 @@ def _device(device: str | torch.device) -> torch.device:
 
 def get_runtime(device: str | torch.device) -> DeviceRuntime:
     """The process-wide runtime of ``device`` (created on first use)."""
-    dev = _device(device)
+    dev = resolve_device(device)
     rt = _RUNTIMES.get(dev)
     if rt is not None:
         return rt
@@ -200,7 +200,7 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     """Move an activation; a no-op when it is already there. Host-to-device copies do not block the host."""
     if not isinstance(x, torch.Tensor):
         return x
-    dev = _device(device)
+    dev = resolve_device(device)
     if x.device == dev:
         return x
     parked = unpark(x) if x.device.type == "cpu" else None

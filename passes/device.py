@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -21,10 +22,12 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, node_value, writers_of
 from hetegen_fx.linear import param_of
-from hetegen_fx.runtime import park, to_device, write_back
+from hetegen_fx.runtime import park, resolve_device, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 HOST = torch.device("cpu")
+#: an input the graph changes in place is copied back at every call; above this size, compiling warns
+WRITE_BACK_WARN_BYTES = 64 * 2**20
 
 
 class DevicePass(PassBase):
@@ -52,6 +55,7 @@ class DevicePass(PassBase):
             modified = True
         # inputs onto the device
         changed: list[tuple[fx.Node, fx.Node]] = []  # inputs moved to the device, which the graph may change
+        resolved = resolve_device(self.config.device)  # "cuda" as the index its tensors carry
         host_devices = []
         unknown: list[
             fx.Node
@@ -73,7 +77,7 @@ class DevicePass(PassBase):
             moved.meta[meta.SIDE] = "move"
             ph.replace_all_uses_with(moved, delete_user_cb=lambda u, m=moved: u is not m)
             modified = True
-            if v is None or v.device != self.device:
+            if v is None or v.device != resolved:
                 changed.append((ph, moved))
         # device constants captured on the host
         if self.device != HOST:
@@ -90,6 +94,19 @@ class DevicePass(PassBase):
         # inputs changed in place (an HF StaticCache's length counter): the caller's tensors get the new values
         for ph, moved in changed:
             writers = writers_of(moved)
+            v = node_value(ph)
+            if (
+                writers
+                and isinstance(v, torch.Tensor)
+                and v.numel() * v.element_size() > WRITE_BACK_WARN_BYTES
+            ):
+                warnings.warn(
+                    f"hetegen: the graph changes input {ph.name!r} ({v.numel() * v.element_size() / 2**20:.0f} MiB, on "
+                    f"{v.device}) in place: it is copied to {self.device} and back at every call. Keep it on the "
+                    "accelerator (e.g. create a StaticCache there) to avoid the copies",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if writers:
                 with graph.inserting_before(graph.output_node()):
                     node = graph.create_node(

@@ -42,7 +42,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     for r in by.values():  # two timed generates of 4 tokens: 3 decode steps each, as the caller saw them
         steps = r["decode_step_s"]
         assert len(steps["all"]) == 6 and all(t > 0 for t in steps["all"])
-        assert steps["p10"] <= steps["median"] <= steps["p90"]
+        assert min(steps["all"]) <= steps["p10"] <= steps["median"] <= steps["p90"] <= max(steps["all"])
     trace = json.loads((tmp_path / "trace_decode.json").read_text())
     assert any(e.get("cat") == "PCIe" for e in trace["traceEvents"])
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in (

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from hetegen_fx.graph_utils import eliminate_dead_code, mutates, writers_of
-from hetegen_fx.runtime import write_back
+from hetegen_fx.runtime import park, unpark, write_back
 
 
 def _changes(a, b, c, d, e):
@@ -60,6 +60,33 @@ def test_python_in_place_operators_mutate():
     node = g.call_function(operator.iadd, (x, 1))
     g.output(None)
     assert mutates(node) and writers_of(x) == [node]
+
+
+def test_out_keywords_aten_views_attribute_views_and_aliasing_conversions():
+    g = fx.Graph()
+    x, c, o = g.placeholder("x"), g.placeholder("c"), g.placeholder("o")
+    out_kw = g.call_function(torch.add, (x, 1), {"out": c})  # as dynamo records out=
+    aten_view = g.call_function(torch.ops.aten.view.default, (x, [-1]))  # as export records a view
+    aten_write = g.call_function(torch.ops.aten.add_.Tensor, (aten_view, 1))
+    aten_out = g.call_function(torch.ops.aten.add.out, (x, x), {"out": o})
+    t = g.call_function(getattr, (x, "T"))  # x.T under dynamo
+    t_write = g.call_method("mul_", (t, 2))
+    converted = g.call_method("to", (x, "cpu"))  # the tensor itself when there is nothing to convert
+    conv_write = g.call_method("zero_", (converted,))
+    packet = g.call_function(torch.ops.aten.add_, (x, 1))  # an overload packet with no .default
+    g.output(None)
+    assert mutates(out_kw) and mutates(packet) and not mutates(aten_view)
+    assert writers_of(c) == [out_kw] and writers_of(o) == [aten_out]
+    assert set(writers_of(x)) == {aten_write, t_write, conv_write, packet}
+    eliminate_dead_code(g)
+    assert {out_kw, aten_write, aten_out, t_write, conv_write, packet} <= set(g.nodes)
+
+
+def test_write_back_leaves_a_parked_stand_in_alone():
+    """The device tensor behind a stand-in is the one the graph changed: nothing to copy (and copying
+    would page in the stand-in, the size of a whole KV cache)."""
+    shadow = park(torch.zeros(3, device="meta"))
+    write_back(shadow, unpark(shadow))  # a copy from "meta" would raise
 
 
 def test_write_back_copies_only_when_the_graph_worked_on_a_copy():
