@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 
 import torch
@@ -218,7 +219,23 @@ def write_back(host: torch.Tensor, moved: torch.Tensor, *writers: object) -> Non
     """
     if not isinstance(host, torch.Tensor) or moved is host or unpark(host) is moved:
         return
+    nbytes = host.numel() * host.element_size()
+    key = (tuple(host.shape), host.dtype)
+    if nbytes > WRITE_BACK_WARN_BYTES and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"hetegen: an input the graph changes in place ({nbytes / 2**20:.0f} MiB, {list(host.shape)} "
+            f"{host.dtype}, on {host.device}) crosses to {moved.device} and back at every call; keep it on the "
+            "accelerator to avoid the copies (e.g. create a StaticCache there)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     host.copy_(moved)
+
+
+#: inputs written back above this size warn (once per shape and dtype): they cross PCIe twice a call
+WRITE_BACK_WARN_BYTES = 64 * 2**20
+_WARNED: set = set()
 
 
 torch.fx.node.has_side_effect(write_back)  # no result: dead-code elimination must keep it

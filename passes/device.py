@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -26,8 +25,6 @@ from hetegen_fx.runtime import park, resolve_device, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 HOST = torch.device("cpu")
-#: an input the graph changes in place is copied back at every call; above this size, compiling warns
-WRITE_BACK_WARN_BYTES = 64 * 2**20
 
 
 class DevicePass(PassBase):
@@ -94,19 +91,6 @@ class DevicePass(PassBase):
         # inputs changed in place (an HF StaticCache's length counter): the caller's tensors get the new values
         for ph, moved in changed:
             writers = writers_of(moved)
-            v = node_value(ph)
-            if (
-                writers
-                and isinstance(v, torch.Tensor)
-                and v.numel() * v.element_size() > WRITE_BACK_WARN_BYTES
-            ):
-                warnings.warn(
-                    f"hetegen: the graph changes input {ph.name!r} ({v.numel() * v.element_size() / 2**20:.0f} MiB, on "
-                    f"{v.device}) in place: it is copied to {self.device} and back at every call. Keep it on the "
-                    "accelerator (e.g. create a StaticCache there) to avoid the copies",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
             if writers:
                 with graph.inserting_before(graph.output_node()):
                     node = graph.create_node(

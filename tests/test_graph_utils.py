@@ -4,7 +4,9 @@ writes changed inputs back), and runtime.write_back."""
 from __future__ import annotations
 
 import operator
+import warnings
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -87,6 +89,19 @@ def test_write_back_leaves_a_parked_stand_in_alone():
     would page in the stand-in, the size of a whole KV cache)."""
     shadow = park(torch.zeros(3, device="meta"))
     write_back(shadow, unpark(shadow))  # a copy from "meta" would raise
+
+
+def test_a_large_write_back_warns_once(monkeypatch):
+    from hetegen_fx import runtime
+
+    monkeypatch.setattr(runtime, "WRITE_BACK_WARN_BYTES", 16)
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"changes in place .* crosses to cpu and back at every call"):
+        write_back(torch.zeros(8), torch.ones(8))  # 32 bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_back(torch.zeros(8), torch.ones(8))  # once per shape and dtype
+        write_back(torch.zeros(2), torch.ones(2))  # 8 bytes: quiet
 
 
 def test_write_back_copies_only_when_the_graph_worked_on_a_copy():

@@ -7,7 +7,6 @@ checked: which nodes move what where.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -18,7 +17,6 @@ from hetegen_fx.config import Config
 from hetegen_fx.linear import param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
-from hetegen_fx.passes import device as device_pass
 from hetegen_fx.runtime import to_device, write_back
 from hetegen_fx.store import WeightStore
 
@@ -156,16 +154,6 @@ def test_inputs_changed_in_place_are_written_back_from_the_device():
     assert backs["cache"].args[2:] == (copy,)  # through two views
     nodes = list(gm.graph.nodes)
     assert all(nodes.index(b) > nodes.index(w) for b in backs.values() for w in b.args[2:])
-
-
-def test_a_large_input_changed_in_place_warns(monkeypatch):
-    monkeypatch.setattr(
-        device_pass, "WRITE_BACK_WARN_BYTES", 16
-    )  # count (8 B) stays quiet, cache (32 B) warns
-    with pytest.warns(
-        RuntimeWarning, match=r"changes input 'cache' .* in place: it is copied to meta and back"
-    ):
-        _run(capture_fx(Counts()), device="meta", example_inputs=_counts_inputs())
 
 
 def test_inputs_changed_in_place_on_the_emulated_device():
