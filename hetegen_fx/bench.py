@@ -514,8 +514,21 @@ def _chart(s: dict, path: Path) -> None:
     res = s["results"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [r["variant"] for r in res]
-    ax[0].bar(names, [r["decode_tok_s"] for r in res], color="#4472c4")
-    ax[0].set_ylabel("decode tokens/s")
+    rates = [r["decode_tok_s"] for r in res]
+    # the spread of single steps: tokens/s at the p90 step (slow) to the p10 step (fast)
+    spread = [
+        (
+            max(0.0, rate - 1 / r["decode_step_s"]["p90"]),
+            max(0.0, 1 / r["decode_step_s"]["p10"] - rate),
+        )
+        if r.get("decode_step_s")
+        else (0.0, 0.0)
+        for r, rate in zip(res, rates, strict=True)
+    ]
+    ax[0].bar(
+        names, rates, color="#4472c4", yerr=[[lo for lo, _ in spread], [hi for _, hi in spread]], capsize=3
+    )
+    ax[0].set_ylabel("decode tokens/s (bars: p10-p90 step)")
     if s.get("bound_decode_s"):
         ax[0].axhline(1 / s["bound_decode_s"], color="gray", ls="--", label="bandwidth bound")
         ax[0].legend()
