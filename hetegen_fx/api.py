@@ -103,10 +103,11 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     if config.max_seq_len is None:
         config.max_seq_len = _max_positions(model)  # the KV-cache reserve: the model's limit, capped
     _check_budget_floor(model, config)
-    store_for(list(model.parameters()), torch.device(config.device), fresh=True)
+    store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
-    compiled.compile(backend=make_backend(config, param_names(model)), dynamic=None)
+    compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
     compiled.hetegen_config = config
+    compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
     return compiled
 
 
@@ -224,9 +225,12 @@ class Explanation:
 
 def explain(compiled: torch.nn.Module) -> Explanation:
     """The Plans and generated code of everything compiled for ``compiled`` (a CompiledModule or a model)."""
-    store = (
-        compiled._store if isinstance(compiled, CompiledModule) else find_store(list(compiled.parameters()))
-    )
+    if isinstance(compiled, CompiledModule):
+        store = compiled._store
+    else:
+        store = getattr(compiled, "hetegen_store", None)
+        if store is None:  # compiled through torch.compile(backend="hetegen"): the model's latest store
+            store = find_store(list(compiled.parameters()))
     if store is None:
         raise ConfigError(
             "this model was not compiled by hetegen_fx (no weight store found for its parameters)"

@@ -22,7 +22,7 @@ from .config import Config
 from .errors import BudgetError, ConfigError, HetegenError
 from .linear import param_of
 from .pipeline import transform
-from .store import store_for
+from .store import WeightStore, store_for
 from .trace import traced
 
 _warned: set[str] = set()
@@ -43,11 +43,15 @@ def _label(example_inputs: Sequence[Any]) -> str:
     return f"graph inputs {shapes[:2]}" if shapes else "graph"
 
 
-def make_backend(config: Config, names: dict[int, str] | None = None) -> Callable:
-    """A dynamo backend bound to ``config`` (``hetegen_fx.compile`` uses this for HF models)."""
+def make_backend(
+    config: Config, names: dict[int, str] | None = None, store: WeightStore | None = None
+) -> Callable:
+    """A dynamo backend bound to ``config`` (``hetegen_fx.compile`` uses this for HF models) and, if given,
+    to ``store``: every graph it compiles then places its weights there, even after the same model was
+    compiled again (another variant) and registered a newer store for its parameters."""
 
     def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
-        return _compile_graph(gm, example_inputs, config, names)
+        return _compile_graph(gm, example_inputs, config, names, store)
 
     return backend
 
@@ -60,13 +64,16 @@ def hetegen_backend(
     return _compile_graph(gm, example_inputs, config, None)
 
 
-def _compile_graph(gm, example_inputs, config: Config, names: dict[int, str] | None) -> Callable:
+def _compile_graph(
+    gm, example_inputs, config: Config, names: dict[int, str] | None, store: WeightStore | None = None
+) -> Callable:
     try:
         bind_placeholder_params(gm, example_inputs, names)
-        params = [
-            param_of(n).tensor for n in gm.graph.find_nodes(op="placeholder") if param_of(n) is not None
-        ]
-        store = store_for(params, torch.device(config.device))
+        if store is None:
+            params = [
+                param_of(n).tensor for n in gm.graph.find_nodes(op="placeholder") if param_of(n) is not None
+            ]
+            store = store_for(params, torch.device(config.device))
         out, plan = transform(gm, config, store, example_inputs, label=_label(example_inputs))
         if config.verbose:
             print(plan.table(), file=sys.stderr)

@@ -114,3 +114,24 @@ def test_static_cache_parity(tiny_hf):
     assert torch.equal(_generate(compiled, ids, cache_implementation="static"), ref)
     code = "\n".join(hetegen_fx.explain(compiled).codes)
     assert "index_copy_" in code and "add_" in code
+
+
+def test_two_compiled_variants_of_one_model_keep_their_own_plans(tiny_hf):
+    """Compiling a model again (another α) registers a new store for its parameters; the first copy's graphs,
+    including those dynamo compiles after that, and its explanation stay with its own store."""
+    model = tiny_hf("llama")
+    ids = _prompt()
+    ref = _generate(model, ids)
+    budget = int(_nbytes(model) * 0.6)
+    low = hetegen_fx.compile(
+        model, gpu_memory=budget, device="cpu", max_seq_len=64, profile="model", alpha=0.25
+    )
+    high = hetegen_fx.compile(
+        model, gpu_memory=budget, device="cpu", max_seq_len=64, profile="model", alpha=0.75
+    )
+    for _ in range(2):  # interleaved, the way an A/B measures
+        for c in (low, high):
+            assert torch.equal(_generate(c, ids), ref)
+    for c, alpha in ((low, 0.25), (high, 0.75)):
+        plans = hetegen_fx.explain(c).plans
+        assert plans and {lp.alpha for p in plans for lp in p.layers if not lp.resident} == {alpha}
