@@ -7,34 +7,20 @@ THREADS: worker thread counts, each compiled afresh in this order (0: the defaul
 same graph with every weight resident (20 GiB budget), the launch floor of the generated code.
 """
 
-import faulthandler
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
+from diag_common import OUT, dev, llama_7b, log, watchdog
 
 import hetegen_fx
 from hetegen_fx.host import HostWorker
-from hetegen_fx.models import build_random
 from hetegen_fx.runtime import get_runtime
 
-faulthandler.dump_traceback_later(400, file=sys.stderr)
-OUT = os.environ["OUT"]
-dev = torch.device("cuda")
-
-T0 = time.perf_counter()
-
-
-def log(*a):
-    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
-
-
-m = build_random("llama-2-7b", dtype=torch.float16)
-ids = torch.randint(3, 32000, (1, 512), generator=torch.Generator().manual_seed(0))
-kw = dict(do_sample=False, pad_token_id=0)
+watchdog(400)
+m, ids, kw = llama_7b()
 marks = []
 orig = HostWorker.wait_all
 

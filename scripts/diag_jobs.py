@@ -9,33 +9,19 @@ of every 8th job against the device's "ready" time (the device behind the host: 
 CPU jobs, not by the launching thread). Writes $OUT/diag_jobs.json.
 """
 
-import faulthandler
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
+from diag_common import OUT, dev, llama_7b, log, watchdog
 
 import hetegen_fx
 from hetegen_fx.host import HostWorker
-from hetegen_fx.models import build_random
 from hetegen_fx.runtime import get_runtime
 
-faulthandler.dump_traceback_later(500, file=sys.stderr)
-OUT = os.environ["OUT"]
-dev = torch.device("cuda")
-T0 = time.perf_counter()
-
-
-def log(*a):
-    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, flush=True)
-
-
-m = build_random("llama-2-7b", dtype=torch.float16)
-ids = torch.randint(3, 32000, (1, 512), generator=torch.Generator().manual_seed(0))
-kw = dict(do_sample=False, pad_token_id=0)
+watchdog(500)
+m, ids, kw = llama_7b()
 rec = {"on": False, "jobs": []}  # [number, ready event, done event, CPU weight bytes, host time posted]
 begin, end = HostWorker.begin, HostWorker.end
 
