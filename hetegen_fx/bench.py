@@ -190,7 +190,7 @@ def _ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     return res
 
 
-class _StepClock:
+class StepClock:
     """A logits processor that only stamps the time: ``generate`` calls it once per new token, after that
     token's logits, so the gaps between stamps are the decode steps as the caller sees them."""
 
@@ -217,7 +217,7 @@ def _time_generate(
 
     kw = {"do_sample": False, "pad_token_id": 0}
     result = {}
-    clock = _StepClock()
+    clock = StepClock()
 
     def timed(n: int, processors=None) -> float:
         _sync(device)

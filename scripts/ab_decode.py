@@ -26,7 +26,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import hetegen_fx
-from hetegen_fx.bench import DTYPES, _StepClock
+from hetegen_fx.bench import DTYPES, StepClock
 from hetegen_fx.models import build_random
 
 p = argparse.ArgumentParser()
@@ -86,7 +86,7 @@ with torch.no_grad():
     names = list(variants)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            clock = _StepClock()
+            clock = StepClock()
             sync()
             compiled[name].generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
             sync()
