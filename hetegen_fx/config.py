@@ -65,7 +65,11 @@ class Config:
     frontend: "auto", "fx" (torch.fx.symbolic_trace), "export" (torch.export) or "dynamo".
     profile: "auto" (measure when the device exists, else the hardware model), "measure" or "model".
     alpha: force one CPU share for every offloaded Linear (0 = stream everything, 1 = CPU only);
-        ``None`` chooses α per layer from the profile.
+        ``None`` chooses α per CPU job from the profile.
+    job_overhead: seconds a CPU job costs the CPU lane beyond its GEMVs (the hand-offs between the device and
+        the worker, and the device work between two jobs, while the CPU waits for its next input); the Linears
+        of one job get the α that balances their CPU time, this included, against their copies. ``None``:
+        the device kind's (:class:`hetegen_fx.costs.HardwareModel`; 0 on the emulated device "cpu").
     prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
         staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
         ``None``: twice the largest part, which holds several of the usual smaller ones.
@@ -92,6 +96,7 @@ class Config:
     frontend: str = "auto"
     profile: str = "auto"
     alpha: float | None = None
+    job_overhead: float | None = None
     prefetch: int | None = None
     max_seq_len: int | None = None
     batch_size: int = 1
@@ -111,6 +116,10 @@ class Config:
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
+        if self.job_overhead is not None and not 0.0 <= float(self.job_overhead) <= 1.0:
+            raise ConfigError(
+                f"job_overhead is in seconds and must lie in [0, 1] (e.g. 3e-4), got {self.job_overhead!r}"
+            )
         if self.prefetch is not None and int(self.prefetch) < 1:
             raise ConfigError(f"prefetch must be at least 1 GPU part (or None), got {self.prefetch!r}")
         if self.cpu_threads is not None and int(self.cpu_threads) < 1:

@@ -9,7 +9,9 @@ parts, with its thread count (:func:`hetegen_fx.host.default_threads`), while ho
 another stream (they share the memory bus: the GEMV runs ~20-30 % slower than alone on the H200 host), at
 all rows and at half of them (which gives the fixed part). Timed on the launching thread instead, once the
 worker had run jobs, every decode-shaped GEMV of a 7B model read ~6 ms whatever its size: two teams of
-intra-op threads shared the cores.
+intra-op threads shared the cores. The copy, in turn, is timed while that worker runs the layer's GEMVs:
+beside them copies ran at 40 GB/s on the H100 host against 55 GB/s alone, and timed alone they made α too
+low for the step, whose copies always run beside the CPU parts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,10 +44,24 @@ class LinearCost:
     def alpha(self) -> float:
         """CPU share that balances ``F + α·(C − F) = (1−α)(M + G)`` (F: the CPU's fixed part):
         ``α = (M + G − F) / (C − F + M + G)``, in [0, 1]."""
-        f = min(self.t_cpu_fixed, self.t_cpu)
-        c, m, g = self.t_cpu - f, self.t_copy, self.t_gpu
-        total = c + m + g
-        return 0.0 if total <= 0 else min(1.0, max(0.0, (m + g - f) / total))
+        return job_alpha([self])
+
+
+def job_alpha(costs: Sequence[LinearCost], overhead: float = 0.0) -> float:
+    """One CPU share for the Linears of one CPU job (they read the same input, and the worker runs their CPU
+    parts back to back): it balances the job's CPU lane, ``H + Σ F_i + α·Σ (C_i − F_i)``, against their
+    device lane, ``(1 − α)·Σ (M_i + G_i)``, where H (``overhead``) is what the job costs the CPU lane beyond
+    its GEMVs (the hand-offs both ways and the device work between two jobs, during which the CPU waits for
+    its next input). So ``α = (ΣM + ΣG − H − ΣF) / (Σ(C − F) + ΣM + ΣG)``, in [0, 1]; 0 when no CPU part is
+    worth its overhead."""
+    c = m = f = 0.0
+    for cost in costs:
+        fixed = min(cost.t_cpu_fixed, cost.t_cpu)
+        c += cost.t_cpu - fixed
+        f += fixed
+        m += cost.t_copy + cost.t_gpu
+    total = c + m
+    return 0.0 if total <= 0 else min(1.0, max(0.0, (m - overhead - f) / total))
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,9 @@ class HardwareModel:
     gpu_flops: float
     cpu_overhead: float = 20e-6
     gpu_overhead: float = 10e-6
+    #: what one CPU job costs the CPU lane beyond its GEMVs (:func:`job_alpha`'s H); 0 on the emulated device,
+    #: whose "device" is the same CPU
+    job_overhead: float = 0.0
 
     def cost(self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype) -> LinearCost:
         nbytes = out_features * in_features * _itemsize(dtype)
@@ -73,7 +92,9 @@ class HardwareModel:
 
 
 #: the GPU test host (H100/H200, 16 Xeon cores, PCIe Gen5), measured 2026-11-21: ARCHITECTURE.md §2
-CUDA_HOST = HardwareModel(cpu_bw=70e9, cpu_flops=0.8e12, h2d_bw=55e9, gpu_bw=3.0e12, gpu_flops=400e12)
+CUDA_HOST = HardwareModel(
+    cpu_bw=70e9, cpu_flops=0.8e12, h2d_bw=55e9, gpu_bw=3.0e12, gpu_flops=400e12, job_overhead=150e-6
+)
 #: a small CPU-only machine running the "GPU side" on the CPU as well (emulation)
 CPU_EMULATION = HardwareModel(cpu_bw=10e9, cpu_flops=50e9, h2d_bw=10e9, gpu_bw=10e9, gpu_flops=50e9)
 
@@ -90,7 +111,7 @@ class CostCache:
     """Measured costs on disk, keyed by machine (host, CPU, threads, device, torch), shape and dtype."""
 
     #: bumped whenever what is measured changes, so older entries are measured again
-    METHOD = 4
+    METHOD = 5
 
     def __init__(
         self, cache_dir: str | os.PathLike | None, device: torch.device, threads: int | None = None
@@ -115,6 +136,13 @@ class CostCache:
     @staticmethod
     def key(out_features: int, in_features: int, tokens: int, dtype: torch.dtype) -> str:
         return f"{out_features}x{in_features}x{tokens}:{str(dtype).removeprefix('torch.')}"
+
+    @staticmethod
+    def parse(key: str) -> tuple[int, int, int, torch.dtype]:
+        """``(out_features, in_features, tokens, dtype)`` of a :meth:`key`."""
+        shape, _, dtype = key.partition(":")
+        out_features, in_features, tokens = (int(v) for v in shape.split("x"))
+        return out_features, in_features, tokens, getattr(torch, dtype)
 
     def get(self, key: str) -> LinearCost | None:
         hit = self._data.get(self.machine, {}).get(key)
@@ -192,6 +220,31 @@ class CopyLoad:
         self.stream.synchronize()
 
 
+def _copy_time_under_load(wp: torch.Tensor, wd: torch.Tensor, busy, call=None) -> float:
+    """Seconds of one host→device copy ``wp → wd`` while ``busy(seconds)`` loads the CPU, run by ``call``
+    (the worker's :meth:`~hetegen_fx.host.HostWorker.call`; else on this thread). The copies are queued
+    behind ~2 ms of device sleep, so the load has started when they do, and timed by events; the load lasts
+    until they end unless they run below 20 GB/s."""
+    nbytes = wp.numel() * wp.element_size()
+    reps = max(4, min(64, -(-int(20e-3 * 50e9) // max(nbytes, 1))))  # ~20 ms of copies
+    stream = torch.cuda.Stream(wd.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        wd.copy_(wp, non_blocking=True)  # warm
+        torch.cuda._sleep(4_000_000)  # cycles: 2 ms at 2 GHz
+        start.record()
+        for _ in range(reps):
+            wd.copy_(wp, non_blocking=True)
+        end.record()
+    seconds = 3e-3 + reps * nbytes / 20e9
+    if call is not None:
+        call(lambda: busy(seconds))
+    else:
+        busy(seconds)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def measure_cost(
     out_features: int,
     in_features: int,
@@ -201,12 +254,15 @@ def measure_cost(
     threads: int | None = None,
     load: CopyLoad | None = None,
     worker=None,
+    copy_under_load: bool = True,
 ) -> LinearCost:
     """Time the layer's three parts on this machine, on fresh random data streamed from DRAM.
 
     On CUDA the CPU is timed with ``threads`` threads while copies stream (``load``, made for this call if
     not given; see the module docstring), at all rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``,
     on ``worker`` (a :class:`hetegen_fx.host.HostWorker`, the one that will run the CPU parts) when given.
+    Likewise the copy is timed while that CPU runs the layer's GEMVs (``copy_under_load``): the two share the
+    host's memory bus, and on the H100 host copies ran at 40 GB/s beside the GEMVs against 55 GB/s alone.
     """
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     nbytes = out_features * in_features * _itemsize(dtype)
@@ -222,13 +278,17 @@ def measure_cost(
         load = CopyLoad(device)
 
     def time_cpu() -> tuple[float, float]:  # no CUDA call: it may run on the worker thread
+        # each the lower of two windows, one after the other: a window can only be slowed by something else
+        # on the machine, and one such window had read a 4096×4096 GEMV at 2.7 ms against 0.4 ms (H100 host)
+        full, part = float("inf"), float("inf")
         with _threads(threads if load is not None else None), torch.no_grad():
-            full = _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None)
-            part = _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None)
+            for _ in range(2):
+                full = min(full, _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None))
+                part = min(part, _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None))
         return full, part
 
     if load is not None:
-        load.start(0.15)
+        load.start(0.3)
     try:
         t_cpu, t_half = worker.call(time_cpu) if worker is not None else time_cpu()
     finally:
@@ -240,7 +300,18 @@ def measure_cost(
         wp = ws[0].pin_memory()
         wd = torch.empty_like(wp, device=device)
         xd = x.to(device)
-        t_copy = _median_time([lambda: wd.copy_(wp, non_blocking=True)], sync)
+        if copy_under_load:
+
+            def busy(seconds: float) -> None:  # the CPU parts' GEMVs, as they run beside the copies
+                with _threads(threads), torch.no_grad():
+                    end, i = time.perf_counter() + seconds, 0
+                    while time.perf_counter() < end:
+                        linear(x, ws[i % len(ws)])
+                        i += 1
+
+            t_copy = _copy_time_under_load(wp, wd, busy, worker.call if worker is not None else None)
+        else:
+            t_copy = _median_time([lambda: wd.copy_(wp, non_blocking=True)], sync)
         t_gpu = _median_time([lambda: torch.nn.functional.linear(xd, wd)], sync)
         del wp, wd, xd
     else:

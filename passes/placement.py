@@ -10,12 +10,18 @@ and computes its own α from its own (shape-specific) costs. Three refinements o
 * At one token a GEMV streams its weights from DRAM, so ``T_cpu / M`` is one rate per dtype; measured per
   shape it scattered by up to 30 % between runs on the H200 host (``gate_proj`` 1.5-2.1 ms, ``q_proj``
   0.65-0.72 ms), enough to flip the plan. The rate is pooled over the Linears of each dtype.
-* ``T_cpu`` includes the Linear's share of :data:`JOB_OVERHEAD`: each CPU job (the Linears that read one
+* ``T_cpu`` includes the Linear's share of the job overhead H (``Config.job_overhead``): each CPU job (the Linears that read one
   input) costs hand-offs between the device and the worker on top of its GEMVs. So among Linears of one
   dtype, the fewer bytes a CPU job spans, the higher the priority: a lone ``o_proj`` before ``q/k/v``,
   which share a job, before ``gate/up``. Without this, two H200 machines that profiled the 7B model a few
   percent apart placed it with 60 and with 100 CPU jobs a token; the second spent 23 ms a token between
   jobs against 12 ms, and decoded 10-20 % slower.
+
+α is one per CPU job (:func:`hetegen_fx.costs.job_alpha`): the Linears that read one input share the job's
+overhead H (``Config.job_overhead``, by default the device's :class:`~hetegen_fx.costs.HardwareModel`'s) on the CPU lane, and their common α
+balances ``H + their CPU parts`` against their copies. Without H, the CPU lane of the 7B decode step ran
+longer than the copies by about the jobs' overhead (52 jobs a token), and a forced α below the profiled
+one decoded faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config, format_bytes
+from hetegen_fx.costs import LinearCost, default_model, job_alpha
 from hetegen_fx.errors import BudgetError, ConfigError
 from hetegen_fx.graph_utils import concrete, node_value
 from hetegen_fx.linear import LinearSite, param_of
@@ -37,10 +44,6 @@ from hetegen_fx.store import WeightStore
 
 #: headroom left free on the device when no budget is given (CUDA context, allocator fragmentation)
 DEVICE_HEADROOM = 512 * 2**20
-#: seconds a CPU job costs beyond its GEMVs (x to the host, "ready" seen, "done" seen, y back), during which
-#: neither the CPU nor the copies of the next layers make progress: the median gap between two jobs on the
-#: H200 host, 7B decode, was 0.13-0.19 ms (2026-11-22)
-JOB_OVERHEAD = 150e-6
 
 
 def split_row(alpha: float, out_features: int) -> int:
@@ -134,9 +137,10 @@ class PlacementPass(PassBase):
     def _place(self, gm: fx.GraphModule, sites: list[LinearSite]) -> Plan:
         cfg = self.config
         layers = []
+        alphas = self._alphas(sites, {s.name: s.node.meta[meta.COST] for s in sites})
         for s in sites:
             cost = s.node.meta[meta.COST]
-            alpha = cost.alpha() if cfg.alpha is None else float(cfg.alpha)
+            alpha = alphas[s.name]
             layers.append(
                 LayerPlan(
                     name=s.name,
@@ -185,11 +189,32 @@ class PlacementPass(PassBase):
             source="/".join(sorted(src)) or "none",
         )
 
+    @property
+    def job_overhead(self) -> float:
+        given = self.config.job_overhead
+        return default_model(torch.device(self.config.device)).job_overhead if given is None else float(given)
+
+    def _alphas(self, sites: list[LinearSite], costs: dict[str, LinearCost]) -> dict[str, float]:
+        """α of each Linear: the forced one, else its CPU job's, from ``costs``. A job is every Linear that
+        reads one input, resident or not: α does not depend on the residency, which is chosen with it (the
+        staging arena's size depends on α), so a job that loses members to residency keeps their share of H."""
+        if self.config.alpha is not None:
+            return {s.name: float(self.config.alpha) for s in sites}
+        jobs: dict[fx.Node, list[LinearSite]] = {}
+        for s in sites:
+            jobs.setdefault(s.x, []).append(s)
+        alphas = {}
+        for members in jobs.values():
+            alpha = job_alpha([costs[m.name] for m in members], self.job_overhead)
+            alphas.update((m.name, alpha) for m in members)
+        return alphas
+
     def _priority(self, sites: list[LinearSite]) -> dict[str, float]:
         """g of every Linear: its dtype's pooled CPU time per byte at one token, plus its share of its job's
         overhead per byte (see the module docstring)."""
         sharing = Counter(s.x for s in sites)  # Linears that read the same input share one CPU job
         decode = {s.name: s.node.meta.get(meta.DECODE_COST) or s.node.meta[meta.COST] for s in sites}
+        alphas = self._alphas(sites, decode)
         pooled: dict[torch.dtype, list[float]] = {}  # dtype → [Σ T_cpu, Σ bytes]
         for s in sites:
             acc = pooled.setdefault(s.weight.tensor.dtype, [0.0, 0])
@@ -198,9 +223,9 @@ class PlacementPass(PassBase):
         g = {}
         for s in sites:
             t, nbytes = pooled[s.weight.tensor.dtype]
-            cost = decode[s.name]
-            alpha = cost.alpha() if self.config.alpha is None else float(self.config.alpha)
-            overhead = JOB_OVERHEAD / sharing[s.x] if split_row(alpha, s.out_features) > 0 else 0.0
+            overhead = (
+                self.job_overhead / sharing[s.x] if split_row(alphas[s.name], s.out_features) > 0 else 0.0
+            )
             g[s.name] = t / max(nbytes, 1) + overhead / max(s.weight_bytes, 1)
         return g
 

@@ -209,6 +209,8 @@ def test_unknown_options_list_the_known_ones():
     [
         ({"alpha": 1.5}, "alpha must lie in"),
         ({"prefetch": 0}, "prefetch"),
+        ({"job_overhead": -1e-4}, "job_overhead is in seconds"),
+        ({"job_overhead": 300}, "job_overhead is in seconds"),
         ({"frontend": "jit"}, "frontend must be one of"),
         ({"profile": "guess"}, "profile must be one of"),
         ({"device": "gpu0"}, "not a torch device"),

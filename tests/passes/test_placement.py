@@ -295,7 +295,6 @@ def test_residency_follows_the_decode_costs_whatever_graph_comes_first(mlp):
 
 def test_a_lone_linear_outranks_one_that_shares_its_job():
     """At equal T_cpu / M, the job overhead makes a Linear with its own CPU job the one to keep resident."""
-    from hetegen_fx.passes.placement import JOB_OVERHEAD
 
     class Attn(torch.nn.Module):
         def __init__(self) -> None:
@@ -307,8 +306,55 @@ def test_a_lone_linear_outranks_one_that_shares_its_job():
         def forward(self, x):
             return self.o(self.q(x) * self.k(x))
 
-    t = 10 * JOB_OVERHEAD  # the same T_cpu for all three; the overhead share decides
+    h = 150e-6  # the job overhead
+    t = 10 * h  # the same T_cpu for all three; the overhead share decides
     gm = _profiled(Attn(), {"q.weight": t, "k.weight": t, "o.weight": t})
     weight = 64 * 64 * 4
-    _, plan, _ = _place(gm, _config(gpu_memory=weight + weight // 2 + 100, alpha=0.5))
+    _, plan, _ = _place(gm, _config(gpu_memory=weight + weight // 2 + 100, alpha=0.5, job_overhead=h))
     assert _resident(plan) == {"o.weight"}
+
+
+def test_linears_of_one_job_share_an_alpha_lowered_by_the_job_overhead():
+    """q and k read one input: one CPU job, one α, balancing H + their CPU parts against their copies; o has
+    its own job. A larger H lowers every α; forcing α ignores H."""
+    from hetegen_fx.costs import job_alpha
+
+    class Attn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(64, 64, bias=False)
+            self.k = torch.nn.Linear(64, 32, bias=False)
+            self.o = torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x).repeat(1, 2))
+
+    costs = {
+        "q.weight": LinearCost(t_cpu=2e-3, t_copy=1.5e-3, t_gpu=1e-4, source="model"),
+        "k.weight": LinearCost(t_cpu=1e-3, t_copy=0.5e-3, t_gpu=1e-4, source="model", t_cpu_fixed=1e-4),
+        "o.weight": LinearCost(t_cpu=2e-3, t_copy=1.5e-3, t_gpu=1e-4, source="model"),
+    }
+    gm = _profiled(Attn())
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta:
+            n.meta[meta.COST] = n.meta[meta.DECODE_COST] = costs[n.meta[meta.LINEAR].name]
+    alphas = {}
+    for h in (0.0, 4e-4):
+        _, plan, _ = _place(gm, _config(gpu_memory=14_000, job_overhead=h), WeightStore(torch.device("cpu")))
+        by = {lp.name: lp for lp in plan.layers}
+        assert not _resident(plan)
+        assert (
+            by["q.weight"].alpha
+            == by["k.weight"].alpha
+            == pytest.approx(job_alpha([costs["q.weight"], costs["k.weight"]], h))
+        )
+        assert by["o.weight"].alpha == pytest.approx(job_alpha([costs["o.weight"]], h))
+        for lp in plan.layers:
+            assert lp.split == split_row(lp.alpha, lp.out_features)
+        alphas[h] = by
+    for name in costs:
+        assert 0 < alphas[4e-4][name].alpha < alphas[0.0][name].alpha
+    _, plan, _ = _place(
+        gm, _config(gpu_memory=14_000, job_overhead=4e-4, alpha=0.6), WeightStore(torch.device("cpu"))
+    )
+    assert {lp.alpha for lp in plan.layers} == {0.6}

@@ -188,6 +188,22 @@ def test_alpha_balances_the_cpu_fixed_part():
     assert LinearCost(1.0, 0.01, 0.01, "measured", t_cpu_fixed=0.05).alpha() == 0.0
 
 
+def test_job_alpha_balances_the_job_with_its_overhead():
+    """Linears of one job: H + ΣF + α·Σ(C − F) = (1 − α)·Σ(M + G); without H and alone, LinearCost.alpha()."""
+    from hetegen_fx.costs import LinearCost, job_alpha
+
+    q = LinearCost(t_cpu=1.0, t_copy=0.8, t_gpu=0.2, source="measured", t_cpu_fixed=0.1)
+    gate = LinearCost(t_cpu=3.0, t_copy=2.0, t_gpu=0.1, source="measured", t_cpu_fixed=0.2)
+    assert job_alpha([q]) == pytest.approx(q.alpha())
+    for h in (0.0, 0.3):
+        a = job_alpha([q, gate], h)
+        assert h + 0.3 + a * (0.9 + 2.8) == pytest.approx((1 - a) * (1.0 + 2.1))
+    assert job_alpha([q, gate], 0.3) < job_alpha([q, gate], 0.0) < 1
+    # an overhead larger than the whole device lane: no CPU part is worth a job
+    assert job_alpha([q, gate], 5.0) == 0.0
+    assert job_alpha([]) == 0.0
+
+
 def test_measured_cpu_fixed_part_is_within_the_cpu_time():
     from hetegen_fx.costs import measure_cost
 
@@ -207,3 +223,56 @@ def test_cpu_time_is_measured_on_the_given_worker_thread():
     worker.call = lambda fn: real(lambda: (threads.append(threading.current_thread()), fn())[1])
     cost = measure_cost(256, 128, 1, torch.float32, torch.device("cpu"), worker=worker)
     assert threads == [worker._thread] and cost.t_cpu > 0
+
+
+def _gemv(out_features: int, in_features: int, seconds: float, source: str = "measured") -> LinearCost:
+    return LinearCost(t_cpu=seconds, t_copy=seconds, t_gpu=seconds / 20, source=source)
+
+
+def test_slow_gemvs_are_the_large_shapes_far_below_their_dtypes_median_rate():
+    from hetegen_fx.passes.profile import slow_gemvs
+
+    # rates: 32 MiB / 0.4 ms, 86 MiB / 1.0 ms, 86 MiB / 3.0 ms (a third of the others), 86 MiB / 1.2 ms
+    costs = {
+        "4096x4096x1:float16": _gemv(4096, 4096, 0.4e-3),
+        "11008x4096x1:float16": _gemv(11008, 4096, 1.0e-3),
+        "4096x11008x1:float16": _gemv(4096, 11008, 3.0e-3),
+        "4096x11008x2:float16": _gemv(4096, 11008, 1.2e-3),
+        "4096x4096x512:float16": _gemv(4096, 4096, 20e-3),  # a prefill: compute-bound, not compared
+        "64x64x1:float16": _gemv(64, 64, 1e-3),  # small: fixed costs, not compared
+        "4096x4096x1:float32": _gemv(4096, 4096, 5e-3),  # its dtype has one shape: nothing to compare with
+    }
+    assert slow_gemvs(costs) == ["4096x11008x1:float16"]
+    # predicted costs are never measured again, and two shapes give no median to trust
+    assert slow_gemvs({k: _gemv(0, 0, v.t_cpu, "model") for k, v in costs.items()}) == []
+    assert slow_gemvs({k: costs[k] for k in ("4096x4096x1:float16", "4096x11008x1:float16")}) == []
+
+
+def test_a_cost_read_in_a_slow_spell_is_measured_again(tmp_path, monkeypatch):
+    """A cached (or just measured) GEMV cost far slower than the other shapes' is measured again, once,
+    and the faster of the two is kept, in the graph and in the cache."""
+    import hetegen_fx.passes.profile as profile_mod
+    from hetegen_fx.costs import CostCache
+
+    calls: list[tuple] = []
+    real = profile_mod.measure_cost
+
+    def counting(*args):
+        calls.append(args[:4])
+        return real(*args)
+
+    monkeypatch.setattr(profile_mod, "measure_cost", counting)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 4096), nn.Linear(4096, 2048)).half().eval()
+    cache = CostCache(str(tmp_path), torch.device("cpu"))
+    planted = {"2048x2048x1:float16": 1e-3, "4096x2048x1:float16": 2e-3, "2048x4096x1:float16": 60.0}
+    for key, t in planted.items():
+        cache.put(key, _gemv(0, 0, t))
+    cache.save()
+    gm = capture_fx(model)
+    ProfilePass(
+        Config(device="cpu", profile="measure", cache_dir=str(tmp_path)), [torch.randn(1, 2048).half()]
+    )(gm)
+    assert calls == [(2048, 4096, 1, torch.float16)]
+    cost = [n.meta[meta.COST] for n in _linear_nodes(gm)][2]
+    assert cost.t_cpu < 60.0 and cost.source == "measured"
+    assert CostCache(str(tmp_path), torch.device("cpu")).get("2048x4096x1:float16") == cost
