@@ -358,3 +358,23 @@ def test_linears_of_one_job_share_an_alpha_lowered_by_the_job_overhead():
         gm, _config(gpu_memory=14_000, job_overhead=4e-4, alpha=0.6), WeightStore(torch.device("cpu"))
     )
     assert {lp.alpha for lp in plan.layers} == {0.6}
+
+
+def test_a_profiled_alpha_below_the_floor_streams_the_job():
+    """A job whose balanced α is below MIN_ALPHA is streamed (α = 0); a forced α is kept however small."""
+    from hetegen_fx.costs import job_alpha
+    from hetegen_fx.passes.placement import MIN_ALPHA
+
+    gm = _profiled(
+        torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    )
+    # a prefill-like cost: the CPU 30× slower than the copy, so the balanced α is about 0.03
+    cost = LinearCost(t_cpu=30e-3, t_copy=1e-3, t_gpu=0.0, source="measured")
+    assert 0 < job_alpha([cost]) < MIN_ALPHA
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta:
+            n.meta[meta.COST] = n.meta[meta.DECODE_COST] = cost
+    _, plan, _ = _place(gm, _config(gpu_memory=20_000, job_overhead=0.0))
+    assert [(lp.resident, lp.alpha, lp.split) for lp in plan.layers] == [(False, 0.0, 0)] * 2
+    _, plan, _ = _place(gm, _config(gpu_memory=20_000, alpha=0.02))
+    assert [lp.alpha for lp in plan.layers] == [0.02] * 2
