@@ -6,7 +6,8 @@ sees it (a CUDA event after its "ready" write, another after its "done" wait) an
 Prints, per compiled model (the first one in a process is a warm-up): decode ms/token, jobs per step, the
 sum of job latencies against the plan's predicted CPU time, the sum of gaps, and the host's posting time
 of every 8th job against the device's "ready" time (the device behind the host: the step is bound by the
-CPU jobs, not by the launching thread). Writes $OUT/diag_jobs.json.
+CPU jobs, not by the launching thread), and the copy lane of the same step: its copies' busy time against
+the plan's and the span they cover. Writes $OUT/diag_jobs.json.
 """
 
 import json
@@ -58,9 +59,12 @@ for tag in ("warm-up", "measured"):
         torch.cuda.synchronize()
         rec["jobs"].clear()
         rec["on"] = True
+        runtime = get_runtime(dev)
+        runtime.copy_log = []  # a pair of CUDA events around every weight copy
         c.generate(ids, max_new_tokens=4, **kw)
         torch.cuda.synchronize()
         rec["on"] = False
+        copies, runtime.copy_log = runtime.copy_log, None
         t = time.perf_counter()
         c.generate(ids, max_new_tokens=1, **kw)
         torch.cuda.synchronize()
@@ -79,13 +83,37 @@ for tag in ("warm-up", "measured"):
     gbps = [j[3] / (t * 1e-3) / 1e9 for j, t in zip(step, lat, strict=True)]
     dec = min(hetegen_fx.explain(c).plans, key=lambda p: p.tokens)
     pred = sum(lp.t_cpu_part for lp in dec.layers) * 1e3
+    # the copy lane in the same (last) step: its copies are the plan's GPU parts of offloaded layers
+    parts = [lp for lp in dec.layers if not lp.resident and lp.split < lp.out_features]
+    last = copies[-len(parts) :] if parts else []
+    busy = sum(a.elapsed_time(b) for a, b in last)
+    span = last[0][0].elapsed_time(last[-1][1]) if last else 0.0
+    copy_pred = sum((1 - lp.split / lp.out_features) * lp.t_copy for lp in parts) * 1e3
+    step_span = step[0][1].elapsed_time(step[-1][2])  # first job's "ready" to last job's "done"
     posted = [
         (round((j[4] - step[0][4]) * 1e3, 1), round(step[0][1].elapsed_time(j[1]), 1)) for j in step[::8]
     ]
-    res[tag] = dict(ms_per_token=ms, jobs=n, latency_ms=lat, gaps_ms=gaps, gb_s=gbps, predicted_cpu_ms=pred)
+    res[tag] = dict(
+        ms_per_token=ms,
+        jobs=n,
+        latency_ms=lat,
+        gaps_ms=gaps,
+        gb_s=gbps,
+        predicted_cpu_ms=pred,
+        copies=len(last),
+        copy_busy_ms=busy,
+        copy_span_ms=span,
+        predicted_copy_ms=copy_pred,
+        jobs_span_ms=step_span,
+        copy_ms=[a.elapsed_time(b) for a, b in last],
+    )
     log(
         f"{tag}: {ms:.1f} ms/token; {n} jobs a step, job latencies {sum(lat):.1f} ms (plan: {pred:.1f} ms of "
         f"CPU parts), gaps {sum(gaps):.1f} ms; median job {statistics.median(gbps):.1f} GB/s"
+    )
+    log(
+        f" copy lane: {len(last)} copies busy {busy:.1f} ms (plan: {copy_pred:.1f} ms) over a span of {span:.1f} "
+        f"ms; the jobs span {step_span:.1f} ms"
     )
     log(" host posted vs device ready (ms, every 8th job):", posted)
     del c
