@@ -107,7 +107,8 @@ def test_integer_weights_are_rejected():
         ProfilePass(Config(device="cpu", profile="model"))(gm)
 
 
-def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
+def _count_measurements(monkeypatch) -> list[tuple]:
+    """The (out, in, tokens, dtype) of every measure_cost call ProfilePass makes from now on."""
     import hetegen_fx.passes.profile as profile_mod
 
     calls: list[tuple] = []
@@ -118,6 +119,14 @@ def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(profile_mod, "measure_cost", counting)
+    return calls
+
+
+def test_measure_writes_cache_and_reuses_it(mlp, tmp_path, monkeypatch):
+    import hetegen_fx.passes.profile as profile_mod
+
+    calls = _count_measurements(monkeypatch)
+    counting = profile_mod.measure_cost
     cfg = Config(device="cpu", profile="measure", cache_dir=str(tmp_path))
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 8)).eval()
     x = [torch.randn(2, 32)]
@@ -251,17 +260,9 @@ def test_slow_gemvs_are_the_large_shapes_far_below_their_dtypes_median_rate():
 def test_a_cost_read_in_a_slow_spell_is_measured_again(tmp_path, monkeypatch):
     """A cached (or just measured) GEMV cost far slower than the other shapes' is measured again, once,
     and the faster of the two is kept, in the graph and in the cache."""
-    import hetegen_fx.passes.profile as profile_mod
     from hetegen_fx.costs import CostCache
 
-    calls: list[tuple] = []
-    real = profile_mod.measure_cost
-
-    def counting(*args):
-        calls.append(args[:4])
-        return real(*args)
-
-    monkeypatch.setattr(profile_mod, "measure_cost", counting)
+    calls = _count_measurements(monkeypatch)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 4096), nn.Linear(4096, 2048)).half().eval()
     cache = CostCache(str(tmp_path), torch.device("cpu"))
     planted = {"2048x2048x1:float16": 1e-3, "4096x2048x1:float16": 2e-3, "2048x4096x1:float16": 60.0}
