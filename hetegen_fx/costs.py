@@ -223,8 +223,8 @@ class CopyLoad:
 def _copy_time_under_load(wp: torch.Tensor, wd: torch.Tensor, busy, call=None) -> float:
     """Seconds of one host→device copy ``wp → wd`` while ``busy(seconds)`` loads the CPU, run by ``call``
     (the worker's :meth:`~hetegen_fx.host.HostWorker.call`; else on this thread). The copies are queued
-    behind ~2 ms of device sleep, so the load has started when they do, and timed by events; the load lasts
-    until they end unless they run below 20 GB/s."""
+    behind ~2 ms of device sleep (4M cycles), so the load has started when they do, and timed by events; the
+    load lasts until they end unless they run below 20 GB/s or the sleep exceeds 15 ms."""
     nbytes = wp.numel() * wp.element_size()
     reps = max(4, min(64, -(-int(20e-3 * 50e9) // max(nbytes, 1))))  # ~20 ms of copies
     stream = torch.cuda.Stream(wd.device)
@@ -236,7 +236,7 @@ def _copy_time_under_load(wp: torch.Tensor, wd: torch.Tensor, busy, call=None) -
         for _ in range(reps):
             wd.copy_(wp, non_blocking=True)
         end.record()
-    seconds = 3e-3 + reps * nbytes / 20e9
+    seconds = 15e-3 + reps * nbytes / 20e9  # 15 ms: the sleep is 12 ms at an idle H100's 345 MHz
     if call is not None:
         call(lambda: busy(seconds))
     else:
@@ -278,17 +278,20 @@ def measure_cost(
         load = CopyLoad(device)
 
     def time_cpu() -> tuple[float, float]:  # no CUDA call: it may run on the worker thread
-        # each the lower of two windows, one after the other: a window can only be slowed by something else
+        # each the lower of two windows (GEMVs), one after the other: a window can only be slowed by something else
         # on the machine, and one such window had read a 4096×4096 GEMV at 2.7 ms against 0.4 ms (H100 host)
         full, part = float("inf"), float("inf")
         with _threads(threads if load is not None else None), torch.no_grad():
-            for _ in range(2):
+            for _ in range(windows):
                 full = min(full, _median_time([lambda w=w: linear(x, w) for w in ws], lambda: None))
                 part = min(part, _median_time([lambda w=w: linear(x, w[:half]) for w in ws], lambda: None))
         return full, part
 
+    # two windows at GEMV shapes (where α matters and the slow spells were seen), one for a compute-bound
+    # GEMM, whose windows take 0.1-0.5 s each; the copy load outlasts the decode shapes' windows
+    windows = 2 if tokens <= 4 else 1
     if load is not None:
-        load.start(0.3)
+        load.start(0.5 if windows == 2 else 0.15)
     try:
         t_cpu, t_half = worker.call(time_cpu) if worker is not None else time_cpu()
     finally:

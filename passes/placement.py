@@ -204,7 +204,8 @@ class PlacementPass(PassBase):
     def _alphas(self, sites: list[LinearSite], costs: dict[str, LinearCost]) -> dict[str, float]:
         """α of each Linear: the forced one, else its CPU job's, from ``costs``. A job is every Linear that
         reads one input, resident or not: α does not depend on the residency, which is chosen with it (the
-        staging arena's size depends on α), so a job that loses members to residency keeps their share of H."""
+        staging arena's size depends on α). So the Linears left in a job that lost members to residency keep
+        the whole job's α: H weighs less on them than it would on a job of their own."""
         if self.config.alpha is not None:
             return {s.name: float(self.config.alpha) for s in sites}
         jobs: dict[fx.Node, list[LinearSite]] = {}

@@ -89,6 +89,8 @@ class ProfilePass(PassBase):
         seen: dict[str, LinearCost] = {}
         load: CopyLoad | None = None  # one for the whole pass, dropped with it
 
+        fresh: set[str] = set()  # keys measured in this pass
+
         def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
             nonlocal load
             w = site.weight.tensor
@@ -112,6 +114,7 @@ class ProfilePass(PassBase):
                         worker,
                     )
                     cache.put(key, cost)
+                    fresh.add(key)
             if cost is None:
                 cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
             seen[key] = cost
@@ -131,7 +134,9 @@ class ProfilePass(PassBase):
             key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
             keys.append((key, CostCache.key(site.out_features, site.in_features, 1, w.dtype)))
         if cache is not None:
-            for key in slow_gemvs(seen):  # measured in a slow spell of the host: measured again
+            # measured now in a slow spell of the host: measured again, once (a cached cost was checked when
+            # it was measured, and a shape that is really slower must not be measured at every compile)
+            for key in (k for k in slow_gemvs(seen) if k in fresh):
                 if self.progress:
                     self.progress(f"profiling {key} again: its CPU rate is far below the other shapes'")
                 out_features, in_features, tokens, dtype = CostCache.parse(key)

@@ -171,7 +171,21 @@ def test_copy_is_timed_beside_the_workers_gemvs():
 
     nbytes = 2048 * 4096 * 2
     host = get_runtime("cuda").host
-    cost = measure_cost(2048, 4096, 1, torch.float16, torch.device("cuda"), default_threads(), worker=host)
+    calls = []
+    real_call = host.call
+
+    def counted(fn):
+        calls.append(fn)
+        return real_call(fn)
+
+    host.call = counted
+    try:
+        cost = measure_cost(
+            2048, 4096, 1, torch.float16, torch.device("cuda"), default_threads(), worker=host
+        )
+    finally:
+        del host.call
+    assert len(calls) == 2  # the CPU timing, then the GEMVs beside the copies: both on the worker
     assert nbytes / 1e12 < cost.t_copy < nbytes / 1e9
     alone = measure_cost(
         2048, 4096, 1, torch.float16, torch.device("cuda"), default_threads(), copy_under_load=False

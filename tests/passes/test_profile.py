@@ -257,23 +257,40 @@ def test_slow_gemvs_are_the_large_shapes_far_below_their_dtypes_median_rate():
     assert slow_gemvs({k: costs[k] for k in ("4096x4096x1:float16", "4096x11008x1:float16")}) == []
 
 
-def test_a_cost_read_in_a_slow_spell_is_measured_again(tmp_path, monkeypatch):
-    """A cached (or just measured) GEMV cost far slower than the other shapes' is measured again, once,
-    and the faster of the two is kept, in the graph and in the cache."""
+def test_a_cost_measured_in_a_slow_spell_is_measured_again(tmp_path, monkeypatch):
+    """A GEMV cost just measured far slower than the other shapes' is measured again, once, and the faster
+    reading is kept, in the graph and in the cache; a cached one is left alone (it was checked when it was
+    measured, and a shape that is really slower must not be measured at every compile)."""
+    import hetegen_fx.passes.profile as profile_mod
     from hetegen_fx.costs import CostCache
 
-    calls = _count_measurements(monkeypatch)
+    calls: list[tuple] = []
+    real = profile_mod.measure_cost
+
+    def first_in_a_slow_spell(*args):
+        calls.append(args[:4])
+        return _gemv(0, 0, 60.0) if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(profile_mod, "measure_cost", first_in_a_slow_spell)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 4096), nn.Linear(4096, 2048)).half().eval()
+    cfg = Config(device="cpu", profile="measure", cache_dir=str(tmp_path))
+    x = [torch.randn(1, 2048).half()]
     cache = CostCache(str(tmp_path), torch.device("cpu"))
-    planted = {"2048x2048x1:float16": 1e-3, "4096x2048x1:float16": 2e-3, "2048x4096x1:float16": 60.0}
-    for key, t in planted.items():
+    for key, t in {"2048x2048x1:float16": 1e-3, "4096x2048x1:float16": 2e-3}.items():
         cache.put(key, _gemv(0, 0, t))
     cache.save()
     gm = capture_fx(model)
-    ProfilePass(
-        Config(device="cpu", profile="measure", cache_dir=str(tmp_path)), [torch.randn(1, 2048).half()]
-    )(gm)
-    assert calls == [(2048, 4096, 1, torch.float16)]
+    ProfilePass(cfg, x)(gm)
+    assert calls == [(2048, 4096, 1, torch.float16)] * 2
     cost = [n.meta[meta.COST] for n in _linear_nodes(gm)][2]
     assert cost.t_cpu < 60.0 and cost.source == "measured"
     assert CostCache(str(tmp_path), torch.device("cpu")).get("2048x4096x1:float16") == cost
+
+    cache = CostCache(str(tmp_path), torch.device("cpu"))
+    cache.put("2048x4096x1:float16", _gemv(0, 0, 60.0))  # slow, but cached
+    cache.save()
+    calls.clear()
+    gm = capture_fx(model)
+    ProfilePass(cfg, x)(gm)
+    assert calls == []
+    assert [n.meta[meta.COST] for n in _linear_nodes(gm)][2].t_cpu == 60.0
