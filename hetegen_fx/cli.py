@@ -41,6 +41,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["plan"] = args.plan
     if args.alpha is not None:
         options["alpha"] = args.alpha
+    if args.job_overhead is not None:
+        options["job_overhead"] = args.job_overhead
     compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
     ids = chat_prompt(tok, args.prompt)
     _log(
@@ -85,6 +87,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = {"gpu_memory": args.gpu_memory, "device": args.device, "max_seq_len": args.max_seq_len}
     if args.alpha is not None:
         options["alpha"] = args.alpha
+    if args.job_overhead is not None:
+        options["job_overhead"] = args.job_overhead
     if args.prefetch is not None:
         options["prefetch"] = args.prefetch
     compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
@@ -151,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--max-seq-len", type=int, default=2048, help="tokens the KV-cache reserve is sized for")
     g.add_argument("--alpha", type=float, default=None, help="force one CPU share for every offloaded Linear")
+    g.add_argument(
+        "--job-overhead",
+        type=float,
+        default=None,
+        help="seconds a CPU job costs beyond its GEMVs, for the profiled α (default: the device's, 1.5e-4 on CUDA)",
+    )
     g.add_argument("--plan", default=None, help="compile from a saved plan JSON (skips profiling)")
     g.add_argument("--save-plan", default=None, help="write the decode graph's plan as JSON")
     g.add_argument("--show-plan", action="store_true", help="print the plans and generated code")
@@ -180,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens the KV-cache reserve is sized for (default: the model's limit, at most 4096)",
     )
     q.add_argument("--alpha", type=float, default=None, help="force one CPU share for every offloaded Linear")
+    q.add_argument(
+        "--job-overhead",
+        type=float,
+        default=None,
+        help="seconds a CPU job costs beyond its GEMVs, for the profiled α (default: the device's, 1.5e-4 on CUDA)",
+    )
     q.add_argument(
         "--prefetch",
         type=int,

@@ -199,3 +199,9 @@ def test_cli_plan(tmp_path, capsys):
     # a graph that was not compiled is a one-line error
     assert main([*argv[:7], "--tokens", "3"]) == 2
     assert "no graph was compiled for 3 token(s)" in capsys.readouterr().err
+    # a job overhead of a second outweighs every GEMV of this model: every offloaded Linear is streamed
+    assert any(0 < lp.split for lp in plan.layers)
+    assert main([*argv[:7], "--job-overhead", "1", "--out", str(tmp_path / "h.json")]) == 0
+    streamed = hetegen_fx.load_plan(tmp_path / "h.json")
+    assert any(not lp.resident for lp in streamed.layers)
+    assert all(lp.split == 0 for lp in streamed.layers)
