@@ -9,9 +9,10 @@ parts, with its thread count (:func:`hetegen_fx.host.default_threads`), while ho
 another stream (they share the memory bus: the GEMV runs ~20-30 % slower than alone on the H200 host), at
 all rows and at half of them (which gives the fixed part). Timed on the launching thread instead, once the
 worker had run jobs, every decode-shaped GEMV of a 7B model read ~6 ms whatever its size: two teams of
-intra-op threads shared the cores. The copy, in turn, is timed while that worker runs the layer's GEMVs:
-beside them copies ran at 40 GB/s on the H100 host against 55 GB/s alone, and timed alone they made α too
-low for the step, whose copies always run beside the CPU parts.
+intra-op threads shared the cores. The copy, in turn, is timed while that worker runs the layer's GEMVs, as
+in the step, where copies always run beside the CPU parts: the bench's ceilings read 40-52 GB/s for copies
+beside the GEMVs against 54-55 GB/s alone on the H100 hosts (on one machine the two timings of a layer's
+copy agreed within 5 %).
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def measure_cost(
     not given; see the module docstring), at all rows and at half of them: ``t_cpu_fixed = 2·t(half) − t(all)``,
     on ``worker`` (a :class:`hetegen_fx.host.HostWorker`, the one that will run the CPU parts) when given.
     Likewise the copy is timed while that CPU runs the layer's GEMVs (``copy_under_load``): the two share the
-    host's memory bus, and on the H100 host copies ran at 40 GB/s beside the GEMVs against 55 GB/s alone.
+    host's memory bus (see the module docstring).
     """
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     nbytes = out_features * in_features * _itemsize(dtype)
@@ -278,8 +279,8 @@ def measure_cost(
         load = CopyLoad(device)
 
     def time_cpu() -> tuple[float, float]:  # no CUDA call: it may run on the worker thread
-        # each the lower of two windows (GEMVs), one after the other: a window can only be slowed by something else
-        # on the machine, and one such window had read a 4096×4096 GEMV at 2.7 ms against 0.4 ms (H100 host)
+        # at GEMV shapes each the lower of two windows, one after the other: a window can only be slowed by
+        # something else on the machine, and one had read a 4096×4096 GEMV at 2.7 ms against 0.4 ms (H100)
         full, part = float("inf"), float("inf")
         with _threads(threads if load is not None else None), torch.no_grad():
             for _ in range(windows):

@@ -10,18 +10,19 @@ and computes its own α from its own (shape-specific) costs. Three refinements o
 * At one token a GEMV streams its weights from DRAM, so ``T_cpu / M`` is one rate per dtype; measured per
   shape it scattered by up to 30 % between runs on the H200 host (``gate_proj`` 1.5-2.1 ms, ``q_proj``
   0.65-0.72 ms), enough to flip the plan. The rate is pooled over the Linears of each dtype.
-* ``T_cpu`` includes the Linear's share of the job overhead H (``Config.job_overhead``): each CPU job (the Linears that read one
-  input) costs hand-offs between the device and the worker on top of its GEMVs. So among Linears of one
+* ``T_cpu`` includes the Linear's share of the job overhead H (``Config.job_overhead``): each CPU job (the
+  Linears that read one input) costs hand-offs between the device and the worker on top of its GEMVs. So among Linears of one
   dtype, the fewer bytes a CPU job spans, the higher the priority: a lone ``o_proj`` before ``q/k/v``,
   which share a job, before ``gate/up``. Without this, two H200 machines that profiled the 7B model a few
   percent apart placed it with 60 and with 100 CPU jobs a token; the second spent 23 ms a token between
   jobs against 12 ms, and decoded 10-20 % slower.
 
 α is one per CPU job (:func:`hetegen_fx.costs.job_alpha`): the Linears that read one input share the job's
-overhead H (``Config.job_overhead``, by default the device's :class:`~hetegen_fx.costs.HardwareModel`'s) on the CPU lane, and their common α
-balances ``H + their CPU parts`` against their copies. Without H, the CPU lane of the 7B decode step ran
-longer than the copies by about the jobs' overhead (52 jobs a token), and a forced α below the profiled
-one decoded faster (docs/benchmarks.md).
+overhead H on the CPU lane (``Config.job_overhead``, by default the device's
+:class:`~hetegen_fx.costs.HardwareModel`'s), and their common α balances ``H + their CPU parts`` against
+their copies. Without H, the jobs of the 7B decode step ran longer than the plan's CPU parts by more than
+the copies did, and a forced α below the profiled one decoded faster (docs/benchmarks.md). A job whose α
+comes out below :data:`MIN_ALPHA` is streamed.
 """
 
 from __future__ import annotations
