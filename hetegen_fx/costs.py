@@ -290,7 +290,7 @@ def measure_cost(
 
     # two windows at GEMV shapes (where α matters and the slow spells were seen), one for a compute-bound
     # GEMM, whose windows take 0.1-0.5 s each; the copy load outlasts the decode shapes' windows
-    windows = 2 if tokens <= 4 else 1
+    windows = 2 if tokens <= kernels.GEMV_ROWS else 1
     if load is not None:
         load.start(0.5 if windows == 2 else 0.15)
     try:

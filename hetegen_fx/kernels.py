@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+#: rows of ``x`` (tokens) up to which ``hetegen_cpu::linear`` runs its GEMV (``kMaxRows`` in the source): up to
+#: this a CPU part streams its weights from DRAM; beyond it, it is a compute-bound GEMM
+GEMV_ROWS = 4
 _LOCK = threading.Lock()
 _STATE: list[bool] = []  # [whether hetegen_cpu::linear is loaded]: tried once per process
 

@@ -87,12 +87,18 @@ class ProfilePass(PassBase):
             kernels.load(self.progress)
         cache = CostCache(self.config.cache_dir, device, threads) if measure else None
         seen: dict[str, LinearCost] = {}
+        fresh: set[str] = set()  # keys measured in this pass
         load: CopyLoad | None = None  # one for the whole pass, dropped with it
 
-        fresh: set[str] = set()  # keys measured in this pass
-
-        def cost_of(site: LinearSite, tokens: int, i: int) -> LinearCost:
+        def measure(key: str) -> LinearCost:
             nonlocal load
+            if load is None and device.type == "cuda":
+                load = CopyLoad(device)
+            out_features, in_features, tokens, dtype = CostCache.parse(key)
+            return measure_cost(out_features, in_features, tokens, dtype, device, threads, load, worker)
+
+        def cost_of(site: LinearSite, tokens: int, i: int) -> str:
+            """The key of the Linear's cost at ``tokens``, which is in ``seen`` after the call."""
             w = site.weight.tensor
             key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
             cost = seen.get(key)
@@ -101,26 +107,15 @@ class ProfilePass(PassBase):
                 if cost is None:
                     if self.progress:
                         self.progress(f"profiling {key} ({i + 1}/{len(sites)} Linears)")
-                    if load is None and device.type == "cuda":
-                        load = CopyLoad(device)
-                    cost = measure_cost(
-                        site.out_features,
-                        site.in_features,
-                        tokens,
-                        w.dtype,
-                        device,
-                        threads,
-                        load,
-                        worker,
-                    )
+                    cost = measure(key)
                     cache.put(key, cost)
                     fresh.add(key)
             if cost is None:
                 cost = model.cost(site.out_features, site.in_features, tokens, w.dtype)
             seen[key] = cost
-            return cost
+            return key
 
-        keys = []
+        keys = []  # per site: its tokens, the key of its cost, the key of its one-token cost
         for i, site in enumerate(sites):
             w = site.weight.tensor
             if not w.is_floating_point():
@@ -129,29 +124,23 @@ class ProfilePass(PassBase):
                     "(dequantize the model first, e.g. load it with dtype=torch.float16)"
                 )
             tokens = linear_tokens(site)
-            cost_of(site, tokens, i)
-            cost_of(site, 1, i)
-            key = CostCache.key(site.out_features, site.in_features, tokens, w.dtype)
-            keys.append((key, CostCache.key(site.out_features, site.in_features, 1, w.dtype)))
+            keys.append((tokens, cost_of(site, tokens, i), cost_of(site, 1, i)))
         if cache is not None:
             # measured now in a slow spell of the host: measured again, once (a cached cost was checked when
             # it was measured, and a shape that is really slower must not be measured at every compile)
             for key in (k for k in slow_gemvs(seen) if k in fresh):
                 if self.progress:
                     self.progress(f"profiling {key} again: its CPU rate is far below the other shapes'")
-                out_features, in_features, tokens, dtype = CostCache.parse(key)
-                if load is None and device.type == "cuda":
-                    load = CopyLoad(device)
-                again = measure_cost(out_features, in_features, tokens, dtype, device, threads, load, worker)
+                again = measure(key)
                 if again.t_cpu < seen[key].t_cpu:
                     seen[key] = again
                     cache.put(key, again)
             cache.save()
-        for site, (key, decode_key) in zip(sites, keys, strict=True):
+        for site, (tokens, key, decode_key) in zip(sites, keys, strict=True):
             site.node.meta[meta.LINEAR] = site
             site.node.meta[meta.COST] = seen[key]
             site.node.meta[meta.DECODE_COST] = seen[decode_key]
-            site.node.meta[meta.TOKENS] = linear_tokens(site)
+            site.node.meta[meta.TOKENS] = tokens
         return PassResult(gm, False)
 
 
@@ -165,14 +154,19 @@ SLOW_MIN_BYTES = 8 * 2**20
 
 
 def slow_gemvs(costs: dict[str, LinearCost]) -> list[str]:
-    """Keys of measured ``costs`` at GEMV shapes (at most 4 tokens, at least :data:`SLOW_MIN_BYTES` of
+    """Keys of measured ``costs`` at GEMV shapes (at most :data:`kernels.GEMV_ROWS` tokens, at least :data:`SLOW_MIN_BYTES` of
     weights) whose CPU rate is below their dtype's median rate by :data:`SLOW_FACTOR`, among at least three
     such shapes of that dtype."""
     rates: dict[torch.dtype, dict[str, float]] = {}
     for key, cost in costs.items():
         out_features, in_features, tokens, dtype = CostCache.parse(key)
-        nbytes = out_features * in_features * torch.empty((), dtype=dtype).element_size()
-        if tokens <= 4 and nbytes >= SLOW_MIN_BYTES and cost.source == "measured" and cost.t_cpu > 0:
+        nbytes = out_features * in_features * dtype.itemsize
+        if (
+            tokens <= kernels.GEMV_ROWS
+            and nbytes >= SLOW_MIN_BYTES
+            and cost.source == "measured"
+            and cost.t_cpu > 0
+        ):
             rates.setdefault(dtype, {})[key] = nbytes / cost.t_cpu
     slow = []
     for by_key in rates.values():
