@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from .capture import capture_export, capture_fx, is_hf_model, param_names
 from .config import Config
 from .errors import CaptureError, ConfigError, UnsupportedModelError
+from .graphs import GraphPool, pool_for
 from .plan import Plan
 from .store import WeightStore, find_store, store_for
 from .trace import traced
@@ -22,14 +23,21 @@ from .trace import traced
 class CompiledModule(torch.nn.Module):
     """A model compiled through the fx or export frontend: call it like the original."""
 
-    def __init__(self, graph_module: fx.GraphModule, plan: Plan, store: WeightStore, frontend: str) -> None:
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        plan: Plan,
+        store: WeightStore,
+        frontend: str,
+        pool: GraphPool | None = None,
+    ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
         self.frontend = frontend
         self._store = store
         self._call = traced(
-            graph_module, store.device.type if store.device.index is None else str(store.device)
+            graph_module, store.device.type if store.device.index is None else str(store.device), pool
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -87,7 +95,7 @@ def compile(  # noqa: A001  (mirrors torch.compile)
             None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
         )
         out, plan = transform(gm, config, store, inputs, label=f"{type(model).__name__} ({fe})")
-        return CompiledModule(out, plan, store, fe)
+        return CompiledModule(out, plan, store, fe, pool_for(store, config, plan))
     raise CaptureError(
         "could not capture the model: "
         + "; ".join(str(e) for e in errors)

@@ -20,6 +20,7 @@ import torch.fx as fx
 from .capture import bind_placeholder_params
 from .config import Config
 from .errors import BudgetError, ConfigError, HetegenError
+from .graphs import pool_for
 from .linear import param_of
 from .pipeline import transform
 from .store import WeightStore, store_for
@@ -77,7 +78,8 @@ def _compile_graph(
         out, plan = transform(gm, config, store, example_inputs, label=_label(example_inputs))
         if config.verbose:
             print(plan.table(), file=sys.stderr)
-        return traced(out, config.device)  # records a timeline inside hetegen_fx.trace.record()
+        # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
+        return traced(out, config.device, pool_for(store, config, plan))
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:

@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from . import ops
 from .graph_utils import clone_graph_module, eliminate_dead_code
+from .graphs import GraphPool, fuse_stretches
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -17,8 +18,10 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def direct(gm: fx.GraphModule) -> fx.GraphModule:
-    """The program of ``gm`` with its ``hetegen::`` ops called as plain functions (``ops.DIRECT``).
+def direct(gm: fx.GraphModule, pool: GraphPool | None = None) -> fx.GraphModule:
+    """The program of ``gm`` with its ``hetegen::`` ops called as plain functions (``ops.DIRECT``), and,
+    given a graph ``pool``, its stretches of device work recorded and replayed as CUDA graphs
+    (:func:`hetegen_fx.graphs.fuse_stretches`).
 
     A custom op costs ~20 µs of dispatch per call on the thread that launches GPU work, and a decode step
     of a 7B model makes a few hundred of them; the functions do the same work without the dispatcher.
@@ -31,4 +34,6 @@ def direct(gm: fx.GraphModule) -> fx.GraphModule:
                 if ops.is_op(node.target, op):
                     node.target = fn
     fast.recompile()
+    if pool is not None:
+        fuse_stretches(fast, pool)
     return fast

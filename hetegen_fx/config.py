@@ -87,6 +87,12 @@ class Config:
         last Linear (e.g. logits) go back to the inputs' device; other outputs (state such as an HF KV cache)
         stay on the accelerator behind host stand-ins (:func:`hetegen_fx.runtime.park`), so the host-resident
         model stays traceable and the state is never copied.
+    cuda_graphs: record the stretches of device work between hand-offs as CUDA graphs and replay them, one
+        launch each (:mod:`hetegen_fx.graphs`); they replay where shapes repeat, e.g. decode steps with HF's
+        static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host a
+        7B decode step was no faster with them (docs/benchmarks.md, eighth session).
+    graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
+        the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -104,6 +110,8 @@ class Config:
     cpu_threads: int | None = None
     plan: Any = None
     output_device: str = "input"
+    cuda_graphs: bool = False
+    graph_memory: int | None = None
     cache_dir: str | None = None
     verbose: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -111,6 +119,9 @@ class Config:
     def __post_init__(self) -> None:
         self.gpu_memory = parse_bytes(self.gpu_memory)
         self.activation_reserve = parse_bytes(self.activation_reserve)
+        self.graph_memory = parse_bytes(self.graph_memory)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))

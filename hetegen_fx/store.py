@@ -34,6 +34,8 @@ class WeightStore:
     #: bytes the first placement reserved for everything that is not a Linear weight
     reserved: dict[str, int] = field(default_factory=dict)
     graphs: list[CompiledGraph] = field(default_factory=list)
+    #: where the model's stretches record CUDA graphs (:func:`hetegen_fx.graphs.pool_for`)
+    graph_pool: object = None
     _device_copies: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _host_parts: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _pinned: set[int] = field(default_factory=set, repr=False)

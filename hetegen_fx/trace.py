@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -32,6 +32,9 @@ from . import meta
 from .ops import COPY, CPU_BEGIN, is_op
 from .plan import atomic_write
 from .runtime import get_runtime
+
+if TYPE_CHECKING:
+    from .graphs import GraphPool
 
 #: lanes of the timeline, in display order
 LANES = ("PCIe", "CPU", "GPU", "host")
@@ -234,12 +237,13 @@ def record() -> Iterator[list[Timeline]]:
         _RECORDING.remove(timelines)
 
 
-def traced(gm: fx.GraphModule, device: str) -> Callable:
-    """``gm`` as a callable that records a Timeline when inside :func:`record`; otherwise it runs
-    :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the custom ops' dispatch)."""
+def traced(gm: fx.GraphModule, device: str, pool: GraphPool | None = None) -> Callable:
+    """``gm`` as a callable that records a Timeline when inside :func:`record` (node by node, no CUDA
+    graphs); otherwise it runs :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the
+    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given)."""
     from .codegen import direct
 
-    fast = direct(gm)
+    fast = direct(gm, pool)
 
     def call(*args: Any) -> Any:
         if not _RECORDING:
@@ -249,4 +253,5 @@ def traced(gm: fx.GraphModule, device: str) -> Callable:
         return out
 
     call.graph_module = gm  # type: ignore[attr-defined]
+    call.fast = fast  # type: ignore[attr-defined]
     return call

@@ -39,6 +39,7 @@ from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha
 from hetegen_fx.errors import BudgetError, ConfigError
 from hetegen_fx.graph_utils import concrete, node_value
+from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.linear import LinearSite, param_of
 from hetegen_fx.plan import LayerPlan, Plan, staging_size
 from hetegen_fx.store import WeightStore
@@ -179,6 +180,9 @@ class PlacementPass(PassBase):
                 else activation_bytes(gm),
                 "other_params": other_param_bytes(gm, sites),
             }
+            graphs = graph_reserve(cfg, budget)
+            if graphs:
+                reserved["cuda_graphs"] = graphs
             store.residency = self._choose_residency(layers, reserved, budget, self._priority(sites))
             store.reserved = reserved
         for lp in layers:

@@ -1,0 +1,581 @@
+"""CUDA graphs for the stretches of a partitioned graph that run on the device alone.
+
+A 7B decode step is some 3500 graph nodes, launched one by one from Python at 14-40 µs a node, and the
+seventh session found the launching thread behind the device (docs/benchmarks.md). Most of those nodes are
+device work between two hand-offs (the norms, rotary embedding, cache update and attention of a layer
+whose Linears are resident, the concatenations after a split). A *stretch* is a run of at least
+:data:`MIN_NODES` such calls with nothing else between them; :func:`fuse_stretches` moves each one into a
+:class:`Stretch` submodule, which records it once as a CUDA graph and then replays it with one launch.
+
+Opt-in (``Config.cuda_graphs``): measured on the H100 host (eighth session), a 7B decode step with half of
+its calls replayed from 58 graphs took as long as without them (the CPU and copy lanes bound it there), and
+HF's generate makes a new static cache per call, so every call records its attention stretches again.
+
+What a replay needs, and how a Stretch provides it:
+
+* **the same shapes**: a graph is recorded per *key* (the inputs' shapes, strides, dtypes and devices, and
+  its other arguments). A key is first run eagerly (warm-up: lazy kernel loading, cuBLAS handles); it is
+  recorded at its second call. Decode steps with a static KV cache repeat their keys; a growing cache (HF's
+  DynamicCache) never does, and its stretches run eagerly;
+* **the same input addresses**: an input is either *copied* into a buffer the graph owns (small
+  activations, at every replay), or read *in place*: inputs the stretch changes or returns a view of
+  (found at warm-up by version counters and storages), large ones (a KV cache, a staged weight part), and
+  outputs of other recorded stretches (their memory is the graph pool's for good). An in-place input at
+  another address at replay runs the stretch eagerly, and the key is recorded again at its next call;
+* **outputs that live until the next replay**: a replay writes the same output buffers; outputs that leave
+  the graph (its results, state parked on the device) are cloned;
+* **memory**: every stretch of a model records into one graph pool; recording stops once the pool has
+  grown by the ``graph_memory`` budget (PlacementPass reserves it), and a key whose copied inputs and
+  outputs exceed :data:`GRAPH_IO_BYTES` (a prefill) is never recorded.
+
+A stretch that cannot be recorded (an op that synchronises with the host, say) runs eagerly from then on.
+On the emulated device ("cpu") a "graph" keeps the same buffers and replays by running the stretch on its
+own inputs and copying the results into its own outputs, so the logic above is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import meta, ops
+from .graph_utils import _is_view, writers_of
+from .runtime import park, to_device, write_back
+
+#: calls a stretch must hold to be recorded: a replay and its input copies cost about as much as 2-3 launches
+MIN_NODES = 4
+#: inputs up to this size are copied into the graph's own buffers at each replay; larger ones are read in place
+COPY_BYTES = 1 << 20
+#: a key whose copied inputs and outputs together exceed this is not recorded (prefill-sized activations)
+GRAPH_IO_BYTES = 2 << 20
+#: keys a stretch tracks; beyond them (shapes that never repeat) new keys just run eagerly
+MAX_KEYS = 16
+#: times one key may be recorded again after its in-place inputs moved
+MAX_RECORDINGS = 8
+
+#: the graphs' memory pool by default: 1/16 of the GPU budget, at most this
+DEFAULT_GRAPH_MEMORY = 128 << 20
+#: a default pool smaller than this records nothing: the recording stream's cuBLAS workspace alone takes
+#: 32 MiB on an H100
+MIN_GRAPH_MEMORY = 48 << 20
+
+#: methods that bring a device value to the host: a graph cannot hold them
+_HOST_METHODS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"})
+#: sides of PartitionPass nodes that are not device work (the CPU part, copies, stream synchronisation)
+_NOT_DEVICE = frozenset({"cpu", "copy", "sync"})
+
+
+def enabled(config) -> bool:
+    """Whether ``config`` (a :class:`hetegen_fx.Config`) records CUDA graphs (emulated ones on "cpu")."""
+    return bool(config.cuda_graphs)
+
+
+def reserve(config, budget: int | None) -> int:
+    """Bytes PlacementPass keeps free for the graphs' memory pool under ``config`` and ``budget``."""
+    if not enabled(config):
+        return 0
+    if config.graph_memory is not None:
+        return config.graph_memory
+    want = DEFAULT_GRAPH_MEMORY if budget is None else min(DEFAULT_GRAPH_MEMORY, budget // 16)
+    return want if want >= MIN_GRAPH_MEMORY else 0
+
+
+def pool_for(store, config, plan) -> GraphPool | None:
+    """The graph pool of ``store`` (one model's graphs share it; made on first use) if ``config`` records
+    graphs, with the budget ``plan`` reserved for it; else None (also when it reserved nothing)."""
+    if not enabled(config):
+        return None
+    if store.graph_pool is None:
+        limit = plan.reserved.get("cuda_graphs", 0)
+        if limit <= 0:
+            return None
+        store.graph_pool = GraphPool(store.device, limit)
+    return store.graph_pool
+
+
+@functools.cache
+def _runtime_calls() -> frozenset:
+    calls = {to_device, write_back, park, *ops.DIRECT, *ops.DIRECT.values()}
+    calls |= {op.overloadpacket for op in ops.DIRECT}
+    return frozenset(calls)
+
+
+def capturable(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is device work a CUDA graph can hold (not a hand-off, copy, sync or host read)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if node.meta.get(meta.SIDE) in _NOT_DEVICE or node.target in _runtime_calls():
+        return False
+    if node.op == "call_method":
+        return node.target not in _HOST_METHODS
+    if node.op == "call_module":  # a module without state (fx keeps activations as modules)
+        mod = gm.get_submodule(node.target)
+        return next(mod.parameters(), None) is None and next(mod.buffers(), None) is None
+    return node.target is not torch.ops.aten._local_scalar_dense.default
+
+
+def find_stretches(gm: fx.GraphModule, min_nodes: int = MIN_NODES) -> list[list[fx.Node]]:
+    """The runs of at least ``min_nodes`` capturable calls with no other call between them, in order
+    (``get_attr`` nodes between them belong to no run and break none)."""
+    runs: list[list[fx.Node]] = [[]]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if capturable(node, gm):
+            runs[-1].append(node)
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if len(r) >= min_nodes]
+
+
+def _escapes(node: fx.Node, members: set[fx.Node]) -> bool:
+    """Whether ``node``'s value, or a view of it, leaves the graph (an output, or state parked on the device):
+    a replay would overwrite it while the caller still holds it."""
+    todo, seen = [node], {node}
+    while todo:
+        for user in todo.pop().users:
+            if user.op == "output" or user.target is park:
+                return True
+            if user in seen or user in members:
+                continue
+            if user.target in (operator.getitem, to_device) or _is_view(user):
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def fuse_stretches(gm: fx.GraphModule, pool: GraphPool | None, min_nodes: int = MIN_NODES) -> list[fx.Node]:
+    """Replace each stretch of ``gm`` by a call of a :class:`Stretch` submodule (in place); return those calls.
+
+    ``pool`` is where they record their graphs (None: they run eagerly, which only regroups the code).
+    """
+    stretches = find_stretches(gm, min_nodes)
+    in_any = {n for run in stretches for n in run}
+    calls = []
+    for i, run in enumerate(stretches):
+        members = set(run)
+        body, inputs, outputs = _extract(run, members)
+        escaping = tuple(_escapes(o, in_any) for o in outputs)
+        written = tuple(any(w not in members for w in writers_of(o)) for o in outputs)
+        name = f"stretch_{i}"
+        keep = _keep_all(body)
+        stretch = Stretch(
+            fx.GraphModule(gm, body, class_name="StretchBody"),
+            escaping,
+            pool,
+            fx.GraphModule(gm, keep, class_name="StretchRecording"),
+            written,
+        )
+        gm.add_submodule(name, stretch)
+        with gm.graph.inserting_after(run[-1]):
+            call = gm.graph.call_module(name, tuple(inputs))
+            call.meta[meta.SIDE] = "gpu"
+            with gm.graph.inserting_after(call):
+                for k, o in enumerate(reversed(outputs)):  # inserted after `call`, so built last to first
+                    item = gm.graph.call_function(operator.getitem, (call, len(outputs) - 1 - k))
+                    item.meta.update(o.meta)
+                    o.replace_all_uses_with(item)
+        for node in reversed(run):
+            gm.graph.erase_node(node)
+        calls.append(call)
+    gm.graph.lint()
+    gm.recompile()
+    return calls
+
+
+def _extract(run: list[fx.Node], members: set[fx.Node]) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:
+    """A graph of the nodes of ``run``, with their inputs from elsewhere as placeholders (attributes they
+    read as its own ``get_attr``) and what is read elsewhere as its outputs; and those inputs and outputs."""
+    inputs: list[fx.Node] = []
+    for node in run:
+        for a in node.all_input_nodes:
+            if a not in members and a.op != "get_attr" and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in run if any(u not in members for u in n.users)]
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {a: body.placeholder(a.name) for a in inputs}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:  # a get_attr: the body reads the same attribute
+            env[a] = body.get_attr(a.target)
+        return env[a]
+
+    for node in run:
+        env[node] = body.node_copy(node, arg)
+    body.output(tuple(env[o] for o in outputs))
+    return body, inputs, outputs
+
+
+def _keep_all(body: fx.Graph) -> fx.Graph:
+    """``body`` returning, after its outputs, every value it computes. Recorded from this, a graph frees no
+    memory while it is recorded, so no later recording in the shared pool places its tensors where this
+    graph keeps its intermediates (a graph recorded later may run earlier in the step: a pinned input
+    that moved, a key first seen late)."""
+    keep = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in body.nodes:
+        if node.op == "output":
+            values = [env[n] for n in body.nodes if n.op in ("call_function", "call_method", "call_module")]
+            keep.output((fx.map_arg(node.args[0], env.__getitem__), tuple(values)))
+        else:
+            env[node] = keep.node_copy(node, env.__getitem__)
+    return keep
+
+
+@dataclass
+class GraphPool:
+    """Where the stretches of one model record their graphs: one memory pool on ``device`` and a budget of
+    ``limit`` bytes for its growth (``None``: unlimited). Created at compile time; nothing on the device is
+    touched before the first recording."""
+
+    device: torch.device
+    limit: int | None = None
+    #: bytes the pool grew by while recording (CUDA: reserved memory before against after)
+    used: int = 0
+    recorded: int = 0
+    replays: int = 0
+    failed: int = 0
+    full: bool = False
+    _handle: object = None
+    _stream: object = None
+    _static: set[int] = field(default_factory=set)  # data pointers of recorded graphs' outputs
+    _largest: int = 0  # the most one recording grew the pool by
+    stretches: list = field(default_factory=list, repr=False)  # every Stretch recording here
+    #: input name → times a recorded graph found that pinned input at another address
+    moved: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.full = self.limit is not None and self.limit <= 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def stats(self) -> dict:
+        """Counts so far: graphs recorded and replayed, the pool's growth, and what became of the stretches'
+        keys (see :meth:`Stretch.report`)."""
+        reports = [s.report() for s in self.stretches]
+        eager: dict[str, int] = {}
+        for r in reports:
+            for why, n in r["eager"].items():
+                eager[why] = eager.get(why, 0) + n
+        return {
+            "stretches": len(reports),
+            "calls_in_stretches": sum(r["calls"] for r in reports),
+            "keys": sum(r["keys"] for r in reports),
+            "recorded": self.recorded,
+            "graphs_kept": sum(r["recorded"] for r in reports),
+            "replays": self.replays,
+            "failed": self.failed,
+            "eager_keys": eager,
+            "pool_bytes": self.used,
+            "full": self.full,
+            "pinned_inputs_moved": dict(sorted(self.moved.items(), key=lambda kv: -kv[1])[:8]),
+        }
+
+    def record(self, body: fx.GraphModule, args: list) -> _Graph:
+        """Record ``body(*args)`` as a graph (its outputs are computed by its first replay)."""
+        if not self.is_cuda:
+            return _EmulatedGraph(body, args)
+        if self._handle is None:
+            self._start()
+            if self.full:
+                raise _NoRoom
+        current = torch.cuda.current_stream(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        self._stream.wait_stream(current)  # the inputs' values are queued on the current stream
+        try:
+            with torch.cuda.stream(self._stream):
+                graph.capture_begin(pool=self._handle, capture_error_mode="thread_local")
+                try:
+                    out, kept = body(*args)
+                finally:
+                    graph.capture_end()
+        finally:
+            current.wait_stream(self._stream)
+            grown = max(0, torch.cuda.memory_reserved(self.device) - before)
+            self.used += grown
+            self._largest = max(self._largest, grown)
+        if self.limit is not None and self.used + self._largest > self.limit:
+            self.full = True  # another recording like the largest so far would not fit
+        return _Graph(graph.replay, tuple(out), (graph, kept))
+
+    def _start(self) -> None:
+        """Make the pool and the stream graphs are recorded on. cuBLAS gives each stream a workspace of its own
+        (32 MiB on an H100): it is made now, by one GEMM outside any recording, and counts as the pool's."""
+        self._handle = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            a = torch.ones(8, 8, device=self.device, dtype=torch.float16)
+            (a @ a).sum()
+            del a
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self.used += max(0, torch.cuda.memory_reserved(self.device) - before)
+        if self.limit is not None and self.used > self.limit:
+            self.full = True
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if (
+                clear is not None
+            ):  # give the workspace back (the streams that still use cuBLAS make theirs again)
+                torch.cuda.synchronize(self.device)
+                clear()
+                torch.cuda.empty_cache()
+
+    def note_outputs(self, outs: tuple) -> None:
+        self._static.update(o.data_ptr() for o in outs if isinstance(o, torch.Tensor))
+
+    def is_static(self, t: torch.Tensor) -> bool:
+        return t.data_ptr() in self._static
+
+
+@dataclass
+class _Graph:
+    """A recorded stretch: ``replay()`` writes ``outputs`` (the same tensors every time)."""
+
+    replay: object
+    outputs: tuple
+    keep: object = None  # the torch.cuda.CUDAGraph whose replay this is, and the tensors it writes
+
+
+class _EmulatedGraph(_Graph):
+    """A recorded stretch on the emulated device: its own output buffers, filled at each replay by running
+    the stretch on its own input buffers (what a CUDA graph's replay does, without one)."""
+
+    def __init__(self, body: fx.GraphModule, args: list) -> None:
+        super().__init__(self._replay, ())
+        self.body, self.args = body, args
+        self._first = True
+
+    def _replay(self) -> None:
+        new = self.body(*self.args)[0]
+        if self._first:  # a CUDA graph's outputs exist from its recording; these from the first replay
+            self._first = False
+            inputs = {a.untyped_storage().data_ptr() for a in self.args if isinstance(a, torch.Tensor)}
+            # an output that is a view of an input stays one (as in a CUDA graph); the others get buffers
+            self._views = [
+                isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in inputs for o in new
+            ]
+            self.outputs = tuple(
+                o.clone() if isinstance(o, torch.Tensor) and not view else o
+                for o, view in zip(new, self._views, strict=True)
+            )
+            return
+        for mine, o, view in zip(self.outputs, new, self._views, strict=True):
+            if isinstance(mine, torch.Tensor) and not view:
+                mine.copy_(o)
+
+
+class _NoRoom(Exception):
+    """The pool's budget does not hold the recording stream's own needs."""
+
+
+#: how a recorded graph gets an input: copied into its own buffer at each replay; copied in and, since the
+#: stretch changes it, back out after the replay; or read in place (its address must not change)
+COPY, COPY_BACK, PIN = 0, 1, 2
+
+
+class _Key:
+    """One key's state: seen once (warm), recorded, or eager for good (``eager`` says why)."""
+
+    __slots__ = (
+        "calls",
+        "modes",
+        "out_bytes",
+        "graph",
+        "args",
+        "copied",
+        "back",
+        "pinned",
+        "recordings",
+        "eager",
+    )
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.modes: list[int | None] = []  # per input: COPY, COPY_BACK, PIN, or None (not a tensor)
+        self.out_bytes = 0
+        self.graph: _Graph | None = None
+        self.args: list = []  # the graph's inputs: its own buffers, and the pinned tensors
+        self.copied: list[int] = []  # indices of inputs copied in (COPY and COPY_BACK)
+        self.back: list[int] = []  # indices of inputs copied back out (COPY_BACK)
+        self.pinned: list[tuple[int, int]] = []  # (index, data pointer) of inputs read in place
+        self.recordings = 0
+        self.eager = ""
+
+
+class Stretch(torch.nn.Module):
+    """A stretch of device work, recorded as a CUDA graph per input key and replayed (see the module
+    docstring). ``escaping[i]``: output ``i`` leaves the graph, so a replay hands back a copy of it;
+    ``written[i]``: it is changed in place after the stretch, so an input it is a view of is read in place.
+    ``recording`` is ``body`` returning every value it computes as well (see :func:`_keep_all`)."""
+
+    def __init__(
+        self,
+        body: fx.GraphModule,
+        escaping: tuple[bool, ...],
+        pool: GraphPool | None,
+        recording: fx.GraphModule | None = None,
+        written: tuple[bool, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.written = written or (False,) * len(escaping)
+        self.recording = recording
+        self.escaping = escaping
+        self.pool = pool
+        self.calls = sum(
+            1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+        )
+        self.inputs = [n.name for n in body.graph.nodes if n.op == "placeholder"]
+        self._keys: dict[tuple, _Key] = {}
+        if pool is not None:
+            pool.stretches.append(self)
+
+    def report(self) -> dict:
+        """What became of this stretch's keys: recorded, eager (and why), or seen once."""
+        states = list(self._keys.values())
+        eager: dict[str, int] = {}
+        for k in states:
+            if k.eager:
+                eager[k.eager] = eager.get(k.eager, 0) + 1
+        return {
+            "calls": self.calls,
+            "keys": len(states),
+            "recorded": sum(k.graph is not None for k in states),
+            "recordings": sum(k.recordings for k in states),
+            "eager": eager,
+        }
+
+    def forward(self, *args):
+        pool = self.pool
+        if pool is None or torch.is_grad_enabled():
+            return self.body(*args)
+        key = tuple(
+            (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+        )
+        try:
+            state = self._keys.get(key)
+        except TypeError:  # an argument that cannot be a key (a list): never recorded
+            self.pool = None
+            return self.body(*args)
+        if state is None:
+            if len(self._keys) >= MAX_KEYS:
+                return self.body(*args)
+            state = self._keys[key] = _Key()
+        graph = state.graph
+        if graph is not None:
+            for i, ptr in state.pinned:
+                if args[i].data_ptr() != ptr:  # an in-place input moved: eager now, recorded again next time
+                    state.graph, state.calls = None, 0
+                    moved = pool.moved
+                    name = self.inputs[i]
+                    moved[name] = moved.get(name, 0) + 1
+                    return self._warm(state, args)
+            own = state.args
+            for i in state.copied:
+                own[i].copy_(args[i])
+            out = self._replay(graph)
+            for i in state.back:
+                args[i].copy_(own[i])
+            return out
+        if pool.full or state.eager:
+            return self.body(*args)
+        if state.calls == 0:
+            return self._warm(state, args)
+        return self._record(state, args)
+
+    def _warm(self, state: _Key, args: tuple) -> tuple:
+        """Run eagerly, noting how a recording would get each input (:data:`COPY`, :data:`COPY_BACK`,
+        :data:`PIN`): in place if an output is a view of it, if it is large, or if it is another graph's
+        output (its address is then fixed); copied back out if the stretch changes it. An input that an output
+        is a view of is read in place only when that output is changed after the stretch: otherwise the view
+        of the graph's own buffer holds the same values."""
+        state.calls += 1
+        tensors = [a if isinstance(a, torch.Tensor) else None for a in args]
+        try:
+            versions = [None if t is None else t._version for t in tensors]
+        except RuntimeError:  # inference tensors keep no version: every input read in place
+            versions = None
+        out = self.body(*args)
+        inputs = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+        state.out_bytes = sum(  # what the graph would hold: its outputs that are not views of inputs
+            o.numel() * o.element_size()
+            for o in out
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs
+        )
+        storages = {
+            o.untyped_storage().data_ptr()
+            for o, w in zip(out, self.written, strict=True)
+            if w and isinstance(o, torch.Tensor)
+        }
+        modes: list[int | None] = []
+        for i, t in enumerate(tensors):
+            if t is None:
+                modes.append(None)
+            elif (
+                versions is None
+                or t.untyped_storage().data_ptr() in storages
+                or t.numel() * t.element_size() > COPY_BYTES
+                or self.pool.is_static(t)
+            ):
+                modes.append(PIN)
+            else:
+                modes.append(COPY_BACK if t._version != versions[i] else COPY)
+        state.modes = modes
+        return out
+
+    def _record(self, state: _Key, args: tuple) -> tuple:
+        pool = self.pool
+        copied = [i for i, m in enumerate(state.modes) if m in (COPY, COPY_BACK)]
+        io = state.out_bytes + sum(args[i].numel() * args[i].element_size() for i in copied)
+        if io > GRAPH_IO_BYTES:
+            state.eager = "inputs and outputs too large"
+            return self.body(*args)
+        if state.recordings >= MAX_RECORDINGS:
+            state.eager = "pinned inputs kept moving"
+            return self.body(*args)
+        own = list(args)
+        for i in copied:
+            a = args[i]
+            own[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            own[i].copy_(a)
+        state.recordings += 1
+        try:
+            graph = pool.record(self.recording or self.body, own)
+        except _NoRoom:
+            return self.body(*args)
+        except Exception as e:  # noqa: BLE001  (an op a graph cannot hold: this stretch stays eager)
+            state.eager = f"not recordable: {type(e).__name__}"
+            pool.failed += 1
+            first = str(e).splitlines()[0] if str(e) else ""
+            warnings.warn(
+                f"hetegen: a stretch of device work could not be recorded as a CUDA graph and runs eagerly "
+                f"({type(e).__name__}: {first})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.body(*args)
+        state.graph, state.args, state.copied = graph, own, copied
+        state.back = [i for i, m in enumerate(state.modes) if m == COPY_BACK]
+        state.pinned = [(i, args[i].data_ptr()) for i, m in enumerate(state.modes) if m == PIN]
+        pool.recorded += 1
+        out = self._replay(graph)
+        for i in state.back:
+            args[i].copy_(own[i])
+        pool.note_outputs(graph.outputs)
+        return out
+
+    def _replay(self, graph: _Graph) -> tuple:
+        graph.replay()
+        self.pool.replays += 1
+        if not any(self.escaping):
+            return graph.outputs
+        return tuple(o.clone() if esc else o for o, esc in zip(graph.outputs, self.escaping, strict=True))

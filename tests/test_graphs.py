@@ -1,0 +1,216 @@
+"""CUDA graphs for stretches of device work (:mod:`hetegen_fx.graphs`), on the emulated device.
+
+On "cpu" a recorded "graph" keeps its own input and output buffers and replays by running the stretch on its
+inputs and copying the results into its outputs: what a CUDA graph's replay does to memory. So the logic
+that makes replays correct (which inputs are copied in, copied back or read in place, which outputs are
+cloned, when a key is recorded again) is checked here; tests/test_gpu.py records real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+import hetegen_fx
+from hetegen_fx import Config
+from hetegen_fx.errors import ConfigError
+from hetegen_fx.graphs import (
+    COPY_BYTES,
+    GRAPH_IO_BYTES,
+    GraphPool,
+    Stretch,
+    find_stretches,
+    fuse_stretches,
+    reserve,
+)
+
+
+def _calls(gm: fx.GraphModule) -> int:
+    return sum(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes)
+
+
+def _fused(fn, min_nodes: int = 4) -> tuple[fx.GraphModule, GraphPool]:
+    gm = fx.symbolic_trace(fn)
+    pool = GraphPool(torch.device("cpu"))
+    fuse_stretches(gm, pool, min_nodes)
+    return gm, pool
+
+
+def _counter_fn(x, counter):
+    a = x * 2
+    b = a + 1
+    counter.add_(1)
+    c = b * counter
+    return c.relu()
+
+
+def test_one_stretch_replaces_its_calls():
+    gm = fx.symbolic_trace(_counter_fn)
+    assert [len(r) for r in find_stretches(gm)] == [5]
+    fused, _ = _fused(_counter_fn)
+    stretches = [n for n in fused.graph.nodes if n.op == "call_module"]
+    assert len(stretches) == 1 and isinstance(fused.get_submodule(stretches[0].target), Stretch)
+    assert _calls(fused) == 2  # the stretch and the getitem of its one output
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_replays_match_eager_and_copy_changed_inputs_back():
+    """Fresh inputs at every call; the counter the stretch changes in place is copied in and back out;
+    an output handed out is a copy, which a later replay leaves alone."""
+    gm, pool = _fused(_counter_fn)
+    counter, ref_counter = torch.zeros(()), torch.zeros(())
+    outs = []
+    for _ in range(4):
+        x = torch.randn(3, 5)
+        out = gm(x, counter)
+        torch.testing.assert_close(out, _counter_fn(x.clone(), ref_counter))
+        assert torch.equal(counter, ref_counter)
+        outs.append((out, out.clone()))
+    assert pool.recorded == 1 and pool.replays == 3  # warm-up, then recorded and replayed, then replayed
+    for out, copy in outs:
+        assert torch.equal(out, copy), "a later replay changed an output already handed out"
+
+
+def _big_fn(x, big):
+    y = big * 2
+    y = y + x.sum()
+    y = y.relu()
+    return y - 1
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_a_large_input_is_read_in_place_and_recorded_again_when_it_moves():
+    gm, pool = _fused(_big_fn)
+    n = COPY_BYTES // 4 + 1  # just above the copy limit (float32)
+    first = torch.randn(n)
+    x = torch.randn(3)
+    for _ in range(3):
+        torch.testing.assert_close(gm(x, first), _big_fn(x, first))
+    assert pool.recorded == 1
+    moved = torch.randn(n)  # another tensor: the graph's address is stale
+    torch.testing.assert_close(gm(x, moved), _big_fn(x, moved))
+    assert sum(pool.moved.values()) == 1
+    torch.testing.assert_close(gm(x, moved), _big_fn(x, moved))  # recorded again, and replayed
+    assert pool.recorded == 2
+    torch.testing.assert_close(gm(x, moved), _big_fn(x, moved))
+    assert pool.recorded == 2 and pool.stats()["graphs_kept"] == 1
+
+
+def _large_out_fn(x):
+    y = x.repeat(1, 1024)
+    y = y * 2
+    y = y + 1
+    return y.relu()
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_keys_with_large_inputs_and_outputs_are_not_recorded():
+    gm, pool = _fused(_large_out_fn)
+    x = torch.randn(1, GRAPH_IO_BYTES // 4096 + 1)  # 1024 times that, as float32, is over the limit
+    for _ in range(3):
+        torch.testing.assert_close(gm(x), _large_out_fn(x))
+    assert pool.recorded == 0
+    assert pool.stats()["eager_keys"] == {"inputs and outputs too large": 1}
+
+
+def _view_written_fn(x, state):
+    v = state.view(-1)
+    v = v.mul(1)  # a new tensor: state is only read
+    w = state.view(-1)  # a view of the input, changed after the stretch
+    z = v + x
+    return z.relu(), w
+
+
+def _outer(x, state):
+    z, w = _view_written_fn(x, state)
+    w.add_(z.sum().item())  # the host read ends the stretch: the add_ runs after it, on its output w
+    return z
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_an_input_whose_view_is_changed_later_is_read_in_place():
+    traced = fx.symbolic_trace(_outer)
+    pool = GraphPool(torch.device("cpu"))
+    fuse_stretches(traced, pool, min_nodes=4)
+    state, ref_state = torch.zeros(6), torch.zeros(6)
+    for _ in range(4):
+        x = torch.randn(6)
+        torch.testing.assert_close(traced(x, state), _outer(x, ref_state))
+        assert torch.equal(state, ref_state), "the add_ through the returned view must reach the input"
+    assert pool.recorded == 1
+
+
+def _host_read_fn(x):
+    a = x * 2
+    b = a + 1
+    s = b.sum().item()
+    c = b * s
+    d = c + 1
+    e = d.relu()
+    return e * 3
+
+
+def test_host_reads_split_stretches():
+    gm = fx.symbolic_trace(_host_read_fn)
+    runs = find_stretches(gm, min_nodes=2)
+    assert [[n.target for n in r] for r in runs] == [
+        [operator.mul, operator.add, "sum"],
+        [operator.mul, operator.add, "relu", operator.mul],
+    ]
+
+
+def test_grad_mode_runs_eagerly():
+    gm, pool = _fused(_counter_fn)
+    x = torch.randn(3, 5, requires_grad=True)
+    with torch.enable_grad():
+        for _ in range(3):
+            gm(x, torch.zeros(())).sum().backward()
+    assert pool.recorded == 0 and x.grad is not None
+
+
+def test_options_and_reserve():
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        Config(cuda_graphs="yes")
+    on = Config(cuda_graphs=True)
+    assert reserve(Config(), 6 << 30) == 0  # off by default
+    assert reserve(on, 6 << 30) == 128 << 20
+    assert reserve(on, None) == 128 << 20
+    assert reserve(on, 512 << 20) == 0  # 1/16 is below what a recording stream needs: no graphs
+    assert reserve(Config(cuda_graphs=True, graph_memory="8MiB"), 512 << 20) == 8 << 20
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_static_cache_decode_replays_match_eager(tiny_hf):
+    """A tiny HF Llama with a static cache, split, its stretches recorded and replayed (emulated): the
+    tokens of three generates stay eager's, the decode graph has far fewer calls left on the launching
+    thread, and the Plan reserves the pool's memory."""
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 128, (1, 7))
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "cache_implementation": "static"}
+    ref = model.generate(ids, **kw)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = hetegen_fx.compile(
+        model,
+        gpu_memory=int(nbytes * 0.6) + (1 << 20),
+        device="cpu",
+        max_seq_len=64,
+        profile="model",
+        cuda_graphs=True,
+        graph_memory="1MiB",
+    )
+    for _ in range(3):
+        assert torch.equal(c.generate(ids, **kw), ref)
+    pool = c.hetegen_store.graph_pool
+    stats = pool.stats()
+    assert stats["recorded"] > 0 and stats["replays"] > 2 * stats["recorded"] and stats["failed"] == 0
+    plans = hetegen_fx.explain(c).plans
+    assert all(p.reserved["cuda_graphs"] == 1 << 20 for p in plans)
+    assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
+    from hetegen_fx.codegen import direct
+
+    decode = c.hetegen_store.graphs[-1].graph_module
+    fused = direct(decode, GraphPool(torch.device("cpu")))
+    assert _calls(fused) < _calls(decode) / 2
