@@ -8,6 +8,7 @@ then each round runs every variant in turn (the order rotating), and each decode
         --variant default='{}' --variant a45='{"alpha": 0.45}' --rounds 4 --new-tokens 24
     OUT=/tmp/out python scripts/ab_decode.py --preset tiny-llama --device cpu --gpu-memory 300KiB \\
         --variant a30='{"alpha": 0.3}' --variant a70='{"alpha": 0.7}' --prompt-len 12 --new-tokens 6
+A variant may give generate() arguments under "_generate", e.g. '{"_generate": {"cache_implementation": "static"}}'.
 
 Prints, per variant: the median decode step, its p10-p90, and the median over rounds of its round's median
 step divided by the first variant's in the same round (with the lowest and highest such ratio): a ratio
@@ -41,10 +42,11 @@ p.add_argument("--variant", action="append", default=[], help="NAME=JSON options
 args = p.parse_args()
 if len(args.variant) < 2:
     sys.exit("give at least two --variant NAME=JSON")
-variants = {}
+variants, generate_kw = {}, {}
 for v in args.variant:
     name, _, opts = v.partition("=")
     variants[name] = json.loads(opts or "{}")
+    generate_kw[name] = variants[name].pop("_generate", {})  # e.g. {"cache_implementation": "static"}
 OUT = os.environ.get("OUT", ".")
 T0 = time.perf_counter()
 
@@ -79,7 +81,7 @@ with torch.no_grad():
         }
         compiled[name] = hetegen_fx.compile(model, **options)
         tokens[name] = (
-            compiled[name].generate(ids, **kw)[0, args.prompt_len :].tolist()
+            compiled[name].generate(ids, **kw, **generate_kw[name])[0, args.prompt_len :].tolist()
         )  # warm-up: all graphs
         log(f"{name}: compiled and warmed up, options {opts}")
     steps = {name: [] for name in variants}  # per round: that round's steps
@@ -88,7 +90,9 @@ with torch.no_grad():
         for name in names[r % len(names) :] + names[: r % len(names)]:
             clock = StepClock()
             sync()
-            compiled[name].generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
+            compiled[name].generate(
+                ids, logits_processor=LogitsProcessorList([clock]), **kw, **generate_kw[name]
+            )
             sync()
             steps[name].append(clock.steps())
         log(
@@ -108,6 +112,7 @@ for name in names:
     off = [lp for lp in dec.layers if not lp.resident]
     res[name] = {
         "options": variants[name],
+        "generate": generate_kw[name],
         "median_step_ms": statistics.median(every) * 1e3,
         "p10_ms": q[0] * 1e3,
         "p90_ms": q[-1] * 1e3,
@@ -115,6 +120,7 @@ for name in names:
         "tokens_match_first": tokens[name] == tokens[base],
         "mean_alpha": statistics.fmean([lp.alpha for lp in off] or [0.0]),
         "resident_bytes": dec.resident_bytes,
+        "cuda_graphs": getattr(compiled[name].hetegen_store.graph_pool, "stats", dict)(),
         "steps_s": steps[name],
     }
 with open(os.path.join(OUT, "ab_decode.json"), "w") as f:

@@ -5,6 +5,9 @@ the 7B (6 GiB) and how long it then waits for the CPU parts (stamps around the g
 
 THREADS: worker thread counts, each compiled afresh in this order (0: the default); RESIDENT=1 adds the
 same graph with every weight resident (20 GiB budget), the launch floor of the generated code.
+VARIANTS='{"tag": {options...}, ...}' runs those instead of THREADS (6 GiB unless given); an option
+"_generate" holds generate() arguments, e.g. {"graphs": {"cuda_graphs": true, "_generate":
+{"cache_implementation": "static"}}}.
 """
 
 import json
@@ -20,7 +23,7 @@ from hetegen_fx.host import HostWorker
 from hetegen_fx.runtime import get_runtime
 
 watchdog(400)
-m, ids, kw = llama_7b()
+m, ids, base_kw = llama_7b()
 marks = []
 orig = HostWorker.wait_all
 
@@ -35,7 +38,8 @@ HostWorker.wait_all = wait_all
 res = {}
 
 
-def run(tag, **cfg):
+def run(tag, _generate=None, **cfg):
+    kw = {**base_kw, **(_generate or {})}
     torch._dynamo.reset()
     get_runtime(dev).free()
     torch.cuda.empty_cache()
@@ -71,6 +75,7 @@ def run(tag, **cfg):
         offloaded=dec.offloaded_bytes,
         pred_ms=dec.predicted_seconds * 1e3,
         nodes=n_nodes,
+        cuda_graphs=getattr(c.hetegen_store.graph_pool, "stats", dict)(),
     )
     log(
         tag,
@@ -83,7 +88,10 @@ def run(tag, **cfg):
     )
 
 
-for th in os.environ.get("THREADS", "0").split(","):
+if os.environ.get("VARIANTS"):
+    for tag, opts in json.loads(os.environ["VARIANTS"]).items():
+        run(tag, **{"gpu_memory": "6GiB", **opts})
+for th in [] if os.environ.get("VARIANTS") else os.environ.get("THREADS", "0").split(","):
     th = int(th)
     run(f"hetegen-6GiB-threads{th}", gpu_memory="6GiB", cpu_threads=th or None)
     host = get_runtime(dev).host
