@@ -17,11 +17,14 @@ What a replay needs, and how a Stretch provides it:
   its other arguments). A key is first run eagerly (warm-up: lazy kernel loading, cuBLAS handles); it is
   recorded at its second call. Decode steps with a static KV cache repeat their keys; a growing cache (HF's
   DynamicCache) never does, and its stretches run eagerly;
-* **the same input addresses**: an input is either *copied* into a buffer the graph owns (small
-  activations, at every replay), or read *in place*: inputs the stretch changes or returns a view of
-  (found at warm-up by version counters and storages), large ones (a KV cache, a staged weight part), and
-  outputs of other recorded stretches (their memory is the graph pool's for good). An in-place input at
-  another address at replay runs the stretch eagerly, and the key is recorded again at its next call;
+* **the same input addresses**: an input is either *copied* into a buffer the graph owns at every replay
+  (small activations; copied back out after the replay if the stretch changes it, found at warm-up by
+  version counters), or read *in place*: inputs an output is a view of, inputs that share memory with
+  another input, large ones (a KV cache, a staged weight part), expanded ones, and outputs of other
+  recorded stretches (their memory is the graph pool's for good). An in-place input at another address at
+  replay runs the stretch eagerly, and the key is recorded again at its next call (a graph keeps no
+  reference to it, so a KV cache the caller dropped is freed). Keys with an input on the host (a graph
+  would keep its value) or a tuple output run eagerly;
 * **outputs that live until the next replay**: a replay writes the same output buffers; outputs that leave
   the graph (its results, state parked on the device) are cloned;
 * **memory**: every stretch of a model records into one graph pool; recording stops once the pool has
@@ -44,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from . import meta, ops
-from .graph_utils import _is_view, writers_of
+from .graph_utils import _is_view
 from .runtime import park, to_device, write_back
 
 #: calls a stretch must hold to be recorded: a replay and its input copies cost about as much as 2-3 launches
@@ -55,9 +58,13 @@ COPY_BYTES = 1 << 20
 GRAPH_IO_BYTES = 2 << 20
 #: keys a stretch tracks; beyond them (shapes that never repeat) new keys just run eagerly
 MAX_KEYS = 16
-#: times one key may be recorded again after its in-place inputs moved
+#: times one key may be recorded again after its in-place inputs moved ...
 MAX_RECORDINGS = 8
+#: ... unless its graph replayed this many times since (a new KV cache per generate call moves them each call)
+STABLE_REPLAYS = 16
 
+#: the caching allocator's segment for small blocks: a recording that needs memory grows its pool by this much
+SEGMENT = 2 << 20
 #: the graphs' memory pool by default: 1/16 of the GPU budget, at most this
 DEFAULT_GRAPH_MEMORY = 128 << 20
 #: a default pool smaller than this records nothing: the recording stream's cuBLAS workspace alone takes
@@ -161,7 +168,6 @@ def fuse_stretches(gm: fx.GraphModule, pool: GraphPool | None, min_nodes: int = 
         members = set(run)
         body, inputs, outputs = _extract(run, members)
         escaping = tuple(_escapes(o, in_any) for o in outputs)
-        written = tuple(any(w not in members for w in writers_of(o)) for o in outputs)
         name = f"stretch_{i}"
         keep = _keep_all(body)
         stretch = Stretch(
@@ -169,7 +175,6 @@ def fuse_stretches(gm: fx.GraphModule, pool: GraphPool | None, min_nodes: int = 
             escaping,
             pool,
             fx.GraphModule(gm, keep, class_name="StretchRecording"),
-            written,
         )
         gm.add_submodule(name, stretch)
         with gm.graph.inserting_after(run[-1]):
@@ -278,10 +283,12 @@ class GraphPool:
             "pinned_inputs_moved": dict(sorted(self.moved.items(), key=lambda kv: -kv[1])[:8]),
         }
 
-    def record(self, body: fx.GraphModule, args: list) -> _Graph:
-        """Record ``body(*args)`` as a graph (its outputs are computed by its first replay)."""
+    def record(self, body: fx.GraphModule, own: list, live: tuple) -> _Graph:
+        """Record ``body`` as a graph on the graph's own inputs ``own``, where ``None`` stands for the input
+        read in place from ``live``, the call's arguments (its outputs are computed by its first replay)."""
         if not self.is_cuda:
-            return _EmulatedGraph(body, args)
+            return _EmulatedGraph(body, own)
+        args = [a if o is None else o for a, o in zip(live, own, strict=True)]
         if self._handle is None:
             self._start()
             if self.full:
@@ -302,9 +309,20 @@ class GraphPool:
             grown = max(0, torch.cuda.memory_reserved(self.device) - before)
             self.used += grown
             self._largest = max(self._largest, grown)
-        if self.limit is not None and self.used + self._largest > self.limit:
-            self.full = True  # another recording like the largest so far would not fit
-        return _Graph(graph.replay, tuple(out), (graph, kept))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        kept = [
+            t for t in kept if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+        ]
+        return _Graph(graph.replay, tuple(out), (graph, kept))  # views of inputs are not kept: they keep
+        # the inputs (a KV cache the caller dropped) alive
+
+    def room(self, nbytes: int) -> bool:
+        """Whether one more recording, holding ``nbytes`` of outputs and copied inputs, fits the budget (a
+        guess: the most a recording grew the pool by so far, or those bytes in whole 2 MiB segments)."""
+        if self.limit is not None and not self.full:
+            guess = max(self._largest, -(-nbytes // SEGMENT) * SEGMENT) if self.is_cuda else 0
+            self.full = self.used + guess > self.limit
+        return not self.full
 
     def _start(self) -> None:
         """Make the pool and the stream graphs are recorded on. cuBLAS gives each stream a workspace of its own
@@ -343,23 +361,28 @@ class _Graph:
     replay: object
     outputs: tuple
     keep: object = None  # the torch.cuda.CUDAGraph whose replay this is, and the tensors it writes
+    live: tuple | None = None  # during a replay: the call's arguments (an emulated graph's pinned inputs)
+    pinned: set = field(default_factory=set)  # storages of the inputs it reads in place
+    clone: tuple | None = None  # per output: hand out a copy (set at the first replay)
 
 
 class _EmulatedGraph(_Graph):
     """A recorded stretch on the emulated device: its own output buffers, filled at each replay by running
-    the stretch on its own input buffers (what a CUDA graph's replay does, without one)."""
+    the stretch on its own input buffers and the pinned inputs (what a CUDA graph's replay does, without
+    one). An output that is a view of an input stays one, as in a CUDA graph (of the current pinned input,
+    which is at the recorded address)."""
 
     def __init__(self, body: fx.GraphModule, args: list) -> None:
         super().__init__(self._replay, ())
-        self.body, self.args = body, args
+        self.body, self.args = body, list(args)
         self._first = True
 
     def _replay(self) -> None:
-        new = self.body(*self.args)[0]
+        args = [a if own is None else own for own, a in zip(self.args, self.live, strict=True)]
+        new = self.body(*args)[0]
         if self._first:  # a CUDA graph's outputs exist from its recording; these from the first replay
             self._first = False
-            inputs = {a.untyped_storage().data_ptr() for a in self.args if isinstance(a, torch.Tensor)}
-            # an output that is a view of an input stays one (as in a CUDA graph); the others get buffers
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
             self._views = [
                 isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in inputs for o in new
             ]
@@ -371,6 +394,20 @@ class _EmulatedGraph(_Graph):
         for mine, o, view in zip(self.outputs, new, self._views, strict=True):
             if isinstance(mine, torch.Tensor) and not view:
                 mine.copy_(o)
+        if any(self._views):
+            self.outputs = tuple(
+                o if view else mine for mine, o, view in zip(self.outputs, new, self._views, strict=True)
+            )
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an expanded tensor): a copy of it cannot keep its strides."""
+    need = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride < need:
+            return True
+        need = stride * size
+    return False
 
 
 class _NoRoom(Exception):
@@ -395,6 +432,7 @@ class _Key:
         "back",
         "pinned",
         "recordings",
+        "replays",
         "eager",
     )
 
@@ -407,14 +445,14 @@ class _Key:
         self.copied: list[int] = []  # indices of inputs copied in (COPY and COPY_BACK)
         self.back: list[int] = []  # indices of inputs copied back out (COPY_BACK)
         self.pinned: list[tuple[int, int]] = []  # (index, data pointer) of inputs read in place
-        self.recordings = 0
+        self.recordings = 0  # since the graph last replayed STABLE_REPLAYS times in a row
+        self.replays = 0  # since the last recording
         self.eager = ""
 
 
 class Stretch(torch.nn.Module):
     """A stretch of device work, recorded as a CUDA graph per input key and replayed (see the module
     docstring). ``escaping[i]``: output ``i`` leaves the graph, so a replay hands back a copy of it;
-    ``written[i]``: it is changed in place after the stretch, so an input it is a view of is read in place.
     ``recording`` is ``body`` returning every value it computes as well (see :func:`_keep_all`)."""
 
     def __init__(
@@ -423,11 +461,9 @@ class Stretch(torch.nn.Module):
         escaping: tuple[bool, ...],
         pool: GraphPool | None,
         recording: fx.GraphModule | None = None,
-        written: tuple[bool, ...] | None = None,
     ) -> None:
         super().__init__()
         self.body = body
-        self.written = written or (False,) * len(escaping)
         self.recording = recording
         self.escaping = escaping
         self.pool = pool
@@ -482,9 +518,12 @@ class Stretch(torch.nn.Module):
             own = state.args
             for i in state.copied:
                 own[i].copy_(args[i])
-            out = self._replay(graph)
+            out = self._replay(graph, args)
             for i in state.back:
                 args[i].copy_(own[i])
+            state.replays += 1
+            if state.replays == STABLE_REPLAYS:  # the pinned inputs stayed put: moves may start over
+                state.recordings = 0
             return out
         if pool.full or state.eager:
             return self.body(*args)
@@ -494,10 +533,10 @@ class Stretch(torch.nn.Module):
 
     def _warm(self, state: _Key, args: tuple) -> tuple:
         """Run eagerly, noting how a recording would get each input (:data:`COPY`, :data:`COPY_BACK`,
-        :data:`PIN`): in place if an output is a view of it, if it is large, or if it is another graph's
-        output (its address is then fixed); copied back out if the stretch changes it. An input that an output
-        is a view of is read in place only when that output is changed after the stretch: otherwise the view
-        of the graph's own buffer holds the same values."""
+        :data:`PIN`), or that it never can (``state.eager``). Read in place: an input an output is a view of
+        (the caller may change either later), inputs that share memory with another input, large ones,
+        ones that are not dense (an expanded tensor), and other graphs' outputs (their address is fixed).
+        Copied back out: inputs the stretch changes."""
         state.calls += 1
         tensors = [a if isinstance(a, torch.Tensor) else None for a in args]
         try:
@@ -505,25 +544,30 @@ class Stretch(torch.nn.Module):
         except RuntimeError:  # inference tensors keep no version: every input read in place
             versions = None
         out = self.body(*args)
-        inputs = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+        if any(isinstance(o, (tuple, list)) for o in out):
+            state.eager = "an output is a tuple"
+            return out
+        if self.pool.is_cuda and any(t is not None and t.device.type != "cuda" for t in tensors):
+            state.eager = "an input is on the host"  # a graph would keep the value it had when recorded
+            return out
+        storage = [None if t is None else t.untyped_storage().data_ptr() for t in tensors]
+        shared = {p for p in storage if p is not None and storage.count(p) > 1}
+        viewed = {o.untyped_storage().data_ptr() for o in out if isinstance(o, torch.Tensor)}
         state.out_bytes = sum(  # what the graph would hold: its outputs that are not views of inputs
             o.numel() * o.element_size()
             for o in out
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in storage
         )
-        storages = {
-            o.untyped_storage().data_ptr()
-            for o, w in zip(out, self.written, strict=True)
-            if w and isinstance(o, torch.Tensor)
-        }
         modes: list[int | None] = []
         for i, t in enumerate(tensors):
             if t is None:
                 modes.append(None)
             elif (
                 versions is None
-                or t.untyped_storage().data_ptr() in storages
+                or storage[i] in viewed
+                or storage[i] in shared
                 or t.numel() * t.element_size() > COPY_BYTES
+                or _overlapping(t)
                 or self.pool.is_static(t)
             ):
                 modes.append(PIN)
@@ -535,21 +579,24 @@ class Stretch(torch.nn.Module):
     def _record(self, state: _Key, args: tuple) -> tuple:
         pool = self.pool
         copied = [i for i, m in enumerate(state.modes) if m in (COPY, COPY_BACK)]
-        io = state.out_bytes + sum(args[i].numel() * args[i].element_size() for i in copied)
-        if io > GRAPH_IO_BYTES:
+        copied_bytes = sum(args[i].numel() * args[i].element_size() for i in copied)
+        if state.out_bytes + copied_bytes > GRAPH_IO_BYTES:
             state.eager = "inputs and outputs too large"
             return self.body(*args)
         if state.recordings >= MAX_RECORDINGS:
             state.eager = "pinned inputs kept moving"
             return self.body(*args)
-        own = list(args)
+        if not pool.room(state.out_bytes + copied_bytes):
+            return self.body(*args)
+        own: list = [None if m == PIN else a for a, m in zip(args, state.modes, strict=True)]
         for i in copied:
             a = args[i]
             own[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
             own[i].copy_(a)
+        pool.used += copied_bytes if pool.is_cuda else 0
         state.recordings += 1
         try:
-            graph = pool.record(self.recording or self.body, own)
+            graph = pool.record(self.recording or self.body, own, args)
         except _NoRoom:
             return self.body(*args)
         except Exception as e:  # noqa: BLE001  (an op a graph cannot hold: this stretch stays eager)
@@ -563,19 +610,28 @@ class Stretch(torch.nn.Module):
                 stacklevel=2,
             )
             return self.body(*args)
+        graph.pinned = {args[i].untyped_storage().data_ptr() for i, m in enumerate(state.modes) if m == PIN}
         state.graph, state.args, state.copied = graph, own, copied
         state.back = [i for i, m in enumerate(state.modes) if m == COPY_BACK]
         state.pinned = [(i, args[i].data_ptr()) for i, m in enumerate(state.modes) if m == PIN]
+        state.replays = 0
         pool.recorded += 1
-        out = self._replay(graph)
+        out = self._replay(graph, args)
         for i in state.back:
             args[i].copy_(own[i])
         pool.note_outputs(graph.outputs)
         return out
 
-    def _replay(self, graph: _Graph) -> tuple:
+    def _replay(self, graph: _Graph, args: tuple) -> tuple:
+        graph.live = args  # what an emulated graph runs on for its pinned inputs
         graph.replay()
+        graph.live = None
         self.pool.replays += 1
-        if not any(self.escaping):
+        if graph.clone is None:  # which outputs to copy: escaping ones that are not views of pinned inputs
+            graph.clone = tuple(
+                esc and isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in graph.pinned
+                for o, esc in zip(graph.outputs, self.escaping, strict=True)
+            )
+        if not any(graph.clone):
             return graph.outputs
-        return tuple(o.clone() if esc else o for o, esc in zip(graph.outputs, self.escaping, strict=True))
+        return tuple(o.clone() if c else o for o, c in zip(graph.outputs, graph.clone, strict=True))

@@ -101,9 +101,10 @@ def test_static_cache_parity():
 @needs_cuda
 def test_cuda_graphs_replay_the_static_cache_decode():
     """With a static cache the decode steps repeat their shapes: the stretches between hand-offs are
-    recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate (each
-    makes a new cache, so the stretches that read it are recorded again), and the graphs' pool stays
-    inside its reserve."""
+    recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate (this
+    model's cache is small enough to be copied into the graphs and back; tests/test_graphs.py reads a
+    cache in place and records again when a new generate moves it), and the graphs' pool stays inside its
+    reserve."""
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(6))
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.fx as fx
 
-import hetegen_fx
 from hetegen_fx import Config
 from hetegen_fx.errors import ConfigError
 from hetegen_fx.graphs import (
@@ -127,7 +126,7 @@ def _view_written_fn(x, state):
 def _outer(x, state):
     z, w = _view_written_fn(x, state)
     w.add_(z.sum().item())  # the host read ends the stretch: the add_ runs after it, on its output w
-    return z
+    return z, w
 
 
 @torch.no_grad()  # a stretch records nothing while autograd records
@@ -138,9 +137,106 @@ def test_an_input_whose_view_is_changed_later_is_read_in_place():
     state, ref_state = torch.zeros(6), torch.zeros(6)
     for _ in range(4):
         x = torch.randn(6)
-        torch.testing.assert_close(traced(x, state), _outer(x, ref_state))
+        (z, w), (ref_z, _) = traced(x, state), _outer(x, ref_state)
+        torch.testing.assert_close(z, ref_z)
         assert torch.equal(state, ref_state), "the add_ through the returned view must reach the input"
+        assert w.data_ptr() == state.data_ptr(), "an output that is a view of an input must stay one"
     assert pool.recorded == 1
+
+
+def _input_written_after(x, y):
+    v = x.view(-1)
+    a = y * 2
+    b = a + 1
+    return v, b.relu()
+
+
+def _outer_input(x, y):
+    v, c = _input_written_after(x, y)
+    x.add_(c.sum().item())  # changes the input after the stretch; v, a view of it, must see that
+    return v * 1
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_an_input_an_output_views_is_read_in_place():
+    traced = fx.symbolic_trace(_outer_input)
+    pool = GraphPool(torch.device("cpu"))
+    fuse_stretches(traced, pool, min_nodes=3)
+    for _ in range(4):
+        y = torch.randn(3)
+        torch.testing.assert_close(traced(torch.zeros(3), y), _outer_input(torch.zeros(3), y))
+    assert pool.recorded >= 1
+
+
+def _shared_fn(cache, row):
+    a = row.add_(1)
+    s = cache * 2
+    t = s + 1
+    return t.relu() + a.sum()
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_inputs_that_share_memory_are_read_in_place():
+    """``row`` is a view of ``cache``: the stretch changes the row and then reads the cache."""
+    gm, pool = _fused(_shared_fn)
+    for _ in range(4):
+        cache = torch.randn(4, 3)
+        ref = cache.clone()
+        torch.testing.assert_close(gm(cache, cache[0]), _shared_fn(ref, ref[0]))
+        assert torch.equal(cache, ref)
+    assert pool.recorded >= 1
+
+
+def _int_and_expanded_fn(x, m):
+    a = x * 2
+    b = a + m
+    c = b.relu()
+    return c, c.size(0)
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_int_outputs_and_expanded_inputs():
+    gm, pool = _fused(_int_and_expanded_fn)
+    m = torch.randn(1, 3).expand(2, 3)  # cannot be copied with its strides: read in place
+    for _ in range(4):
+        x = torch.randn(2, 3)
+        out = gm(x, m)
+        ref = _int_and_expanded_fn(x, m)
+        torch.testing.assert_close(out[0], ref[0])
+        assert out[1] == 2
+    assert pool.recorded == 1
+
+
+def _tuple_fn(x):
+    a = x * 2
+    b = a + 1
+    c = b.relu()
+    return c.chunk(2)
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_a_tuple_output_runs_eagerly():
+    gm, pool = _fused(_tuple_fn)
+    for _ in range(3):
+        x = torch.randn(4, 2)
+        for got, ref in zip(gm(x), _tuple_fn(x), strict=True):
+            torch.testing.assert_close(got, ref)
+    assert pool.recorded == 0 and pool.stats()["eager_keys"] == {"an output is a tuple": 1}
+
+
+@torch.no_grad()  # a stretch records nothing while autograd records
+def test_a_pinned_input_is_not_kept_alive():
+    import gc
+    import weakref
+
+    gm, _ = _fused(_big_fn)
+    big = torch.randn(COPY_BYTES // 4 + 1)
+    for _ in range(3):
+        gm(torch.randn(3), big)
+    ref = weakref.ref(big)
+    del big
+    gc.collect()
+    assert ref() is None, "a recorded graph keeps the caller's large input alive"
 
 
 def _host_read_fn(x):
@@ -183,10 +279,14 @@ def test_options_and_reserve():
 
 
 @torch.no_grad()  # a stretch records nothing while autograd records
-def test_static_cache_decode_replays_match_eager(tiny_hf):
+def test_static_cache_decode_replays_match_eager(tiny_hf, monkeypatch):
     """A tiny HF Llama with a static cache, split, its stretches recorded and replayed (emulated): the
     tokens of three generates stay eager's, the decode graph has far fewer calls left on the launching
-    thread, and the Plan reserves the pool's memory."""
+    thread, and the Plan reserves the pool's memory. Its KV cache (1.6 KiB a layer) is read in place, as a
+    real model's is: each generate makes a new one, and the stretches that read it are recorded again."""
+    import hetegen_fx.graphs
+
+    monkeypatch.setattr(hetegen_fx.graphs, "COPY_BYTES", 1024)
     model = tiny_hf("llama")
     ids = torch.randint(3, 128, (1, 7))
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "cache_implementation": "static"}
@@ -206,6 +306,7 @@ def test_static_cache_decode_replays_match_eager(tiny_hf):
     pool = c.hetegen_store.graph_pool
     stats = pool.stats()
     assert stats["recorded"] > 0 and stats["replays"] > 2 * stats["recorded"] and stats["failed"] == 0
+    assert any("keys" in name for name in stats["pinned_inputs_moved"]), stats
     plans = hetegen_fx.explain(c).plans
     assert all(p.reserved["cuda_graphs"] == 1 << 20 for p in plans)
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
