@@ -89,8 +89,9 @@ class Config:
         model stays traceable and the state is never copied.
     cuda_graphs: record the stretches of device work between hand-offs as CUDA graphs and replay them, one
         launch each (:mod:`hetegen_fx.graphs`); they replay where shapes repeat, e.g. decode steps with HF's
-        static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host a
-        7B decode step was no faster with them (docs/benchmarks.md, eighth session).
+        static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host
+        they halved a fully resident 7B decode step and left a 6 GiB split one as it was
+        (docs/benchmarks.md, eighth session).
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).

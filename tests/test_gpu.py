@@ -99,12 +99,14 @@ def test_static_cache_parity():
 
 
 @needs_cuda
-def test_cuda_graphs_replay_the_static_cache_decode():
+def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     """With a static cache the decode steps repeat their shapes: the stretches between hand-offs are
-    recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate (this
-    model's cache is small enough to be copied into the graphs and back; tests/test_graphs.py reads a
-    cache in place and records again when a new generate moves it), and the graphs' pool stays inside its
-    reserve."""
+    recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate, and
+    the graphs' pool stays inside its reserve. The KV cache (88 KiB a layer) is read in place, as a large
+    model's is (graphs are recorded again where a generate makes a new one)."""
+    import hetegen_fx.graphs
+
+    monkeypatch.setattr(hetegen_fx.graphs, "COPY_BYTES", 16 << 10)
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(6))
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
@@ -130,6 +132,30 @@ def test_cuda_graphs_replay_the_static_cache_decode():
     assert any(0 < lp.split < lp.out_features for lp in hetegen_fx.explain(c).plans[-1].layers)
     for out in outs:
         assert out.tolist() == ref.tolist()
+
+
+def _pinned_stretch(x, big):
+    y = big * 2
+    y = y + x.sum()
+    y = y.relu()
+    return y - 1
+
+
+@needs_cuda
+@torch.no_grad()
+def test_the_only_graph_of_a_pool_is_recorded_again():
+    """One stretch, one graph in its pool, read in place from a large input that then moves: recording it
+    again must work (a pool whose last graph is freed is gone) and replays stay equal to eager."""
+    from hetegen_fx.graphs import COPY_BYTES, GraphPool, fuse_stretches
+
+    gm = torch.fx.symbolic_trace(_pinned_stretch)
+    pool = GraphPool(torch.device("cuda"), 256 << 20)  # a 1 MiB output takes a 20 MiB segment
+    fuse_stretches(gm, pool)
+    x = torch.randn(3, device="cuda")
+    for big in [torch.randn(COPY_BYTES // 4 + 1, device="cuda") for _ in range(3)]:
+        for _ in range(3):
+            torch.testing.assert_close(gm(x, big), _pinned_stretch(x, big))
+    assert pool.failed == 0 and pool.recorded == 3 and pool.replays >= 5, pool.stats()
 
 
 @needs_cuda
