@@ -31,6 +31,9 @@ from .costs import _threads
 from .host import default_threads
 
 VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
+#: variants run only when asked for: "graphs" is hetegen with CUDA graphs (``cuda_graphs=True``) and a static
+#: KV cache (``generate(..., cache_implementation="static")``), so that its decode shapes repeat
+EXTRA_VARIANTS = ("graphs",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,7 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--accelerate-tokens", type=int, default=8, help="Accelerate is ~1 tok/s: fewer tokens for it"
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {VARIANTS + EXTRA_VARIANTS} (default: all but {EXTRA_VARIANTS})",
+    )
+    p.add_argument(
+        "--graph-memory", default=None, help="the graphs variant's pool (graph_memory; default: the option's)"
+    )
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     p.add_argument("--cpu-threads", type=int, default=None)
     p.add_argument(
@@ -206,7 +216,7 @@ class StepClock:
 
 
 def _time_generate(
-    model, ids: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 2
+    model, ids: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 2, **generate_kw
 ) -> tuple[float, float, list[int], list[float]]:
     """(prefill seconds, decode seconds per token, tokens, every decode step's seconds) with a warm model.
 
@@ -215,7 +225,7 @@ def _time_generate(
     """
     from transformers import LogitsProcessorList
 
-    kw = {"do_sample": False, "pad_token_id": 0}
+    kw = {"do_sample": False, "pad_token_id": 0, **generate_kw}
     result = {}
     clock = StepClock()
 
@@ -271,7 +281,8 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         )
         runner = dispatch_model(model, device_map=dmap, main_device=device)
     else:
-        alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None}[name]
+        alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None, "graphs": None}[name]
+        graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name == "graphs" else {}
         runner = hetegen_fx.compile(
             model,
             gpu_memory=args.gpu_memory,
@@ -279,14 +290,16 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             alpha=alpha,
             max_seq_len=args.prompt_len + args.new_tokens + 8,
             cpu_threads=args.cpu_threads,
+            **graphs,
         )
     result["setup_s"] = time.perf_counter() - t0
     result["host_rss_after_setup_bytes"] = _rss()
+    generate_kw = {"cache_implementation": "static"} if name == "graphs" else {}
     with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
-        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **generate_kw)
     result["first_call_s"] = time.perf_counter() - t0
     _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
-    prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps)
+    prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps, **generate_kw)
     result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
     if steps:
         q = statistics.quantiles(steps, n=10, method="inclusive") if len(steps) > 1 else [steps[0]] * 9
@@ -320,6 +333,9 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         ]
         host = get_runtime(device).host
         result["cpu_worker"] = {"threads": host.threads, "stream_wait": host.stream_wait}
+        pool = runner.hetegen_store.graph_pool
+        if pool is not None:
+            result["cuda_graphs"] = pool.stats()
     if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
         from hetegen_fx.trace import record
 
@@ -354,9 +370,9 @@ def main(args: argparse.Namespace) -> int:
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
     if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS + EXTRA_VARIANTS}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -373,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
     _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
 
     results = []
-    order = [v for v in VARIANTS if v in variants]
+    order = [v for v in VARIANTS + EXTRA_VARIANTS if v in variants]
     if "gpu" in order and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if model_bytes > free * 0.9:

@@ -25,7 +25,9 @@ def test_bench_smoke_on_cpu(tmp_path):
             "--new-tokens",
             "4",
             "--variants",
-            "stream,cpu,hetegen,gpu",
+            "stream,cpu,hetegen,gpu,graphs",
+            "--graph-memory",
+            "16KiB",
             "--out",
             str(tmp_path),
         ]
@@ -33,12 +35,14 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert rc == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     by = {r["variant"]: r for r in report["results"]}
-    assert set(by) == {"stream", "cpu", "hetegen", "gpu"}
+    assert set(by) == {"stream", "cpu", "hetegen", "gpu", "graphs"}
     assert all(r["tokens_match_reference"] for r in by.values())
     assert by["stream"]["mean_alpha"] == 0.0 and by["cpu"]["mean_alpha"] == 1.0
     assert 0.0 < by["hetegen"]["mean_alpha"] < 1.0
     assert {"cpu_gemv_float16", "cpu_gemv_bfloat16", "cpu_gemv_float32"} <= set(report["ceilings"])
     assert by["hetegen"]["trace"]["copy_busy_s"] > 0
+    graphs = by["graphs"]["cuda_graphs"]  # emulated graphs: the static-cache decode steps replay them
+    assert graphs["recorded"] > 0 and graphs["replays"] > graphs["recorded"] and graphs["failed"] == 0
     for r in by.values():  # two timed generates of 4 tokens: 3 decode steps each, as the caller saw them
         steps = r["decode_step_s"]
         assert len(steps["all"]) == 6 and all(t > 0 for t in steps["all"])
