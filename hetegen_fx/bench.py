@@ -31,8 +31,8 @@ from .costs import _threads
 from .host import default_threads
 
 VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
-#: variants run only when asked for: "graphs" is hetegen with CUDA graphs (``cuda_graphs=True``) and a static
-#: KV cache (``generate(..., cache_implementation="static")``), so that its decode shapes repeat
+#: variants run only when asked for: "graphs" is hetegen with CUDA graphs (``cuda_graphs=True``) and one
+#: static KV cache of its own for every generate, so that its decode steps repeat their shapes and addresses
 EXTRA_VARIANTS = ("graphs",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -216,23 +216,26 @@ class StepClock:
 
 
 def _time_generate(
-    model, ids: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 2, **generate_kw
+    model, ids: torch.Tensor, new_tokens: int, device: torch.device, reps: int = 2, cache=None
 ) -> tuple[float, float, list[int], list[float]]:
     """(prefill seconds, decode seconds per token, tokens, every decode step's seconds) with a warm model.
 
     The decode time is the median over ``reps`` generates of ``new_tokens`` (the lent hosts drift by tens of
-    percent within a minute); the steps are those of every rep, so their spread shows that drift.
+    percent within a minute); the steps are those of every rep, so their spread shows that drift. With a
+    ``cache`` (an HF StaticCache), every generate starts from it, reset.
     """
     from transformers import LogitsProcessorList
 
-    kw = {"do_sample": False, "pad_token_id": 0, **generate_kw}
+    kw = {"do_sample": False, "pad_token_id": 0}
     result = {}
     clock = StepClock()
 
     def timed(n: int, processors=None) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        result["out"] = model.generate(ids, max_new_tokens=n, logits_processor=processors, **kw)
+        result["out"] = model.generate(
+            ids, max_new_tokens=n, logits_processor=processors, **kw, **_cache_kw(cache)
+        )
         _sync(device)
         return time.perf_counter() - t0
 
@@ -247,6 +250,14 @@ def _time_generate(
     out = result["out"]
     decode = max(statistics.median(totals) - prefill, 1e-9) / max(new_tokens - 1, 1)
     return prefill, decode, out[0, ids.shape[1] :].tolist(), steps
+
+
+def _cache_kw(cache) -> dict:
+    """generate() arguments that start from ``cache`` (an HF StaticCache, reset), or none."""
+    if cache is None:
+        return {}
+    cache.reset()
+    return {"past_key_values": cache}
 
 
 def _build(args):
@@ -294,12 +305,16 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         )
     result["setup_s"] = time.perf_counter() - t0
     result["host_rss_after_setup_bytes"] = _rss()
-    generate_kw = {"cache_implementation": "static"} if name == "graphs" else {}
+    cache = None
+    if name == "graphs":  # one cache for every generate: HF would make a new one (new addresses) per call
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens + 8)
     with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
-        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **generate_kw)
+        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **_cache_kw(cache))
     result["first_call_s"] = time.perf_counter() - t0
     _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
-    prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps, **generate_kw)
+    prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps, cache)
     result.update(prefill_s=prefill, decode_s_per_token=decode, decode_tok_s=1.0 / decode, tokens=tokens)
     if steps:
         q = statistics.quantiles(steps, n=10, method="inclusive") if len(steps) > 1 else [steps[0]] * 9
