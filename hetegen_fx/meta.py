@@ -26,3 +26,5 @@ PARAM = "hetegen_param"
 PLAN = "hetegen_plan"
 #: rows (batch × sequence) a Linear multiplies at the graph's example shape, written by ProfilePass
 TOKENS = "hetegen_tokens"
+#: the :class:`hetegen_fx.costs.HardwareModel` ProfilePass used; PlacementPass takes the job overhead from it
+HARDWARE = "hetegen_hardware"

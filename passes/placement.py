@@ -123,8 +123,10 @@ class PlacementPass(PassBase):
         self.store = store
         self.given = plan
         self.label = label
+        self._hardware = None  # the graph's hardware model (meta.HARDWARE), read at each call
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        self._hardware = gm.meta.get(meta.HARDWARE)
         nodes = [n for n in gm.graph.nodes if meta.LINEAR in n.meta]
         sites: list[LinearSite] = [n.meta[meta.LINEAR] for n in nodes]
         plan = self._from_given(sites) if self.given is not None else self._place(gm, sites)
@@ -203,8 +205,12 @@ class PlacementPass(PassBase):
 
     @property
     def job_overhead(self) -> float:
+        """H: ``Config.job_overhead``, else that of the hardware model ProfilePass used (``meta.HARDWARE``),
+        else the device kind's."""
         given = self.config.job_overhead
-        return default_model(torch.device(self.config.device)).job_overhead if given is None else float(given)
+        if given is not None:
+            return float(given)
+        return (self._hardware or default_model(torch.device(self.config.device))).job_overhead
 
     def _alphas(self, sites: list[LinearSite], costs: dict[str, LinearCost]) -> dict[str, float]:
         """α of each Linear: the forced one, else its CPU job's, from ``costs``. A job is every Linear that

@@ -76,6 +76,7 @@ class ProfilePass(PassBase):
             self.config.profile == "measure" or (self.config.profile == "auto" and device.type == "cuda")
         )
         model = self.hardware or default_model(device)
+        gm.meta[meta.HARDWARE] = model
         threads, worker = None, None
         if device.type == "cuda":  # timed on the CPU worker, as it will run: every core but the launching one
             from hetegen_fx.host import default_threads

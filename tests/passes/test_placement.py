@@ -378,3 +378,23 @@ def test_a_profiled_alpha_below_the_floor_streams_the_job():
     assert [(lp.resident, lp.alpha, lp.split) for lp in plan.layers] == [(False, 0.0, 0)] * 2
     _, plan, _ = _place(gm, _config(gpu_memory=20_000, alpha=0.02))
     assert [lp.alpha for lp in plan.layers] == [0.02] * 2
+
+
+def test_the_job_overhead_comes_from_the_profiles_hardware_model():
+    """Without ``Config.job_overhead``, H is the job overhead of the hardware model ProfilePass used: a
+    second per job outweighs every GEMV, so every offloaded Linear is streamed; the device's default
+    (0 on "cpu") splits them."""
+    from hetegen_fx.costs import HardwareModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    plans = {}
+    for h in (0.0, 1.0):
+        hw = HardwareModel(
+            cpu_bw=50e9, cpu_flops=1e12, h2d_bw=50e9, gpu_bw=1e12, gpu_flops=1e14, job_overhead=h
+        )
+        gm = capture_fx(model)
+        ProfilePass(Config(device="cpu", profile="model"), hardware=hw)(gm)
+        assert gm.meta[meta.HARDWARE] is hw
+        _, plans[h], _ = _place(gm, _config(gpu_memory=20_000))
+    assert all(not lp.resident and lp.alpha > 0 for lp in plans[0.0].layers), plans[0.0].table()
+    assert [(lp.resident, lp.alpha) for lp in plans[1.0].layers] == [(False, 0.0)] * 2
