@@ -28,6 +28,7 @@ comes out below :data:`MIN_ALPHA` is streamed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 import torch
@@ -193,6 +194,7 @@ class PlacementPass(PassBase):
                 lp.alpha, lp.split = 0.0, 0
         reserved = dict(store.reserved)
         reserved["staging"] = self._staging(layers)
+        self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
         return Plan(
             device=cfg.device,
@@ -252,6 +254,30 @@ class PlacementPass(PassBase):
         """The staging arena for ``prefetch`` consecutive GPU parts, in graph order (PartitionPass lays the
         parts out in the order it emits them, a CPU job's Linears together: the same order in practice)."""
         return staging_size([lp.gpu_part_bytes for lp in layers], self.config.prefetch)
+
+    def _check_later_graph(
+        self, layers: list[LayerPlan], reserved: dict[str, int], budget: int | None
+    ) -> None:
+        """Residency is chosen with the model's first graph and its staging arena. A later graph whose GPU
+        parts are larger (a prefill placed after the decode graph, its α floored to 0) needs a larger arena,
+        which the runtime grows beyond the budget: say so, and what to change. (A warning, not an error: the
+        graph is compiled in the middle of the caller's generate, and the overshoot is one arena's growth.)"""
+        if budget is None:
+            return
+        resident = sum(lp.bytes for lp in layers if lp.resident)
+        total = sum(reserved.values()) + resident
+        if total > budget:
+            warnings.warn(
+                f"hetegen: the graph {self.label + ' ' if self.label else ''}"
+                f"({max((lp.tokens for lp in layers), default=0)} tokens) needs a "
+                f"staging arena of {format_bytes(reserved['staging'])} for its GPU parts; with the weights the "
+                f"model's first graph made resident ({format_bytes(resident)}) and the reserves, that is "
+                f"{format_bytes(total)}, over gpu_memory {format_bytes(budget)}. Raise gpu_memory by "
+                f"{format_bytes(total - budget)}, set prefetch=1 (an arena of one GPU part), or run the "
+                "longest input first (HF's generate does: its prefill is compiled before the decode step)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _choose_residency(
         self,

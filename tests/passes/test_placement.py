@@ -197,9 +197,11 @@ def test_residency_is_decided_once_per_store(mlp):
     model = mlp(bias=False)
     store = WeightStore(torch.device("cpu"))
     _, first, _ = _place(_profiled(model, PER_BYTE), _config(gpu_memory=18000, alpha=0.5), store)
-    # a second graph of the same model (another shape) with another α reuses the residency
+    # a second graph of the same model (another shape) with another α reuses the residency (its larger GPU
+    # parts need a larger staging arena than the budget leaves: a warning, see the test below)
     gm2 = _profiled(model, example_inputs=[torch.randn(9, 32)])
-    _, second, _ = _place(gm2, _config(gpu_memory=18000, alpha=0.25), store)
+    with pytest.warns(RuntimeWarning, match="staging arena"):
+        _, second, _ = _place(gm2, _config(gpu_memory=18000, alpha=0.25), store)
     assert _resident(second) == _resident(first) == {"a.weight", "c.weight"}
     assert second.layer("b.weight").split == 12 and second.tokens == 9
 
@@ -398,3 +400,21 @@ def test_the_job_overhead_comes_from_the_profiles_hardware_model():
         _, plans[h], _ = _place(gm, _config(gpu_memory=20_000))
     assert all(not lp.resident and lp.alpha > 0 for lp in plans[0.0].layers), plans[0.0].table()
     assert [(lp.resident, lp.alpha) for lp in plans[1.0].layers] == [(False, 0.0)] * 2
+
+
+def test_a_later_graph_whose_staging_does_not_fit_is_reported(mlp):
+    """Residency is chosen with the first graph. A later graph of the same model whose GPU parts are larger
+    (here α 0 against 0.5: whole weights streamed) needs a larger staging arena; where that goes over the
+    budget a warning says by how much and what to change; a later graph like the first raises none."""
+    import warnings
+
+    store = WeightStore(torch.device("cpu"))
+    model = mlp(bias=False)
+    _, first, _ = _place(_profiled(model), _config(gpu_memory=17500, alpha=0.5), store)
+    assert any(not lp.resident for lp in first.layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, again, _ = _place(_profiled(model), _config(gpu_memory=17500, alpha=0.5), store)
+    assert again.reserved["staging"] == first.reserved["staging"]
+    with pytest.warns(RuntimeWarning, match=r"staging arena .* over gpu_memory .* Raise gpu_memory by"):
+        _place(_profiled(model), _config(gpu_memory=17500, alpha=0.0), store)
