@@ -432,7 +432,7 @@ class _Key:
     """One key's state: seen once (warm), recorded, or eager for good (``eager`` says why)."""
 
     __slots__ = (
-        "calls",
+        "warm",
         "modes",
         "out_bytes",
         "graph",
@@ -446,11 +446,11 @@ class _Key:
     )
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.warm = False  # run eagerly once with the current inputs' addresses: record at the next call
         self.modes: list[int | None] = []  # per input: COPY, COPY_BACK, PIN, or None (not a tensor)
         self.out_bytes = 0
         self.graph: _Graph | None = None
-        self.args: list = []  # the graph's inputs: its own buffers, and the pinned tensors
+        self.args: list = []  # the graph's inputs: its own buffers (None where an input is pinned)
         self.copied: list[int] = []  # indices of inputs copied in (COPY and COPY_BACK)
         self.back: list[int] = []  # indices of inputs copied back out (COPY_BACK)
         self.pinned: list[tuple[int, int]] = []  # (index, data pointer) of inputs read in place
@@ -520,7 +520,7 @@ class Stretch(torch.nn.Module):
             for i, ptr in state.pinned:
                 if args[i].data_ptr() != ptr:  # an in-place input moved: eager now, recorded again next time
                     pool.retire(graph)
-                    state.graph, state.calls = None, 0
+                    state.graph, state.warm = None, False
                     moved = pool.moved
                     name = self.inputs[i]
                     moved[name] = moved.get(name, 0) + 1
@@ -537,7 +537,7 @@ class Stretch(torch.nn.Module):
             return out
         if pool.full or state.eager:
             return self.body(*args)
-        if state.calls == 0:
+        if not state.warm:
             return self._warm(state, args)
         return self._record(state, args)
 
@@ -547,7 +547,7 @@ class Stretch(torch.nn.Module):
         (the caller may change either later), inputs that share memory with another input, large ones,
         ones that are not dense (an expanded tensor), and other graphs' outputs (their address is fixed).
         Copied back out: inputs the stretch changes."""
-        state.calls += 1
+        state.warm = True
         tensors = [a if isinstance(a, torch.Tensor) else None for a in args]
         try:
             versions = [None if t is None else t._version for t in tensors]

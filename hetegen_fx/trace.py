@@ -253,5 +253,4 @@ def traced(gm: fx.GraphModule, device: str, pool: GraphPool | None = None) -> Ca
         return out
 
     call.graph_module = gm  # type: ignore[attr-defined]
-    call.fast = fast  # type: ignore[attr-defined]
     return call
