@@ -78,6 +78,8 @@ _CAPACITY = 1024
 _FIELDS = 6
 #: polls of an empty ring before the server leaves (tens of ms; the worker then sleeps in Python)
 _IDLE_SPINS = 100_000
+#: rows of job stamps kept while a timeline is recorded (:attr:`HostWorker.log`)
+_STAMPS = 4096
 #: counters shared with the server: [0] ring head (written by the launching thread), [1] ring tail (next
 #: descriptor to run; written by the server), [2] generation of the tables a server runs with (0 while
 #: none runs), [3] generation of the latest server entered (never cleared)
@@ -113,6 +115,28 @@ class _StreamMemOps:
         return cls._ops
 
 
+#: (device index, raw stream) → its torch Stream: the current stream is looked up a few hundred times a
+#: decode step, and ``torch.cuda.current_stream(device)`` costs ~20 µs of the launching thread's time each
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def raw_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as a ``cudaStream_t`` (one C call)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is None:  # not in this torch build: the public, slower way
+        return torch.cuda.current_stream(device).cuda_stream
+    return get(device.index)
+
+
+def current_stream(device: torch.device) -> torch.cuda.Stream:
+    """``torch.cuda.current_stream(device)`` for a resolved CUDA ``device``, without its per-call cost."""
+    key = (device.index, raw_stream(device))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = torch.cuda.current_stream(device)
+    return stream
+
+
 def _reached(word: ctypes.c_uint32, seq: int) -> bool:
     """``word ≥ seq`` for 32-bit counters that may wrap around (as the driver's GEQ compares)."""
     return ((word.value - seq) & 0xFFFFFFFF) < 0x80000000
@@ -131,6 +155,19 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 _cpu_linear = _torch_linear
 
 
+def _no_clock() -> int:
+    return 0
+
+
+def _kernel_clock() -> int:
+    return torch.ops.hetegen_cpu.now()
+
+
+#: the clock the job server stamps jobs with (monotonic nanoseconds): :func:`_kernel_clock` where the kernel
+#: is built (bound as :data:`_cpu_linear` is); without it the worker times jobs from Python instead
+_now = _no_clock
+
+
 @torch.jit.ignore
 def _pause() -> None:
     """Give the GIL away for a moment (only the Python run of :func:`_job_server` calls this)."""
@@ -144,6 +181,7 @@ def _job_server(
     desc: torch.Tensor,
     counters: torch.Tensor,
     words: torch.Tensor,
+    stamps: torch.Tensor,
     sites_w: list[list[torch.Tensor]],
     sites_b: list[list[torch.Tensor | None]],
     xbufs: list[torch.Tensor],
@@ -153,6 +191,7 @@ def _job_server(
     idle_spins: int,
     max_jobs: int,
     python: bool,
+    stamp: bool,
 ) -> int:
     """Run the jobs posted to the ring ``desc`` in order, from ``counters[TAIL]`` on (see the module
     docstring; ``counters`` as :data:`_HEAD` and following say). For each job: if ``wait_ready``, spin until
@@ -161,7 +200,9 @@ def _job_server(
     server leaves if ``g`` is above its ``generation`` (newer tables exist) and skips it otherwise.
     Returns 0 after ``idle_spins`` polls of an empty ring, 1 at a stop, 2 after ``max_jobs`` jobs (0: no
     limit). Scripted by :func:`_scripted_server`, it runs without the GIL; ``python`` pauses in its
-    polls so that the same function can run in Python."""
+    polls so that the same function can run in Python. With ``stamp``, job ``seq`` writes ``[seq, start,
+    end]`` (:data:`_now` nanoseconds, from "ready" seen to its output written) into row ``seq % len(stamps)``
+    of ``stamps`` before its "done"."""
     cap = desc.size(0)
     tail = int(counters[1].item())
     counters[3].fill_(generation)
@@ -193,6 +234,7 @@ def _job_server(
             while ((int(words[0].item()) - seq) & 0xFFFFFFFF) >= 0x80000000:
                 if python:
                     _pause()
+        start = _now() if stamp else 0
         ws = sites_w[int(d[1].item())]
         bs = sites_b[int(d[1].item())]
         rows = int(d[4].item())
@@ -207,6 +249,11 @@ def _job_server(
             n = ws[i].size(0)
             out.narrow(1, off, n).copy_(_cpu_linear(x, ws[i], bs[i]))
             off += n
+        if stamp:
+            row = stamps[seq % stamps.size(0)]
+            row[1].fill_(start)
+            row[2].fill_(_now())
+            row[0].fill_(seq)  # last: a row whose number matches is whole
         words[1].fill_(seq - 0x100000000 if seq >= 0x80000000 else seq)  # int32 storage of the uint32
         tail += 1
         counters[1].fill_(tail)
@@ -224,11 +271,12 @@ def _scripted_server():
     """:func:`_job_server` compiled by TorchScript (GIL-free), or None (unavailable, or
     ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same function in Python. Either way its Linears
     are :mod:`hetegen_fx.kernels`' where that builds (the first call may take tens of seconds)."""
-    global _cpu_linear
+    global _cpu_linear, _now
     with _SCRIPT_LOCK:
         if not _SCRIPTED:
             if kernels.load():
                 _cpu_linear = _kernel_linear
+                _now = _kernel_clock
             fn = None
             if os.environ.get("HETEGEN_SCRIPTED_JOBS", "1") != "0":
                 try:
@@ -308,17 +356,37 @@ class HostWorker:
         self._done_word: ctypes.c_uint32 | None = None
         self._memops: tuple | None = None
         self._log: list | None = None
+        #: [job number, start, end] of each job run while a log is kept, in row ``number % _STAMPS``
+        self._stamps = torch.zeros(_STAMPS, 3, dtype=torch.int64)
+        self._stamp_mem = (ctypes.c_int64 * (_STAMPS * 3)).from_address(self._stamps.data_ptr())
+        self._stamped = 0  # the last job number whose stamps are in the log
 
     @property
     def log(self) -> list | None:
-        """When a list, the worker appends (job number, start, end) in ``time.perf_counter`` seconds for
-        each job (it then runs jobs from Python; see the module docstring)."""
+        """When a list, it holds (job number, start, end) in ``time.perf_counter`` seconds for each job run
+        since: "ready" seen to the output written. The job server stamps the jobs itself where the CPU kernel
+        (and its clock) is built; without it the worker runs the jobs from Python to time them (see the
+        module docstring). Read it after :meth:`drain`; it keeps the last :data:`_STAMPS` jobs at most."""
+        if self._log is not None:
+            self._collect_stamps()
         return self._log
 
     @log.setter
     def log(self, value: list | None) -> None:
         self._log = value
+        self._stamped = self._seq
         self._generation += 1  # the server must be re-entered in (or out of) the recording mode
+
+    def _collect_stamps(self) -> None:
+        """Move the stamps of the jobs run since the last look into the log, in order."""
+        mem = self._stamp_mem
+        first = max(self._stamped + 1, self._seq - _STAMPS + 1)
+        for seq in range(first, self._seq + 1):
+            row = (seq % _STAMPS) * 3
+            if mem[row] != seq:  # not run yet, or timed from Python (it appended itself)
+                break
+            self._log.append((seq, mem[row + 1] * 1e-9, mem[row + 2] * 1e-9))
+            self._stamped = seq
 
     # -- the launching thread ------------------------------------------------------------------------------
 
@@ -347,17 +415,16 @@ class HostWorker:
         self._seq += 1
         seq = self._seq
         if self.is_cuda:
-            stream = torch.cuda.current_stream(self.device)
             xh.copy_(x, non_blocking=True)
             if self._memops is not None:
                 rc = self._memops[1](
-                    ctypes.c_void_p(stream.cuda_stream), self._ready_addr, seq & 0xFFFFFFFF, 0
+                    ctypes.c_void_p(raw_stream(self.device)), self._ready_addr, seq & 0xFFFFFFFF, 0
                 )
                 if rc != 0:
                     raise RuntimeError(f"hetegen: cuStreamWriteValue32 failed (CUDA error {rc})")
             else:  # no device-side wait: x must be on the host before the job is posted
                 ready = torch.cuda.Event()
-                ready.record(stream)
+                ready.record(torch.cuda.current_stream(self.device))
                 ready.synchronize()
         else:
             xh.copy_(x)
@@ -373,9 +440,8 @@ class HostWorker:
             raise RuntimeError(f"hetegen: CPU job {seq} was never started or was already collected")
         self._drop_orphans(seq)
         if self.is_cuda and self._memops is not None:
-            stream = torch.cuda.current_stream(self.device)
             rc = self._memops[0](
-                ctypes.c_void_p(stream.cuda_stream), self._done_addr, seq & 0xFFFFFFFF, _WAIT_GEQ
+                ctypes.c_void_p(raw_stream(self.device)), self._done_addr, seq & 0xFFFFFFFF, _WAIT_GEQ
             )
             if rc != 0:
                 raise RuntimeError(f"hetegen: cuStreamWaitValue32 failed (CUDA error {rc})")
@@ -601,17 +667,26 @@ class HostWorker:
             [b.x for b in self._buffers],
             [b.y for b in self._buffers],
         )
-        args = (self._desc, self._counters, self._words, *tables, gen, self._ready_word is not None)
+        args = (
+            self._desc,
+            self._counters,
+            self._words,
+            self._stamps,
+            *tables,
+            gen,
+            self._ready_word is not None,
+        )
         log = self._log
+        stamp = log is not None and _now is _kernel_clock  # the server times the jobs itself
         while True:
             try:
                 with torch.no_grad():
-                    if log is not None:
+                    if log is not None and not stamp:
                         reason = self._run_timed(args, log)
                     elif server is not None:
-                        reason = server(*args, _IDLE_SPINS, 0, False)
+                        reason = server(*args, _IDLE_SPINS, 0, False, stamp)
                     else:
-                        reason = _job_server(*args, _IDLE_SPINS // 50, 0, True)  # ~60 µs a poll
+                        reason = _job_server(*args, _IDLE_SPINS // 50, 0, True, stamp)  # ~60 µs a poll
             except BaseException as e:  # noqa: BLE001  (reported on the launching thread)
                 self._fail_current(e)
                 continue
@@ -622,7 +697,7 @@ class HostWorker:
         """:func:`_job_server` from Python, one job at a time, each timed into ``log`` (the wait for
         "ready" is not part of its time); returns as the server does."""
         mem = self._counter_mem
-        gen = args[7]
+        gen = args[8]
         mem[_ENTERED] = mem[_SERVING] = gen
         spins = 0
         while True:
@@ -650,7 +725,7 @@ class HostWorker:
                 while not _reached(self._ready_word, seq):
                     time.sleep(0)
             t0 = time.perf_counter()
-            _job_server(*args, 1, 1, True)
+            _job_server(*args, 1, 1, True, False)
             log.append((seq, t0, time.perf_counter()))
 
     def _fail_current(self, err: BaseException) -> None:

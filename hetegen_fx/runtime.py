@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .host import HostWorker
+from .host import HostWorker, current_stream
 
 #: granularity, in bytes, at which the staging arena tracks which GPU part last read its memory
 PAGE = 1 << 20
@@ -108,8 +108,12 @@ class DeviceRuntime:
         if self.copy_log is not None:
             marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             marks[0].record(stream)
-        with torch.cuda.stream(stream):
+        current = current_stream(self.device)
+        torch.cuda.set_stream(stream)  # what torch.cuda.stream(stream) does, without its lookups
+        try:
             dst.copy_(src, non_blocking=True)
+        finally:
+            torch.cuda.set_stream(current)
         if self.copy_log is not None:
             marks[1].record(stream)
             self.copy_log.append(marks)
@@ -122,7 +126,7 @@ class DeviceRuntime:
     def wait(self, offset: int) -> None:
         """Make the current stream wait until the copy into the region at ``offset`` has landed."""
         if self.is_cuda and offset in self._copied:
-            torch.cuda.current_stream(self.device).wait_event(self._copied[offset])
+            current_stream(self.device).wait_event(self._copied[offset])
 
     def release(self, offset: int, nbytes: int) -> None:
         """Mark the ``nbytes`` at ``offset`` free once the work queued so far on the current stream is done."""
@@ -130,7 +134,7 @@ class DeviceRuntime:
             ev = self._released.get(offset)
             if ev is None:
                 ev = self._released[offset] = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(current_stream(self.device))
             # A page may still point at an event re-recorded since for another region: a copy into it then
             # waits for a later point of the same stream, issued before the copy (late, never wrong).
             first, last = offset // PAGE, -(-(offset + nbytes) // PAGE)

@@ -61,10 +61,14 @@ for tag in ("warm-up", "measured"):
         rec["on"] = True
         runtime = get_runtime(dev)
         runtime.copy_log = []  # a pair of CUDA events around every weight copy
+        runtime.host.log = []  # the job server's own stamps: "ready" seen to output written, per job
         c.generate(ids, max_new_tokens=4, **kw)
         torch.cuda.synchronize()
+        runtime.host.drain()
         rec["on"] = False
         copies, runtime.copy_log = runtime.copy_log, None
+        stamps = {seq: (a, b) for seq, a, b in runtime.host.log}
+        runtime.host.log = None
         t = time.perf_counter()
         c.generate(ids, max_new_tokens=1, **kw)
         torch.cuda.synchronize()
@@ -81,6 +85,13 @@ for tag in ("warm-up", "measured"):
     lat = [j[1].elapsed_time(j[2]) for j in step]
     gaps = [step[i - 1][2].elapsed_time(step[i][1]) for i in range(1, n)]
     gbps = [j[3] / (t * 1e-3) / 1e9 for j, t in zip(step, lat, strict=True)]
+    # the worker's side of the same jobs: its compute time, and its idle time before each (waiting for "ready")
+    work = [(stamps[j[0]][1] - stamps[j[0]][0]) * 1e3 if j[0] in stamps else float("nan") for j in step]
+    idle = [
+        (stamps[b[0]][0] - stamps[a[0]][1]) * 1e3 if a[0] in stamps and b[0] in stamps else float("nan")
+        for a, b in zip(step, step[1:], strict=False)
+    ]
+    work_gbps = [j[3] / (t * 1e-3) / 1e9 for j, t in zip(step, work, strict=True)]
     dec = min(hetegen_fx.explain(c).plans, key=lambda p: p.tokens)
     pred = sum(lp.t_cpu_part for lp in dec.layers) * 1e3
     # the copy lane in the same (last) step: its copies are the plan's GPU parts of offloaded layers
@@ -106,6 +117,10 @@ for tag in ("warm-up", "measured"):
         predicted_copy_ms=copy_pred,
         jobs_span_ms=step_span,
         copy_ms=[a.elapsed_time(b) for a, b in last],
+        worker_ms=work,
+        worker_idle_ms=idle,
+        worker_gb_s=work_gbps,
+        job_bytes=[j[3] for j in step],
     )
     log(
         f"{tag}: {ms:.1f} ms/token; {n} jobs a step, job latencies {sum(lat):.1f} ms (plan: {pred:.1f} ms of "
@@ -115,6 +130,13 @@ for tag in ("warm-up", "measured"):
         f" copy lane: {len(last)} copies busy {busy:.1f} ms (plan: {copy_pred:.1f} ms) over a span of {span:.1f} "
         f"ms; the jobs span {step_span:.1f} ms"
     )
+    log(
+        f" worker: computing {sum(work):.1f} ms (median {statistics.median(work_gbps):.1f} GB/s), idle between "
+        f"jobs {sum(idle):.1f} ms; latency beyond the worker's time {sum(lat) - sum(work):.1f} ms"
+    )
+    log(" per job (MiB, device latency ms, worker ms, worker idle before ms):")
+    for k, j in enumerate(step):
+        log(f"  {j[3] / 2**20:6.1f} {lat[k]:6.2f} {work[k]:6.2f} {idle[k - 1] if k else 0:6.2f}")
     log(" host posted vs device ready (ms, every 8th job):", posted)
     del c
 with open(f"{OUT}/diag_jobs.json", "w") as f:

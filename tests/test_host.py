@@ -52,6 +52,34 @@ def test_jobs_run_in_order_on_the_worker_thread():
         host.end(seqs[0], (1, 13), torch.float32)
 
 
+def test_a_log_times_each_job_in_order(job_loop):
+    """While a log is kept, each job gets (number, start, end) in perf_counter seconds: stamped by the job
+    server itself where the CPU kernel's clock is built, else timed from Python."""
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    x, ws, bs, ref = _job(gen)
+    host.end(host.begin(x, ws, bs), (3, 13), torch.float32)  # before the log: not in it
+    host.log = []
+    t0 = time.perf_counter()
+    seqs = [host.begin(x, ws, bs) for _ in range(5)]
+    for seq in seqs:
+        torch.testing.assert_close(host.end(seq, (3, 13), torch.float32), ref)
+    host.drain()
+    t1 = time.perf_counter()
+    log = host.log
+    assert [entry[0] for entry in log] == seqs
+    for _, start, end in log:
+        assert t0 <= start <= end <= t1
+    assert all(a[2] <= b[1] for a, b in zip(log, log[1:], strict=False))  # one job at a time
+    assert host.log == log  # read again: nothing twice
+    host.log = None
+    seq = host.begin(x, ws, bs)
+    host.end(seq, (3, 13), torch.float32)
+    host.log = []
+    host.drain()
+    assert host.log == []  # jobs run while no log was kept are not in the next one
+
+
 def test_a_failing_job_raises_at_its_end_and_not_later():
     host = HostWorker(torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
@@ -138,13 +166,17 @@ def test_the_scripted_server_waits_for_the_ready_word_without_the_gil(job_loop):
     try:
         t = threading.Thread(target=device)
         t.start()
-        reason = server(desc, counters, words, [ws], [bs], [x.flatten()], [out], 5, True, 10, 1, False)
+        stamps = torch.zeros(8, 3, dtype=torch.int64)
+        reason = server(
+            desc, counters, words, stamps, [ws], [bs], [x.flatten()], [out], 5, True, 10, 1, False, True
+        )
         returned = time.perf_counter()
         t.join()
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert reason == 2 and returned > flipped[0] and int(words[1]) == 7  # ran after "ready", wrote "done"
     assert counters.tolist() == [1, 1, 5, 5]  # read one descriptor; entered and serving with its tables
+    assert stamps[7].tolist()[0] == 7 and flipped[0] * 1e9 <= stamps[7, 1] <= stamps[7, 2] <= returned * 1e9
     torch.testing.assert_close(out[:39].view(3, 13), ref)
     assert progress[0] > 1000  # the other thread ran while the server waited: the GIL was free
 

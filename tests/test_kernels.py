@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -86,6 +87,16 @@ def test_the_job_server_and_the_profiler_run_it():
     host._scripted_server()
     assert host._cpu_linear is host._kernel_linear
     assert kernels.cpu_linear() is torch.ops.hetegen_cpu.linear
+
+
+def test_its_clock_is_the_one_perf_counter_reads():
+    """The job server stamps jobs with ``hetegen_cpu::now``; timelines put them beside perf_counter times."""
+    before = time.perf_counter_ns()
+    now = torch.ops.hetegen_cpu.now()
+    after = time.perf_counter_ns()
+    assert before <= now <= after
+    host._scripted_server()
+    assert host._now is host._kernel_clock
 
 
 def test_it_can_be_switched_off():
