@@ -30,15 +30,15 @@ class CompiledModule(torch.nn.Module):
         store: WeightStore,
         frontend: str,
         pool: GraphPool | None = None,
+        cudnn_attention: bool = False,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
         self.frontend = frontend
         self._store = store
-        self._call = traced(
-            graph_module, store.device.type if store.device.index is None else str(store.device), pool
-        )
+        device = store.device.type if store.device.index is None else str(store.device)
+        self._call = traced(graph_module, device, pool, cudnn_attention)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -95,7 +95,7 @@ def compile(  # noqa: A001  (mirrors torch.compile)
             None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
         )
         out, plan = transform(gm, config, store, inputs, label=f"{type(model).__name__} ({fe})")
-        return CompiledModule(out, plan, store, fe, pool_for(store, config, plan))
+        return CompiledModule(out, plan, store, fe, pool_for(store, config, plan), config.cudnn_attention)
     raise CaptureError(
         "could not capture the model: "
         + "; ".join(str(e) for e in errors)

@@ -79,7 +79,7 @@ def _compile_graph(
         if config.verbose:
             print(plan.table(), file=sys.stderr)
         # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
-        return traced(out, config.device, pool_for(store, config, plan))
+        return traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:

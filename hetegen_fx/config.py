@@ -92,6 +92,12 @@ class Config:
         static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host
         they halved a fully resident 7B decode step and left a 6 GiB split one as it was
         (docs/benchmarks.md, eighth session).
+    cudnn_attention: let ``scaled_dot_product_attention`` pick its cuDNN backend inside the compiled graphs.
+        Off by default: cuDNN builds an execution plan for every new shape, and a decode step with a growing
+        KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
+        took 36-57 ms of the launching thread's time per new length, against 0.1 ms for the flash kernel
+        torch picks without it (docs/benchmarks.md, ninth session). The graphs switch it off while they run
+        and restore the caller's setting after.
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
@@ -112,6 +118,7 @@ class Config:
     plan: Any = None
     output_device: str = "input"
     cuda_graphs: bool = False
+    cudnn_attention: bool = False
     graph_memory: int | None = None
     cache_dir: str | None = None
     verbose: bool = False
@@ -121,8 +128,9 @@ class Config:
         self.gpu_memory = parse_bytes(self.gpu_memory)
         self.activation_reserve = parse_bytes(self.activation_reserve)
         self.graph_memory = parse_bytes(self.graph_memory)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        for flag in ("cuda_graphs", "cudnn_attention"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))

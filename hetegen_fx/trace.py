@@ -237,20 +237,42 @@ def record() -> Iterator[list[Timeline]]:
         _RECORDING.remove(timelines)
 
 
-def traced(gm: fx.GraphModule, device: str, pool: GraphPool | None = None) -> Callable:
+def traced(
+    gm: fx.GraphModule, device: str, pool: GraphPool | None = None, cudnn_attention: bool = False
+) -> Callable:
     """``gm`` as a callable that records a Timeline when inside :func:`record` (node by node, no CUDA
     graphs); otherwise it runs :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the
-    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given)."""
+    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given). On CUDA, a graph
+    with attention runs with cuDNN's attention backend off unless ``cudnn_attention`` (see
+    :attr:`hetegen_fx.Config.cudnn_attention`)."""
     from .codegen import direct
 
     fast = direct(gm, pool)
+    no_cudnn = not cudnn_attention and torch.device(device).type == "cuda" and has_attention(gm)
 
-    def call(*args: Any) -> Any:
+    def run(*args: Any) -> Any:
         if not _RECORDING:
             return fast(*args)
         out, timeline = TimelineInterpreter(gm, device).run_timed(*args)
         _RECORDING[-1].append(timeline)
         return out
 
+    def call(*args: Any) -> Any:
+        if not no_cudnn or not torch.backends.cuda.cudnn_sdp_enabled():
+            return run(*args)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            return run(*args)
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+
     call.graph_module = gm  # type: ignore[attr-defined]
     return call
+
+
+def has_attention(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls ``scaled_dot_product_attention`` (as dynamo, fx or export capture it)."""
+    return any(
+        n.op == "call_function" and "scaled_dot_product" in getattr(n.target, "__name__", str(n.target))
+        for n in gm.graph.nodes
+    )

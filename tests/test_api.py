@@ -217,6 +217,7 @@ def test_unknown_options_list_the_known_ones():
         ({"gpu_memory": "lots"}, "cannot read 'lots'"),
         ({"gpu_memory": -1}, "must not be negative"),
         ({"batch_size": 0}, "batch_size"),
+        ({"cudnn_attention": "yes"}, "cudnn_attention must be True or False"),
     ],
 )
 def test_bad_option_values(kw, match):

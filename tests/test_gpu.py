@@ -77,6 +77,42 @@ def test_generate_parity_and_budget():
     assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])
 
 
+def _kernels(fn) -> list[str]:
+    """Names of the CUDA kernels ``fn()`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@needs_cuda
+@torch.no_grad()
+def test_decode_attention_runs_without_cudnn_and_the_setting_is_restored():
+    """cuDNN's attention builds a plan per new shape, i.e. per token with HF's growing cache: the compiled
+    graphs run attention on another backend and leave the caller's setting as it was (token parity is the
+    other tests'; here fp16, where torch picks cuDNN)."""
+    model = _small_llama(torch.float16)
+    ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        gpu = model.cuda()
+        eager = _kernels(lambda: gpu.generate(ids.cuda(), **kw))
+        model.cpu()
+        torch.cuda.empty_cache()
+        c = hetegen_fx.compile(model, gpu_memory=int(_bytes(model) * 0.6), device="cuda", max_seq_len=64)
+        c.generate(ids, **kw)  # compile the prefill and decode graphs
+        ours = _kernels(lambda: c.generate(ids, **kw))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    attention = [k for k in ours if "flash" in k.lower() or "fmha" in k.lower() or "attention" in k.lower()]
+    assert attention, sorted(set(ours))[:40]
+    assert not [k for k in ours if "cudnn" in k.lower()], sorted({k for k in ours if "cudnn" in k.lower()})
+    print("eager attention kernels:", sorted({k[:60] for k in eager if "cudnn" in k.lower() or "flash" in k}))
+
+
 @needs_cuda
 def test_static_cache_parity():
     """HF's StaticCache changes its tensors in place (``index_copy_`` into the cache, ``add_`` to its length

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import hetegen_fx
@@ -77,3 +78,57 @@ def test_hf_generate_records_prefill_and_decode_steps():
     assert out.tolist() == ref.tolist()
     assert len(timelines) == 3  # prefill + two decode steps
     assert any(e.lane == "PCIe" for e in timelines[-1].events)
+
+
+_SEEN: list[bool] = []
+
+
+@torch.fx.wrap
+def _cudnn_flag(x: torch.Tensor) -> torch.Tensor:
+    _SEEN.append(torch.backends.cuda.cudnn_sdp_enabled())
+    return x
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(_cudnn_flag(q), k, v)
+
+
+def test_graphs_with_attention_run_on_cuda_without_cudnn_attention_and_restore_the_setting():
+    """cuDNN's attention builds a plan per new shape (tens of ms per decode token with a growing cache): a
+    graph with attention runs with it off on CUDA, unless asked for, and leaves the caller's setting as it
+    was. (The graph's ops run on the CPU here; only the setting is checked.)"""
+    gm = torch.fx.symbolic_trace(_Attention())
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert trace.has_attention(gm)
+    assert not trace.has_attention(torch.fx.symbolic_trace(torch.nn.Linear(4, 4)))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for user, cudnn_attention, device, during in [
+            (True, False, "cuda", False),  # switched off while the graph runs
+            (True, True, "cuda", True),  # asked for
+            (True, False, "cpu", True),  # not a CUDA graph: left alone
+            (False, False, "cuda", False),  # already off: stays off
+        ]:
+            torch.backends.cuda.enable_cudnn_sdp(user)
+            _SEEN.clear()
+            out = trace.traced(gm, device, cudnn_attention=cudnn_attention)(q, k, v)
+            torch.testing.assert_close(out, ref)
+            assert _SEEN == [during]
+            assert torch.backends.cuda.cudnn_sdp_enabled() is user  # restored
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_a_failing_graph_call_restores_the_attention_setting():
+    gm = torch.fx.symbolic_trace(_Attention())
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        bad = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 7), torch.randn(1, 2, 3, 8)  # head dims differ
+        with pytest.raises(RuntimeError):
+            trace.traced(gm, "cuda")(*bad)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
