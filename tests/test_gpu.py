@@ -199,9 +199,15 @@ def test_trace_shows_copies_overlapping_cpu_parts(tmp_path):
     from hetegen_fx import trace
 
     torch.manual_seed(0)
-    m = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]).half()
-    x = torch.randn(1, 2048, dtype=torch.float16)
-    c = hetegen_fx.compile(m, (x,), gpu_memory="20MiB", device="cuda", alpha=0.5, activation_reserve=0)
+    # parts large enough that a copy (24 MiB, ~0.45 ms) outlasts the launches between it and the next CPU
+    # job, and one part staged at a time: each copy then waits for the previous GPU part, so it flies while
+    # the CPU computes its share of the next layer (with the whole run prefetched at once, the copies of a
+    # small model land before the first CPU job starts and nothing overlaps)
+    m = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(6)]).half()
+    x = torch.randn(1, 4096, dtype=torch.float16)
+    c = hetegen_fx.compile(
+        m, (x,), gpu_memory="48MiB", device="cuda", alpha=0.25, activation_reserve=0, prefetch=1
+    )
     assert sum(not lp.resident for lp in c.plan.layers) >= 4
     c(x)  # warm-up
     with trace.record() as timelines:
