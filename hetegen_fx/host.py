@@ -37,7 +37,8 @@ scripted per batch of queued jobs, against the same loop in Python: 108.5 agains
 TorchScript is deprecated in favour of ``torch.compile``, which offers no GIL-free interpreter for such a
 loop; where scripting fails (or with ``HETEGEN_SCRIPTED_JOBS=0``) the same function runs in Python, which
 needs the GIL between its steps: correct, slower, and open to the deadlock above. While a timeline is
-recorded (:attr:`HostWorker.log`) the worker times each job from Python, with the same exposure.
+recorded (:attr:`HostWorker.log`) the server stamps each job with the CPU kernel's clock
+(``hetegen_cpu::now``); without the kernel the worker times each job from Python, with the same exposure.
 
 Where the driver offers no stream memory operations (or ``HETEGEN_STREAM_WAIT=0``), ``cpu_begin`` waits on
 the launching thread (GIL released) until ``x`` is on the host, and ``cpu_end`` until the job is done:

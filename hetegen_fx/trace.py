@@ -8,7 +8,7 @@
 
 While recording, each call of a compiled graph runs node by node under :class:`TimelineInterpreter`:
 GPU work is timed with CUDA events on the compute stream, copies with CUDA events on the copy stream (the
-runtime records them), CPU jobs with host timestamps on the worker thread that runs them, and the launching
+runtime records them), CPU jobs with the worker's own stamps (:attr:`hetegen_fx.host.HostWorker.log`), and the launching
 thread's own work ("host": queueing jobs, moves, waits) with host timestamps; everything is placed on one clock
 (a CUDA event recorded on an idle device at the same instant as the host's start time). Recording
 synchronises the device once per call and adds per-node overhead: use it to look, not to time.
