@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .errors import HetegenError
+from .errors import ConfigError, HetegenError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,6 +33,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import hetegen_fx
     from hetegen_fx.models import chat_prompt, load
 
+    if args.graph_memory is not None and not args.cuda_graphs:  # before the model loads
+        raise ConfigError("--graph-memory sizes the CUDA graphs' memory pool: add --cuda-graphs")
     model, tok = load(args.model, dtype=DTYPES[args.dtype], progress=True)
     if tok is None:
         raise HetegenError(f"{args.model!r} has no tokenizer: generate needs a checkpoint with one")
@@ -43,6 +45,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["alpha"] = args.alpha
     if args.job_overhead is not None:
         options["job_overhead"] = args.job_overhead
+    if args.cuda_graphs:
+        options["cuda_graphs"] = True
+        if args.graph_memory is not None:
+            options["graph_memory"] = args.graph_memory
+    if args.cudnn_attention:
+        options["cudnn_attention"] = True
     compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
     ids = chat_prompt(tok, args.prompt)
     _log(
@@ -50,6 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     streamer = None if args.quiet else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
+    # CUDA graphs replay where shapes repeat: a static KV cache keeps the decode step's shapes
+    cache = {"cache_implementation": "static"} if args.cuda_graphs else {}
     with torch.no_grad():
         out = compiled.generate(
             ids,
@@ -57,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             do_sample=False,
             streamer=streamer,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **cache,
         )
     dt = time.perf_counter() - t0
     text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -64,6 +75,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text)
     n = out.shape[1] - ids.shape[1]
     _log(f"{n} tokens in {dt:.2f} s (first call includes compiling)")
+    pool = compiled.hetegen_store.graph_pool
+    if args.cuda_graphs and pool is not None:
+        st = pool.stats()
+        _log(f"CUDA graphs: {st['recorded']} recorded, {st['replays']} replays, {st['keys']} stretch shapes")
     if args.show_plan:
         print(hetegen_fx.explain(compiled), file=sys.stderr)
     if args.save_plan:
@@ -160,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="seconds a CPU job costs beyond its GEMVs, for the profiled α (default: the device's, 1.5e-4 on CUDA)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the stretches of device work between hand-offs as CUDA graphs (generates with a static KV cache)",
+    )
+    g.add_argument(
+        "--graph-memory", default=None, help="the CUDA graphs' memory pool, e.g. 256MiB (with --cuda-graphs)"
+    )
+    g.add_argument(
+        "--cudnn-attention",
+        action="store_true",
+        help="let attention use cuDNN (off by default: it plans every new KV length anew, tens of ms a token)",
     )
     g.add_argument("--plan", default=None, help="compile from a saved plan JSON (skips profiling)")
     g.add_argument("--save-plan", default=None, help="write the decode graph's plan as JSON")
