@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .config import parse_bytes
 from .errors import ConfigError, HetegenError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,8 +34,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import hetegen_fx
     from hetegen_fx.models import chat_prompt, load
 
-    if args.graph_memory is not None and not args.cuda_graphs:  # before the model loads
-        raise ConfigError("--graph-memory sizes the CUDA graphs' memory pool: add --cuda-graphs")
+    if args.graph_memory is not None:  # before the model loads
+        if not args.cuda_graphs:
+            raise ConfigError("--graph-memory sizes the CUDA graphs' memory pool: add --cuda-graphs")
+        parse_bytes(args.graph_memory)  # a clear error now for a value it cannot read
     model, tok = load(args.model, dtype=DTYPES[args.dtype], progress=True)
     if tok is None:
         raise HetegenError(f"{args.model!r} has no tokenizer: generate needs a checkpoint with one")
@@ -76,7 +79,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = out.shape[1] - ids.shape[1]
     _log(f"{n} tokens in {dt:.2f} s (first call includes compiling)")
     pool = compiled.hetegen_store.graph_pool
-    if args.cuda_graphs and pool is not None:
+    if args.cuda_graphs and pool is None:
+        _log(
+            "CUDA graphs: none (no memory pool was reserved: the budget is too small, or --graph-memory is 0)"
+        )
+    elif args.cuda_graphs:
         st = pool.stats()
         _log(f"CUDA graphs: {st['recorded']} recorded, {st['replays']} replays, {st['keys']} stretch shapes")
     if args.show_plan:

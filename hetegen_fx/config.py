@@ -97,7 +97,9 @@ class Config:
         KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
         took 36-57 ms of the launching thread's time per new length, against 0.1 ms for the flash kernel
         torch picks without it (docs/benchmarks.md, ninth session). The graphs switch it off while they run
-        and restore the caller's setting after.
+        and restore the caller's setting after. The setting is torch's, for the whole process: another
+        thread's attention running meanwhile sees it off too, and two threads running compiled graphs at
+        once may leave it on for part of one's call (a matter of speed only).
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).

@@ -121,20 +121,26 @@ class _StreamMemOps:
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def raw_stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` as a ``cudaStream_t`` (one C call)."""
+    """The current CUDA stream of ``device`` (``"cuda"`` alone: the current device) as a ``cudaStream_t``,
+    in one C call."""
     get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if get is None:  # not in this torch build: the public, slower way
         return torch.cuda.current_stream(device).cuda_stream
-    return get(device.index)
+    return get(_index(device))
 
 
 def current_stream(device: torch.device) -> torch.cuda.Stream:
-    """``torch.cuda.current_stream(device)`` for a resolved CUDA ``device``, without its per-call cost."""
-    key = (device.index, raw_stream(device))
+    """``torch.cuda.current_stream(device)`` without its per-call cost."""
+    index = _index(device)
+    key = (index, raw_stream(torch.device("cuda", index)))
     stream = _STREAMS.get(key)
     if stream is None:
-        stream = _STREAMS[key] = torch.cuda.current_stream(device)
+        stream = _STREAMS[key] = torch.cuda.current_stream(index)
     return stream
 
 
@@ -374,6 +380,8 @@ class HostWorker:
 
     @log.setter
     def log(self, value: list | None) -> None:
+        if self._log is not None:
+            self._collect_stamps()  # the jobs run so far belong to the list being replaced
         self._log = value
         self._stamped = self._seq
         self._generation += 1  # the server must be re-entered in (or out of) the recording mode
@@ -384,7 +392,12 @@ class HostWorker:
         first = max(self._stamped + 1, self._seq - _STAMPS + 1)
         for seq in range(first, self._seq + 1):
             row = (seq % _STAMPS) * 3
-            if mem[row] != seq:  # not run yet, or timed from Python (it appended itself)
+            if mem[row] != seq:
+                # timed from Python (it appended itself) or failed (marked done without stamps): past it;
+                # not run yet: stop here
+                if self._done_word is not None and _reached(self._done_word, seq):
+                    self._stamped = seq
+                    continue
                 break
             self._log.append((seq, mem[row + 1] * 1e-9, mem[row + 2] * 1e-9))
             self._stamped = seq

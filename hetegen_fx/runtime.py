@@ -108,12 +108,16 @@ class DeviceRuntime:
         if self.copy_log is not None:
             marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             marks[0].record(stream)
-        current = current_stream(self.device)
-        torch.cuda.set_stream(stream)  # what torch.cuda.stream(stream) does, without its lookups
-        try:
-            dst.copy_(src, non_blocking=True)
-        finally:
-            torch.cuda.set_stream(current)
+        if torch.cuda.current_device() == self.device.index:
+            current = current_stream(self.device)
+            torch.cuda.set_stream(stream)  # torch.cuda.stream(stream) without its lookups
+            try:
+                dst.copy_(src, non_blocking=True)
+            finally:
+                torch.cuda.set_stream(current)
+        else:  # set_stream would also switch the current device: the context manager switches it back
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
         if self.copy_log is not None:
             marks[1].record(stream)
             self.copy_log.append(marks)

@@ -242,13 +242,14 @@ def traced(
 ) -> Callable:
     """``gm`` as a callable that records a Timeline when inside :func:`record` (node by node, no CUDA
     graphs); otherwise it runs :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the
-    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given). On CUDA, a graph
-    with attention runs with cuDNN's attention backend off unless ``cudnn_attention`` (see
-    :attr:`hetegen_fx.Config.cudnn_attention`)."""
+    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given). On CUDA it runs
+    with cuDNN's attention backend off unless ``cudnn_attention`` (see :attr:`hetegen_fx.Config.cudnn_attention`;
+    every call, whether or not the graph shows attention: one may hide in a nested graph or a leaf module,
+    and the switch costs two calls that set a flag)."""
     from .codegen import direct
 
     fast = direct(gm, pool)
-    no_cudnn = not cudnn_attention and torch.device(device).type == "cuda" and has_attention(gm)
+    no_cudnn = not cudnn_attention and torch.device(device).type == "cuda"
 
     def run(*args: Any) -> Any:
         if not _RECORDING:
@@ -268,11 +269,3 @@ def traced(
 
     call.graph_module = gm  # type: ignore[attr-defined]
     return call
-
-
-def has_attention(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` calls ``scaled_dot_product_attention`` (as dynamo, fx or export capture it)."""
-    return any(
-        n.op == "call_function" and "scaled_dot_product" in getattr(n.target, "__name__", str(n.target))
-        for n in gm.graph.nodes
-    )

@@ -37,3 +37,8 @@ def test_graph_memory_without_cuda_graphs_is_refused_before_loading(capsys, monk
     monkeypatch.setattr(hetegen_fx.models, "load", no_load)
     assert main(["generate", "--device", "cpu", "--prompt", "hi", "--graph-memory", "64MiB"]) == 2
     assert "add --cuda-graphs" in capsys.readouterr().err
+    assert (
+        main(["generate", "--device", "cpu", "--prompt", "hi", "--cuda-graphs", "--graph-memory", "lots"])
+        == 2
+    )
+    assert "cannot read 'lots'" in capsys.readouterr().err

@@ -107,10 +107,11 @@ def test_decode_attention_runs_without_cudnn_and_the_setting_is_restored():
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+    if not any("cudnn" in k.lower() for k in eager):
+        pytest.skip("torch does not pick cuDNN's attention for this model here: nothing to switch off")
     attention = [k for k in ours if "flash" in k.lower() or "fmha" in k.lower() or "attention" in k.lower()]
     assert attention, sorted(set(ours))[:40]
     assert not [k for k in ours if "cudnn" in k.lower()], sorted({k for k in ours if "cudnn" in k.lower()})
-    print("eager attention kernels:", sorted({k[:60] for k in eager if "cudnn" in k.lower() or "flash" in k}))
 
 
 @needs_cuda

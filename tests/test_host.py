@@ -71,6 +71,8 @@ def test_a_log_times_each_job_in_order(job_loop):
     for _, start, end in log:
         assert t0 <= start <= end <= t1
     assert all(a[2] <= b[1] for a, b in zip(log, log[1:], strict=False))  # one job at a time
+    if host_mod._now is host_mod._kernel_clock:  # the server stamped them (not the Python-timed path)
+        assert host._stamps[seqs[-1] % host_mod._STAMPS, 0] == seqs[-1]
     assert host.log == log  # read again: nothing twice
     host.log = None
     seq = host.begin(x, ws, bs)
@@ -78,6 +80,29 @@ def test_a_log_times_each_job_in_order(job_loop):
     host.log = []
     host.drain()
     assert host.log == []  # jobs run while no log was kept are not in the next one
+
+
+def test_the_log_goes_on_past_a_failed_job_and_keeps_what_ran_before_it_was_replaced(job_loop):
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(8)
+    x, ws, bs, _ = _job(gen)
+    first = []
+    host.log = first
+    a = host.begin(x, ws, bs)
+    bad = host.begin(torch.randn(3, 31), ws, bs)  # fails on the worker: done, without stamps
+    b = host.begin(x, ws, bs)
+    host.end(a, (3, 13), torch.float32)
+    with pytest.raises(RuntimeError, match="CPU part failed"):
+        host.end(bad, (3, 13), torch.float32)
+    host.end(b, (3, 13), torch.float32)
+    host.drain()
+    assert [e[0] for e in host.log] == [a, b]
+    c = host.begin(x, ws, bs)
+    host.end(c, (3, 13), torch.float32)
+    host.drain()
+    host.log = []  # replaced without being read: what ran went into the old list
+    assert [e[0] for e in first] == [a, b, c]
+    host.log = None
 
 
 def test_a_failing_job_raises_at_its_end_and_not_later():
@@ -176,7 +201,10 @@ def test_the_scripted_server_waits_for_the_ready_word_without_the_gil(job_loop):
         faulthandler.cancel_dump_traceback_later()
     assert reason == 2 and returned > flipped[0] and int(words[1]) == 7  # ran after "ready", wrote "done"
     assert counters.tolist() == [1, 1, 5, 5]  # read one descriptor; entered and serving with its tables
-    assert stamps[7].tolist()[0] == 7 and flipped[0] * 1e9 <= stamps[7, 1] <= stamps[7, 2] <= returned * 1e9
+    if host_mod._now is host_mod._kernel_clock:  # stamped with the CPU kernel's clock
+        assert stamps[7, 0] == 7 and flipped[0] * 1e9 <= stamps[7, 1] <= stamps[7, 2] <= returned * 1e9
+    else:  # no kernel, no clock: the row holds zeros for the times
+        assert stamps[7].tolist() == [7, 0, 0]
     torch.testing.assert_close(out[:39].view(3, 13), ref)
     assert progress[0] > 1000  # the other thread ran while the server waited: the GIL was free
 

@@ -94,15 +94,13 @@ class _Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(_cudnn_flag(q), k, v)
 
 
-def test_graphs_with_attention_run_on_cuda_without_cudnn_attention_and_restore_the_setting():
+def test_graphs_run_on_cuda_without_cudnn_attention_and_restore_the_setting():
     """cuDNN's attention builds a plan per new shape (tens of ms per decode token with a growing cache): a
-    graph with attention runs with it off on CUDA, unless asked for, and leaves the caller's setting as it
-    was. (The graph's ops run on the CPU here; only the setting is checked.)"""
+    graph runs with it off on CUDA, unless asked for, and leaves the caller's setting as it was. (The
+    graph's ops run on the CPU here; only the setting is checked.)"""
     gm = torch.fx.symbolic_trace(_Attention())
     q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert trace.has_attention(gm)
-    assert not trace.has_attention(torch.fx.symbolic_trace(torch.nn.Linear(4, 4)))
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         for user, cudnn_attention, device, during in [
