@@ -121,23 +121,29 @@ class _StreamMemOps:
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
+#: ``cudaStream_t`` of a device index's current stream in one C call (absent from CPU-only torch builds)
+_GET_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _raw(index: int) -> int:
+    if _GET_RAW_STREAM is None:  # not in this torch build: the public, slower way
+        return torch.cuda.current_stream(index).cuda_stream
+    return _GET_RAW_STREAM(index)
+
+
 def _index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
 def raw_stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device`` (``"cuda"`` alone: the current device) as a ``cudaStream_t``,
-    in one C call."""
-    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get is None:  # not in this torch build: the public, slower way
-        return torch.cuda.current_stream(device).cuda_stream
-    return get(_index(device))
+    """The current CUDA stream of ``device`` (``"cuda"`` alone: the current device) as a ``cudaStream_t``."""
+    return _raw(_index(device))
 
 
 def current_stream(device: torch.device) -> torch.cuda.Stream:
     """``torch.cuda.current_stream(device)`` without its per-call cost."""
     index = _index(device)
-    key = (index, raw_stream(torch.device("cuda", index)))
+    key = (index, _raw(index))
     stream = _STREAMS.get(key)
     if stream is None:
         stream = _STREAMS[key] = torch.cuda.current_stream(index)
