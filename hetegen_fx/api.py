@@ -140,6 +140,8 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
         for m in model.modules()
         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
     }
+    if config.host_embeddings:  # looked up on the host, unless tied to a Linear (then counted there)
+        linear_weights |= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen: set[int] = set()
     other = 0
     for p in model.parameters():
@@ -155,7 +157,7 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
 
         raise BudgetError(
             f"gpu_memory {format_bytes(config.gpu_memory)} is below the minimum working set: at least "
-            f"{format_bytes(floor)} ({floor} bytes: parameters other than Linear weights {format_bytes(other)}, "
+            f"{format_bytes(floor)} ({floor} bytes: parameters other than Linear weights and host embedding tables {format_bytes(other)}, "
             f"KV cache for {config.max_seq_len or 2048} tokens {format_bytes(kv)}), before staging buffers; raise "
             "gpu_memory, or lower max_seq_len"
         )

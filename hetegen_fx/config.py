@@ -100,6 +100,11 @@ class Config:
         and restore the caller's setting after. The setting is torch's, for the whole process: another
         thread's attention running meanwhile sees it off too, and two threads running compiled graphs at
         once may leave it on for part of one's call (a matter of speed only).
+    host_embeddings: keep embedding tables (an LM's token embedding) in host memory and look the tokens up on
+        the CPU: only the looked-up rows cross to the device, and the table's bytes go to resident weights
+        instead (250 MiB for a Llama-2-7B). A table that a Linear also reads (tied to ``lm_head``) stays on
+        the device. The indices come from the caller's host tensors where they are there already (HF's
+        ``generate`` with a host model); ones on the device are read back first.
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
@@ -121,6 +126,7 @@ class Config:
     output_device: str = "input"
     cuda_graphs: bool = False
     cudnn_attention: bool = False
+    host_embeddings: bool = True
     graph_memory: int | None = None
     cache_dir: str | None = None
     verbose: bool = False
@@ -130,7 +136,7 @@ class Config:
         self.gpu_memory = parse_bytes(self.gpu_memory)
         self.activation_reserve = parse_bytes(self.activation_reserve)
         self.graph_memory = parse_bytes(self.graph_memory)
-        for flag in ("cuda_graphs", "cudnn_attention"):
+        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))

@@ -35,7 +35,7 @@ from .api import CompiledModule
 from .errors import ConfigError, HetegenError
 from .graph_utils import clone_graph_module, eliminate_dead_code
 from .plan import Plan
-from .runtime import park, to_device, write_back
+from .runtime import embed_on_host, park, to_device, write_back
 
 FORMATS = ("onnx", "pt2", "plan")
 _SUFFIXES = {".onnx": "onnx", ".pt2": "pt2", ".json": "plan"}
@@ -202,6 +202,9 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)  # export's own input checks; torch.export adds its own
             continue
+        if node.op == "call_function" and node.target is embed_on_host:
+            _plain_lookup(graph, node, for_onnx, cm.plan)
+            continue
         if for_onnx and node.op == "call_function":
             if node.target in (to_device, park):
                 node.replace_all_uses_with(node.args[0])
@@ -220,6 +223,21 @@ def _prepared(cm: CompiledModule, for_onnx: bool) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _plain_lookup(graph: fx.Graph, node: fx.Node, for_onnx: bool, plan: Plan) -> None:
+    """A host lookup (:func:`embed_on_host`) as ``F.embedding`` (moved to the device, except for ONNX),
+    which the exporters trace; its placement stays on the nodes that replace it."""
+    idx, table, device = node.args
+    with graph.inserting_before(node):
+        rows = graph.call_function(F.embedding, (idx, table))
+        out = rows if for_onnx else graph.call_function(to_device, (rows, device))
+    custom = {**node.meta.get("custom", {}), **_placement(node, plan)}
+    for n in {rows, out}:
+        n.meta.update(node.meta)
+        n.meta["custom"] = custom
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def _inline_cpu_jobs(graph: fx.Graph) -> None:

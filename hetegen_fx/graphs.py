@@ -48,7 +48,7 @@ import torch.fx as fx
 
 from . import meta, ops
 from .graph_utils import _is_view
-from .runtime import park, to_device, write_back
+from .runtime import embed_on_host, park, to_device, write_back
 
 #: calls a stretch must hold to be recorded: a replay and its input copies cost about as much as 2-3 launches
 MIN_NODES = 4
@@ -107,7 +107,7 @@ def pool_for(store, config, plan) -> GraphPool | None:
 
 @functools.cache
 def _runtime_calls() -> frozenset:
-    calls = {to_device, write_back, park, *ops.DIRECT, *ops.DIRECT.values()}
+    calls = {to_device, write_back, park, embed_on_host, *ops.DIRECT, *ops.DIRECT.values()}
     calls |= {op.overloadpacket for op in ops.DIRECT}
     return frozenset(calls)
 

@@ -147,3 +147,89 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
             sites.append(site)
             absorbed.update(site.absorbed)
     return sites[::-1]
+
+
+def match_embedding(node: object) -> tuple[fx.Node, fx.Node] | None:
+    """``(indices, table)`` of an embedding lookup whose table is a captured 2-D parameter, else None:
+    ``F.embedding(indices, table)`` (fx, dynamo) or ``aten.embedding(table, indices)`` (export), without
+    ``max_norm`` (which rewrites the table)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is F.embedding:
+        idx = node.args[0] if node.args else node.kwargs.get("input")
+        table = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+        if max_norm is not None:
+            return None
+    elif node.target is torch.ops.aten.embedding.default:
+        table, idx = node.args[0], node.args[1]
+    else:
+        return None
+    if not isinstance(idx, fx.Node) or not _is_weight(param_of(table)):
+        return None
+    return idx, table
+
+
+def host_tables(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Embedding tables a graph reads only through lookups of graph inputs (token ids, not positions computed
+    on the device), or as the weight of a Linear too (a tied ``lm_head``, whose own placement covers its
+    bytes): name → its first parameter node. Their lookups can run on the host, from the caller's indices.
+    A table anything else reads (a transposed view, a weight-norm) is left out."""
+    tables: dict[str, fx.Node] = {}
+    other: set[str] = set()  # read by something else through some node
+    for node in graph.nodes:
+        ref = param_of(node)
+        if ref is None or not node.users:
+            continue
+        lookups = [
+            u
+            for u in node.users
+            if (m := match_embedding(u)) is not None and m[1] is node and input_chain(m[0]) is not None
+        ]
+        linears = [u for u in node.users if _weight_of(u) == ref.name]
+        if lookups and len(lookups) + len(linears) == len(node.users):
+            tables.setdefault(ref.name, node)
+        else:
+            other.add(ref.name)
+    return {name: node for name, node in tables.items() if name not in other}
+
+
+_SHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous"})
+_SHAPE_FUNCTIONS = (
+    torch.reshape,
+    torch.flatten,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+)
+
+
+def input_chain(node: fx.Node) -> list[fx.Node] | None:
+    """``[placeholder, op, ..., node]`` when ``node`` is a graph input or a reshaping of one (GPT-2 views its
+    ``input_ids`` before the lookup), else None."""
+    chain = [node]
+    while node.op != "placeholder":
+        if not reshapes(node):
+            return None
+        node = node.args[0]
+        chain.append(node)
+    return chain[::-1]
+
+
+def reshapes(node: fx.Node) -> bool:
+    """Whether ``node`` only reshapes its first argument, a node (a view, reshape, flatten, (un)squeeze)."""
+    shape_op = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+        node.op == "call_function" and node.target in _SHAPE_FUNCTIONS
+    )
+    return shape_op and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
+def _weight_of(node: fx.Node) -> str | None:
+    """The weight's name of the Linear ``node`` computes, as ProfilePass recorded it (None if not one)."""
+    site = node.meta.get(meta.LINEAR)
+    return site.weight.name if site is not None else None

@@ -70,6 +70,7 @@ class Plan:
     reserved: dict[str, int] = field(default_factory=dict)  # kv_cache, activations, other_params, staging
     source: str = "model"  # where the costs came from: "measured", "model" or "plan"
     label: str = ""
+    host_tables: list[str] = field(default_factory=list)  # embedding tables looked up on the host
 
     def layer(self, name: str) -> LayerPlan | None:
         return next((lp for lp in self.layers if lp.name == name), None)
@@ -107,6 +108,7 @@ class Plan:
             f"{sum(not lp.resident for lp in self.layers)} offloaded ({format_bytes(self.offloaded_bytes)}); "
             f"budget {budget}; reserved: {reserved or 'none'}; "
             f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work; costs: {self.source}"
+            + (f"; on the host: {', '.join(self.host_tables)}" if self.host_tables else "")
         )
         return "\n".join(rows)
 

@@ -218,6 +218,17 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     return x.to(dev, non_blocking=x.device.type == "cpu" and x.is_pinned())
 
 
+def embed_on_host(indices: torch.Tensor, table: torch.Tensor, device: str) -> torch.Tensor:
+    """Rows ``indices`` of the host embedding table ``table``, looked up on the CPU; only the rows cross to
+    ``device``, from pinned memory and without blocking the host. Indices on the device are read back first
+    (that copy waits for the device)."""
+    rows = torch.nn.functional.embedding(indices.to("cpu"), table)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        return rows
+    return rows.pin_memory().to(dev, non_blocking=True)
+
+
 def write_back(host: torch.Tensor, moved: torch.Tensor, *writers: object) -> None:
     """Copy an input that the graph changed in place on the accelerator back into the caller's tensor.
 

@@ -1,7 +1,9 @@
 """DevicePass: everything that is not a Linear's CPU part runs on the accelerator.
 
 * parameters and buffers still read by the graph (embeddings, norms, rotary tables, biases of resident
-  Linears already handled) are read from their device copies in the WeightStore;
+  Linears already handled) are read from their device copies in the WeightStore, except the embedding
+  tables the Plan keeps on the host (``Plan.host_tables``): their lookups run on the CPU
+  (:func:`~hetegen_fx.runtime.embed_on_host`), from the caller's host indices;
 * tensor inputs are moved to the device on entry (a no-op for those already there, e.g. a KV cache);
 * device constants baked in at capture (``arange(..., device='cpu')``) are retargeted to the device;
 * inputs the graph changes in place are copied back at the end, into the caller's tensors;
@@ -20,8 +22,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, node_value, writers_of
-from hetegen_fx.linear import param_of
-from hetegen_fx.runtime import park, resolve_device, to_device, write_back
+from hetegen_fx.linear import match_embedding, param_of, reshapes
+from hetegen_fx.runtime import embed_on_host, park, resolve_device, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 HOST = torch.device("cpu")
@@ -38,11 +40,21 @@ class DevicePass(PassBase):
         graph = gm.graph
         modified = False
         placeholders = list(graph.find_nodes(op="placeholder"))
+        plan = gm.meta.get(meta.PLAN)
+        host = set(plan.host_tables) if plan is not None else set()
+        lookups: list[fx.Node] = []
         # parameters read by anything other than the nodes PartitionPass emitted
         for node in list(graph.nodes):
             ref = param_of(node)
             if ref is None or not node.users:
                 continue
+            if ref.name in host:  # an embedding table kept on the host: its lookups run there
+                for user in list(node.users):
+                    if (m := match_embedding(user)) is not None and m[1] is node:
+                        lookups.append(self._lookup_on_host(graph, user))
+                        modified = True
+                if all(u.target is embed_on_host for u in node.users):
+                    continue
             with graph.inserting_before(_first_user(node)):
                 dev = attach(gm, f"{ref.name}__dev", self.store.on_device(ref.tensor))
             dev.meta[meta.SIDE] = "gpu"
@@ -76,6 +88,10 @@ class DevicePass(PassBase):
             modified = True
             if v is None or v.device != resolved:
                 changed.append((ph, moved))
+        # host lookups take the caller's host indices, not the copy moved onto the device
+        for node in lookups:
+            dropped = self._host_indices(graph, node)
+            changed = [(ph, moved) for ph, moved in changed if moved not in dropped]
         # device constants captured on the host
         if self.device != HOST:
             for node in graph.nodes:
@@ -114,6 +130,47 @@ class DevicePass(PassBase):
             modified = True
         graph.lint()
         return PassResult(gm, modified)
+
+    def _lookup_on_host(self, graph: fx.Graph, node: fx.Node) -> fx.Node:
+        """Replace embedding lookup ``node`` by :func:`embed_on_host` (the same rows, on the device)."""
+        idx, table = match_embedding(node)
+        with graph.inserting_before(node):
+            new = graph.create_node(
+                "call_function", embed_on_host, (idx, table, self.config.device), name=f"{node.name}_on_host"
+            )
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        new.meta[meta.SIDE] = "move"
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return new
+
+    def _host_indices(self, graph: fx.Graph, lookup: fx.Node) -> set[fx.Node]:
+        """Make host lookup ``lookup`` read its indices from the caller's input (reshaped on the host as the
+        graph reshapes it on the device) instead of the copy moved onto the device; erase what no longer has
+        users, and return it."""
+        ops, moved = [], lookup.args[0]
+        while isinstance(moved, fx.Node) and moved.target is not to_device and reshapes(moved):
+            ops.insert(0, moved)
+            moved = moved.args[0]
+        if (
+            not isinstance(moved, fx.Node)
+            or moved.target is not to_device
+            or moved.args[0].op != "placeholder"
+        ):
+            return set()  # not an input moved onto the device: nothing to do
+        chain, ph = [moved, *ops], moved.args[0]
+        env = {moved: ph}
+        with graph.inserting_before(lookup):
+            for op in ops:
+                env[op] = graph.node_copy(op, lambda n: env.get(n, n))
+                env[op].meta[meta.SIDE] = "move"
+        lookup.args = (env[chain[-1]], *lookup.args[1:])
+        dropped = set()
+        for n in reversed(chain):
+            if not n.users:
+                graph.erase_node(n)
+                dropped.add(n)
+        return dropped
 
     def _back(
         self, graph: fx.Graph, n: fx.Node, device: torch.device | fx.Node, returned: set[fx.Node] | None

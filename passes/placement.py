@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from collections.abc import Collection
 
 import torch
 import torch.fx as fx
@@ -41,7 +42,7 @@ from hetegen_fx.costs import LinearCost, default_model, job_alpha
 from hetegen_fx.errors import BudgetError, ConfigError
 from hetegen_fx.graph_utils import concrete, node_value
 from hetegen_fx.graphs import reserve as graph_reserve
-from hetegen_fx.linear import LinearSite, param_of
+from hetegen_fx.linear import LinearSite, host_tables, param_of
 from hetegen_fx.plan import LayerPlan, Plan, staging_size
 from hetegen_fx.store import WeightStore
 
@@ -92,11 +93,12 @@ def activation_bytes(gm: fx.GraphModule) -> int:
     return 4 * largest
 
 
-def other_param_bytes(gm: fx.GraphModule, sites: list[LinearSite]) -> int:
-    """Bytes of parameters used by anything but a Linear (embeddings, norms, buffers).
+def other_param_bytes(gm: fx.GraphModule, sites: list[LinearSite], host: Collection[str] = ()) -> int:
+    """Bytes of parameters used by anything but a Linear (embeddings, norms, buffers) on the device.
 
     A Linear's weight and bias are counted in its own bytes; they count here too only when something else
-    also reads them (e.g. an embedding tied to ``lm_head``).
+    also reads them (e.g. an embedding tied to ``lm_head``). Tables in ``host`` (names of the embedding
+    tables looked up on the host) are not counted.
     """
     linear_params = {id(s.weight.tensor) for s in sites} | {
         id(s.bias.tensor) for s in sites if s.bias is not None
@@ -106,7 +108,7 @@ def other_param_bytes(gm: fx.GraphModule, sites: list[LinearSite]) -> int:
     total = 0
     for node in gm.graph.nodes:
         ref = param_of(node)
-        if ref is None or id(ref.tensor) in seen or not node.users:
+        if ref is None or id(ref.tensor) in seen or not node.users or ref.name in host:
             continue
         if id(ref.tensor) in linear_params and all(u in linear_nodes for u in node.users):
             continue
@@ -130,7 +132,7 @@ class PlacementPass(PassBase):
         self._hardware = gm.meta.get(meta.HARDWARE)
         nodes = [n for n in gm.graph.nodes if meta.LINEAR in n.meta]
         sites: list[LinearSite] = [n.meta[meta.LINEAR] for n in nodes]
-        plan = self._from_given(sites) if self.given is not None else self._place(gm, sites)
+        plan = self._from_given(gm, sites) if self.given is not None else self._place(gm, sites)
         plan.label = self.label
         for node, lp in zip(nodes, plan.layers, strict=True):
             node.meta[meta.PLACEMENT] = lp
@@ -172,6 +174,7 @@ class PlacementPass(PassBase):
             )
         budget = self._budget()
         store = self.store
+        tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
         if store.residency is None:
             # ×2: a step extends the cache by concatenation (HF's DynamicCache), and the cache it was given
             # stays alive until the step returns, so the old and the new cache are held at once
@@ -181,7 +184,7 @@ class PlacementPass(PassBase):
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
-                "other_params": other_param_bytes(gm, sites),
+                "other_params": other_param_bytes(gm, sites, tables),
             }
             graphs = graph_reserve(cfg, budget)
             if graphs:
@@ -203,6 +206,7 @@ class PlacementPass(PassBase):
             layers=layers,
             reserved=reserved,
             source="/".join(sorted(src)) or "none",
+            host_tables=tables,
         )
 
     @property
@@ -311,7 +315,7 @@ class PlacementPass(PassBase):
                 lp.resident = False
         return {lp.name: lp.resident for lp in layers}
 
-    def _from_given(self, sites: list[LinearSite]) -> Plan:
+    def _from_given(self, gm: fx.GraphModule, sites: list[LinearSite]) -> Plan:
         given = self.given
         by_name = {lp.name: lp for lp in given.layers}
         missing = [s.name for s in sites if s.name not in by_name]
@@ -339,4 +343,5 @@ class PlacementPass(PassBase):
             layers=layers,
             reserved=dict(given.reserved),
             source="plan",
+            host_tables=[t for t in given.host_tables if t in host_tables(gm.graph)],
         )

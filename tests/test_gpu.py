@@ -73,6 +73,9 @@ def test_generate_parity_and_budget():
     plans = hetegen_fx.explain(c).plans
     assert len(plans) >= 2
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers if not lp.resident)
+    # the token embedding is looked up on the host: the budget holds no copy of its table
+    assert all(p.host_tables == ["model.embed_tokens.weight"] for p in plans)
+    assert "other_params" in plans[0].reserved and plans[0].reserved["other_params"] < 1 << 20
     assert peak <= budget, f"peak {peak} over budget {budget}"
     assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])
 

@@ -53,6 +53,7 @@ def _sample_plan() -> Plan:
         reserved={"kv_cache": 2**30, "activations": 2**20, "other_params": 3, "staging": 4},
         source="measured",
         label="prefill",
+        host_tables=["model.embed_tokens.weight"],
     )
 
 
@@ -64,6 +65,15 @@ def test_json_round_trip():
     again = Plan.from_json(text)
     assert again == plan and again is not plan
     assert again.layers[1].slot == 1 and again.reserved == plan.reserved
+    assert again.host_tables == ["model.embed_tokens.weight"] and "on the host: model.embed" in again.table()
+
+
+def test_a_plan_saved_before_host_tables_loads_with_none():
+    d = _sample_plan().to_dict()
+    del d[
+        "host_tables"
+    ]  # plans written before the tenth session of 2026-11-22 kept every table on the device
+    assert Plan.from_dict(d).host_tables == []
 
 
 def test_a_version_1_plan_loads_without_its_staging_buffers():

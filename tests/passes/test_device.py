@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from hetegen_fx import meta
-from hetegen_fx.capture import capture_fx
+from hetegen_fx.capture import capture_export, capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.linear import param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
-from hetegen_fx.runtime import to_device, write_back
+from hetegen_fx.runtime import embed_on_host, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 
@@ -199,3 +200,133 @@ def test_no_parameters_no_inputs_unchanged():
     code = gm.code
     res, _ = _run(gm)
     assert res.modified is False and gm.code == code
+
+
+class Embed(nn.Module):
+    """A token embedding, a norm and an LM head, untied (``tied``: the head reads the embedding table)."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.norm(self.emb(ids)))
+
+
+def _lookups(gm) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is embed_on_host]
+
+
+def test_embedding_table_stays_on_the_host(count):
+    model = Embed().eval()
+    gm = capture_fx(model)
+    assert count(gm, F.embedding) == 1
+    ids = torch.randint(0, 50, (2, 7))
+    _, store = _run(gm, example_inputs=[ids])
+    plan = gm.meta[meta.PLAN]
+    assert plan.host_tables == ["emb.weight"]
+    assert plan.reserved["other_params"] == 2 * 16 * 4  # the norm only
+    assert count(gm, F.embedding) == 0
+    (lookup,) = _lookups(gm)
+    table, idx = lookup.args[1], lookup.args[0]
+    assert table.op == "get_attr" and gm.get_parameter(table.target) is model.emb.weight  # the host table
+    assert idx.op == "placeholder"  # the caller's host indices, not a copy moved to the device
+    assert lookup.meta[meta.SIDE] == "move"
+    assert "emb_weight__dev" not in {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    assert not [m for m in _moves(gm) if m.args[0] is idx]  # nothing else reads them: no copy is made
+    fresh = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(gm(fresh), model(fresh))
+
+
+def test_embedding_table_on_the_accelerator_structure():
+    gm = capture_fx(Embed())
+    _run(gm, device="meta", example_inputs=[torch.randint(0, 50, (1, 3))], gpu_memory=10_000)
+    (lookup,) = _lookups(gm)
+    assert lookup.args[2] == "meta" and lookup.args[0].op == "placeholder"
+    # no input is moved: the lookup was the indices' only reader
+    assert not [m for m in _moves(gm) if m.args[0].op == "placeholder"]
+
+
+def test_a_table_tied_to_the_lm_head_is_looked_up_on_the_host_once_counted(count, dynamo_capture):
+    """The head's placement covers the shared table's bytes: it is not an "other parameter" as well."""
+    model = Embed(tied=True).eval()
+    ids = torch.randint(0, 50, (2, 3))
+    gm, example_inputs = dynamo_capture(model, ids)
+    (table,) = [n for n in gm.graph.find_nodes(op="placeholder") if param_of(n) and len(n.users) == 2]
+    assert len(table.users) == 2 and param_of(table).tensor.shape == (50, 16)  # the lookup and lm_head
+    _run(gm, example_inputs=example_inputs)
+    plan = gm.meta[meta.PLAN]
+    (name,) = plan.host_tables
+    assert plan.layer(name) is not None  # the same weight is lm_head's
+    assert plan.reserved["other_params"] == 2 * 16 * 4  # the norm only
+    (lookup,) = _lookups(gm)
+    assert lookup.args[1] is table and list(table.users) == [lookup]
+    args = [torch.randint(0, 50, (2, 3)) if a is ids else a for a in example_inputs]
+    fresh = next(a for a in args if a.dtype == torch.int64)
+    torch.testing.assert_close(gm(*args)[0], model(fresh))
+
+
+def test_embedding_tables_stay_on_the_device_when_asked(count):
+    gm = capture_fx(Embed())
+    _run(gm, example_inputs=[torch.randint(0, 50, (2, 3))], host_embeddings=False)
+    plan = gm.meta[meta.PLAN]
+    assert plan.host_tables == [] and not _lookups(gm) and count(gm, F.embedding) == 1
+    assert plan.reserved["other_params"] == (50 * 16 + 2 * 16) * 4
+    assert "emb_weight__dev" in {n.target for n in gm.graph.find_nodes(op="get_attr")}
+
+
+def test_embedding_lookups_of_export_graphs_run_on_the_host(count):
+    model = Embed().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    gm = capture_export(model, (ids,))
+    assert count(gm, torch.ops.aten.embedding.default) == 1
+    _run(gm, example_inputs=[ids])
+    assert gm.meta[meta.PLAN].host_tables == ["emb.weight"]
+    assert count(gm, torch.ops.aten.embedding.default) == 0 and len(_lookups(gm)) == 1
+    fresh = torch.randint(0, 50, (2, 5))
+    out = gm(fresh)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(fresh))
+
+
+def test_embed_on_host_reads_indices_back_and_keeps_host_results_on_the_host():
+    table = torch.randn(20, 4)
+    ids = torch.tensor([[3, 0, 19]])
+    torch.testing.assert_close(embed_on_host(ids, table, "cpu"), table[ids])
+
+
+class Gpt2Like(nn.Module):
+    """Views its ids before the token lookup, and looks positions up from indices it computes itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(50, 16)
+        self.wpe = nn.Embedding(12, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+
+    def forward(self, ids):
+        ids = ids.view(-1, ids.shape[-1])
+        pos = torch.arange(ids.shape[-1], device=ids.device)
+        return self.head(self.wte(ids) + self.wpe(pos))
+
+
+def test_viewed_token_ids_are_looked_up_on_the_host_and_computed_positions_on_the_device(count):
+    model = Gpt2Like().eval()
+    gm = capture_fx(model)
+    _run(gm, device="meta", example_inputs=[torch.randint(0, 50, (2, 5))], gpu_memory=20_000)
+    assert gm.meta[meta.PLAN].host_tables == ["wte.weight"]  # wpe's indices are made in the graph
+    (lookup,) = _lookups(gm)
+    view = lookup.args[0]
+    assert view.target == "view" and view.args[0].op == "placeholder"  # the view runs on the host ...
+    assert view.meta[meta.SIDE] == "move"
+    (pos,) = [n for n in gm.graph.nodes if n.target is F.embedding]
+    assert pos.args[1].target == "wpe_weight__dev"  # ... wpe on the device
+    # the device copy of the ids still feeds the shape the positions are computed from
+    assert [m.args[0].target for m in _moves(gm) if m.args[0].op == "placeholder"] == ["ids"]
+    gm = capture_fx(model)
+    _run(gm, example_inputs=[torch.randint(0, 50, (2, 5))])
+    fresh = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(gm(fresh), model(fresh))

@@ -217,9 +217,13 @@ def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     # twice the cache: a decode step holds the cache it was given and the one it returns
     assert plan.reserved["kv_cache"] == 2 * per_token * 64 * 3
-    # the embedding and the norms are "other parameters"; the Linears are not
-    other = sum(p.numel() * 4 for n, p in model.named_parameters() if "proj" not in n and "lm_head" not in n)
+    # the norms are "other parameters"; the Linears are not, nor the embedding, looked up on the host
+    other = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
     assert plan.reserved["other_params"] == other
+    assert plan.host_tables == ["model.embed_tokens.weight"]
+    table = model.model.embed_tokens.weight
+    _, plan, _ = _place(gm, _config(max_seq_len=64, batch_size=3, gpu_memory=None, host_embeddings=False))
+    assert plan.reserved["other_params"] == other + table.numel() * 4 and plan.host_tables == []
     assert len(plan.layers) == 2 * 7 + 1
 
 
