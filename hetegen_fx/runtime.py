@@ -7,6 +7,7 @@ same staging buffers and events are no-ops, so the data flow is exercised exactl
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import warnings
@@ -216,6 +217,19 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     if parked is not None and parked.device == dev:
         return parked
     return x.to(dev, non_blocking=x.device.type == "cpu" and x.is_pinned())
+
+
+def blas_workspace_bytes(capability: tuple[int, int] | None, config: str | None = None) -> int:
+    """The cuBLAS workspace torch allocates (through its caching allocator, so it counts against the budget)
+    for each stream that runs a GEMM, on a device of compute ``capability`` (None: not CUDA): ``config`` is
+    ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs), else torch's default, 32 MiB on Hopper and
+    Blackwell (capability 9.x, 10.x, 12.x) and ``:4096:2:16:8`` (8.125 MiB) before them."""
+    if capability is None:
+        return 0
+    pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
+    if pairs:
+        return sum(int(size) * int(count) for size, count in pairs) * 1024
+    return 32 * 2**20 if capability[0] in (9, 10, 12) else (4096 * 2 + 16 * 8) * 1024
 
 
 def embed_on_host(indices: torch.Tensor, table: torch.Tensor, device: str) -> torch.Tensor:

@@ -28,6 +28,7 @@ comes out below :data:`MIN_ALPHA` is streamed.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Collection
@@ -44,6 +45,7 @@ from hetegen_fx.graph_utils import concrete, node_value
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.linear import LinearSite, host_tables, param_of
 from hetegen_fx.plan import LayerPlan, Plan, staging_size
+from hetegen_fx.runtime import blas_workspace_bytes
 from hetegen_fx.store import WeightStore
 
 #: headroom left free on the device when no budget is given (CUDA context, allocator fragmentation)
@@ -66,6 +68,40 @@ def split_row(alpha: float, out_features: int) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+#: ops between a KV cache buffer (a graph input) and the attention reading it: views, GQA's expand/reshape
+_CACHE_VIEWS = frozenset(
+    {"reshape", "view", "expand", "transpose", "contiguous", "unsqueeze", "getitem", "to_device", "narrow"}
+)
+
+
+#: how a graph allocates a cache buffer itself (HF's StaticCache, initialised lazily at its first update)
+_CACHE_BUFFERS = frozenset({"zeros", "empty", "full"})
+
+
+def kv_cache_copies(gm: fx.GraphModule) -> int:
+    """How many copies of the KV cache a step holds at once: 1 when every attention op reads its keys and
+    values from a buffer updated in place, a graph input or one the graph allocates (HF's StaticCache, which
+    its first step allocates: ``index_copy_`` into it); else 2, as for a cache extended by concatenation
+    (HF's DynamicCache), where the cache a step was given stays alive until the step returns its successor.
+    A prefill that starts a DynamicCache reads freshly computed keys: 2 as well, since its decode steps
+    concatenate."""
+    copies = 1
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+            for kv in node.args[1:3]:
+                while isinstance(kv, fx.Node) and kv.op != "placeholder":
+                    name = kv.target if isinstance(kv.target, str) else getattr(kv.target, "__name__", "")
+                    if name.split(".")[0] not in _CACHE_VIEWS or not kv.args:
+                        break
+                    kv = kv.args[0]
+                buffer = isinstance(kv, fx.Node) and (
+                    kv.op == "placeholder" or getattr(kv.target, "__name__", "") in _CACHE_BUFFERS
+                )
+                if not buffer:
+                    copies = 2
+    return copies
 
 
 def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
@@ -176,16 +212,17 @@ class PlacementPass(PassBase):
         store = self.store
         tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
         if store.residency is None:
-            # ×2: a step extends the cache by concatenation (HF's DynamicCache), and the cache it was given
-            # stays alive until the step returns, so the old and the new cache are held at once
             kv = kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
             reserved = {
-                "kv_cache": 2 * kv,
+                "kv_cache": kv_cache_copies(gm) * kv,
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
                 "other_params": other_param_bytes(gm, sites, tables),
             }
+            blas = self._blas_workspace()
+            if blas:
+                reserved["blas_workspace"] = blas
             graphs = graph_reserve(cfg, budget)
             if graphs:
                 reserved["cuda_graphs"] = graphs
@@ -207,6 +244,16 @@ class PlacementPass(PassBase):
             reserved=reserved,
             source="/".join(sorted(src)) or "none",
             host_tables=tables,
+        )
+
+    def _blas_workspace(self) -> int:
+        """cuBLAS's workspace for the stream the device parts run on (allocated at the first GEMM there,
+        e.g. the profile's, and counted by torch's allocator like any tensor)."""
+        device = torch.device(self.config.device)
+        if device.type != "cuda":
+            return 0
+        return blas_workspace_bytes(
+            torch.cuda.get_device_capability(device), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
         )
 
     @property

@@ -6,11 +6,14 @@ split Linears' numerics on the real device (copy stream, events, pinned memory).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import hetegen_fx
 from hetegen_fx.models import build_random
+from hetegen_fx.runtime import blas_workspace_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -35,6 +38,16 @@ def _bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _blas() -> int:
+    """The cuBLAS workspace every CUDA plan reserves (32 MiB on an H100)."""
+    return blas_workspace_bytes(torch.cuda.get_device_capability(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def _budget(model) -> int:
+    """60 % of the model's bytes, beside the cuBLAS workspace."""
+    return int(_bytes(model) * 0.6) + _blas()
+
+
 @needs_cuda
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, None])
 def test_split_linear_matches_gpu(alpha):
@@ -43,8 +56,8 @@ def test_split_linear_matches_gpu(alpha):
     x = torch.randn(3, 1024, dtype=torch.float16)
     ref = m.cuda()(x.cuda()).float().cpu()
     m.cpu()
-    c = hetegen_fx.compile(
-        m, (x,), gpu_memory="10MiB", device="cuda", alpha=alpha, activation_reserve=0, prefetch=1
+    c = hetegen_fx.compile(  # 10 MiB beside cuBLAS's workspace
+        m, (x,), gpu_memory=(10 << 20) + _blas(), device="cuda", alpha=alpha, activation_reserve=0, prefetch=1
     )
     assert any(not lp.resident for lp in c.plan.layers)
     out = c(x).float()
@@ -61,7 +74,7 @@ def test_generate_parity_and_budget():
         ref = gpu.generate(ids.cuda(), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 32:].cpu()
     model.cpu()
     torch.cuda.empty_cache()
-    budget = int(_bytes(model) * 0.6)
+    budget = _budget(model)
     # the profiled α, with no job overhead: this model's GEMVs (≤ 3 MiB) are worth less than a CPU job's
     # hand-offs, and with them every offloaded Linear would be streamed (α = 0)
     c = hetegen_fx.compile(model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0)
@@ -73,6 +86,7 @@ def test_generate_parity_and_budget():
     plans = hetegen_fx.explain(c).plans
     assert len(plans) >= 2
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers if not lp.resident)
+    assert plans[0].reserved["blas_workspace"] == _blas()
     # the token embedding is looked up on the host: the budget holds no copy of its table
     assert all(p.host_tables == ["model.embed_tokens.weight"] for p in plans)
     assert "other_params" in plans[0].reserved and plans[0].reserved["other_params"] < 1 << 20
@@ -104,7 +118,7 @@ def test_decode_attention_runs_without_cudnn_and_the_setting_is_restored():
         eager = _kernels(lambda: gpu.generate(ids.cuda(), **kw))
         model.cpu()
         torch.cuda.empty_cache()
-        c = hetegen_fx.compile(model, gpu_memory=int(_bytes(model) * 0.6), device="cuda", max_seq_len=64)
+        c = hetegen_fx.compile(model, gpu_memory=_budget(model), device="cuda", max_seq_len=64)
         c.generate(ids, **kw)  # compile the prefill and decode graphs
         ours = _kernels(lambda: c.generate(ids, **kw))
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
@@ -129,12 +143,20 @@ def test_static_cache_parity():
         ref = model.cuda().generate(ids.cuda(), **kw)[0, 32:].cpu()
     model.cpu()
     torch.cuda.empty_cache()
+    budget = _budget(model)
     c = hetegen_fx.compile(  # no job overhead: split Linears, as in test_generate_parity_and_budget
-        model, gpu_memory=int(_bytes(model) * 0.6), device="cuda", max_seq_len=64, job_overhead=0.0
+        model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0
     )
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     with torch.no_grad():
         out = c.generate(ids, **kw)[0, 32:].cpu()
-    assert any(0 < lp.split < lp.out_features for lp in hetegen_fx.explain(c).plans[-1].layers)
+    peak = torch.cuda.max_memory_allocated() - base
+    plans = hetegen_fx.explain(c).plans
+    assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
+    # a cache updated in place is reserved once (a DynamicCache twice): 4 layers, K and V, 512 fp32 a token
+    assert plans[0].reserved["kv_cache"] == 4 * 2 * 512 * 4 * 64
+    assert peak <= budget, f"peak {peak} over budget {budget}"
     assert out.tolist() == ref.tolist()
 
 
@@ -154,7 +176,7 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
         ref = model.cuda().generate(ids.cuda(), **kw)[0, 32:].cpu()
     model.cpu()
     torch.cuda.empty_cache()
-    budget = int(_bytes(model) * 0.6) + (48 << 20)  # cuBLAS alone takes 32 MiB for the recording stream
+    budget = _budget(model) + (48 << 20)  # cuBLAS alone takes 32 MiB for the recording stream
     c = hetegen_fx.compile(
         model,
         gpu_memory=budget,
@@ -209,8 +231,8 @@ def test_trace_shows_copies_overlapping_cpu_parts(tmp_path):
     # small model land before the first CPU job starts and nothing overlaps)
     m = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(6)]).half()
     x = torch.randn(1, 4096, dtype=torch.float16)
-    c = hetegen_fx.compile(
-        m, (x,), gpu_memory="48MiB", device="cuda", alpha=0.25, activation_reserve=0, prefetch=1
+    c = hetegen_fx.compile(  # 48 MiB beside cuBLAS's workspace
+        m, (x,), gpu_memory=(48 << 20) + _blas(), device="cuda", alpha=0.25, activation_reserve=0, prefetch=1
     )
     assert sum(not lp.resident for lp in c.plan.layers) >= 4
     c(x)  # warm-up
@@ -248,7 +270,9 @@ torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 65536))  # 64 MiB of fp32 last
 x = torch.randn(4, 256)
 ref = m(x)
-c = hetegen_fx.compile(m, (x,), gpu_memory="2MiB", device="cuda", alpha=1.0, activation_reserve=0)
+from hetegen_fx.runtime import blas_workspace_bytes
+budget = (2 << 20) + blas_workspace_bytes(torch.cuda.get_device_capability())  # 2 MiB beside cuBLAS's
+c = hetegen_fx.compile(m, (x,), gpu_memory=budget, device="cuda", alpha=1.0, activation_reserve=0)
 for _ in range(20):  # the output's blocking copy to the host comes right after the slowest job
     out = c(x)
 torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -227,6 +227,38 @@ def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
     assert len(plan.layers) == 2 * 7 + 1
 
 
+def test_a_static_kv_cache_is_reserved_once(tiny_hf):
+    """HF's StaticCache is allocated by the first step and updated in place: one copy at a time, where a
+    DynamicCache's step holds the cache it was given and the one it returns."""
+    import hetegen_fx
+
+    model = tiny_hf("llama")
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    ids = torch.randint(3, 128, (1, 6))
+    for cache, copies in (("static", 1), ("dynamic", 2)):
+        compiled = hetegen_fx.compile(model, device="cpu", profile="model", max_seq_len=32)
+        with torch.no_grad():
+            out = compiled.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation=cache)
+            ref = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation=cache)
+        assert out.tolist() == ref.tolist()
+        plans = hetegen_fx.explain(compiled).plans
+        assert len(plans) == 2 and {p.reserved["kv_cache"] for p in plans} == {copies * per_token * 32}
+
+
+def test_the_cublas_workspace_is_reserved_as_torch_sizes_it():
+    from hetegen_fx.runtime import blas_workspace_bytes
+
+    assert blas_workspace_bytes(None) == 0  # not CUDA: no reserve (plans on "cpu" have no such key)
+    assert blas_workspace_bytes((9, 0)) == blas_workspace_bytes((10, 0)) == 32 * 2**20  # Hopper, Blackwell
+    assert blas_workspace_bytes((8, 0)) == (4096 * 2 + 16 * 8) * 1024  # torch's ":4096:2:16:8" before them
+    assert blas_workspace_bytes((9, 0), ":4096:8") == 32 * 2**20
+    assert blas_workspace_bytes((8, 6), ":16:8") == 128 * 1024  # CUBLAS_WORKSPACE_CONFIG wins
+    assert (
+        blas_workspace_bytes((9, 0), "nonsense") == 32 * 2**20
+    )  # unreadable: torch's default, as torch does
+
+
 def test_given_plan_is_applied(mlp):
     gm = _profiled(mlp(bias=False))
     layers = [
