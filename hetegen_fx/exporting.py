@@ -427,6 +427,7 @@ def annotate_onnx(program: Any, cm: CompiledModule) -> None:
                     "cpu": "the CPU part of a split Linear (host weights)",
                     "copy": "the host-to-device copy of a GPU part (an Identity here)",
                     "gpu": "the accelerator: resident Linears, GPU parts and everything else",
+                    "host": "host work of the launching thread: an embedding lookup from host ids",
                     "io": "graph inputs and outputs",
                 }
             ),

@@ -74,7 +74,7 @@ MIN_GRAPH_MEMORY = 48 << 20
 #: methods that bring a device value to the host: a graph cannot hold them
 _HOST_METHODS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"})
 #: sides of PartitionPass nodes that are not device work (the CPU part, copies, stream synchronisation)
-_NOT_DEVICE = frozenset({"cpu", "copy", "sync"})
+_NOT_DEVICE = frozenset({"cpu", "copy", "sync", "host"})
 
 
 def enabled(config) -> bool:

@@ -181,6 +181,9 @@ def host_tables(graph: fx.Graph) -> dict[str, fx.Node]:
         ref = param_of(node)
         if ref is None or not node.users:
             continue
+        if ref.tensor.device.type != "cpu":  # a table the caller put on a device stays there
+            other.add(ref.name)
+            continue
         lookups = [
             u
             for u in node.users

@@ -8,7 +8,8 @@ COST = "hetegen_cost"
 DECODE_COST = "hetegen_decode_cost"
 #: a :class:`hetegen_fx.plan.LayerPlan` written by PlacementPass on every Linear node
 PLACEMENT = "hetegen_placement"
-#: "cpu" | "gpu" | "copy" | "sync" | "move": which side a node added by PartitionPass runs on
+#: "cpu" | "gpu" | "copy" | "sync" | "move" | "host": which side a node added by PartitionPass runs on
+#: ("host": the launching thread's own work on host tensors, e.g. an embedding lookup from host ids)
 SIDE = "hetegen_side"
 #: name of the Linear (its weight's qualified name) a partitioned node belongs to
 LAYER = "hetegen_layer"

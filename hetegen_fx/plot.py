@@ -29,6 +29,7 @@ SIDE_COLORS = {
     "copy": "#DD8452",  # orange
     "sync": "#C44E52",  # red
     "move": "#8172B3",  # purple
+    "host": "#937860",  # brown
 }
 _LANE_COLORS = {"PCIe": SIDE_COLORS["copy"], "CPU": SIDE_COLORS["cpu"], "GPU": SIDE_COLORS["gpu"]}
 _RESIDENT_COLOR = "#9E9E9E"

@@ -223,24 +223,29 @@ def blas_workspace_bytes(capability: tuple[int, int] | None, config: str | None 
     """The cuBLAS workspace torch allocates (through its caching allocator, so it counts against the budget)
     for each stream that runs a GEMM, on a device of compute ``capability`` (None: not CUDA): ``config`` is
     ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs), else torch's default, 32 MiB on Hopper and
-    Blackwell (capability 9.x, 10.x, 12.x) and ``:4096:2:16:8`` (8.125 MiB) before them."""
+    Blackwell (capability 9.x to 12.x) and ``:4096:2:16:8`` (8.125 MiB) before them."""
     if capability is None:
         return 0
     pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
     if pairs:
         return sum(int(size) * int(count) for size, count in pairs) * 1024
-    return 32 * 2**20 if capability[0] in (9, 10, 12) else (4096 * 2 + 16 * 8) * 1024
+    return 32 * 2**20 if capability[0] in (9, 10, 11, 12) else (4096 * 2 + 16 * 8) * 1024
 
 
 def embed_on_host(indices: torch.Tensor, table: torch.Tensor, device: str) -> torch.Tensor:
     """Rows ``indices`` of the host embedding table ``table``, looked up on the CPU; only the rows cross to
-    ``device``, from pinned memory and without blocking the host. Indices on the device are read back first
-    (that copy waits for the device)."""
+    ``device`` (on CUDA from pinned memory, without blocking the host). Indices on the device, or behind a
+    host stand-in (:func:`park`), are read back first: that copy waits for the device."""
+    if indices.device.type == "cpu":
+        parked = unpark(indices)
+        indices = parked if parked is not None else indices
     rows = torch.nn.functional.embedding(indices.to("cpu"), table)
     dev = resolve_device(device)
     if dev.type == "cpu":
         return rows
-    return rows.pin_memory().to(dev, non_blocking=True)
+    if dev.type == "cuda":
+        return rows.pin_memory().to(dev, non_blocking=True)
+    return rows.to(dev)
 
 
 def write_back(host: torch.Tensor, moved: torch.Tensor, *writers: object) -> None:

@@ -145,7 +145,7 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return sum(e - s for s, e in _merge(spans))
 
 
-_LANE_OF_SIDE = {"cpu": "CPU", "gpu": "GPU", "move": "host", "sync": "host"}
+_LANE_OF_SIDE = {"cpu": "CPU", "gpu": "GPU", "move": "host", "sync": "host", "host": "host"}
 
 
 class TimelineInterpreter(fx.Interpreter):

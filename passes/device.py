@@ -98,6 +98,7 @@ class DevicePass(PassBase):
                 if node.op in ("call_function", "call_method") and node.meta.get(meta.SIDE) not in (
                     "cpu",
                     "move",
+                    "host",
                 ):
                     new_args = _retarget(node.args, self.device)
                     new_kwargs = _retarget(node.kwargs, self.device)
@@ -139,7 +140,7 @@ class DevicePass(PassBase):
                 "call_function", embed_on_host, (idx, table, self.config.device), name=f"{node.name}_on_host"
             )
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "tensor_meta")})
-        new.meta[meta.SIDE] = "move"
+        new.meta[meta.SIDE] = "host"
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         return new
@@ -163,7 +164,7 @@ class DevicePass(PassBase):
         with graph.inserting_before(lookup):
             for op in ops:
                 env[op] = graph.node_copy(op, lambda n: env.get(n, n))
-                env[op].meta[meta.SIDE] = "move"
+                env[op].meta[meta.SIDE] = "host"  # never retargeted, never in a CUDA graph
         lookup.args = (env[chain[-1]], *lookup.args[1:])
         dropped = set()
         for n in reversed(chain):

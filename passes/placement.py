@@ -41,7 +41,7 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha
 from hetegen_fx.errors import BudgetError, ConfigError
-from hetegen_fx.graph_utils import concrete, node_value
+from hetegen_fx.graph_utils import concrete, node_value, writers_of
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.linear import LinearSite, host_tables, param_of
 from hetegen_fx.plan import LayerPlan, Plan, staging_size
@@ -82,7 +82,7 @@ _CACHE_BUFFERS = frozenset({"zeros", "empty", "full"})
 
 def kv_cache_copies(gm: fx.GraphModule) -> int:
     """How many copies of the KV cache a step holds at once: 1 when every attention op reads its keys and
-    values from a buffer updated in place, a graph input or one the graph allocates (HF's StaticCache, which
+    values from a buffer the graph updates in place, a graph input or one the graph allocates (HF's StaticCache, which
     its first step allocates: ``index_copy_`` into it); else 2, as for a cache extended by concatenation
     (HF's DynamicCache), where the cache a step was given stays alive until the step returns its successor.
     A prefill that starts a DynamicCache reads freshly computed keys: 2 as well, since its decode steps
@@ -99,7 +99,9 @@ def kv_cache_copies(gm: fx.GraphModule) -> int:
                 buffer = isinstance(kv, fx.Node) and (
                     kv.op == "placeholder" or getattr(kv.target, "__name__", "") in _CACHE_BUFFERS
                 )
-                if not buffer:
+                # and written in place here: a placeholder that is not could be a concatenation made before
+                # a graph break
+                if not buffer or not writers_of(kv):
                     copies = 2
     return copies
 
@@ -233,6 +235,10 @@ class PlacementPass(PassBase):
             if lp.resident:
                 lp.alpha, lp.split = 0.0, 0
         reserved = dict(store.reserved)
+        # a later graph may read on the device what the first looked up on the host (a graph break)
+        here = other_param_bytes(gm, sites, tables)
+        if here > reserved.get("other_params", here):
+            reserved["other_params"] = here
         reserved["staging"] = self._staging(layers)
         self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
@@ -321,7 +327,8 @@ class PlacementPass(PassBase):
             warnings.warn(
                 f"hetegen: the graph {self.label + ' ' if self.label else ''}"
                 f"({max((lp.tokens for lp in layers), default=0)} tokens) needs a "
-                f"staging arena of {format_bytes(reserved['staging'])} for its GPU parts; with the weights the "
+                f"staging arena of {format_bytes(reserved['staging'])} for its GPU parts and "
+                f"{format_bytes(reserved.get('other_params', 0))} of other parameters; with the weights the "
                 f"model's first graph made resident ({format_bytes(resident)}) and the reserves, that is "
                 f"{format_bytes(total)}, over gpu_memory {format_bytes(budget)}. Raise gpu_memory by "
                 f"{format_bytes(total - budget)}, set prefetch=1 (an arena of one GPU part), or run the "

@@ -15,7 +15,7 @@ from torch import nn
 from hetegen_fx import meta
 from hetegen_fx.capture import capture_export, capture_fx
 from hetegen_fx.config import Config
-from hetegen_fx.linear import param_of
+from hetegen_fx.linear import host_tables, param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.runtime import embed_on_host, to_device, write_back
@@ -235,7 +235,7 @@ def test_embedding_table_stays_on_the_host(count):
     table, idx = lookup.args[1], lookup.args[0]
     assert table.op == "get_attr" and gm.get_parameter(table.target) is model.emb.weight  # the host table
     assert idx.op == "placeholder"  # the caller's host indices, not a copy moved to the device
-    assert lookup.meta[meta.SIDE] == "move"
+    assert lookup.meta[meta.SIDE] == "host"
     assert "emb_weight__dev" not in {n.target for n in gm.graph.find_nodes(op="get_attr")}
     assert not [m for m in _moves(gm) if m.args[0] is idx]  # nothing else reads them: no copy is made
     fresh = torch.randint(0, 50, (2, 7))
@@ -321,7 +321,7 @@ def test_viewed_token_ids_are_looked_up_on_the_host_and_computed_positions_on_th
     (lookup,) = _lookups(gm)
     view = lookup.args[0]
     assert view.target == "view" and view.args[0].op == "placeholder"  # the view runs on the host ...
-    assert view.meta[meta.SIDE] == "move"
+    assert view.meta[meta.SIDE] == "host"
     (pos,) = [n for n in gm.graph.nodes if n.target is F.embedding]
     assert pos.args[1].target == "wpe_weight__dev"  # ... wpe on the device
     # the device copy of the ids still feeds the shape the positions are computed from
@@ -330,3 +330,22 @@ def test_viewed_token_ids_are_looked_up_on_the_host_and_computed_positions_on_th
     _run(gm, example_inputs=[torch.randint(0, 50, (2, 5))])
     fresh = torch.randint(0, 50, (3, 5))
     torch.testing.assert_close(gm(fresh), model(fresh))
+
+
+def test_host_lookup_reads_the_tensor_behind_a_stand_in(monkeypatch):
+    """Ids the previous graph of a graph break returned as a parked stand-in: the lookup must read the
+    device tensor behind it (the stand-in's own memory is never written)."""
+    import hetegen_fx.runtime as runtime
+
+    table = torch.randn(20, 4)
+    stand_in, real = torch.empty(1, 3, dtype=torch.int64), torch.tensor([[4, 0, 19]])
+    monkeypatch.setattr(runtime, "unpark", lambda x: real if x is stand_in else None)
+    torch.testing.assert_close(runtime.embed_on_host(stand_in, table, "cpu"), table[real])
+
+
+def test_a_table_on_a_device_is_not_looked_up_on_the_host():
+    model = Embed()
+    model.emb.to("meta")  # e.g. placed there by the caller
+    gm = capture_fx(model)
+    assert host_tables(gm.graph) == {}
+    assert list(host_tables(capture_fx(Embed()).graph)) == ["emb.weight"]

@@ -246,11 +246,34 @@ def test_a_static_kv_cache_is_reserved_once(tiny_hf):
         assert len(plans) == 2 and {p.reserved["kv_cache"] for p in plans} == {copies * per_token * 32}
 
 
+def test_kv_cache_copies_need_a_buffer_written_in_place():
+    """Keys that are a graph input count once only where the graph writes them in place (a StaticCache);
+    an input it only reads may be a concatenation made before a graph break: twice."""
+    import torch.nn.functional as F
+
+    from hetegen_fx.passes.placement import kv_cache_copies
+
+    def reads(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def updates(q, k, v, new, pos):
+        k.index_copy_(2, pos, new)
+        v.index_copy_(2, pos, new)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def concatenates(q, k, v, new):
+        return F.scaled_dot_product_attention(q, torch.cat([k, new], 2), torch.cat([v, new], 2))
+
+    assert kv_cache_copies(torch.fx.symbolic_trace(reads)) == 2
+    assert kv_cache_copies(torch.fx.symbolic_trace(updates)) == 1
+    assert kv_cache_copies(torch.fx.symbolic_trace(concatenates)) == 2
+
+
 def test_the_cublas_workspace_is_reserved_as_torch_sizes_it():
     from hetegen_fx.runtime import blas_workspace_bytes
 
     assert blas_workspace_bytes(None) == 0  # not CUDA: no reserve (plans on "cpu" have no such key)
-    assert blas_workspace_bytes((9, 0)) == blas_workspace_bytes((10, 0)) == 32 * 2**20  # Hopper, Blackwell
+    assert blas_workspace_bytes((9, 0)) == blas_workspace_bytes((12, 0)) == 32 * 2**20  # Hopper, Blackwell
     assert blas_workspace_bytes((8, 0)) == (4096 * 2 + 16 * 8) * 1024  # torch's ":4096:2:16:8" before them
     assert blas_workspace_bytes((9, 0), ":4096:8") == 32 * 2**20
     assert blas_workspace_bytes((8, 6), ":16:8") == 128 * 1024  # CUBLAS_WORKSPACE_CONFIG wins
