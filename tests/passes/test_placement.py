@@ -477,3 +477,34 @@ def test_a_later_graph_whose_staging_does_not_fit_is_reported(mlp):
     assert again.reserved["staging"] == first.reserved["staging"]
     with pytest.warns(RuntimeWarning, match=r"staging arena .* over gpu_memory .* Raise gpu_memory by"):
         _place(_profiled(model), _config(gpu_memory=17500, alpha=0.0), store)
+
+
+def test_a_later_graph_that_reads_a_host_table_on_the_device_reserves_it():
+    """Residency and reserves come from the model's first graph. A later graph that keeps the table on the
+    device (here it also sums it; in practice a graph break) must count it, and say when that overshoots."""
+
+    class Lookup(torch.nn.Module):
+        def __init__(self, emb, head):
+            super().__init__()
+            self.emb, self.head = emb, head
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    class LookupAndSum(Lookup):
+        def forward(self, ids):
+            return self.head(self.emb(ids)) + self.emb.weight.sum()
+
+    emb, head = torch.nn.Embedding(500, 16), torch.nn.Linear(16, 64, bias=False)
+    ids = torch.randint(0, 500, (1, 4))
+    store = WeightStore(torch.device("cpu"))
+    table = 500 * 16 * 4
+    first = capture_fx(Lookup(emb, head))
+    ProfilePass(Config(device="cpu", profile="model"), [ids])(first)
+    _, plan, _ = _place(first, _config(gpu_memory=8000), store)
+    assert plan.host_tables == ["emb.weight"] and plan.reserved["other_params"] == 0
+    later = capture_fx(LookupAndSum(emb, head))
+    ProfilePass(Config(device="cpu", profile="model"), [ids])(later)
+    with pytest.warns(RuntimeWarning, match="of other parameters"):
+        _, plan2, _ = _place(later, _config(gpu_memory=8000), store)
+    assert plan2.host_tables == [] and plan2.reserved["other_params"] == table
