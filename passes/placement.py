@@ -41,7 +41,7 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha
 from hetegen_fx.errors import BudgetError, ConfigError
-from hetegen_fx.graph_utils import concrete, node_value, writers_of
+from hetegen_fx.graph_utils import _is_view, _name, concrete, node_value, writers_of
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.linear import LinearSite, host_tables, param_of
 from hetegen_fx.plan import LayerPlan, Plan, staging_size
@@ -70,37 +70,25 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-#: ops between a KV cache buffer (a graph input) and the attention reading it: views, GQA's expand/reshape
-_CACHE_VIEWS = frozenset(
-    {"reshape", "view", "expand", "transpose", "contiguous", "unsqueeze", "getitem", "to_device", "narrow"}
-)
-
-
 #: how a graph allocates a cache buffer itself (HF's StaticCache, initialised lazily at its first update)
 _CACHE_BUFFERS = frozenset({"zeros", "empty", "full"})
 
 
 def kv_cache_copies(gm: fx.GraphModule) -> int:
     """How many copies of the KV cache a step holds at once: 1 when every attention op reads its keys and
-    values from a buffer the graph updates in place, a graph input or one the graph allocates (HF's StaticCache, which
-    its first step allocates: ``index_copy_`` into it); else 2, as for a cache extended by concatenation
-    (HF's DynamicCache), where the cache a step was given stays alive until the step returns its successor.
-    A prefill that starts a DynamicCache reads freshly computed keys: 2 as well, since its decode steps
-    concatenate."""
+    values (through views, e.g. GQA's expand) from a buffer the graph writes in place, a graph input or one
+    it allocates (HF's StaticCache, which its first step allocates: ``index_copy_`` into it); else 2, as for
+    a cache extended by concatenation (HF's DynamicCache), where the cache a step was given stays alive
+    until the step returns its successor. A prefill that starts a DynamicCache reads freshly computed keys:
+    2 as well, since its decode steps concatenate. A graph input only read may be a concatenation made
+    before a graph break: 2."""
     copies = 1
     for node in gm.graph.nodes:
         if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
             for kv in node.args[1:3]:
-                while isinstance(kv, fx.Node) and kv.op != "placeholder":
-                    name = kv.target if isinstance(kv.target, str) else getattr(kv.target, "__name__", "")
-                    if name.split(".")[0] not in _CACHE_VIEWS or not kv.args:
-                        break
+                while isinstance(kv, fx.Node) and kv.op != "placeholder" and kv.args and _is_view(kv):
                     kv = kv.args[0]
-                buffer = isinstance(kv, fx.Node) and (
-                    kv.op == "placeholder" or getattr(kv.target, "__name__", "") in _CACHE_BUFFERS
-                )
-                # and written in place here: a placeholder that is not could be a concatenation made before
-                # a graph break
+                buffer = isinstance(kv, fx.Node) and (kv.op == "placeholder" or _name(kv) in _CACHE_BUFFERS)
                 if not buffer or not writers_of(kv):
                     copies = 2
     return copies
@@ -213,6 +201,7 @@ class PlacementPass(PassBase):
         budget = self._budget()
         store = self.store
         tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
+        other = other_param_bytes(gm, sites, tables)
         if store.residency is None:
             kv = kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
             reserved = {
@@ -220,7 +209,7 @@ class PlacementPass(PassBase):
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
-                "other_params": other_param_bytes(gm, sites, tables),
+                "other_params": other,
             }
             blas = self._blas_workspace()
             if blas:
@@ -236,9 +225,7 @@ class PlacementPass(PassBase):
                 lp.alpha, lp.split = 0.0, 0
         reserved = dict(store.reserved)
         # a later graph may read on the device what the first looked up on the host (a graph break)
-        here = other_param_bytes(gm, sites, tables)
-        if here > reserved.get("other_params", here):
-            reserved["other_params"] = here
+        reserved["other_params"] = max(reserved.get("other_params", 0), other)
         reserved["staging"] = self._staging(layers)
         self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
