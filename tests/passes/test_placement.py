@@ -375,6 +375,28 @@ def test_a_lone_linear_outranks_one_that_shares_its_job():
     assert _resident(plan) == {"o.weight"}
 
 
+def test_among_equal_priorities_the_later_linears_stay_resident():
+    """Four blocks of one shape: every Linear has the same priority, and the budget holds two. The last two
+    stay resident, so the first CPU job is the first block's (a decode step starts with CPU work)."""
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64, bias=False) for _ in range(4))
+
+        def forward(self, x):
+            for blk in self.blocks:
+                x = torch.relu(blk(x))
+            return x
+
+    names = [f"blocks.{i}.weight" for i in range(4)]
+    gm = _profiled(Stack(), dict.fromkeys(names, 1e-3))
+    weight = 64 * 64 * 4
+    _, plan, _ = _place(gm, _config(gpu_memory=2 * weight + weight // 2 + 100, alpha=0.5))
+    assert _resident(plan) == {"blocks.2.weight", "blocks.3.weight"}
+    assert [lp.name for lp in plan.layers if not lp.resident] == ["blocks.0.weight", "blocks.1.weight"]
+
+
 def test_linears_of_one_job_share_an_alpha_lowered_by_the_job_overhead():
     """q and k read one input: one CPU job, one α, balancing H + their CPU parts against their copies; o has
     its own job. A larger H lowers every α; forcing α ignores H."""
