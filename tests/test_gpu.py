@@ -325,3 +325,20 @@ def test_copy_is_timed_beside_the_workers_gemvs():
         2048, 4096, 1, torch.float16, torch.device("cuda"), default_threads(), copy_under_load=False
     )
     assert nbytes / 1e12 < alone.t_copy < nbytes / 1e9
+
+
+@needs_cuda
+def test_the_bench_starts_each_variant_with_nothing_allocated():
+    """A variant's peak is measured from what is allocated when it starts: the cuBLAS workspace an earlier
+    variant's GEMM allocated must not be in that base (it would be left out of every later variant's peak)."""
+    from hetegen_fx.bench import _free
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    _free(dev)
+    before = torch.cuda.memory_allocated(dev)
+    a = torch.randn(256, 256, device=dev)
+    (a @ a).sum().item()
+    del a
+    assert torch.cuda.memory_allocated(dev) > before  # the workspace
+    _free(dev)
+    assert torch.cuda.memory_allocated(dev) == before
