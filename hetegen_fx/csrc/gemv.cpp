@@ -5,7 +5,8 @@
 // weights against 109 GB/s for fp32 (docs/benchmarks.md), so per weight it ran no faster than fp32 that reads
 // twice the bytes. Here each weight row is converted 16 (AVX-512) or 8 (AVX2 + F16C) halves at a time and
 // multiplied into fp32 accumulators, four rows at once so every load of x serves four rows; the rows are
-// split over an OpenMP team of the calling thread's torch thread count. Shapes with more than kMaxRows rows
+// shared out (guided, in chunks of at least a few hundred KiB) to an OpenMP team of the calling thread's torch
+// thread count. Shapes with more than kMaxRows rows
 // (a prefill) are compute-bound and go to at::linear.
 //
 // Built on first use for the machine it runs on (-march=native), see hetegen_fx/kernels.py.
@@ -140,7 +141,10 @@ void gemv(const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K) {
   // OpenMP here, not at::parallel_for: ATen's OpenMP backend is inline code, and would run serially in an
   // extension built without -fopenmp; the team size is the calling thread's torch setting
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, blocks / grain)));
-#pragma omp parallel for num_threads(threads) schedule(static)
+  // guided, not static: a call ends with its slowest thread, and in the decode step (copies streaming, the
+  // launching thread busy) some threads stream slower than others; with equal static shares the 7B step's
+  // CPU jobs took 112 ms where guided shares of at least a grain took 76 (H100 host, interleaved rounds)
+#pragma omp parallel for num_threads(threads) schedule(guided, grain)
   for (int64_t b = 0; b < blocks; ++b) rows<M, kBlock, BF16>(w, xf, y, N, K, b * kBlock);
   for (int64_t n = blocks * kBlock; n < N; ++n) rows<M, 1, BF16>(w, xf, y, N, K, n);
 }
