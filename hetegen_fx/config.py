@@ -103,8 +103,10 @@ class Config:
     host_embeddings: keep embedding tables (an LM's token embedding) in host memory and look the tokens up on
         the CPU: only the looked-up rows cross to the device, and the table's bytes go to resident weights
         instead (250 MiB for a Llama-2-7B). A table tied to ``lm_head`` counts once, as that Linear's
-        weight. Tables whose indices the graph computes (learned positions) stay on the device. The indices come from the caller's host tensors where they are there already (HF's
-        ``generate`` with a host model); ones on the device are read back first.
+        weight. Tables whose indices the graph computes (learned positions) stay on the device. The indices
+        come from the caller's host tensors where they are there already (HF's ``generate`` with a host
+        model); ones on the device are read back first. ``False`` also keeps on the device the tables a
+        given ``plan`` looked up on the host (and reserves them).
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).

@@ -380,15 +380,21 @@ class PlacementPass(PassBase):
                     f"{s.out_features}x{s.in_features}; the plan was made for another model"
                 )
             layers.append(lp)
+        reserved = dict(given.reserved)
+        tables = [t for t in given.host_tables if t in host_tables(gm.graph)]
+        if tables and not self.config.host_embeddings:  # asked to keep them on the device: reserve them there
+            tables = []
+            reserved["other_params"] = max(reserved.get("other_params", 0), other_param_bytes(gm, sites))
+            self._check_later_graph(layers, reserved, given.gpu_memory)
         if self.store.residency is None:
             self.store.residency = {lp.name: lp.resident for lp in layers}
-            self.store.reserved = {k: v for k, v in given.reserved.items() if k != "staging"}
+            self.store.reserved = {k: v for k, v in reserved.items() if k != "staging"}
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory,
             tokens=given.tokens,
             layers=layers,
-            reserved=dict(given.reserved),
+            reserved=reserved,
             source="plan",
-            host_tables=[t for t in given.host_tables if t in host_tables(gm.graph)],
+            host_tables=tables,
         )

@@ -18,6 +18,7 @@ from hetegen_fx.config import Config
 from hetegen_fx.linear import host_tables, param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
+from hetegen_fx.plan import load_plan
 from hetegen_fx.runtime import embed_on_host, to_device, write_back
 from hetegen_fx.store import WeightStore
 
@@ -44,7 +45,7 @@ def _run(gm, device="cpu", example_inputs=None, upto="device", **kw):
     results = {}
     passes = [
         ProfilePass(config, example_inputs),
-        PlacementPass(config, store),
+        PlacementPass(config, store, plan=None if config.plan is None else load_plan(config.plan)),
         PartitionPass(config, store),
         DevicePass(config, store),
     ]
@@ -277,6 +278,24 @@ def test_embedding_tables_stay_on_the_device_when_asked(count):
     assert plan.host_tables == [] and not _lookups(gm) and count(gm, F.embedding) == 1
     assert plan.reserved["other_params"] == (50 * 16 + 2 * 16) * 4
     assert "emb_weight__dev" in {n.target for n in gm.graph.find_nodes(op="get_attr")}
+
+
+def test_a_given_plan_keeps_its_tables_on_the_device_when_asked(count):
+    """A plan saved with its token table on the host, applied with ``host_embeddings=False``: the lookup stays
+    on the device and the table is reserved there (the plan's reserve left it out)."""
+    gm = capture_fx(Embed())
+    _run(gm, example_inputs=[torch.randint(0, 50, (2, 3))])
+    saved = gm.meta[meta.PLAN]
+    assert saved.host_tables == ["emb.weight"] and saved.reserved["other_params"] == 2 * 16 * 4
+    gm2 = capture_fx(Embed())
+    _run(gm2, example_inputs=[torch.randint(0, 50, (2, 3))], plan=saved, host_embeddings=False)
+    plan = gm2.meta[meta.PLAN]
+    assert plan.source == "plan"
+    assert plan.host_tables == [] and not _lookups(gm2) and count(gm2, F.embedding) == 1
+    assert plan.reserved["other_params"] == (50 * 16 + 2 * 16) * 4
+    gm3 = capture_fx(Embed())
+    _run(gm3, example_inputs=[torch.randint(0, 50, (2, 3))], plan=saved)  # by default the plan's choice holds
+    assert gm3.meta[meta.PLAN].host_tables == ["emb.weight"] and len(_lookups(gm3)) == 1
 
 
 def test_embedding_lookups_of_export_graphs_run_on_the_host(count):
