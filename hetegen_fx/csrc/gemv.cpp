@@ -5,9 +5,8 @@
 // weights against 109 GB/s for fp32 (docs/benchmarks.md), so per weight it ran no faster than fp32 that reads
 // twice the bytes. Here each weight row is converted 16 (AVX-512) or 8 (AVX2 + F16C) halves at a time and
 // multiplied into fp32 accumulators, four rows at once so every load of x serves four rows; the rows are
-// shared out (guided, in chunks of at least a few hundred KiB) to an OpenMP team of the calling thread's torch
-// thread count. Shapes with more than kMaxRows rows
-// (a prefill) are compute-bound and go to at::linear.
+// shared out (guided, in chunks of at least a few hundred KiB) to an OpenMP team of the calling thread's
+// torch thread count. Shapes with more than kMaxRows rows (a prefill) are compute-bound and go to at::linear.
 //
 // Built on first use for the machine it runs on (-march=native), see hetegen_fx/kernels.py.
 
