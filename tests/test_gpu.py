@@ -196,8 +196,9 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     assert pool.recorded > 0 and pool.replays > 2 * pool.recorded and pool.failed == 0, pool.stats()
     assert pool.used <= 48 << 20, pool.stats()
     assert any(0 < lp.split < lp.out_features for lp in hetegen_fx.explain(c).plans[-1].layers)
-    for out in outs:
-        assert out.tolist() == ref.tolist()
+    # which generate went wrong, and the pool then (an open intermittent failure: docs/benchmarks.md)
+    for i, out in enumerate(outs):
+        assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {pool.stats()}"
 
 
 def _pinned_stretch(x, big):
