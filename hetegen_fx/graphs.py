@@ -29,7 +29,9 @@ What a replay needs, and how a Stretch provides it:
   the graph (its results, state parked on the device) are cloned;
 * **memory**: every stretch of a model records into one graph pool; recording stops once the pool has
   grown by the ``graph_memory`` budget (PlacementPass reserves it), and a key whose copied inputs and
-  outputs exceed :data:`GRAPH_IO_BYTES` (a prefill) is never recorded.
+  outputs exceed :data:`GRAPH_IO_BYTES` (a prefill) is never recorded. A graph recorded again (its
+  in-place inputs moved) keeps the old one in the pool until the pool goes (:meth:`GraphPool.retire`
+  says why), so recording for a new KV cache at every generate call fills the budget after a few calls.
 
 A stretch that cannot be recorded (an op that synchronises with the host, say) runs eagerly from then on.
 On the emulated device ("cpu") a "graph" keeps the same buffers and replays by running the stretch on its
@@ -251,7 +253,7 @@ class GraphPool:
     _static: set[int] = field(default_factory=set)  # data pointers of recorded graphs' outputs
     _largest: int = 0  # the most one recording grew the pool by
     stretches: list = field(default_factory=list, repr=False)  # every Stretch recording here
-    _retired: list = field(default_factory=list, repr=False)  # graphs dropped, kept until the next recording
+    _retired: list = field(default_factory=list, repr=False)  # graphs dropped, kept while the pool lives
     #: input name → times a recorded graph found that pinned input at another address
     moved: dict = field(default_factory=dict)
 
@@ -288,7 +290,6 @@ class GraphPool:
         """Record ``body`` as a graph on the graph's own inputs ``own``, where ``None`` stands for the input
         read in place from ``live``, the call's arguments (its outputs are computed by its first replay)."""
         if not self.is_cuda:
-            self._retired.clear()
             return _EmulatedGraph(body, own)
         args = [a if o is None else o for a, o in zip(live, own, strict=True)]
         if self._handle is None:
@@ -311,7 +312,6 @@ class GraphPool:
             grown = max(0, torch.cuda.memory_reserved(self.device) - before)
             self.used += grown
             self._largest = max(self._largest, grown)
-        self._retired.clear()  # the new graph holds the pool now
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         kept = [
             t for t in kept if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
@@ -320,9 +320,20 @@ class GraphPool:
         # the inputs (a KV cache the caller dropped) alive
 
     def retire(self, graph: _Graph) -> None:
-        """Drop ``graph``, once another graph is recorded in the pool: a pool whose last graph is freed is
-        gone, and recording into its handle again fails an assertion in the caching allocator (seen when
-        the only graph, a whole resident decode step, was recorded again for a new KV cache)."""
+        """Stop replaying ``graph``, but keep it (and its memory) while the pool lives. Two reasons:
+
+        * a pool whose last graph is freed is gone, and recording into its handle again fails an assertion
+          in the caching allocator (seen when the only graph, a whole resident decode step, was recorded
+          again for a new KV cache);
+        * torch (since pytorch/pytorch#175276) frees the cuBLAS workspace of the stream a CUDA graph was
+          captured on when that graph is destroyed, although every other graph captured there still uses it
+          (pytorch/pytorch#193402, open): all of a pool's graphs are captured on one stream, so freeing a
+          retired graph left the others' GEMMs writing into memory given out again. This is the likely
+          cause of the static-cache graph test's intermittent wrong tokens (docs/benchmarks.md, eleventh
+          session).
+
+        What the kept graphs hold counts against the pool's budget (:attr:`used` only grows), so recording
+        stops once they fill it."""
         self._retired.append(graph)
 
     def room(self, nbytes: int) -> bool:

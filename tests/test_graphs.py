@@ -98,6 +98,26 @@ def test_a_large_input_is_read_in_place_and_recorded_again_when_it_moves():
     assert pool.recorded == 2 and pool.stats()["graphs_kept"] == 1
 
 
+@torch.no_grad()
+def test_a_graph_recorded_again_keeps_the_old_one_while_the_pool_lives():
+    """The old graph is not replayed any more, but it is not freed either: on torch 2.11 freeing a CUDA
+    graph frees the cuBLAS workspace that the pool's other graphs, captured on the same stream, still use."""
+    import weakref
+
+    gm, pool = _fused(_big_fn)
+    n = COPY_BYTES // 4 + 1
+    x, first, moved = torch.randn(3), torch.randn(n), torch.randn(n)
+    for _ in range(2):
+        gm(x, first)
+    (stretch,) = pool.stretches
+    (state,) = stretch._keys.values()
+    old = weakref.ref(state.graph)
+    for _ in range(3):  # moved: eager, then recorded again and replayed
+        torch.testing.assert_close(gm(x, moved), _big_fn(x, moved))
+    assert pool.recorded == 2 and state.graph is not old()
+    assert old() is not None and old() in pool._retired
+
+
 def _large_out_fn(x):
     y = x.repeat(1, 1024)
     y = y * 2
