@@ -81,7 +81,7 @@ def _sync(device: torch.device) -> None:
 
 def _free(device: torch.device) -> None:
     """Start the next variant from a clean device: no graphs, staging buffers or cached blocks left."""
-    from hetegen_fx.runtime import get_runtime
+    from hetegen_fx.runtime import clear_blas_workspaces, get_runtime
 
     torch._dynamo.reset()
     gc.collect()
@@ -89,10 +89,7 @@ def _free(device: torch.device) -> None:
         get_runtime(device).free()
         # cuBLAS keeps a workspace per stream in torch's allocator (32 MiB on Hopper): a variant's peak is
         # measured from what is allocated when it starts, so each variant allocates (and counts) its own
-        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-        if clear is not None:
-            clear()
-        torch.cuda.empty_cache()
+        clear_blas_workspaces(device)
 
 
 def cpu_gemv_by_dtype(out_f: int, in_f: int) -> dict[str, float]:

@@ -50,7 +50,7 @@ import torch.fx as fx
 
 from . import meta, ops
 from .graph_utils import _is_view
-from .runtime import embed_on_host, park, to_device, write_back
+from .runtime import clear_blas_workspaces, embed_on_host, park, to_device, write_back
 
 #: calls a stretch must hold to be recorded: a replay and its input copies cost about as much as 2-3 launches
 MIN_NODES = 4
@@ -359,13 +359,7 @@ class GraphPool:
         self.used += max(0, torch.cuda.memory_reserved(self.device) - before)
         if self.limit is not None and self.used > self.limit:
             self.full = True
-            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-            if (
-                clear is not None
-            ):  # give the workspace back (the streams that still use cuBLAS make theirs again)
-                torch.cuda.synchronize(self.device)
-                clear()
-                torch.cuda.empty_cache()
+            clear_blas_workspaces(self.device)  # give the workspace back
 
     def note_outputs(self, outs: tuple) -> None:
         self._static.update(o.data_ptr() for o in outs if isinstance(o, torch.Tensor))

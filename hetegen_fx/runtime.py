@@ -232,6 +232,16 @@ def blas_workspace_bytes(capability: tuple[int, int] | None, config: str | None 
     return 32 * 2**20 if capability[0] in (9, 10, 11, 12) else (4096 * 2 + 16 * 8) * 1024
 
 
+def clear_blas_workspaces(device: torch.device) -> None:
+    """Give back the cuBLAS workspaces torch keeps per stream in its caching allocator, and the cached blocks
+    (once the device is idle); a stream that runs a GEMM again makes its own workspace again."""
+    torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+
+
 def embed_on_host(indices: torch.Tensor, table: torch.Tensor, device: str) -> torch.Tensor:
     """Rows ``indices`` of the host embedding table ``table``, looked up on the CPU; only the rows cross to
     ``device`` (on CUDA from pinned memory, without blocking the host). Indices on the device, or behind a
