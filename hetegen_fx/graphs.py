@@ -27,11 +27,14 @@ What a replay needs, and how a Stretch provides it:
   would keep its value) or a tuple output run eagerly;
 * **outputs that live until the next replay**: a replay writes the same output buffers; outputs that leave
   the graph (its results, state parked on the device) are cloned;
-* **memory**: every stretch of a model records into one graph pool; recording stops once the pool has
-  grown by the ``graph_memory`` budget (PlacementPass reserves it), and a key whose copied inputs and
-  outputs exceed :data:`GRAPH_IO_BYTES` (a prefill) is never recorded. A graph recorded again (its
-  in-place inputs moved) keeps the old one in the pool until the pool goes (:meth:`GraphPool.retire`
-  says why), so recording for a new KV cache at every generate call fills the budget after a few calls.
+* **memory**: the stretches of a model record into one :class:`GraphPool`, in step order into one CUDA
+  memory pool; a recording out of step order (a graph recorded again, a key first seen late) starts a
+  new memory pool, since graphs sharing one are only safe replayed in the order they were recorded
+  (:meth:`GraphPool.record`). Recording stops once the pools have grown by the ``graph_memory`` budget
+  (PlacementPass reserves it), and a key whose copied inputs and outputs exceed :data:`GRAPH_IO_BYTES` (a
+  prefill) is never recorded. A graph recorded again (its in-place inputs moved) keeps the old one until
+  the pool goes (:meth:`GraphPool.retire` says why), so recording for a new KV cache at every generate
+  call fills the budget after a few calls.
 
 A stretch that cannot be recorded (an op that synchronises with the host, say) runs eagerly from then on.
 On the emulated device ("cpu") a "graph" keeps the same buffers and replays by running the stretch on its
@@ -219,10 +222,10 @@ def _extract(run: list[fx.Node], members: set[fx.Node]) -> tuple[fx.Graph, list[
 
 
 def _keep_all(body: fx.Graph) -> fx.Graph:
-    """``body`` returning, after its outputs, every value it computes. Recorded from this, a graph frees no
-    memory while it is recorded, so no later recording in the shared pool places its tensors where this
-    graph keeps its intermediates (a graph recorded later may run earlier in the step: a pinned input
-    that moved, a key first seen late)."""
+    """``body`` returning, after its outputs, every value it computes. Recorded from this, a graph frees none
+    of its values while it is recorded, so no later recording in the shared pool places its tensors where
+    this graph keeps them. (That alone did not make an out-of-order recording safe: the temporaries inside
+    a kernel call are freed all the same; :meth:`GraphPool.record` starts a new memory pool for those.)"""
     keep = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in body.nodes:
@@ -252,6 +255,9 @@ class GraphPool:
     _stream: object = None
     _static: set[int] = field(default_factory=set)  # data pointers of recorded graphs' outputs
     _largest: int = 0  # the most one recording grew the pool by
+    #: memory pools recorded into so far (see :meth:`record`: a recording out of call order starts one)
+    pools: int = 0
+    _last_order: int = -1  # the call order (:attr:`Stretch.order`) of the latest recording in the pool
     stretches: list = field(default_factory=list, repr=False)  # every Stretch recording here
     _retired: list = field(default_factory=list, repr=False)  # graphs dropped, kept while the pool lives
     #: input name → times a recorded graph found that pinned input at another address
@@ -283,19 +289,34 @@ class GraphPool:
             "eager_keys": eager,
             "pool_bytes": self.used,
             "full": self.full,
+            "memory_pools": self.pools,
             "pinned_inputs_moved": dict(sorted(self.moved.items(), key=lambda kv: -kv[1])[:8]),
         }
 
-    def record(self, body: fx.GraphModule, own: list, live: tuple) -> _Graph:
+    def record(self, body: fx.GraphModule, own: list, live: tuple, order: int) -> _Graph:
         """Record ``body`` as a graph on the graph's own inputs ``own``, where ``None`` stands for the input
-        read in place from ``live``, the call's arguments (its outputs are computed by its first replay)."""
+        read in place from ``live``, the call's arguments (its outputs are computed by its first replay).
+
+        ``order`` is the stretch's place in the step (:attr:`Stretch.order`). Graphs that share a memory
+        pool are only safe replayed in the order they were recorded: a later recording may put its outputs
+        where an earlier graph keeps the temporaries of its kernels (softmax, attention, a GEMM's), and if
+        it runs first in the step that graph's replay overwrites them. A recording whose order is not past
+        the latest one's (a graph recorded again because its KV cache moved, a key first seen late) so
+        starts a new memory pool; the old graphs keep theirs."""
+        if self.pools and order <= self._last_order:
+            self.pools += 1
+            if self.is_cuda:
+                self._handle = torch.cuda.graph_pool_handle()
         if not self.is_cuda:
+            self.pools, self._last_order = max(self.pools, 1), order
             return _EmulatedGraph(body, own)
         args = [a if o is None else o for a, o in zip(live, own, strict=True)]
         if self._handle is None:
             self._start()
             if self.full:
                 raise _NoRoom
+            self.pools = 1
+        self._last_order = order
         current = torch.cuda.current_stream(self.device)
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
@@ -486,7 +507,10 @@ class Stretch(torch.nn.Module):
         )
         self.inputs = [n.name for n in body.graph.nodes if n.op == "placeholder"]
         self._keys: dict[tuple, _Key] = {}
+        #: its place in the step: stretches are made in graph order, and each runs once a step
+        self.order = -1
         if pool is not None:
+            self.order = len(pool.stretches)
             pool.stretches.append(self)
 
     def report(self) -> dict:
@@ -611,7 +635,7 @@ class Stretch(torch.nn.Module):
         pool.used += copied_bytes if pool.is_cuda else 0
         state.recordings += 1
         try:
-            graph = pool.record(self.recording or self.body, own, args)
+            graph = pool.record(self.recording or self.body, own, args, self.order)
         except _NoRoom:
             return self.body(*args)
         except Exception as e:  # noqa: BLE001  (an op a graph cannot hold: this stretch stays eager)

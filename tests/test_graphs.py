@@ -118,6 +118,37 @@ def test_a_graph_recorded_again_keeps_the_old_one_while_the_pool_lives():
     assert old() is not None and old() in pool._retired
 
 
+def _two_stretch_fn(x, big):
+    a = big * 2
+    a = a + x.sum()
+    a = a.relu()
+    a = a - 1
+    s = a.sum().item()  # a host read: ends the first stretch
+    b = a * s
+    b = b + 1
+    b = b.relu()
+    return b * 3
+
+
+@torch.no_grad()
+def test_a_recording_out_of_step_order_starts_a_new_memory_pool():
+    """Graphs sharing a memory pool are safe only replayed in the order recorded: the first stretch,
+    recorded again after the second (its large input moved), goes to a new pool, and the second, recorded
+    again after it in the same step, joins that one."""
+    gm, pool = _fused(_two_stretch_fn)
+    n = COPY_BYTES // 4 + 1
+    x, first, moved = torch.randn(3), torch.randn(n), torch.randn(n)
+    for _ in range(2):
+        gm(x, first)
+    assert [s.order for s in pool.stretches] == [0, 1]
+    assert pool.recorded == 2 and pool.pools == 1
+    for _ in range(3):  # moved: the first stretch eager, then recorded again; the second's input moved too
+        torch.testing.assert_close(gm(x, moved), _two_stretch_fn(x, moved))
+    assert pool.recorded == 4 and pool.pools == 2 and pool.stats()["memory_pools"] == 2
+    torch.testing.assert_close(gm(x, moved), _two_stretch_fn(x, moved))
+    assert pool.recorded == 4 and pool.pools == 2
+
+
 def _large_out_fn(x):
     y = x.repeat(1, 1024)
     y = y * 2
