@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,7 @@ def compile(  # noqa: A001  (mirrors torch.compile)
 def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     from .backend import make_backend
 
+    cache = _kv_cache(model, config)  # first: a clear error before anything else reads the model
     if config.output_device == "input":
         config.output_device = "auto"  # logits back to the host, the KV cache kept on the device (parked)
     if config.max_seq_len is None:
@@ -113,10 +115,53 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     _check_budget_floor(model, config)
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
+    if cache:
+        compiled.generate = _static_cache_by_default(compiled.generate)
     compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
     compiled.hetegen_config = config
     compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
     return compiled
+
+
+def _kv_cache(model: torch.nn.Module, config: Config) -> bool:
+    """Whether the compiled copy of ``model`` gets a ``generate()`` that uses a static KV cache when the call
+    names no cache (``config.kv_cache``)."""
+    gen = getattr(model, "generation_config", None)
+    if config.kv_cache == "dynamic":
+        return False
+    if gen is None or not hasattr(model, "generate") or getattr(model.config, "is_encoder_decoder", False):
+        if config.kv_cache == "static":
+            raise ConfigError(
+                f"kv_cache='static' needs a Hugging Face decoder-only model with generate(); "
+                f"{type(model).__name__} is not one: leave kv_cache at 'auto'"
+            )
+        return False
+    if config.kv_cache == "auto":
+        return gen.cache_implementation is None and bool(getattr(model, "_can_compile_fullgraph", False))
+    return True
+
+
+def _static_cache_by_default(generate):
+    """``generate`` (a bound HF ``generate``), with ``cache_implementation="static"`` added to calls that name
+    no cache: no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config``
+    naming one (HF refuses a cache object together with a cache implementation, so the model's own
+    ``generation_config`` is left alone)."""
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        named = (
+            kwargs.get("past_key_values") is not None
+            or kwargs.get("cache_implementation") is not None
+            or kwargs.get("use_cache") is False
+            or (gen is not None and (gen.cache_implementation is not None or gen.use_cache is False))
+        )
+        if not named:
+            kwargs["cache_implementation"] = "static"
+        return generate(*args, **kwargs)
+
+    wrapper.hetegen_static_cache = True
+    return wrapper
 
 
 def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:

@@ -328,6 +328,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         }
     if device.type == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        result["allocated_at_start_bytes"] = base  # 0 unless an earlier variant left something behind
     if name not in ("gpu", "accelerate"):
         plans = hetegen_fx.explain(runner).plans
         dec = min(plans, key=lambda p: p.tokens)

@@ -109,6 +109,15 @@ class Config:
         given ``plan`` looked up on the host (and reserves them).
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
+    kv_cache: the KV cache ``generate()`` of a compiled Hugging Face model uses when the call names none.
+        "static": HF's StaticCache (``cache_implementation="static"``), written in place, so the budget
+        reserves one copy of it; "dynamic": HF's default DynamicCache, extended by concatenation, so a step
+        holds the cache it was given and the one it returns and the reserve is twice as large. "auto"
+        (default): "static" for models whose HF class can be compiled whole (``_can_compile_fullgraph``)
+        and whose ``generation_config`` names no cache, else HF's choice. On the H100 host a 7B split at
+        6 GiB stepped in 0.951 of the DynamicCache's time with it (292 MiB more resident weights at 584
+        tokens; docs/benchmarks.md, twelfth session). Only :func:`hetegen_fx.compile` applies it (on its
+        copy of the model); the torch.compile backend leaves ``generate()`` alone.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -130,6 +139,7 @@ class Config:
     cudnn_attention: bool = False
     host_embeddings: bool = True
     graph_memory: int | None = None
+    kv_cache: str = "auto"
     cache_dir: str | None = None
     verbose: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -144,6 +154,7 @@ class Config:
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
+        _check_choice("kv_cache", self.kv_cache, ("auto", "static", "dynamic"))
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
         if self.job_overhead is not None and not 0.0 <= float(self.job_overhead) <= 1.0:

@@ -99,15 +99,33 @@ def kv_cache_copies(gm: fx.GraphModule) -> int:
     return copies
 
 
+#: what keys read through views may be stored in: a buffer the graph allocates, or a concatenation
+_STORED = _CACHE_BUFFERS | {"cat"}
+
+
 def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
-    """Bytes one token adds to the KV cache, read off the attention ops of the graph (0 if none)."""
+    """Bytes one token adds to the KV cache, read off the attention ops of the graph (0 if none). Keys read
+    through views of a cache (a graph input, a buffer the graph allocates, a concatenation) count the
+    cache's heads: grouped-query attention expands a cache of fewer heads to the query's."""
     total = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
-            k = node_value(node.args[1]) if len(node.args) > 1 else None
-            if k is not None and getattr(k, "dim", lambda: 0)() == 4:
-                heads, head_dim = concrete(k.shape[1]), concrete(k.shape[3])
-                total += 2 * heads * head_dim * k.element_size()
+            k = node.args[1] if len(node.args) > 1 else None
+            if not isinstance(k, fx.Node):
+                continue
+            base = k
+            while (
+                base.op != "placeholder"
+                and base.args
+                and _is_view(base)
+                and isinstance(base.args[0], fx.Node)
+            ):
+                base = base.args[0]
+            stored = node_value(base) if base.op == "placeholder" or _name(base) in _STORED else None
+            value = stored if getattr(stored, "dim", lambda: 0)() == 4 else node_value(k)
+            if value is not None and getattr(value, "dim", lambda: 0)() == 4:
+                heads, head_dim = concrete(value.shape[1]), concrete(value.shape[3])
+                total += 2 * heads * head_dim * value.element_size()
     return total
 
 
@@ -207,10 +225,10 @@ class PlacementPass(PassBase):
         store = self.store
         tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
         other = other_param_bytes(gm, sites, tables)
+        kv = kv_cache_copies(gm) * kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
         if store.residency is None:
-            kv = kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
             reserved = {
-                "kv_cache": kv_cache_copies(gm) * kv,
+                "kv_cache": kv,
                 "activations": cfg.activation_reserve
                 if cfg.activation_reserve is not None
                 else activation_bytes(gm),
@@ -229,8 +247,10 @@ class PlacementPass(PassBase):
             if lp.resident:
                 lp.alpha, lp.split = 0.0, 0
         reserved = dict(store.reserved)
-        # a later graph may read on the device what the first looked up on the host (a graph break)
+        # a later graph may read on the device what the first looked up on the host (a graph break), or
+        # hold two copies of a KV cache the first held once (a DynamicCache after a StaticCache)
         reserved["other_params"] = max(reserved.get("other_params", 0), other)
+        reserved["kv_cache"] = max(reserved.get("kv_cache", 0), kv)
         reserved["staging"] = self._staging(layers)
         self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
@@ -319,12 +339,15 @@ class PlacementPass(PassBase):
             warnings.warn(
                 f"hetegen: the graph {self.label + ' ' if self.label else ''}"
                 f"({max((lp.tokens for lp in layers), default=0)} tokens) needs a "
-                f"staging arena of {format_bytes(reserved['staging'])} for its GPU parts and "
-                f"{format_bytes(reserved.get('other_params', 0))} of other parameters; with the weights the "
+                f"staging arena of {format_bytes(reserved['staging'])} for its GPU parts, "
+                f"{format_bytes(reserved.get('other_params', 0))} of other parameters and "
+                f"{format_bytes(reserved.get('kv_cache', 0))} of KV cache; with the weights the "
                 f"model's first graph made resident ({format_bytes(resident)}) and the reserves, that is "
                 f"{format_bytes(total)}, over gpu_memory {format_bytes(budget)}. Raise gpu_memory by "
-                f"{format_bytes(total - budget)}, set prefetch=1 (an arena of one GPU part), or run the "
-                "longest input first (HF's generate does: its prefill is compiled before the decode step)",
+                f"{format_bytes(total - budget)}, set prefetch=1 (an arena of one GPU part), run the "
+                "longest input first (HF's generate does: its prefill is compiled before the decode step), "
+                "or keep to the KV cache of the first call (kv_cache='dynamic' at compile time if later "
+                "calls pass a DynamicCache)",
                 RuntimeWarning,
                 stacklevel=2,
             )

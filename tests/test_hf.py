@@ -65,7 +65,8 @@ def test_decode_graph_is_compiled(tiny_hf):
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     # no max_seq_len: the KV-cache reserve is sized for the model's own limit (128 positions here)
     budget = int(_nbytes(model) * 0.95) + per_token * c.max_position_embeddings
-    compiled = hetegen_fx.compile(model, gpu_memory=budget, device="cpu", profile="model")
+    compiled = hetegen_fx.compile(model, gpu_memory=budget, device="cpu", profile="model", kv_cache="dynamic")
+    assert not hasattr(compiled.generate, "hetegen_static_cache")  # HF's default, a DynamicCache
     assert torch.equal(_generate(compiled, ids), ref)
     plans = hetegen_fx.explain(compiled).plans
     assert plans[0].reserved["kv_cache"] == 2 * per_token * c.max_position_embeddings  # old + new cache
@@ -114,6 +115,50 @@ def test_static_cache_parity(tiny_hf):
     assert torch.equal(_generate(compiled, ids, cache_implementation="static"), ref)
     code = "\n".join(hetegen_fx.explain(compiled).codes)
     assert "index_copy_" in code and "add_" in code
+
+
+def test_generate_uses_a_static_cache_by_default_reserved_once(tiny_hf):
+    """``kv_cache="auto"``: the compiled copy's generate() uses HF's StaticCache, written in place, so the
+    plans reserve one copy of the cache instead of two; the user's model keeps its generation config."""
+    model = tiny_hf("llama")
+    ids = _prompt()
+    ref = _generate(model, ids)
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    compiled = hetegen_fx.compile(
+        model, gpu_memory=int(_nbytes(model) * 0.6), device="cpu", max_seq_len=64, profile="model"
+    )
+    assert compiled.generate.hetegen_static_cache and "generate" not in vars(model)
+    assert torch.equal(_generate(compiled, ids), ref)
+    plans = hetegen_fx.explain(compiled).plans
+    assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64}
+    assert any("index_copy_" in code for code in hetegen_fx.explain(compiled).codes)
+    _check_split(plans)
+    # a call that brings its own cache gets it (HF refuses a cache object with a cache implementation)
+    from transformers import DynamicCache
+
+    assert torch.equal(_generate(compiled, ids, past_key_values=DynamicCache()), ref)
+    plans = hetegen_fx.explain(compiled).plans
+    assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64, 2 * per_token * 64}
+
+
+def test_kv_cache_option_respects_the_model_and_rejects_what_it_cannot_do(tiny_hf):
+    model = tiny_hf("llama")
+    model.generation_config.cache_implementation = "dynamic"  # the user's own choice wins under "auto"
+    kw = {"gpu_memory": _nbytes(model), "device": "cpu", "max_seq_len": 64, "profile": "model"}
+    assert not hasattr(hetegen_fx.compile(model, **kw).generate, "hetegen_static_cache")
+    assert hetegen_fx.compile(model, kv_cache="static", **kw).generate.hetegen_static_cache
+    assert model.generation_config.cache_implementation == "dynamic"
+    with pytest.raises(hetegen_fx.ConfigError, match="kv_cache must be one of"):
+        hetegen_fx.compile(model, kv_cache="paged", **kw)
+    with pytest.raises(hetegen_fx.ConfigError, match="decoder-only model with generate"):
+        hetegen_fx.compile(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)),
+            frontend="dynamo",
+            kv_cache="static",
+            gpu_memory=1 << 20,
+            device="cpu",
+        )
 
 
 def test_two_compiled_variants_of_one_model_keep_their_own_plans(tiny_hf):
