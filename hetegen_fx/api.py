@@ -116,7 +116,7 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
-        compiled.generate = _static_cache_by_default(compiled.generate)
+        compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len)
     compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
     compiled.hetegen_config = config
     compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
@@ -141,11 +141,13 @@ def _kv_cache(model: torch.nn.Module, config: Config) -> bool:
     return True
 
 
-def _static_cache_by_default(generate):
-    """``generate`` (a bound HF ``generate``), with ``cache_implementation="static"`` added to calls that name
-    no cache: no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config``
-    naming one (HF refuses a cache object together with a cache implementation, so the model's own
-    ``generation_config`` is left alone)."""
+def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int | None):
+    """``generate`` (``model``'s bound HF ``generate``), giving a static KV cache to calls that name no cache:
+    no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config`` naming one
+    (HF refuses a cache object together with a cache implementation, so the model's own
+    ``generation_config`` is left alone). The cache holds ``max_seq_len`` tokens, what the budget reserved,
+    so its shape, and the compiled graphs, stay the same from call to call (HF would size it per call and
+    recompile for each longer one); a call that needs more gets HF's own (``cache_implementation="static"``)."""
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
@@ -157,11 +159,31 @@ def _static_cache_by_default(generate):
             or (gen is not None and (gen.cache_implementation is not None or gen.use_cache is False))
         )
         if not named:
-            kwargs["cache_implementation"] = "static"
+            need = _tokens_needed(args, kwargs, gen or model.generation_config)
+            if max_seq_len is not None and need is not None and need <= max_seq_len:
+                from transformers import StaticCache
+
+                cfg = model.config
+                cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+                kwargs["past_key_values"] = StaticCache(config=cfg, max_cache_len=max_seq_len)
+            else:
+                kwargs["cache_implementation"] = "static"
         return generate(*args, **kwargs)
 
     wrapper.hetegen_static_cache = True
     return wrapper
+
+
+def _tokens_needed(args: tuple, kwargs: dict, gen) -> int | None:
+    """The sequence length a generate call reaches (prompt and new tokens), or None if it cannot be told."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds")))
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return None
+    new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
+    if new is not None:
+        return ids.shape[1] + int(new)
+    length = kwargs.get("max_length", getattr(gen, "max_length", None))
+    return None if length is None else int(length)
 
 
 def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:

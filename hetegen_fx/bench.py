@@ -273,9 +273,11 @@ def _build(args):
 def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device) -> dict:
     import hetegen_fx
     from hetegen_fx.runtime import get_runtime
+    from hetegen_fx.store import forget
 
     result: dict = {"variant": name}
     new_tokens = args.accelerate_tokens if name == "accelerate" else args.new_tokens
+    forget(list(model.parameters()))  # the last variant's store (its resident weights) goes with it
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -144,6 +144,16 @@ def store_for(params: list[torch.Tensor], device: torch.device, fresh: bool = Fa
         return store
 
 
+def forget(params: list[torch.Tensor]) -> None:
+    """Drop the registration of ``params`` (:func:`store_for`), so that their store, once nothing else
+    holds it, frees its device memory (a benchmark's next variant of the same model starts from nothing)."""
+    with _LOCK:
+        for p in params:
+            hit = _STORES.get(id(p))
+            if hit is not None and hit[0]() is p:
+                del _STORES[id(p)]
+
+
 def find_store(params: list[torch.Tensor]) -> WeightStore | None:
     """The store holding any of ``params``, if one exists."""
     with _LOCK:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from hetegen_fx.cli import main
 
 
@@ -52,3 +54,27 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in (
         tmp_path / "bench.md"
     ).read_text()
+
+
+def test_a_variant_of_the_same_model_frees_the_last_ones_store(tiny_hf):
+    """The bench compiles one model once per variant: the last variant's store (its resident weights) must go
+    once its model does, or the next variant's peak is measured on top of it."""
+    import gc
+    import weakref
+
+    import hetegen_fx
+    from hetegen_fx.store import find_store, forget
+
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    compiled = hetegen_fx.compile(model, gpu_memory=int(nbytes * 0.6), device="cpu", max_seq_len=32)
+    compiled.generate(ids, max_new_tokens=3, do_sample=False)
+    store = weakref.ref(compiled.hetegen_store)
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert store() is not None and find_store(list(model.parameters())) is store()  # still registered
+    forget(list(model.parameters()))
+    gc.collect()
+    assert store() is None and find_store(list(model.parameters())) is None

@@ -132,6 +132,12 @@ def test_generate_uses_a_static_cache_by_default_reserved_once(tiny_hf):
     assert torch.equal(_generate(compiled, ids), ref)
     plans = hetegen_fx.explain(compiled).plans
     assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64}
+    # the cache holds max_seq_len tokens at every call: a longer generate compiles nothing new
+    longer = compiled.generate(
+        ids, max_new_tokens=NEW_TOKENS + 3, do_sample=False, min_new_tokens=NEW_TOKENS + 3
+    )
+    assert torch.equal(longer[:, : ref.shape[1]], ref)
+    assert len(hetegen_fx.explain(compiled).plans) == len(plans)
     assert any("index_copy_" in code for code in hetegen_fx.explain(compiled).codes)
     _check_split(plans)
     # a call that brings its own cache gets it (HF refuses a cache object with a cache implementation)
