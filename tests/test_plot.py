@@ -178,7 +178,7 @@ def test_draw_layer_says_what_to_install(compiled_mlp, tmp_path, monkeypatch):
 
 def test_cli_plan(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    argv = ["plan", "--model", "tiny-llama", "--device", "cpu", "--gpu-memory", "300KiB"]
+    argv = ["plan", "--model", "tiny-llama", "--device", "cpu", "--gpu-memory", "420KiB"]
     argv += ["--out", str(tmp_path / "plan.json"), "--png", str(tmp_path / "plan.png")]
     dot = tmp_path / "layer.dot"
     try:

@@ -530,3 +530,20 @@ def test_a_later_graph_that_reads_a_host_table_on_the_device_reserves_it():
     with pytest.warns(RuntimeWarning, match="of other parameters"):
         _, plan2, _ = _place(later, _config(gpu_memory=8000), store)
     assert plan2.host_tables == [] and plan2.reserved["other_params"] == table
+
+
+def test_allocated_bytes_follows_the_cuda_caching_allocator():
+    """Resident weights are counted as the allocator holds them: a 13B MLP weight (5120 × 13824 fp16, 135 MiB)
+    gets a 136 MiB segment that is not split (1 MiB left over), so a 10 GiB plan that counted 135 went 40 MiB
+    over the budget on the H100."""
+    from hetegen_fx.passes.placement import allocated_bytes
+
+    mib = 1 << 20
+    assert allocated_bytes(5120 * 13824 * 2) == 136 * mib
+    assert allocated_bytes(5120 * 5120 * 2) == 50 * mib  # a whole number of 2 MiB: as it is
+    assert allocated_bytes(4096 * 11008 * 2) == 86 * mib
+    assert allocated_bytes(11 * mib + 512) == 12 * mib  # 12 MiB segment, 1 MiB - 512 B left: not split
+    assert allocated_bytes(12 * mib + mib // 2) == 12 * mib + mib // 2  # 14 MiB segment, split
+    assert allocated_bytes(3 * mib + 1) == 3 * mib + 512  # from a 20 MiB segment, split
+    assert allocated_bytes(1000) == 1024
+    assert allocated_bytes(5120 * 13824 * 2, "cpu") == 5120 * 13824 * 2
