@@ -349,9 +349,9 @@ class GraphPool:
         * torch (since pytorch/pytorch#175276) frees the cuBLAS workspace of the stream a CUDA graph was
           captured on when that graph is destroyed, although every other graph captured there still uses it
           (pytorch/pytorch#193402, open): all of a pool's graphs are captured on one stream, so freeing a
-          retired graph left the others' GEMMs writing into memory given out again. This is the likely
-          cause of the static-cache graph test's intermittent wrong tokens (docs/benchmarks.md, eleventh
-          session).
+          retired graph would leave the others' GEMMs writing into memory given out again. (The static-cache
+          graph test's intermittent wrong tokens, first blamed on this, came from the shared memory pool's
+          order: see :meth:`record`; docs/benchmarks.md, twelfth session.)
 
         What the kept graphs hold counts against the pool's budget (:attr:`used` only grows), so recording
         stops once they fill it."""

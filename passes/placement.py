@@ -79,6 +79,13 @@ def _nbytes(t: torch.Tensor) -> int:
 _CACHE_BUFFERS = frozenset({"zeros", "empty", "full"})
 
 
+def _through_views(node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` views (itself if it is no view): a cache behind GQA's expand/reshape."""
+    while node.op != "placeholder" and node.args and _is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def kv_cache_copies(gm: fx.GraphModule) -> int:
     """How many copies of the KV cache a step holds at once: 1 when every attention op reads its keys and
     values (through views, e.g. GQA's expand) from a buffer the graph writes in place, a graph input or one
@@ -91,8 +98,7 @@ def kv_cache_copies(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
             for kv in node.args[1:3]:
-                while isinstance(kv, fx.Node) and kv.op != "placeholder" and kv.args and _is_view(kv):
-                    kv = kv.args[0]
+                kv = _through_views(kv) if isinstance(kv, fx.Node) else kv
                 buffer = isinstance(kv, fx.Node) and (kv.op == "placeholder" or _name(kv) in _CACHE_BUFFERS)
                 if not buffer or not writers_of(kv):
                     copies = 2
@@ -127,14 +133,7 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
             k = node.args[1] if len(node.args) > 1 else None
             if not isinstance(k, fx.Node):
                 continue
-            base = k
-            while (
-                base.op != "placeholder"
-                and base.args
-                and _is_view(base)
-                and isinstance(base.args[0], fx.Node)
-            ):
-                base = base.args[0]
+            base = _through_views(k)
             stored = node_value(base) if base.op == "placeholder" or _name(base) in _STORED else None
             value = stored if getattr(stored, "dim", lambda: 0)() == 4 else node_value(k)
             if value is not None and getattr(value, "dim", lambda: 0)() == 4:
