@@ -44,6 +44,7 @@ own inputs and copying the results into its own outputs, so the logic above is e
 from __future__ import annotations
 
 import functools
+import gc
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -321,7 +322,9 @@ class GraphPool:
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         self._stream.wait_stream(current)  # the inputs' values are queued on the current stream
-        try:
+        collect = gc.isenabled()
+        gc.disable()  # a collection inside the capture could run finalizers that make CUDA calls a capture
+        try:  # forbids (unpinning a dead model's weights); torch.cuda.graph collects first, too slow per stretch
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._handle, capture_error_mode="thread_local")
                 try:
@@ -329,6 +332,8 @@ class GraphPool:
                 finally:
                     graph.capture_end()
         finally:
+            if collect:
+                gc.enable()
             current.wait_stream(self._stream)
             grown = max(0, torch.cuda.memory_reserved(self.device) - before)
             self.used += grown
