@@ -4,7 +4,7 @@ A group of Linears that read the same activation ``x`` (q/k/v, gate/up) is one *
 
     cpu_begin:  [stream] x → pinned host buffer; write the job's number into the "ready" word;
                 [thread] post the job's descriptor (number, weights, buffers, shape) to the worker
-    worker:     wait for the "ready" word; y = cat(linear(x, W_i[:k_i], b_i[:k_i])) into a pinned host
+    worker:     wait for the "ready" word; y = [x W_1[:k_1]ᵀ + b_1[:k_1], ...] (one kernel call) into a pinned host
                 buffer; write the job's number into the "done" word
     cpu_end:    [stream] wait until the "done" word reaches the job's number; y → device
 
@@ -168,6 +168,28 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 _cpu_linear = _torch_linear
 
 
+def _each_linear(
+    x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], out: torch.Tensor
+) -> None:
+    """A job's Linears one by one (:data:`_cpu_linear`), each output copied into its columns of ``out``."""
+    off = 0
+    for i in range(len(ws)):
+        n = ws[i].size(0)
+        out.narrow(1, off, n).copy_(_cpu_linear(x, ws[i], bs[i]))
+        off += n
+
+
+def _kernel_linears(
+    x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], out: torch.Tensor
+) -> None:
+    torch.ops.hetegen_cpu.linears(x, ws, bs, out)
+
+
+#: how the job server runs a job's Linears when it runs them together: :func:`_kernel_linears` (one OpenMP
+#: team for all of them, written in place) where the kernel is built, else :func:`_each_linear`
+_cpu_linears = _each_linear
+
+
 def _no_clock() -> int:
     return 0
 
@@ -205,6 +227,7 @@ def _job_server(
     max_jobs: int,
     python: bool,
     stamp: bool,
+    together: bool,
 ) -> int:
     """Run the jobs posted to the ring ``desc`` in order, from ``counters[TAIL]`` on (see the module
     docstring; ``counters`` as :data:`_HEAD` and following say). For each job: if ``wait_ready``, spin until
@@ -215,7 +238,8 @@ def _job_server(
     limit). Scripted by :func:`_scripted_server`, it runs without the GIL; ``python`` pauses in its
     polls so that the same function can run in Python. With ``stamp``, job ``seq`` writes ``[seq, start,
     end]`` (:data:`_now` nanoseconds, from "ready" seen to its output written) into row ``seq % len(stamps)``
-    of ``stamps`` before its "done"."""
+    of ``stamps`` before its "done". With ``together`` a job's Linears run in one call (:data:`_cpu_linears`),
+    else one call each (:func:`_each_linear`)."""
     cap = desc.size(0)
     tail = int(counters[1].item())
     counters[3].fill_(generation)
@@ -257,11 +281,10 @@ def _job_server(
             features += w.size(0)
         x = xbufs[int(d[2].item())].narrow(0, 0, rows * cols).view(rows, cols)
         out = ybufs[int(d[3].item())].narrow(0, 0, rows * features).view(rows, features)
-        off = 0
-        for i in range(len(ws)):
-            n = ws[i].size(0)
-            out.narrow(1, off, n).copy_(_cpu_linear(x, ws[i], bs[i]))
-            off += n
+        if together:
+            _cpu_linears(x, ws, bs, out)
+        else:
+            _each_linear(x, ws, bs, out)
         if stamp:
             row = stamps[seq % stamps.size(0)]
             row[1].fill_(start)
@@ -284,11 +307,12 @@ def _scripted_server():
     """:func:`_job_server` compiled by TorchScript (GIL-free), or None (unavailable, or
     ``HETEGEN_SCRIPTED_JOBS=0``): the worker then runs the same function in Python. Either way its Linears
     are :mod:`hetegen_fx.kernels`' where that builds (the first call may take tens of seconds)."""
-    global _cpu_linear, _now
+    global _cpu_linear, _cpu_linears, _now
     with _SCRIPT_LOCK:
         if not _SCRIPTED:
             if kernels.load():
                 _cpu_linear = _kernel_linear
+                _cpu_linears = _kernel_linears
                 _now = _kernel_clock
             fn = None
             if os.environ.get("HETEGEN_SCRIPTED_JOBS", "1") != "0":
@@ -344,6 +368,10 @@ class HostWorker:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.threads = threads
+        #: a job's Linears (q/k/v, gate/up) in one kernel call, one OpenMP team (``HETEGEN_FUSED_JOBS=0``: one
+        #: call each); read each time the server is entered. On the H100 host the 7B step's CPU jobs, replayed
+        #: with copies streaming, took 62.3 ms together against 70.4 ms one call each (docs/benchmarks.md)
+        self.together = os.environ.get("HETEGEN_FUSED_JOBS", "1") != "0"
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._seq = 0
@@ -704,9 +732,9 @@ class HostWorker:
                     if log is not None and not stamp:
                         reason = self._run_timed(args, log)
                     elif server is not None:
-                        reason = server(*args, _IDLE_SPINS, 0, False, stamp)
-                    else:
-                        reason = _job_server(*args, _IDLE_SPINS // 50, 0, True, stamp)  # ~60 µs a poll
+                        reason = server(*args, _IDLE_SPINS, 0, False, stamp, self.together)
+                    else:  # ~60 µs a poll
+                        reason = _job_server(*args, _IDLE_SPINS // 50, 0, True, stamp, self.together)
             except BaseException as e:  # noqa: BLE001  (reported on the launching thread)
                 self._fail_current(e)
                 continue
@@ -745,7 +773,7 @@ class HostWorker:
                 while not _reached(self._ready_word, seq):
                     time.sleep(0)
             t0 = time.perf_counter()
-            _job_server(*args, 1, 1, True, False)
+            _job_server(*args, 1, 1, True, False, self.together)
             log.append((seq, t0, time.perf_counter()))
 
     def _fail_current(self, err: BaseException) -> None:

@@ -193,7 +193,7 @@ def test_the_scripted_server_waits_for_the_ready_word_without_the_gil(job_loop):
         t.start()
         stamps = torch.zeros(8, 3, dtype=torch.int64)
         reason = server(
-            desc, counters, words, stamps, [ws], [bs], [x.flatten()], [out], 5, True, 10, 1, False, True
+            desc, counters, words, stamps, [ws], [bs], [x.flatten()], [out], 5, True, 10, 1, False, True, True
         )
         returned = time.perf_counter()
         t.join()
@@ -277,3 +277,23 @@ def test_default_threads_leave_cores_to_the_launching_thread(monkeypatch, cores,
         pytest.skip("independent of the job server")
     monkeypatch.setattr(host_mod.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert host_mod.default_threads() == threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_jobs_linears_together_or_one_by_one_give_the_same_bits(dtype):
+    """``HostWorker.together`` (one kernel call for a job's Linears, the default) and one call each agree."""
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(8)
+    x, ws, bs, _ = _job(gen, rows=2)
+    x, ws, bs = x.to(dtype), [w.to(dtype) for w in ws], [None if b is None else b.to(dtype) for b in bs]
+    ys = []
+    for together in (True, False):
+        host.together = together
+        host.drain()
+        host.call(lambda: None)  # the server leaves; the next job enters it with the new setting
+        ys.append(host.end(host.begin(x, ws, bs), (2, 13), dtype))
+    assert host.together is False
+    assert torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(
+        ys[0].float(), torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], -1).float()
+    )

@@ -85,7 +85,7 @@ def test_bad_shapes_give_clear_errors():
 
 def test_the_job_server_and_the_profiler_run_it():
     host._scripted_server()
-    assert host._cpu_linear is host._kernel_linear
+    assert host._cpu_linear is host._kernel_linear and host._cpu_linears is host._kernel_linears
     assert kernels.cpu_linear() is torch.ops.hetegen_cpu.linear
 
 
@@ -103,3 +103,56 @@ def test_it_can_be_switched_off():
     code = "from hetegen_fx import kernels; import torch.nn.functional as F; assert kernels.cpu_linear() is F.linear"
     env = {**os.environ, "HETEGEN_CPU_KERNEL": "0"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def _parts(dtype, gen):
+    """A job's CPU parts: rows of three weights (views), one transposed (a Conv1D's columns), some biases."""
+    q, k = torch.randn(96, 64, generator=gen).to(dtype), torch.randn(40, 64, generator=gen).to(dtype)
+    conv = torch.randn(64, 23, generator=gen).to(dtype)  # [in, out]: its CPU part is a transposed view
+    ws = [q[:70], k[:33], conv.t()]
+    bs = [torch.randn(70, generator=gen).to(dtype), None, torch.randn(23, generator=gen).to(dtype)]
+    return ws, bs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_a_jobs_linears_in_one_call_equal_one_call_each(dtype, rows):
+    """``linears`` (one OpenMP team for the job, written in place) gives the bits of ``linear`` called per
+    weight: each row is summed by one thread in one order. Six rows (a prefill) go to torch per weight."""
+    g = torch.Generator().manual_seed(rows)
+    ws, bs = _parts(dtype, g)
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    each = torch.cat([torch.ops.hetegen_cpu.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], -1)
+    out = torch.full((rows, 126), float("nan"), dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out.fill_(float("nan"))
+            torch.ops.hetegen_cpu.linears(x, ws, bs, out)
+            assert torch.equal(out, each), threads
+    finally:
+        torch.set_num_threads(before)
+    ref = torch.cat([_ref(x, w, b) for w, b in zip(ws, bs, strict=True)], -1)
+    tol = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    assert ((out.double() - ref).abs() <= tol * ref.abs() + 1e-2).all()
+
+
+def test_a_jobs_linears_outside_the_kernel_go_to_torch():
+    g = torch.Generator().manual_seed(9)
+    ws, bs = _parts(torch.float32, g)
+    x = torch.randn(2, 64, generator=g)
+    out = torch.empty(2, 126)
+    torch.ops.hetegen_cpu.linears(x, ws, bs, out)
+    torch.testing.assert_close(out, torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], -1))
+
+
+def test_a_jobs_linears_check_their_shapes():
+    x = torch.randn(1, 8, dtype=torch.float16)
+    w = torch.randn(4, 8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="out has 5 columns, the weights 4 rows"):
+        torch.ops.hetegen_cpu.linears(x, [w], [None], torch.empty(1, 5, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="x has 8 features, a weight is"):
+        torch.ops.hetegen_cpu.linears(x, [torch.randn(4, 9, dtype=torch.float16)], [None], torch.empty(1, 4))
+    with pytest.raises(RuntimeError, match="1 weights and 2 biases"):
+        torch.ops.hetegen_cpu.linears(x, [w], [None, None], torch.empty(1, 4, dtype=torch.float16))

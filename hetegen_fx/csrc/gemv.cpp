@@ -99,9 +99,9 @@ inline float to_float_bf16(uint16_t v) {
   return f;
 }
 
-// y[m, n] = sum_k w[n, k] * x[m, k] for n in [n0, n1), rows of w in blocks of R; xf: [M, K] fp32
+// y[m * ldy + n + r] = sum_k w[n + r, k] * x[m, k] for r in [0, R); xf: [M, K] fp32
 template <int M, int R, bool BF16>
-void rows(const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K, int64_t n) {
+void rows(const uint16_t* w, const float* xf, float* y, int64_t ldy, int64_t K, int64_t n) {
   Vec acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vzero();
@@ -127,62 +127,134 @@ void rows(const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K, in
         uint16_t v = w[(n + r) * K + k];
         s += (BF16 ? to_float_bf16(v) : to_float_half(v)) * xf[m * K + k];
       }
-      y[m * N + n + r] = s;
+      y[m * ldy + n + r] = s;
     }
   }
 }
 
+// a grain of rows that streams a few hundred KiB of weights per task
+inline int64_t grain_of(int64_t K) { return std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, K * 2 * kBlock)); }
+
+// One weight of a job: its rows, and where its outputs go in the job's [M, ldy] fp32 output.
+struct Part {
+  const uint16_t* w;
+  int64_t N;
+  float* y;
+};
+
+// y = x Wᵢᵀ for every part, in one OpenMP team: each part's row blocks are shared out guided, and a thread
+// done with its share of one part goes on to the next (nowait), so a job of several Linears costs one fork
+// and one join. The team size is the calling thread's torch setting.
 template <int M, bool BF16>
-void gemv(const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K) {
-  const int64_t blocks = N / kBlock;
-  // a grain of rows that streams a few hundred KiB of weights per task
-  const int64_t grain = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(1, K * 2 * kBlock));
+void gemv(const std::vector<Part>& parts, const float* xf, int64_t ldy, int64_t K) {
   // OpenMP here, not at::parallel_for: ATen's OpenMP backend is inline code, and would run serially in an
-  // extension built without -fopenmp; the team size is the calling thread's torch setting
+  // extension built without -fopenmp
+  const int64_t grain = grain_of(K);
+  int64_t blocks = 0;
+  for (const Part& p : parts) blocks += p.N / kBlock;
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, blocks / grain)));
   // guided, not static: a call ends with its slowest thread, and in the decode step (copies streaming, the
   // launching thread busy) some threads stream slower than others; with equal static shares the 7B step's
   // CPU jobs took 112 ms where guided shares of at least a grain took 76 (H100 host, interleaved rounds)
-#pragma omp parallel for num_threads(threads) schedule(guided, grain)
-  for (int64_t b = 0; b < blocks; ++b) rows<M, kBlock, BF16>(w, xf, y, N, K, b * kBlock);
-  for (int64_t n = blocks * kBlock; n < N; ++n) rows<M, 1, BF16>(w, xf, y, N, K, n);
+#pragma omp parallel num_threads(threads)
+  {
+    for (const Part& p : parts) {
+      const int64_t nb = p.N / kBlock;
+#pragma omp for schedule(guided, grain) nowait
+      for (int64_t b = 0; b < nb; ++b) rows<M, kBlock, BF16>(p.w, xf, p.y, ldy, K, b * kBlock);
+#pragma omp for nowait
+      for (int64_t n = nb * kBlock; n < p.N; ++n) rows<M, 1, BF16>(p.w, xf, p.y, ldy, K, n);
+    }
+  }
 }
 
 template <bool BF16>
-void dispatch(int64_t M, const uint16_t* w, const float* xf, float* y, int64_t N, int64_t K) {
+void dispatch(int64_t M, const std::vector<Part>& parts, const float* xf, int64_t ldy, int64_t K) {
   switch (M) {
-    case 1: return gemv<1, BF16>(w, xf, y, N, K);
-    case 2: return gemv<2, BF16>(w, xf, y, N, K);
-    case 3: return gemv<3, BF16>(w, xf, y, N, K);
-    default: return gemv<4, BF16>(w, xf, y, N, K);
+    case 1: return gemv<1, BF16>(parts, xf, ldy, K);
+    case 2: return gemv<2, BF16>(parts, xf, ldy, K);
+    case 3: return gemv<3, BF16>(parts, xf, ldy, K);
+    default: return gemv<4, BF16>(parts, xf, ldy, K);
   }
+}
+
+// Whether the kernel takes x [.., K] (M rows) with a weight of dtype: half precision, on the CPU, a few rows.
+bool takes(const at::Tensor& x, const at::Tensor& w, int64_t M) {
+  const auto dtype = w.scalar_type();
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && x.scalar_type() == dtype && x.device().is_cpu() &&
+         w.device().is_cpu() && M >= 1 && M <= kMaxRows && w.size(0) > 0 && w.size(1) > 0;
+}
+
+// y [M, sum Nᵢ] fp32 = x Wᵢᵀ side by side (weights checked by the caller: 2-D, K columns, x's dtype)
+at::Tensor gemv_parts(const at::Tensor& x2, const std::vector<at::Tensor>& ws, int64_t M, int64_t K) {
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  int64_t features = 0;
+  for (const auto& w : ws) features += w.size(0);
+  at::Tensor y = at::empty({M, features}, x2.options().dtype(at::kFloat));
+  std::vector<at::Tensor> kept;  // contiguous weights (a transposed view is copied here, per call)
+  std::vector<Part> parts;
+  int64_t off = 0;
+  for (const auto& w : ws) {
+    kept.push_back(w.contiguous());
+    parts.push_back({reinterpret_cast<const uint16_t*>(kept.back().data_ptr()), w.size(0), y.data_ptr<float>() + off});
+    off += w.size(0);
+  }
+  if (ws.front().scalar_type() == at::kBFloat16) {
+    dispatch<true>(M, parts, xf.data_ptr<float>(), features, K);
+  } else {
+    dispatch<false>(M, parts, xf.data_ptr<float>(), features, K);
+  }
+  return y;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   TORCH_CHECK(w.dim() == 2, "hetegen_cpu::linear: weight must be 2-D, got ", w.dim(), "-D");
   if (x.dim() == 0) return at::linear(x, w, b);  // torch's error
   TORCH_CHECK(x.size(-1) == w.size(1), "hetegen_cpu::linear: x has ", x.size(-1), " features, weight ", w.size(1));
-  const auto dtype = w.scalar_type();
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   const int64_t K = w.size(1), N = w.size(0);
   const int64_t M = K ? x.numel() / K : 0;
-  if (!half || x.scalar_type() != dtype || !x.device().is_cpu() || !w.device().is_cpu() || M < 1 ||
-      M > kMaxRows || K == 0 || N == 0) {
-    return at::linear(x, w, b);
-  }
-  const at::Tensor wc = w.contiguous();
-  const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr());
-  if (dtype == at::kBFloat16) {
-    dispatch<true>(M, wp, xf.data_ptr<float>(), y.data_ptr<float>(), N, K);
-  } else {
-    dispatch<false>(M, wp, xf.data_ptr<float>(), y.data_ptr<float>(), N, K);
-  }
+  if (!takes(x, w, M)) return at::linear(x, w, b);
+  at::Tensor y = gemv_parts(x.reshape({M, K}), {w}, M, K);
   if (b.has_value() && b->defined()) y.add_(b->to(at::kFloat));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  return y.to(dtype).view(shape);
+  return y.to(w.scalar_type()).view(shape);
+}
+
+// out [M, sum Nᵢ] = x Wᵢᵀ + bᵢ side by side: a CPU job's Linears (q/k/v, gate/up) in one OpenMP team, written
+// into the job's output buffer. Outside the kernel's shapes (a prefill, other dtypes) each goes to at::linear.
+void linears(const at::Tensor& x, at::TensorList ws, c10::List<c10::optional<at::Tensor>> bs, at::Tensor out) {
+  TORCH_CHECK(!ws.empty() && bs.size() == ws.size(), "hetegen_cpu::linears: ", ws.size(), " weights and ",
+              bs.size(), " biases");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0),
+              "hetegen_cpu::linears: x must be [rows, in] and out [rows, out], got ", x.sizes(), " and ", out.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  int64_t features = 0;
+  bool fast = out.scalar_type() == x.scalar_type();
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "hetegen_cpu::linears: x has ", K, " features, a weight is ",
+                w.sizes());
+    fast = fast && takes(x, w, M) && w.scalar_type() == ws.front().scalar_type();
+    features += w.size(0);
+  }
+  TORCH_CHECK(out.size(1) == features, "hetegen_cpu::linears: out has ", out.size(1), " columns, the weights ",
+              features, " rows");
+  if (!fast) {
+    int64_t off = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      out.narrow(1, off, ws[i].size(0)).copy_(at::linear(x, ws[i], bs.get(i)));
+      off += ws[i].size(0);
+    }
+    return;
+  }
+  at::Tensor y = gemv_parts(x, ws.vec(), M, K);
+  int64_t off = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const c10::optional<at::Tensor> b = bs.get(i);
+    if (b.has_value() && b->defined()) y.narrow(1, off, ws[i].size(0)).add_(b->to(at::kFloat));
+    off += ws[i].size(0);
+  }
+  out.copy_(y);
 }
 
 // nanoseconds of the monotonic clock (CLOCK_MONOTONIC, as Python's time.perf_counter_ns on Linux): the job
@@ -196,10 +268,12 @@ int64_t now() {
 
 TORCH_LIBRARY(hetegen_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? b=None) -> Tensor");
+  m.def("linears(Tensor x, Tensor[] ws, Tensor?[] bs, Tensor(a!) out) -> ()");
   // CONSERVATIVE: a side effect to TorchScript, which would otherwise fold a call without inputs into a constant
   m.def(torch::schema("now() -> int", c10::AliasAnalysisKind::CONSERVATIVE), &now);
 }
 
 TORCH_LIBRARY_IMPL(hetegen_cpu, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("linears", &linears);
 }
