@@ -1,5 +1,7 @@
 // hetegen_cpu::linear — the CPU part of a split Linear at decode shapes (a few rows), for half-precision
-// weights, bound by memory bandwidth rather than by conversions.
+// weights, bound by memory bandwidth rather than by conversions; hetegen_cpu::linears — the CPU parts of a
+// job's Linears (q/k/v, gate/up) in one call, one OpenMP team, written into the job's buffer (the worker
+// runs this one; the profiler times the first).
 //
 // torch's CPU GEMV for fp16 / bf16 weights is compute-bound on the GPU host: it streamed 60 / 29 GB/s of
 // weights against 109 GB/s for fp32 (docs/benchmarks.md), so per weight it ran no faster than fp32 that reads
