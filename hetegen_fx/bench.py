@@ -352,7 +352,11 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             for p in plans
         ]
         host = get_runtime(device).host
-        result["cpu_worker"] = {"threads": host.threads, "stream_wait": host.stream_wait}
+        result["cpu_worker"] = {
+            "threads": host.threads,
+            "stream_wait": host.stream_wait,
+            "one_call_per_job": host.together,  # HETEGEN_FUSED_JOBS
+        }
         pool = runner.hetegen_store.graph_pool
         if pool is not None:
             result["cuda_graphs"] = pool.stats()

@@ -297,3 +297,17 @@ def test_a_jobs_linears_together_or_one_by_one_give_the_same_bits(dtype):
     torch.testing.assert_close(
         ys[0].float(), torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], -1).float()
     )
+
+
+def test_one_call_per_job_can_be_switched_off():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from hetegen_fx.host import HostWorker; print(HostWorker(torch.device('cpu')).together)"
+    env = {k: v for k, v in os.environ.items() if k != "HETEGEN_FUSED_JOBS"}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
+        for e in (env, {**env, "HETEGEN_FUSED_JOBS": "0"})
+    ]
+    assert [r.stdout.strip() for r in runs] == ["True", "False"], [r.stderr[-500:] for r in runs]
