@@ -124,6 +124,12 @@ _STORES: dict[int, tuple[weakref.ref, WeightStore]] = {}
 _LOCK = threading.Lock()
 
 
+def _registered(p: torch.Tensor) -> WeightStore | None:
+    """The store registered for parameter ``p`` (not for a dead tensor that had the same id); hold _LOCK."""
+    hit = _STORES.get(id(p))
+    return hit[1] if hit is not None and hit[0]() is p else None
+
+
 def store_for(params: list[torch.Tensor], device: torch.device, fresh: bool = False) -> WeightStore:
     """The store that already holds any of ``params`` on ``device`` (unless ``fresh``), else a new one.
 
@@ -132,11 +138,8 @@ def store_for(params: list[torch.Tensor], device: torch.device, fresh: bool = Fa
     """
     with _LOCK:
         store = None
-        for p in params:
-            hit = _STORES.get(id(p))
-            if not fresh and hit is not None and hit[0]() is p and hit[1].device == device:
-                store = hit[1]
-                break
+        if not fresh:
+            store = next((s for s in map(_registered, params) if s is not None and s.device == device), None)
         if store is None:
             store = WeightStore(device=device)
         for p in params:
@@ -149,16 +152,11 @@ def forget(params: list[torch.Tensor]) -> None:
     holds it, frees its device memory (a benchmark's next variant of the same model starts from nothing)."""
     with _LOCK:
         for p in params:
-            hit = _STORES.get(id(p))
-            if hit is not None and hit[0]() is p:
+            if _registered(p) is not None:
                 del _STORES[id(p)]
 
 
 def find_store(params: list[torch.Tensor]) -> WeightStore | None:
     """The store holding any of ``params``, if one exists."""
     with _LOCK:
-        for p in params:
-            hit = _STORES.get(id(p))
-            if hit is not None and hit[0]() is p:
-                return hit[1]
-    return None
+        return next((s for s in map(_registered, params) if s is not None), None)

@@ -119,6 +119,11 @@ def allocated_bytes(nbytes: int, device_type: str = "cuda") -> int:
     return segment if segment - rounded <= 1 << 20 else rounded
 
 
+def _is_4d(value) -> bool:
+    """Whether ``value`` is a tensor of attention's [batch, heads, tokens, head_dim] rank."""
+    return isinstance(value, torch.Tensor) and value.dim() == 4
+
+
 #: what keys read through views may be stored in: a buffer the graph allocates, or a concatenation
 _STORED = _CACHE_BUFFERS | {"cat"}
 
@@ -135,8 +140,8 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
                 continue
             base = _through_views(k)
             stored = node_value(base) if base.op == "placeholder" or _name(base) in _STORED else None
-            value = stored if getattr(stored, "dim", lambda: 0)() == 4 else node_value(k)
-            if value is not None and getattr(value, "dim", lambda: 0)() == 4:
+            value = stored if _is_4d(stored) else node_value(k)
+            if _is_4d(value):
                 heads, head_dim = concrete(value.shape[1]), concrete(value.shape[3])
                 total += 2 * heads * head_dim * value.element_size()
     return total
