@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,9 @@ _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 GEMV_ROWS = 4
 _LOCK = threading.Lock()
 _STATE: list[bool] = []  # [whether hetegen_cpu::linear is loaded]: tried once per process
+#: a build lock older than this (seconds) was left by a build that did not finish; the build itself takes tens
+#: of seconds (about 40 s on 2 cores)
+STALE_LOCK_S = 600.0
 
 
 def _cpu_tag() -> str:
@@ -58,10 +62,12 @@ def _build(progress) -> bool:
     try:
         from torch.utils.cpp_extension import load as build
 
+        name = f"hetegen_cpu_gemv_{_cpu_tag()}"
+        clear_stale_lock(name, progress)
         if progress:
             progress("building the CPU GEMV kernel for this machine (once)")
         build(
-            name=f"hetegen_cpu_gemv_{_cpu_tag()}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -77,6 +83,44 @@ def _build(progress) -> bool:
             stacklevel=2,
         )
         return False
+
+
+def clear_stale_lock(name: str, progress=None, poll_s: float = 0.5) -> bool:
+    """Remove the build lock of extension ``name`` if a build that did not finish left it; whether it did.
+
+    ``torch.utils.cpp_extension`` builds under a lock file in the build folder and waits, without end and
+    silently, while one exists. A build that was interrupted (Ctrl-C, a killed process) leaves its lock
+    behind, and every later process would then hang in its first CPU job. A lock younger than
+    :data:`STALE_LOCK_S` may belong to a build under way in another process: it is waited for (with a
+    message), and removed once it has grown older than that."""
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    except Exception:  # noqa: BLE001  (a private helper of torch's; without it torch waits as it always did)
+        return False
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age > STALE_LOCK_S:
+            try:
+                lock.unlink()
+            except FileNotFoundError:  # another process removed it first
+                return False
+            warnings.warn(
+                f"hetegen: removed {lock}, left {age / 60:.0f} min ago by a build of the CPU kernel that did not "
+                "finish (an interrupted process); building it again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return True
+        if not told and progress:
+            progress(f"waiting for another process to finish building the CPU kernel (its lock: {lock})")
+            told = True
+        time.sleep(poll_s)
 
 
 def cpu_linear():
