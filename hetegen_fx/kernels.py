@@ -29,8 +29,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 GEMV_ROWS = 4
 _LOCK = threading.Lock()
 _STATE: list[bool] = []  # [whether hetegen_cpu::linear is loaded]: tried once per process
-#: a build lock older than this (seconds) was left by a build that did not finish; the build itself takes tens
-#: of seconds (about 40 s on 2 cores)
+#: a build lock older than this (seconds) was left by a build that did not finish (a build takes tens of seconds)
 STALE_LOCK_S = 600.0
 
 
