@@ -368,10 +368,7 @@ class HostWorker:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.threads = threads
-        #: a job's Linears (q/k/v, gate/up) in one kernel call, one OpenMP team (``HETEGEN_FUSED_JOBS=0``: one
-        #: call each); read each time the server is entered. On the H100 host the 7B step's CPU jobs, replayed
-        #: with copies streaming, took 62.3 ms together against 70.4 ms one call each (docs/benchmarks.md)
-        self.together = os.environ.get("HETEGEN_FUSED_JOBS", "1") != "0"
+        self._together = os.environ.get("HETEGEN_FUSED_JOBS", "1") != "0"  # see :attr:`together`
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._seq = 0
@@ -401,6 +398,19 @@ class HostWorker:
         self._stamps = torch.zeros(_STAMPS, 3, dtype=torch.int64)
         self._stamp_mem = (ctypes.c_int64 * (_STAMPS * 3)).from_address(self._stamps.data_ptr())
         self._stamped = 0  # the last job number whose stamps are in the log
+
+    @property
+    def together(self) -> bool:
+        """Whether a job's Linears (q/k/v, gate/up) run in one kernel call, one OpenMP team
+        (``HETEGEN_FUSED_JOBS=0``: one call each). On the H100 host the 7B step's CPU jobs, replayed with copies
+        streaming, took 62.3 ms together against 70.4 ms one call each (docs/benchmarks.md)."""
+        return self._together
+
+    @together.setter
+    def together(self, value: bool) -> None:
+        if value != self._together:
+            self._together = value
+            self._generation += 1  # the server reads it when entered: the next job enters it again
 
     @property
     def log(self) -> list | None:
