@@ -187,7 +187,8 @@ def park(t: torch.Tensor) -> torch.Tensor:
     State a model carries between calls (an HF KV cache) stays on the accelerator while the user's model,
     whose weights live on the host, keeps seeing host tensors, so dynamo can trace it. The stand-in's
     memory is never written (so never paged in); when it comes back as a graph input, :func:`to_device`
-    swaps the device tensor in without a copy.
+    swaps the device tensor in without a copy. Its values are garbage on the host: DevicePass never parks an
+    output the caller holds as its own input (an HF StaticCache's length counter, read on the host).
     """
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
         return t

@@ -8,7 +8,8 @@
 * device constants baked in at capture (``arange(..., device='cpu')``) are retargeted to the device;
 * inputs the graph changes in place are copied back at the end, into the caller's tensors;
 * outputs go back to the device the inputs came from (``output_device="input"``), or, with "auto", those
-  computed from the last Linear do while the others (model state) are parked on the device.
+  computed from the last Linear do while the others (model state) are parked on the device; an output
+  that is one of the caller's inputs (moved onto the device, nothing else) is returned as that input.
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ class DevicePass(PassBase):
         v = node_value(n)
         if v is not None and not isinstance(v, torch.Tensor):
             return n
+        src = self._caller_input(n)
+        if src is not None:  # the caller's own tensor, as eager returns it (write_back keeps it current)
+            return src
         if returned is not None and n not in returned:
             node = graph.create_node("call_function", park, (n,), name=f"{n.name}_parked")
         else:
@@ -186,6 +190,42 @@ class DevicePass(PassBase):
             node = graph.create_node("call_function", to_device, (n, dev), name=f"{n.name}_out")
         node.meta[meta.SIDE] = "move"
         return node
+
+    def _caller_input(self, n: fx.Node) -> fx.Node | None:
+        """The input whose tensor output ``n`` is, or None: ``n`` is that input moved onto the device, then
+        passed through ``.to`` calls that change nothing (e.g. an HF StaticCache's length counter, which its
+        lazy initialisation moves to the device it is already on and the model then keeps).
+
+        Such an output goes back as the caller's own tensor, which eager would have returned. Parked instead,
+        it would come back as a host stand-in whose bytes are never written, and a caller that reads it on
+        the host (HF's attention mask reads the counter) would read garbage."""
+        while n.op == "call_method" and n.target == "to" and self._to_device_only(n):
+            n = n.args[0]
+            if not isinstance(n, fx.Node):
+                return None
+        if n.op == "call_function" and n.target is to_device:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src.op == "placeholder":
+                return src
+        return None
+
+    def _to_device_only(self, n: fx.Node) -> bool:
+        """Whether ``.to`` call ``n`` names nothing but this pass's device (so it returns its input itself)."""
+        args = list(n.args[1:]) + [v for k, v in n.kwargs.items() if k == "device"]
+        if set(n.kwargs) - {"device", "non_blocking"} or not args:
+            return False
+        for a in args:
+            if not isinstance(a, (str, torch.device)):
+                return False
+            try:
+                d = torch.device(a)
+            except RuntimeError:  # a dtype name, say
+                return False
+            if d.type != self.device.type or (
+                d.index is not None and self.device.index not in (None, d.index)
+            ):
+                return False
+        return True
 
 
 def input_device(x: Any, default: str) -> torch.device:

@@ -163,6 +163,46 @@ def test_static_cache_parity():
 
 
 @needs_cuda
+def test_static_cache_counter_stays_the_callers_tensor():
+    """HF's StaticCache keeps its length counter as a tensor; its lazy initialisation, inside the prefill's
+    graph, moves the counter to the device it is already on. The compiled prefill must hand back the
+    caller's own host counter, advanced: HF builds every decode step's attention mask from it on the host.
+    (It came back as a parked stand-in whose bytes were never written: the mask then read garbage, and
+    about one CPU-only generate in twenty went wrong from its first decode step on; a reset by the caller
+    never reached the device.) CPU-only, every logit of every step is compared with HF's eager all-GPU
+    generate, also for a cache used again after ``reset()``."""
+    from transformers import StaticCache
+
+    from hetegen_fx.runtime import unpark
+
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(5))
+    new, room = 8, 48
+    kw = {"max_new_tokens": new, "do_sample": False, "pad_token_id": 0, "return_dict_in_generate": True}
+    kw["output_logits"] = True
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=room)
+        ref = model.cuda().generate(ids.cuda(), past_key_values=cache, disable_compile=True, **kw)
+        ref_logits = torch.stack(ref.logits).cpu()
+    model.cpu()
+    torch.cuda.empty_cache()
+    c = hetegen_fx.compile(model, gpu_memory=_budget(model), device="cuda", max_seq_len=room, alpha=1.0)
+    with torch.no_grad():
+        for i in range(4):
+            if i < 3:
+                cache = StaticCache(config=model.config, max_cache_len=room)
+            else:  # the last cache again, reset by the caller on the host: its counter starts from 0
+                cache.reset()
+            out = c.generate(ids, past_key_values=cache, **kw)
+            for layer in cache.layers:
+                counter = layer.cumulative_length
+                assert unpark(counter) is None, "the counter came back as a parked stand-in"
+                assert counter.device.type == "cpu" and counter.item() == 32 + new - 1
+            torch.testing.assert_close(torch.stack(out.logits), ref_logits, atol=2e-3, rtol=2e-3)
+            assert out.sequences[0, 32:].tolist() == ref.sequences[0, 32:].tolist()
+
+
+@needs_cuda
 def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     """With a static cache the decode steps repeat their shapes: the stretches between hand-offs are
     recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate, and

@@ -19,7 +19,7 @@ from hetegen_fx.linear import host_tables, param_of
 from hetegen_fx.ops import CPU_BEGIN
 from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.plan import load_plan
-from hetegen_fx.runtime import embed_on_host, to_device, write_back
+from hetegen_fx.runtime import embed_on_host, park, to_device, write_back
 from hetegen_fx.store import WeightStore
 
 
@@ -169,6 +169,57 @@ def test_inputs_changed_in_place_on_the_emulated_device():
     for i in range(1, 3):
         torch.testing.assert_close(gm(x, count, cache), model(x, torch.zeros(()), torch.zeros(2, 4)))
         assert count.item() == i and torch.equal(cache.view(-1)[:4], x[0, :4])
+
+
+class Counter(nn.Module):
+    """HF's StaticLayer in miniature: its lazy initialisation moves the length counter "to the device it is
+    on" (the host, at capture), keeps the result as its state, and the update adds to it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, count):
+        kept = count.to(torch.device("cpu"))  # the same tensor, in eager
+        cast = count.to(torch.float32)  # a new tensor: not the input
+        copied = count.to(torch.device("cpu"), copy=True)  # a copy: not the input either
+        count.add_(1)
+        return self.fc(x), kept, cast, copied
+
+
+def _outputs(gm) -> tuple:
+    return gm.graph.output_node().args[0]
+
+
+def test_an_output_that_is_an_input_goes_back_as_the_callers_tensor():
+    """Parked, the counter would come back as a host stand-in whose bytes are never written; HF builds the
+    decode mask from it on the host, and read garbage there (the CPU-only first-decode-step bug)."""
+    for mode in ("auto", "input"):
+        gm = capture_fx(Counter())
+        _run(
+            gm,
+            device="meta",
+            example_inputs=[torch.randn(2, 8), torch.zeros((), dtype=torch.int64)],
+            output_device=mode,
+        )
+        logits, kept, cast, copied = _outputs(gm)
+        assert kept.op == "placeholder" and kept.target == "count", mode
+        assert [n.args[0].target for n in gm.graph.nodes if n.target is write_back] == ["count"]
+        assert logits.target is to_device
+        for other in (cast, copied):  # made from the input, not the input: moved back or parked
+            assert other.op == "call_function" and other.target in (to_device, park), mode
+
+
+def test_an_input_returned_as_itself_runs_like_eager():
+    """On the emulated device the same graph runs: the caller gets its own counter back, advanced."""
+    model = Counter()
+    gm = capture_fx(model)
+    count = torch.zeros((), dtype=torch.int64)
+    _run(gm, example_inputs=[torch.randn(2, 8), count.clone()])
+    x = torch.randn(2, 8)
+    out = gm(x, count)
+    torch.testing.assert_close(out[0], model.fc(x))
+    assert out[1] is count and count.item() == 1
 
 
 def test_output_stays_on_the_accelerator_when_asked():
