@@ -112,3 +112,35 @@ def test_write_back_copies_only_when_the_graph_worked_on_a_copy():
     write_back(same, same)
     assert same.tolist() == [0, 0]
     write_back(5, moved)  # not a tensor: nothing to do
+
+
+def test_a_small_input_written_back_keeps_a_device_twin_until_it_changes():
+    """An HF StaticCache's length counter comes back to the host at every step; its next copy in is skipped
+    while the host tensor is unchanged (its version counter), and handed over once per write-back."""
+    import gc
+
+    from hetegen_fx import runtime
+
+    meta = torch.device("meta")
+    host, moved = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64, device=meta)
+    runtime.remember_twin(host, moved)
+    assert runtime.to_device(host, "meta") is moved  # no copy
+    assert runtime.take_twin(host, meta) is None  # handed over once: the graph may change it
+    runtime.remember_twin(host, moved)
+    host.zero_()  # changed on the host (HF's cache.reset()): copied afresh
+    assert runtime.take_twin(host, meta) is None
+    assert runtime.to_device(host, "meta") is not moved
+    runtime.remember_twin(host, moved)
+    assert runtime.take_twin(host, torch.device("cpu")) is None  # a twin on another device is no twin
+    big = torch.zeros(runtime.TWIN_MAX_BYTES // 8 + 1, dtype=torch.int64)
+    runtime.remember_twin(big, big.to(meta))
+    assert runtime.take_twin(big, meta) is None  # too large to keep twice
+    with torch.inference_mode():
+        frozen = torch.zeros(())
+    runtime.remember_twin(frozen, moved)  # no version counter: never trusted
+    assert runtime.take_twin(frozen, meta) is None
+    runtime.remember_twin(host, moved)
+    key = id(host)
+    del host
+    gc.collect()
+    assert key not in runtime._TWINS  # the entry goes with the host tensor
