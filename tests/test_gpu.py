@@ -203,6 +203,27 @@ def test_static_cache_counter_stays_the_callers_tensor():
 
 
 @needs_cuda
+def test_beam_search_is_refused_before_anything_runs():
+    """Beam search would reorder the parked cache on the host: a clear error, and the next greedy generate
+    still matches HF's all-GPU one."""
+    from hetegen_fx.errors import ConfigError
+
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 16:].cpu()
+    model.cpu()
+    torch.cuda.empty_cache()
+    c = hetegen_fx.compile(model, gpu_memory=_budget(model), device="cuda", max_seq_len=32)
+    with torch.no_grad():
+        with pytest.raises(ConfigError, match="beam search"):
+            c.generate(ids, num_beams=2, **kw)
+        assert not hetegen_fx.explain(c).plans  # refused before any graph was compiled
+        assert c.generate(ids, **kw)[0, 16:].tolist() == ref.tolist()
+
+
+@needs_cuda
 def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     """With a static cache the decode steps repeat their shapes: the stretches between hand-offs are
     recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate, and

@@ -186,3 +186,45 @@ def test_two_compiled_variants_of_one_model_keep_their_own_plans(tiny_hf):
     for c, alpha in ((low, 0.25), (high, 0.75)):
         plans = hetegen_fx.explain(c).plans
         assert plans and {lp.alpha for p in plans for lp in p.layers if not lp.resident} == {alpha}
+
+
+def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tiny_hf):
+    """On an accelerator the KV cache stays there behind host stand-ins whose bytes are never written; beam
+    search (which reorders the cache on the host) and assisted decoding (which crops it) would compute on
+    them and go wrong silently, so the compiled copy's generate() refuses them with a clear error."""
+    from transformers import GenerationConfig
+
+    from hetegen_fx.api import _refuse_host_cache_edits
+    from hetegen_fx.errors import ConfigError
+
+    model = tiny_hf("llama")
+    ran = []
+    generate = _refuse_host_cache_edits(lambda *a, **k: ran.append(k) or "ran", model)
+    assert generate(_prompt(), max_new_tokens=2) == "ran"
+    assert generate(_prompt(), num_beams=1) == "ran"
+    refused = [
+        ({"num_beams": 4}, "beam search"),
+        ({"generation_config": GenerationConfig(num_beams=2)}, "beam search"),
+        ({"assistant_model": model}, "assisted decoding"),
+        ({"prompt_lookup_num_tokens": 3}, "prompt-lookup"),
+    ]
+    for kwargs, what in refused:
+        with pytest.raises(ConfigError, match=f"{what}.*on the host.*num_beams=1"):
+            generate(_prompt(), **kwargs)
+    model.generation_config.num_beams = 3  # the model's own default
+    with pytest.raises(ConfigError, match="beam search"):
+        generate(_prompt())
+    assert len(ran) == 2
+
+
+def test_beam_search_runs_on_the_emulated_device(tiny_hf):
+    """Under emulation nothing is parked: beam search gives eager's tokens."""
+    model = tiny_hf("llama")
+    ids = _prompt()
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": 2}
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        compiled = hetegen_fx.compile(
+            model, gpu_memory=600 << 10, device="cpu", max_seq_len=32, profile="model"
+        )
+        assert torch.equal(compiled.generate(ids, **kw), ref)
