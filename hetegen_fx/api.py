@@ -117,8 +117,8 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
         compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len)
-    if hasattr(model, "generate") and not config.is_cpu_emulation:
-        compiled.generate = _refuse_host_cache_edits(compiled.generate, model)
+    if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
+        compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
     compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
     compiled.hetegen_config = config
     compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
@@ -177,15 +177,18 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
 
 
 #: generate() arguments whose decoding edits the KV cache on the host between steps: beam search reorders it
-#: (``Cache.reorder_cache``), assisted and prompt-lookup decoding crop it
+#: (``Cache.reorder_cache``), the assisted kinds of decoding (an assistant model, prompt lookup, early exit,
+#: multi-token prediction) crop it
 _HOST_CACHE_EDITS = {
     "num_beams": "beam search (num_beams > 1) reorders the KV cache",
     "assistant_model": "assisted decoding (assistant_model) crops the KV cache",
     "prompt_lookup_num_tokens": "prompt-lookup decoding (prompt_lookup_num_tokens) crops the KV cache",
+    "assistant_early_exit": "self-speculative decoding (assistant_early_exit) crops the KV cache",
+    "use_mtp": "multi-token-prediction decoding (use_mtp) crops the KV cache",
 }
 
 
-def _refuse_host_cache_edits(generate, model: torch.nn.Module):
+def _refuse_host_cache_edits(generate, compiled: torch.nn.Module):
     """``generate`` that refuses, before anything runs, the decoding modes that edit the KV cache on the host
     (:data:`_HOST_CACHE_EDITS`): the compiled graphs keep the cache on the accelerator behind host stand-ins
     whose bytes are never written, so such an edit would compute on garbage and go wrong silently."""
@@ -194,15 +197,15 @@ def _refuse_host_cache_edits(generate, model: torch.nn.Module):
     def wrapper(*args, **kwargs):
         gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
         for name, what in _HOST_CACHE_EDITS.items():
-            value = kwargs.get(name)
-            for source in (gen, getattr(model, "generation_config", None)):
-                if value is None and source is not None:
-                    value = getattr(source, name, None)
-            if value is not None and (name != "num_beams" or value > 1):
+            if name in kwargs:  # an explicit None too: HF then uses its default (no such mode)
+                value = kwargs[name]
+            else:  # the call's generation config, else the compiled copy's (what HF reads)
+                source = gen if gen is not None else getattr(compiled, "generation_config", None)
+                value = getattr(source, name, None)
+            if value is not None and value is not False and (name != "num_beams" or value > 1):
                 raise ConfigError(
                     f"hetegen_fx keeps the KV cache on the accelerator, and {what} on the host, where it "
-                    "would read garbage: use greedy decoding or sampling (num_beams=1, no assistant_model, "
-                    "no prompt_lookup_num_tokens)"
+                    "would read garbage: use greedy decoding or sampling (num_beams=1, no assisted decoding)"
                 )
         return generate(*args, **kwargs)
 

@@ -187,8 +187,9 @@ def park(t: torch.Tensor) -> torch.Tensor:
     State a model carries between calls (an HF KV cache) stays on the accelerator while the user's model,
     whose weights live on the host, keeps seeing host tensors, so dynamo can trace it. The stand-in's
     memory is never written (so never paged in); when it comes back as a graph input, :func:`to_device`
-    swaps the device tensor in without a copy. Its values are garbage on the host: DevicePass never parks an
-    output the caller holds as its own input (an HF StaticCache's length counter, read on the host).
+    swaps the device tensor in without a copy. Its values are garbage on the host: DevicePass does not park
+    an output that is the caller's own input moved onto the device (an HF StaticCache's length counter,
+    which HF reads on the host), and the compiled ``generate`` refuses decoding that edits the cache there.
     """
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
         return t
@@ -226,7 +227,8 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
     return x.to(dev, non_blocking=x.device.type == "cpu" and x.is_pinned())
 
 
-#: id(host tensor) → [weak reference to it, its device twin, the host tensor's version counter then]
+#: id(host tensor) → [weak reference to it, its device twin, the host tensor's (version counter, data pointer)
+#: then]. Writes that bypass the version counter (through ``.data`` or ``.numpy()``) are not seen.
 _TWINS: dict[int, list] = {}
 #: host inputs up to this size that a graph changes in place keep a device twin between calls
 TWIN_MAX_BYTES = 4096
@@ -239,10 +241,15 @@ def remember_twin(host: torch.Tensor, moved: torch.Tensor) -> None:
     An HF StaticCache's length counters (32 in a 7B) come back to the host at every decode step, and their
     copies in, from pageable memory, each waited for the link: behind the weights streaming on the copy
     stream, about 50 µs each on the H100 host."""
-    if host.numel() * host.element_size() > TWIN_MAX_BYTES or moved.device.type == "cpu":
+    if (
+        host.numel() * host.element_size() > TWIN_MAX_BYTES
+        or moved.device.type == "cpu"
+        or type(moved) is not torch.Tensor  # traced (fake or functional tensors): nothing to keep
+        or moved.is_inference()  # a later call outside inference mode could not change it in place
+    ):
         return
     try:
-        version = host._version
+        version = (host._version, host.data_ptr())
     except RuntimeError:  # an inference tensor keeps no version counter: always copied
         return
     key = id(host)
@@ -264,7 +271,7 @@ def take_twin(x: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
     twin, version = hit[1], hit[2]
     hit[1] = None  # taken
     try:
-        same = x._version == version
+        same = (x._version, x.data_ptr()) == version
     except RuntimeError:
         return None
     return twin if same and twin.device == dev else None

@@ -212,7 +212,9 @@ class DevicePass(PassBase):
     def _to_device_only(self, n: fx.Node) -> bool:
         """Whether ``.to`` call ``n`` names nothing but this pass's device (so it returns its input itself)."""
         args = list(n.args[1:]) + [v for k, v in n.kwargs.items() if k == "device"]
-        if set(n.kwargs) - {"device", "non_blocking"} or not args:
+        if n.kwargs.get("copy", False) is not False or set(n.kwargs) - {"device", "non_blocking", "copy"}:
+            return False
+        if not args:
             return False
         for a in args:
             if not isinstance(a, (str, torch.device)):
@@ -221,9 +223,7 @@ class DevicePass(PassBase):
                 d = torch.device(a)
             except RuntimeError:  # a dtype name, say
                 return False
-            if d.type != self.device.type or (
-                d.index is not None and self.device.index not in (None, d.index)
-            ):
+            if d.type != self.device.type or resolve_device(d) != resolve_device(self.config.device):
                 return False
         return True
 

@@ -137,8 +137,14 @@ def test_a_small_input_written_back_keeps_a_device_twin_until_it_changes():
     assert runtime.take_twin(big, meta) is None  # too large to keep twice
     with torch.inference_mode():
         frozen = torch.zeros(())
+        made_there = torch.zeros((), dtype=torch.int64, device=meta)
     runtime.remember_twin(frozen, moved)  # no version counter: never trusted
     assert runtime.take_twin(frozen, meta) is None
+    runtime.remember_twin(host, made_there)  # a later call outside inference mode could not change it
+    assert runtime.take_twin(host, meta) is None
+    runtime.remember_twin(host, moved)
+    host.data = torch.ones((), dtype=torch.int64)  # new storage, version counter untouched
+    assert runtime.take_twin(host, meta) is None
     runtime.remember_twin(host, moved)
     key = id(host)
     del host

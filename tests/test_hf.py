@@ -197,24 +197,28 @@ def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tin
     from hetegen_fx.api import _refuse_host_cache_edits
     from hetegen_fx.errors import ConfigError
 
-    model = tiny_hf("llama")
+    compiled = tiny_hf("llama")  # stands for the compiled copy, whose generation config HF reads
     ran = []
-    generate = _refuse_host_cache_edits(lambda *a, **k: ran.append(k) or "ran", model)
+    generate = _refuse_host_cache_edits(lambda *a, **k: ran.append(k) or "ran", compiled)
     assert generate(_prompt(), max_new_tokens=2) == "ran"
     assert generate(_prompt(), num_beams=1) == "ran"
     refused = [
         ({"num_beams": 4}, "beam search"),
         ({"generation_config": GenerationConfig(num_beams=2)}, "beam search"),
-        ({"assistant_model": model}, "assisted decoding"),
+        ({"assistant_model": compiled}, "assisted decoding"),
         ({"prompt_lookup_num_tokens": 3}, "prompt-lookup"),
+        ({"assistant_early_exit": 2}, "self-speculative"),
+        ({"use_mtp": True}, "multi-token"),
     ]
     for kwargs, what in refused:
         with pytest.raises(ConfigError, match=f"{what}.*on the host.*num_beams=1"):
             generate(_prompt(), **kwargs)
-    model.generation_config.num_beams = 3  # the model's own default
+    compiled.generation_config.num_beams = 3  # the compiled copy's own default
     with pytest.raises(ConfigError, match="beam search"):
         generate(_prompt())
-    assert len(ran) == 2
+    assert generate(_prompt(), num_beams=None) == "ran"  # HF then falls back to its default
+    assert generate(_prompt(), generation_config=GenerationConfig(num_beams=1)) == "ran"
+    assert len(ran) == 4
 
 
 def test_beam_search_runs_on_the_emulated_device(tiny_hf):

@@ -211,7 +211,8 @@ def test_an_output_that_is_an_input_goes_back_as_the_callers_tensor():
 
 
 def test_an_input_returned_as_itself_runs_like_eager():
-    """On the emulated device the same graph runs: the caller gets its own counter back, advanced."""
+    """On the emulated device nothing moves and the graph runs as eager does: the caller's own counter comes
+    back, advanced (the structure test above covers the accelerator)."""
     model = Counter()
     gm = capture_fx(model)
     count = torch.zeros((), dtype=torch.int64)
