@@ -199,7 +199,7 @@ class DevicePass(PassBase):
         Such an output goes back as the caller's own tensor, which eager would have returned. Parked instead,
         it would come back as a host stand-in whose bytes are never written, and a caller that reads it on
         the host (HF's attention mask reads the counter) would read garbage."""
-        while n.op == "call_method" and n.target == "to" and self._to_device_only(n):
+        while self._is_no_op_to(n):
             n = n.args[0]
             if not isinstance(n, fx.Node):
                 return None
@@ -209,21 +209,42 @@ class DevicePass(PassBase):
                 return src
         return None
 
-    def _to_device_only(self, n: fx.Node) -> bool:
-        """Whether ``.to`` call ``n`` names nothing but this pass's device (so it returns its input itself)."""
-        args = list(n.args[1:]) + [v for k, v in n.kwargs.items() if k == "device"]
-        if n.kwargs.get("copy", False) is not False or set(n.kwargs) - {"device", "non_blocking", "copy"}:
+    def _is_no_op_to(self, n: fx.Node) -> bool:
+        """Whether ``n`` is a ``Tensor.to`` call (method or function) that returns its input itself here: what
+        it names is this pass's device or the input's own dtype (known from the recorded value of the input
+        behind the moves), and it asks for no copy. Positional flags follow ``to``'s signatures:
+        ``non_blocking``, then ``copy``."""
+        if not (
+            (n.op == "call_method" and n.target == "to")
+            or (n.op == "call_function" and n.target is torch.Tensor.to)
+        ):
             return False
-        if not args:
+        if set(n.kwargs) - {"device", "dtype", "non_blocking", "copy"} or n.kwargs.get("copy", False):
             return False
-        for a in args:
-            if not isinstance(a, (str, torch.device)):
-                return False
-            try:
-                d = torch.device(a)
-            except RuntimeError:  # a dtype name, say
-                return False
-            if d.type != self.device.type or resolve_device(d) != resolve_device(self.config.device):
+        src = n.args[0] if n.args else None
+        if not isinstance(src, fx.Node):
+            return False
+        root = src
+        while isinstance(root, fx.Node) and root.op == "call_function" and root.target is to_device:
+            root = root.args[0]  # a move has no recorded value: the input behind it has
+        value = node_value(root)
+        flags = 0
+        for a in [*n.args[1:], *(n.kwargs[k] for k in ("device", "dtype") if k in n.kwargs)]:
+            if isinstance(a, bool):
+                flags += 1
+                if flags > 1 and a:  # the second flag is ``copy``
+                    return False
+            elif isinstance(a, torch.dtype):
+                if not isinstance(value, torch.Tensor) or value.dtype != a:
+                    return False
+            elif isinstance(a, (str, torch.device)):
+                try:
+                    d = torch.device(a)
+                except RuntimeError:  # not a device name
+                    return False
+                if d.type != self.device.type or resolve_device(d) != resolve_device(self.config.device):
+                    return False
+            else:
                 return False
         return True
 

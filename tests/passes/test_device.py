@@ -187,6 +187,42 @@ class Counter(nn.Module):
         return self.fc(x), kept, cast, copied
 
 
+class Spellings(nn.Module):
+    """Other spellings of the same no-op move, and near misses that are real copies or casts."""
+
+    def forward(self, count):
+        same = [
+            count.to(torch.device("cpu"), torch.int64),  # the input's own dtype too
+            count.to(torch.device("cpu"), non_blocking=True, copy=False),
+            count.to(torch.int64),  # the dtype alone
+            count.to(torch.device("cpu")).to(torch.device("cpu")),  # twice
+        ]
+        other = [
+            count.to(torch.device("cpu"), torch.float32),  # a cast
+            count.to(torch.device("cpu"), torch.int64, False, True),  # copy=True, by position
+            count.to(torch.device("cpu"), copy=True),
+            count + 0,
+        ]
+        count.add_(1)
+        return (*same, *other)
+
+
+def test_spellings_of_a_no_op_move_all_go_back_as_the_input():
+    gm = capture_fx(Spellings())
+    (count,) = gm.graph.find_nodes(op="placeholder")
+    count.meta["val"] = torch.zeros((), dtype=torch.int64)  # as dynamo records it: the dtype is known
+    _run(gm, device="meta", example_inputs=[torch.zeros((), dtype=torch.int64)], output_device="auto")
+    outs = _outputs(gm)
+    assert [o.op == "placeholder" for o in outs] == [True] * 4 + [False] * 4
+    # the function form, as a graph may record it
+    graph = fx.Graph()
+    count = graph.placeholder("count")
+    graph.output((graph.call_function(torch.Tensor.to, (count, torch.device("cpu"))),))
+    gm = fx.GraphModule(nn.Module(), graph)
+    _run(gm, device="meta", example_inputs=[torch.zeros((), dtype=torch.int64)], output_device="auto")
+    assert _outputs(gm)[0].op == "placeholder"
+
+
 def _outputs(gm) -> tuple:
     return gm.graph.output_node().args[0]
 
