@@ -178,7 +178,22 @@ def get_runtime(device: str | torch.device) -> DeviceRuntime:
 
 
 #: id(host stand-in) → (weak reference to the stand-in, the device tensor it stands for)
-_PARKED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+_PARKED: dict[int, list] = {}
+
+
+def _remember(table: dict, x: torch.Tensor, *values: object) -> list:
+    """Enter host tensor ``x`` in ``table`` (keyed by its id, a weak reference first, then ``values``); the
+    entry goes when ``x`` does, before its id can be reused. Returns the entry."""
+    key = id(x)
+    entry = table[key] = [weakref.ref(x), *values]
+    weakref.finalize(x, table.pop, key, None)
+    return entry
+
+
+def _entry(table: dict, x: torch.Tensor) -> list | None:
+    """``x``'s entry in a table filled by :func:`_remember` (not a dead tensor's that had the same id)."""
+    hit = table.get(id(x))
+    return hit if hit is not None and hit[0]() is x else None
 
 
 def park(t: torch.Tensor) -> torch.Tensor:
@@ -196,16 +211,14 @@ def park(t: torch.Tensor) -> torch.Tensor:
     shadow = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
     for dim in range(t.dim() - 1):  # state grows (a KV cache's sequence): trace it once, not per length
         torch._dynamo.maybe_mark_dynamic(shadow, dim)
-    key = id(shadow)
-    _PARKED[key] = (weakref.ref(shadow), t)
-    weakref.finalize(shadow, _PARKED.pop, key, None)
+    _remember(_PARKED, shadow, t)
     return shadow
 
 
 def unpark(x: torch.Tensor) -> torch.Tensor | None:
     """The device tensor behind host stand-in ``x``, or None if ``x`` is not one."""
-    hit = _PARKED.get(id(x))
-    return hit[1] if hit is not None and hit[0]() is x else None
+    hit = _entry(_PARKED, x)
+    return hit[1] if hit is not None else None
 
 
 def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
@@ -252,11 +265,9 @@ def remember_twin(host: torch.Tensor, moved: torch.Tensor) -> None:
         version = (host._version, host.data_ptr())
     except RuntimeError:  # an inference tensor keeps no version counter: always copied
         return
-    key = id(host)
-    hit = _TWINS.get(key)
-    if hit is None or hit[0]() is not host:
-        ref = weakref.ref(host, lambda r, k=key: _TWINS.pop(k) if _TWINS.get(k, (None,))[0] is r else None)
-        _TWINS[key] = [ref, moved, version]
+    hit = _entry(_TWINS, host)
+    if hit is None:
+        _remember(_TWINS, host, moved, version)
     else:
         hit[1], hit[2] = moved, version
 
@@ -265,8 +276,8 @@ def take_twin(x: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
     """The device twin of host tensor ``x`` on ``dev`` if ``x`` has not changed since it was recorded, else
     None. Handed over once: the graph may change it, and only a finished call's write-back records it
     again (a call that fails midway leaves the caller's tensor to be copied afresh)."""
-    hit = _TWINS.get(id(x))
-    if hit is None or hit[1] is None or hit[0]() is not x:
+    hit = _entry(_TWINS, x)
+    if hit is None or hit[1] is None:
         return None
     twin, version = hit[1], hit[2]
     hit[1] = None  # taken
