@@ -70,6 +70,10 @@ class Config:
         the worker, and the device work between two jobs, while the CPU waits for its next input); the Linears
         of one job get the α that balances their CPU time, this included, against their copies. ``None``:
         the device kind's (:class:`hetegen_fx.costs.HardwareModel`; 0 on the emulated device "cpu").
+    stream_jobs: at decode shapes, stream a CPU job (α = 0) whose copies fit beside the CPU part of the job
+        before it, when the lane model says the step gets shorter, and raise that job's α to cover them
+        (:meth:`hetegen_fx.passes.PlacementPass._stream_jobs`): fewer hand-offs between the device and the
+        worker. ``False``: every job balanced on its own. Ignored when ``alpha`` is forced.
     prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
         staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
         ``None``: twice the largest part, which holds several of the usual smaller ones.
@@ -129,6 +133,7 @@ class Config:
     profile: str = "auto"
     alpha: float | None = None
     job_overhead: float | None = None
+    stream_jobs: bool = True
     prefetch: int | None = None
     max_seq_len: int | None = None
     batch_size: int = 1
@@ -149,7 +154,7 @@ class Config:
         self.gpu_memory = parse_bytes(self.gpu_memory)
         self.activation_reserve = parse_bytes(self.activation_reserve)
         self.graph_memory = parse_bytes(self.graph_memory)
-        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings"):
+        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings", "stream_jobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))

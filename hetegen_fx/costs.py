@@ -55,6 +55,17 @@ def job_alpha(costs: Sequence[LinearCost], overhead: float = 0.0) -> float:
     its GEMVs (the hand-offs both ways and the device work between two jobs, during which the CPU waits for
     its next input). So ``α = (ΣM + ΣG − H − ΣF) / (Σ(C − F) + ΣM + ΣG)``, in [0, 1]; 0 when no CPU part is
     worth its overhead."""
+    return segment_alpha(costs, overhead)[0]
+
+
+def segment_alpha(
+    costs: Sequence[LinearCost], overhead: float = 0.0, streamed: float = 0.0
+) -> tuple[float, float]:
+    """The CPU share of one CPU job whose CPU part must also cover ``streamed`` seconds of other copies (the
+    Linears streamed after it, whose copies run while the CPU computes), and the predicted time of that
+    *segment*: ``α`` balances ``H + ΣF + α·Σ(C − F)`` against ``(1 − α)·Σ(M + G) + streamed``, clamped to
+    [0, 1], and the time is the longer of the two lanes at that α. With ``streamed = 0`` this is
+    :func:`job_alpha`."""
     c = m = f = 0.0
     for cost in costs:
         fixed = min(cost.t_cpu_fixed, cost.t_cpu)
@@ -62,7 +73,9 @@ def job_alpha(costs: Sequence[LinearCost], overhead: float = 0.0) -> float:
         f += fixed
         m += cost.t_copy + cost.t_gpu
     total = c + m
-    return 0.0 if total <= 0 else min(1.0, max(0.0, (m - overhead - f) / total))
+    alpha = 0.0 if total <= 0 else min(1.0, max(0.0, (m + streamed - overhead - f) / total))
+    cpu = overhead + f + alpha * c if alpha > 0 else 0.0
+    return alpha, max(cpu, (1.0 - alpha) * m + streamed)
 
 
 @dataclass(frozen=True)

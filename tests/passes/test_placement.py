@@ -547,3 +547,154 @@ def test_allocated_bytes_follows_the_cuda_caching_allocator():
     assert allocated_bytes(3 * mib + 1) == 3 * mib + 512  # from a 20 MiB segment, split
     assert allocated_bytes(1000) == 1024
     assert allocated_bytes(5120 * 13824 * 2, "cpu") == 5120 * 13824 * 2
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two Llama-like layers, each an attention-like job (q, k read x) and an MLP-like job (g, u read h)
+    with no down projection (in the 7B at 6 GiB every down_proj is resident)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.d = d
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {
+                    "q": torch.nn.Linear(d, d, bias=False),
+                    "k": torch.nn.Linear(d, d, bias=False),
+                    "g": torch.nn.Linear(d, 2 * d, bias=False),
+                    "u": torch.nn.Linear(d, 2 * d, bias=False),
+                }
+            )
+            for _ in range(2)
+        )
+
+    def forward(self, x):
+        for m in self.layers:
+            x = x + m["q"](x) * m["k"](x)
+            y = torch.nn.functional.silu(m["g"](x)) * m["u"](x)
+            x = x + y[..., : self.d] + y[..., self.d :]
+        return x
+
+
+# decode costs in the proportions of the 7B on the H100 host (ms → s): a q/k job is the smaller
+_LLAMA_COSTS = {
+    "q": LinearCost(t_cpu=0.40e-3, t_copy=0.87e-3, t_gpu=0.01e-3, source="measured", t_cpu_fixed=0.02e-3),
+    "g": LinearCost(t_cpu=0.71e-3, t_copy=1.56e-3, t_gpu=0.02e-3, source="measured", t_cpu_fixed=0.02e-3),
+}
+
+
+def _two_layers(tokens: int = 1):
+    gm = _profiled(_TwoLayers().eval())
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta:
+            kind = n.meta[meta.LINEAR].name.split(".")[-2]
+            n.meta[meta.COST] = n.meta[meta.DECODE_COST] = _LLAMA_COSTS["q" if kind in ("q", "k") else "g"]
+            n.meta[meta.TOKENS] = tokens
+    return gm
+
+
+def _by_kind(plan: Plan) -> dict[str, LayerPlan]:
+    return {".".join(lp.name.split(".")[1:3]): lp for lp in plan.layers}
+
+
+def test_a_job_is_streamed_into_the_segment_of_the_job_before_it():
+    """With a job overhead H, the q/k job of layer 1 costs more as a job of its own than its copies cost
+    beside the CPU part of layer 0's g/u job: it is streamed (α = 0) and the g/u job's α rises to the
+    segment's (segment_alpha with the q/k copies). Layer 0's q/k job is the first: it stays a job. Without
+    stream_jobs, or with a forced α, every job keeps its own α."""
+    from hetegen_fx.costs import job_alpha, segment_alpha
+
+    h = 0.3e-3
+    gm = _two_layers()
+    budget = 36_000  # everything offloaded (the arena takes 24 KiB, the smallest Linear 16), room for 32 KiB
+    _, plan, _ = _place(gm, _config(gpu_memory=budget, job_overhead=h, prefetch=None))
+    _, apart, _ = _place(
+        _two_layers(), _config(gpu_memory=budget, job_overhead=h, prefetch=None, stream_jobs=False)
+    )
+    assert not _resident(plan) and not _resident(apart)
+    by, alone = _by_kind(plan), _by_kind(apart)
+    q, g = _LLAMA_COSTS["q"], _LLAMA_COSTS["g"]
+    assert alone["1.q"].alpha == alone["1.k"].alpha == pytest.approx(job_alpha([q, q], h))
+    assert alone["1.q"].alpha > 0
+    assert alone["0.g"].alpha == pytest.approx(job_alpha([g, g], h))
+    # layer 1's q/k job goes into layer 0's g/u segment; layer 1's g/u job is the last head
+    assert (by["1.q"].alpha, by["1.q"].split, by["1.k"].split) == (0.0, 0, 0)
+    streamed = 2 * (q.t_copy + q.t_gpu)
+    assert by["0.g"].alpha == by["0.u"].alpha == pytest.approx(segment_alpha([g, g], h, streamed)[0])
+    assert by["0.g"].alpha > alone["0.g"].alpha
+    assert by["0.q"].alpha == pytest.approx(alone["0.q"].alpha)
+    assert by["1.g"].alpha == pytest.approx(alone["1.g"].alpha)
+    assert by["0.q"].alpha > 0 and by["1.g"].alpha > 0
+    for lp in plan.layers:
+        assert lp.split == split_row(lp.alpha, lp.out_features)
+    # the lane model: the segment is shorter than the two jobs apart
+    assert segment_alpha([g, g], h, streamed)[1] < segment_alpha([g, g], h)[1] + segment_alpha([q, q], h)[1]
+    # without the overhead two balanced jobs are never longer than one segment: nothing is streamed
+    _, plan, _ = _place(_two_layers(), _config(gpu_memory=budget, job_overhead=0.0, prefetch=None))
+    assert all(lp.split > 0 for lp in plan.layers)
+    _, plan, _ = _place(_two_layers(), _config(gpu_memory=budget, job_overhead=h, alpha=0.5, prefetch=None))
+    assert {lp.alpha for lp in plan.layers if not lp.resident} == {0.5}
+
+
+def test_prefill_shapes_keep_one_alpha_per_job():
+    """Beyond GEMV shapes (a prefill) the CPU parts are compute-bound GEMMs and no job is streamed."""
+    from hetegen_fx.kernels import GEMV_ROWS
+
+    h = 0.3e-3
+    plans = [
+        _place(
+            _two_layers(GEMV_ROWS + 1),
+            _config(gpu_memory=36_000, job_overhead=h, prefetch=None, stream_jobs=s),
+        )[1]
+        for s in (True, False)
+    ]
+    assert [(lp.alpha, lp.split) for lp in plans[0].layers] == [
+        (lp.alpha, lp.split) for lp in plans[1].layers
+    ]
+    assert all(lp.split > 0 for lp in plans[0].layers)
+
+
+def test_streaming_a_job_never_grows_the_staging_arena_past_the_budget():
+    """A streamed job's GPU parts are whole Linears, larger than split ones: the staging arena (one part at
+    prefetch=1) grows with them. Where the budget leaves no room for that, the job stays a job."""
+    h = 0.3e-3
+    tight = _place(_two_layers(), _config(gpu_memory=20_000, job_overhead=h, stream_jobs=False))[1]
+    assert not _resident(tight)
+    staging = tight.reserved["staging"]
+    assert staging < 64 * 64 * 4  # a split q part, smaller than a whole one
+    _, plan, _ = _place(_two_layers(), _config(gpu_memory=staging, job_overhead=h))
+    assert not _resident(plan)
+    assert all(lp.split > 0 for lp in plan.layers)
+    assert plan.reserved["staging"] == staging
+    _, roomy, _ = _place(_two_layers(), _config(gpu_memory=staging + 4096, job_overhead=h))
+    assert not _resident(roomy)
+    assert _by_kind(roomy)["1.q"].split == 0
+    assert roomy.reserved["staging"] <= staging + 4096
+
+
+def test_a_plan_with_streamed_jobs_runs_like_eager_with_fewer_cpu_jobs(count):
+    """The segment plan compiles and runs (emulated device) with one CPU job fewer than the per-job plan, and
+    both match eager on fresh random inputs."""
+    import hetegen_fx
+
+    model = _TwoLayers().eval()
+    outs, jobs = {}, {}
+    x = torch.randn(1, 1, 64)
+    for stream in (True, False):
+        gm = capture_fx(model)
+        ProfilePass(Config(device="cpu", profile="model"))(gm)
+        for n in gm.graph.nodes:
+            if meta.LINEAR in n.meta:
+                kind = n.meta[meta.LINEAR].name.split(".")[-2]
+                n.meta[meta.COST] = n.meta[meta.DECODE_COST] = _LLAMA_COSTS[
+                    "q" if kind in ("q", "k") else "g"
+                ]
+        _, plan, _ = _place(
+            gm, _config(gpu_memory=36_000, job_overhead=0.3e-3, prefetch=None, stream_jobs=stream)
+        )
+        compiled = hetegen_fx.compile(model, device="cpu", plan=plan, prefetch=None)
+        jobs[stream] = count(compiled.graph_module, "cpu_begin")
+        with torch.no_grad():
+            outs[stream] = compiled(x)
+            torch.testing.assert_close(outs[stream], model(x), rtol=1e-5, atol=1e-5)
+    assert (jobs[True], jobs[False]) == (3, 4)

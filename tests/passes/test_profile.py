@@ -213,6 +213,24 @@ def test_job_alpha_balances_the_job_with_its_overhead():
     assert job_alpha([]) == 0.0
 
 
+def test_segment_alpha_covers_the_copies_streamed_after_the_job():
+    """A job whose CPU part must also cover ``streamed`` seconds of later copies: α balances
+    H + ΣF + α·Σ(C − F) against (1 − α)·Σ(M + G) + streamed, the time is the longer lane, and at
+    ``streamed = 0`` it is job_alpha. Past α = 1 the copies set the time."""
+    from hetegen_fx.costs import LinearCost, job_alpha, segment_alpha
+
+    gate = LinearCost(t_cpu=1.4, t_copy=3.0, t_gpu=0.1, source="measured", t_cpu_fixed=0.1)
+    a0, t0 = segment_alpha([gate], 0.2)
+    assert a0 == pytest.approx(job_alpha([gate], 0.2))
+    assert t0 == pytest.approx(0.2 + 0.1 + a0 * 1.3) == pytest.approx((1 - a0) * 3.1)
+    a1, t1 = segment_alpha([gate], 0.2, streamed=1.0)
+    assert a0 < a1 < 1 and t0 < t1
+    assert 0.2 + 0.1 + a1 * 1.3 == pytest.approx((1 - a1) * 3.1 + 1.0) == pytest.approx(t1)
+    assert segment_alpha([gate], 0.2, streamed=5.0) == (1.0, 5.0)
+    # no CPU part at all: the device lane alone, without the job's overhead
+    assert segment_alpha([gate], 10.0, streamed=1.0) == (0.0, pytest.approx(4.1))
+
+
 def test_measured_cpu_fixed_part_is_within_the_cpu_time():
     from hetegen_fx.costs import measure_cost
 
