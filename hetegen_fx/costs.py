@@ -92,6 +92,10 @@ class HardwareModel:
     #: what one CPU job costs the CPU lane beyond its GEMVs (:func:`job_alpha`'s H); 0 on the emulated device,
     #: whose "device" is the same CPU
     job_overhead: float = 0.0
+    #: what the CPU lane waits between two jobs of a decode step (the device's work from one job's "done" to the
+    #: next one's "ready"): 0.25-0.29 ms a job on the H100 host (scripts/diag_jobs.py). Streaming a job into the
+    #: segment of the job before it saves one such gap (PlacementPass._stream_jobs); 0 under emulation
+    job_gap: float = 0.0
 
     def cost(self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype) -> LinearCost:
         nbytes = out_features * in_features * _itemsize(dtype)
@@ -107,7 +111,13 @@ class HardwareModel:
 
 #: the GPU test host (H100/H200, 16 Xeon cores, PCIe Gen5), measured 2026-11-21: ARCHITECTURE.md §2
 CUDA_HOST = HardwareModel(
-    cpu_bw=70e9, cpu_flops=0.8e12, h2d_bw=55e9, gpu_bw=3.0e12, gpu_flops=400e12, job_overhead=150e-6
+    cpu_bw=70e9,
+    cpu_flops=0.8e12,
+    h2d_bw=55e9,
+    gpu_bw=3.0e12,
+    gpu_flops=400e12,
+    job_overhead=150e-6,
+    job_gap=270e-6,
 )
 #: a small CPU-only machine running the "GPU side" on the CPU as well (emulation)
 CPU_EMULATION = HardwareModel(cpu_bw=10e9, cpu_flops=50e9, h2d_bw=10e9, gpu_bw=10e9, gpu_flops=50e9)

@@ -29,14 +29,14 @@ their copies. Without H, the jobs of the 7B decode step ran longer than the plan
 the copies did, and a forced α below the profiled one decoded faster (docs/benchmarks.md). A job whose α
 comes out below :data:`MIN_ALPHA` is streamed.
 
-**Segments** (``Config.stream_jobs``, at decode shapes): every CPU job costs H, while a streamed Linear costs
-the CPU lane nothing. So, walking the offloaded jobs in graph order, a job is streamed (α = 0) into the
-*segment* of the CPU job before it when the lane model predicts the segment, with the job's copies running
-beside the head's CPU part, shorter than the two jobs balanced apart; the head's α rises to cover the copies
+**Segments** (``Config.stream_jobs``, at decode shapes): every CPU job costs H, and the CPU lane waits for the
+device between two jobs (the hardware model's ``job_gap``), while a streamed Linear costs the CPU lane
+nothing. So, walking the offloaded jobs in graph order, a job is streamed (α = 0) into the *segment* of the
+CPU job before it when the lane model predicts the segment, with the job's copies running beside the head's
+CPU part, shorter than the two jobs balanced apart plus the gap; the head's α rises to cover the copies
 (:func:`hetegen_fx.costs.segment_alpha`). In a Llama decode step the q/k/v job of a layer is streamed into
-the segment of the gate/up job before it. On the 7B at 6 GiB (H100 host, interleaved rounds) this took the
-step from 46 CPU jobs to 34 and its time to 0.942 (0.919-0.963) of the per-job plan, faster in 5 of 5
-rounds.
+the segment of the gate/up job before it. On the 7B at 6 GiB (H100 host, interleaved rounds on three
+machines) the step went from 46 CPU jobs to 34 and took 0.942, 0.973 and 0.961 of the per-job plan's time.
 """
 
 from __future__ import annotations
@@ -317,6 +317,13 @@ class PlacementPass(PassBase):
             return float(given)
         return (self._hardware or default_model(torch.device(self.config.device))).job_overhead
 
+    @property
+    def job_gap(self) -> float:
+        """What one job fewer saves the CPU lane beyond H: the hardware model's ``job_gap`` (as for
+        :attr:`job_overhead`), less H where H already counts part of it."""
+        hardware = self._hardware or default_model(torch.device(self.config.device))
+        return max(0.0, hardware.job_gap - self.job_overhead)
+
     def _alphas(self, sites: list[LinearSite], costs: dict[str, LinearCost]) -> dict[str, float]:
         """α of each Linear: the forced one, else its CPU job's, from ``costs``. A job is every Linear that
         reads one input, resident or not: α does not depend on the residency, which is chosen with it (the
@@ -338,7 +345,8 @@ class PlacementPass(PassBase):
     ) -> None:
         """Segments (see the module docstring): at GEMV shapes, walk the offloaded CPU jobs in graph order
         and stream a job (α = 0) into the *segment* of the CPU job before it when the lane model predicts the
-        segment shorter than the two jobs apart: its copies then run while that job's CPU part does, and the
+        segment shorter than the two jobs apart plus :attr:`job_gap`: its copies then run while that job's CPU
+        part does, and the
         head's α (:func:`~hetegen_fx.costs.segment_alpha`) rises to cover them. A merge that would grow the
         staging arena beyond the budget's room is not made. A job streamed on its own (its α below
         :data:`MIN_ALPHA`) heads no segment, and heads that take no job keep their own α."""
@@ -350,7 +358,7 @@ class PlacementPass(PassBase):
         for s in sites:
             if not by_name[s.name].resident:
                 jobs.setdefault(s.x, []).append(by_name[s.name])
-        overhead = self.job_overhead
+        overhead, gap = self.job_overhead, self.job_gap
 
         def device_lane(job: list[LayerPlan]) -> float:
             return sum(costs[lp.name].t_copy + costs[lp.name].t_gpu for lp in job)
@@ -373,7 +381,7 @@ class PlacementPass(PassBase):
         for job in jobs.values():
             if head is not None:
                 merged = segment(head, streamed + device_lane(job))
-                if merged[1] < segment(head, streamed)[1] + segment(job, 0.0)[1]:
+                if merged[1] < segment(head, streamed)[1] + segment(job, 0.0)[1] + gap:
                     before = [(lp.alpha, lp.split) for lp in head + job]
                     share(head, merged[0])
                     share(job, 0.0)

@@ -636,6 +636,23 @@ def test_a_job_is_streamed_into_the_segment_of_the_job_before_it():
     assert {lp.alpha for lp in plan.layers if not lp.resident} == {0.5}
 
 
+def test_the_gap_between_jobs_counts_for_streaming_a_job():
+    """What a job fewer saves: H, and beyond it the hardware model's job_gap (the device's work between two
+    jobs, measured on the H100 host). With H alone too small for the merge to pay, the gap makes it pay."""
+    import dataclasses
+
+    from hetegen_fx.costs import CUDA_HOST
+
+    def place(gap: float) -> dict[str, LayerPlan]:
+        gm = _two_layers()
+        gm.meta[meta.HARDWARE] = dataclasses.replace(CUDA_HOST, job_gap=gap)
+        return _by_kind(_place(gm, _config(gpu_memory=36_000, job_overhead=0.1e-3, prefetch=None))[1])
+
+    assert place(0.0)["1.q"].split > 0
+    assert place(0.27e-3)["1.q"].split == 0
+    assert CUDA_HOST.job_gap > CUDA_HOST.job_overhead
+
+
 def test_prefill_shapes_keep_one_alpha_per_job():
     """Beyond GEMV shapes (a prefill) the CPU parts are compute-bound GEMMs and no job is streamed."""
     from hetegen_fx.kernels import GEMV_ROWS
