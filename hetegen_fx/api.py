@@ -185,6 +185,8 @@ _HOST_CACHE_EDITS = {
     "prompt_lookup_num_tokens": "prompt-lookup decoding (prompt_lookup_num_tokens) crops the KV cache",
     "assistant_early_exit": "self-speculative decoding (assistant_early_exit) crops the KV cache",
     "use_mtp": "multi-token-prediction decoding (use_mtp) crops the KV cache",
+    "penalty_alpha": "contrastive search (penalty_alpha) selects among candidates in the KV cache",
+    "custom_generate": "a custom decoding method (custom_generate, from the Hub or a callable) may edit the KV cache",
 }
 
 
@@ -202,14 +204,25 @@ def _refuse_host_cache_edits(generate, compiled: torch.nn.Module):
             else:  # the call's generation config, else the compiled copy's (what HF reads)
                 source = gen if gen is not None else getattr(compiled, "generation_config", None)
                 value = getattr(source, name, None)
-            if value is not None and value is not False and (name != "num_beams" or value > 1):
+            if _asks_for(name, value):
                 raise ConfigError(
                     f"hetegen_fx keeps the KV cache on the accelerator, and {what} on the host, where it "
-                    "would read garbage: use greedy decoding or sampling (num_beams=1, no assisted decoding)"
+                    "would read garbage: use greedy decoding or sampling (num_beams=1, no assisted, contrastive or "
+                    "custom decoding)"
                 )
         return generate(*args, **kwargs)
 
     return wrapper
+
+
+def _asks_for(name: str, value) -> bool:
+    """Whether ``value`` of the generate option ``name`` turns its decoding mode on: not None, False or 0
+    (``penalty_alpha=0.0`` is greedy), and more than one beam."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, (int, float)) and (value == 0 or (name == "num_beams" and value <= 1)):
+        return False
+    return True
 
 
 def _tokens_needed(args: tuple, kwargs: dict, gen) -> int | None:

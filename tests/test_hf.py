@@ -209,16 +209,20 @@ def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tin
         ({"prompt_lookup_num_tokens": 3}, "prompt-lookup"),
         ({"assistant_early_exit": 2}, "self-speculative"),
         ({"use_mtp": True}, "multi-token"),
+        ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search"),
+        ({"custom_generate": "transformers-community/dola"}, "custom decoding"),
+        ({"custom_generate": lambda **kw: None}, "custom decoding"),
     ]
     for kwargs, what in refused:
         with pytest.raises(ConfigError, match=f"{what}.*on the host.*num_beams=1"):
             generate(_prompt(), **kwargs)
+    assert generate(_prompt(), penalty_alpha=0.0) == "ran"  # contrastive search off: greedy
     compiled.generation_config.num_beams = 3  # the compiled copy's own default
     with pytest.raises(ConfigError, match="beam search"):
         generate(_prompt())
     assert generate(_prompt(), num_beams=None) == "ran"  # HF then falls back to its default
     assert generate(_prompt(), generation_config=GenerationConfig(num_beams=1)) == "ran"
-    assert len(ran) == 4
+    assert len(ran) == 5
 
 
 def test_beam_search_runs_on_the_emulated_device(tiny_hf):
