@@ -65,6 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reps", type=int, default=2, help="timed generates per variant (the decode time is their median)"
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="afterwards, compile the stream, cpu and hetegen variants side by side and time their decode "
+        "steps in this many round-robin rounds: ratios that the machine's drift between variants does not "
+        "skew (needs their budgets on the GPU at once)",
+    )
 
 
 _T0 = time.perf_counter()
@@ -270,6 +279,81 @@ def _build(args):
     return build_random(args.preset, dtype=DTYPES[args.dtype])
 
 
+def _compile(name: str, model, args, device: torch.device):
+    """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen or graphs)."""
+    import hetegen_fx
+
+    alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None, "graphs": None}[name]
+    graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name == "graphs" else {}
+    return hetegen_fx.compile(
+        model,
+        gpu_memory=args.gpu_memory,
+        device=str(device),
+        alpha=alpha,
+        max_seq_len=args.prompt_len + args.new_tokens + 8,
+        cpu_threads=args.cpu_threads,
+        **graphs,
+    )
+
+
+#: the variants ``--interleave`` times side by side, and the ratios it reports (a's speed over b's)
+INTERLEAVED = ("stream", "cpu", "hetegen")
+INTERLEAVED_RATIOS = (("hetegen", "cpu"), ("hetegen", "stream"))
+
+
+def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: torch.device) -> dict:
+    """Compile ``names`` side by side (each with its own store and budget), then time one generate of each
+    per round, round-robin from a rotating start, for ``args.interleave`` rounds. Each round's median decode
+    step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the lent hosts drift by tens of percent
+    between the minutes that the variants run in one after the other, but little within a round."""
+    from transformers import LogitsProcessorList
+
+    from hetegen_fx.store import forget
+
+    _free(device)
+    runners = {}
+    kw = {"do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        for name in names:
+            forget(list(model.parameters()))  # a store of its own: the variants must not share residency
+            runners[name] = _compile(name, model, args, device)
+            runners[name].generate(ids, max_new_tokens=4, **kw)
+        forget(list(model.parameters()))
+        steps: dict[str, list[float]] = {n: [] for n in names}
+        new = max(args.new_tokens, 3)
+        for r in range(args.interleave):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                clock = StepClock()
+                _sync(device)
+                runners[name].generate(
+                    ids,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    logits_processor=LogitsProcessorList([clock]),
+                    **kw,
+                )
+                _sync(device)
+                steps[name].append(statistics.median(clock.steps()))
+            _log(
+                f"interleaved round {r + 1}/{args.interleave}: "
+                + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in names)
+            )
+    del runners
+    _free(device)
+    speedups = {}
+    for a, b in INTERLEAVED_RATIOS:
+        if a in steps and b in steps:
+            per_round = [tb / ta for ta, tb in zip(steps[a], steps[b], strict=True)]
+            speedups[f"{a} / {b}"] = {
+                "median": statistics.median(per_round),
+                "min": min(per_round),
+                "max": max(per_round),
+                "rounds_faster": sum(x > 1 for x in per_round),
+                "per_round": per_round,
+            }
+    return {"rounds": args.interleave, "round_step_s": steps, "speedup": speedups}
+
+
 def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device) -> dict:
     import hetegen_fx
     from hetegen_fx.runtime import get_runtime
@@ -296,17 +380,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         )
         runner = dispatch_model(model, device_map=dmap, main_device=device)
     else:
-        alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None, "graphs": None}[name]
-        graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name == "graphs" else {}
-        runner = hetegen_fx.compile(
-            model,
-            gpu_memory=args.gpu_memory,
-            device=str(device),
-            alpha=alpha,
-            max_seq_len=args.prompt_len + args.new_tokens + 8,
-            cpu_threads=args.cpu_threads,
-            **graphs,
-        )
+        runner = _compile(name, model, args, device)
     result["setup_s"] = time.perf_counter() - t0
     result["host_rss_after_setup_bytes"] = _rss()
     cache = None
@@ -439,6 +513,16 @@ def main(args: argparse.Namespace) -> int:
         if name == "gpu":
             model.to("cpu")
 
+    interleaved = None
+    together = [v for v in INTERLEAVED if v in order]
+    if args.interleave > 0 and len(together) > 1:
+        _log(f"interleaving {', '.join(together)} for {args.interleave} rounds ...")
+        try:
+            interleaved = run_interleaved(together, model, ids, args, device)
+        except Exception as e:  # e.g. the variants' budgets do not fit the GPU at once: the table stands
+            _log(f"interleaving FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            _free(device)
+
     by = {r["variant"]: r for r in results}
     ref = by.get("gpu") or by.get("stream")
     for r in results:
@@ -464,6 +548,7 @@ def main(args: argparse.Namespace) -> int:
         "bound_decode_s": bound,
         "host_rss_after_build_bytes": rss_model,
         "results": results,
+        "interleaved": interleaved,
     }
     (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
@@ -507,6 +592,20 @@ def format_table(s: dict) -> str:
             f"({format_bytes(hb['offloaded_bytes'])} offloaded at {s['ceilings']['combined'] / 1e9:.0f} GB/s combined, "
             f"{format_bytes(hb['resident_bytes'])} resident at {s['ceilings']['hbm'] / 1e9:.0f} GB/s); hetegen reaches "
             f"{s['bound_decode_s'] / hb['decode_s_per_token'] * 100:.0f}% of it",
+        ]
+    inter = s.get("interleaved")
+    if inter:
+        steps = ", ".join(
+            f"{n} {statistics.median(v) * 1e3:.1f} ms" for n, v in inter["round_step_s"].items()
+        )
+        rows += [
+            "",
+            f"interleaved, {inter['rounds']} round-robin rounds in one process (median step: {steps}):",
+        ]
+        rows += [
+            f"- {pair}: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}), faster in {r['rounds_faster']} of "
+            f"{inter['rounds']} rounds"
+            for pair, r in inter["speedup"].items()
         ]
     c = s["ceilings"]
     dts = [d for d in ("float16", "bfloat16", "float32") if f"cpu_gemv_{d}" in c]

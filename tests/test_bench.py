@@ -30,6 +30,8 @@ def test_bench_smoke_on_cpu(tmp_path):
             "stream,cpu,hetegen,gpu,graphs",
             "--graph-memory",
             "16KiB",
+            "--interleave",
+            "2",
             "--out",
             str(tmp_path),
         ]
@@ -49,11 +51,19 @@ def test_bench_smoke_on_cpu(tmp_path):
         steps = r["decode_step_s"]
         assert len(steps["all"]) == 6 and all(t > 0 for t in steps["all"])
         assert min(steps["all"]) <= steps["p10"] <= steps["median"] <= steps["p90"] <= max(steps["all"])
+    inter = report["interleaved"]  # stream, cpu and hetegen side by side, two round-robin rounds
+    assert inter["rounds"] == 2 and set(inter["round_step_s"]) == {"stream", "cpu", "hetegen"}
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in inter["round_step_s"].values())
+    assert set(inter["speedup"]) == {"hetegen / cpu", "hetegen / stream"}
+    for pair, r in inter["speedup"].items():
+        a, b = pair.split(" / ")
+        expect = [tb / ta for ta, tb in zip(inter["round_step_s"][a], inter["round_step_s"][b], strict=True)]
+        assert r["per_round"] == expect and r["min"] <= r["median"] <= r["max"]
     trace = json.loads((tmp_path / "trace_decode.json").read_text())
     assert any(e.get("cat") == "PCIe" for e in trace["traceEvents"])
-    assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in (
-        tmp_path / "bench.md"
-    ).read_text()
+    table = (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in table
+    assert "interleaved, 2 round-robin rounds" in table and "- hetegen / cpu: " in table
 
 
 def test_a_variant_of_the_same_model_frees_the_last_ones_store(tiny_hf):
