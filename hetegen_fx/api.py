@@ -216,12 +216,16 @@ def _refuse_host_cache_edits(generate, compiled: torch.nn.Module):
 
 
 def _asks_for(name: str, value) -> bool:
-    """Whether ``value`` of the generate option ``name`` turns its decoding mode on: not None, False or 0
-    (``penalty_alpha=0.0`` is greedy), and more than one beam."""
+    """Whether ``value`` of the generate option ``name`` turns its decoding mode on, as HF reads it: any value
+    but None or False, except one beam (``num_beams=1``) and ``penalty_alpha=0`` (greedy). A 0 elsewhere
+    counts (HF starts prompt lookup or early exit for any value that is not None). Contrastive search also
+    needs ``top_k > 1`` and no sampling; it is refused for any positive ``penalty_alpha`` all the same."""
     if value is None or value is False:
         return False
-    if isinstance(value, (int, float)) and (value == 0 or (name == "num_beams" and value <= 1)):
-        return False
+    if name == "num_beams":
+        return value > 1
+    if name == "penalty_alpha":
+        return value > 0
     return True
 
 

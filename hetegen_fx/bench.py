@@ -305,14 +305,27 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
     """Compile ``names`` side by side (each with its own store and budget), then time one generate of each
     per round, round-robin from a rotating start, for ``args.interleave`` rounds. Each round's median decode
     step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the lent hosts drift by tens of percent
-    between the minutes that the variants run in one after the other, but little within a round."""
+    between the minutes that the variants run in one after the other, but little within a round. Dynamo's
+    recompile limit is raised meanwhile: each variant compiles its own graphs of the model's one forward."""
+    _free(device)
+    runners = {}
+    kw = {"do_sample": False, "pad_token_id": 0}
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 8 * len(names))
+    try:
+        return _interleave(runners, names, model, ids, args, device, kw)
+    finally:
+        torch._dynamo.config.cache_size_limit = limit
+        runners.clear()
+        _free(device)
+
+
+def _interleave(runners: dict, names: list[str], model, ids, args, device: torch.device, kw: dict) -> dict:
+    """:func:`run_interleaved`'s body; ``runners`` is the caller's, so that it can drop them whatever happens."""
     from transformers import LogitsProcessorList
 
     from hetegen_fx.store import forget
 
-    _free(device)
-    runners = {}
-    kw = {"do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         for name in names:
             forget(list(model.parameters()))  # a store of its own: the variants must not share residency
@@ -338,8 +351,6 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
                 f"interleaved round {r + 1}/{args.interleave}: "
                 + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in names)
             )
-    del runners
-    _free(device)
     speedups = {}
     for a, b in INTERLEAVED_RATIOS:
         if a in steps and b in steps:
@@ -514,7 +525,7 @@ def main(args: argparse.Namespace) -> int:
             model.to("cpu")
 
     interleaved = None
-    together = [v for v in INTERLEAVED if v in order]
+    together = [v for v in INTERLEAVED if v in {r["variant"] for r in results}]  # those that ran
     if args.interleave > 0 and len(together) > 1:
         _log(f"interleaving {', '.join(together)} for {args.interleave} rounds ...")
         try:

@@ -59,7 +59,7 @@ from hetegen_fx.graph_utils import _is_view, _name, concrete, node_value, writer
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.kernels import GEMV_ROWS
 from hetegen_fx.linear import LinearSite, host_tables, param_of
-from hetegen_fx.plan import LayerPlan, Plan, staging_size
+from hetegen_fx.plan import STAGING_ALIGN, LayerPlan, Plan, staging_size
 from hetegen_fx.runtime import blas_workspace_bytes
 from hetegen_fx.store import WeightStore
 
@@ -344,12 +344,13 @@ class PlacementPass(PassBase):
         self, sites: list[LinearSite], layers: list[LayerPlan], reserved: dict[str, int], budget: int | None
     ) -> None:
         """Segments (see the module docstring): at GEMV shapes, walk the offloaded CPU jobs in graph order
-        and stream a job (α = 0) into the *segment* of the CPU job before it when the lane model predicts the
-        segment shorter than the two jobs apart plus :attr:`job_gap`: its copies then run while that job's CPU
-        part does, and the
-        head's α (:func:`~hetegen_fx.costs.segment_alpha`) rises to cover them. A merge that would grow the
-        staging arena beyond the budget's room is not made. A job streamed on its own (its α below
-        :data:`MIN_ALPHA`) heads no segment, and heads that take no job keep their own α."""
+        and stream a job (α = 0) into the *segment* of the CPU job before it (its head) when the lane model
+        predicts the segment shorter than the two jobs apart, plus :attr:`job_gap` when the job had a CPU
+        part: its copies then run while the head's CPU part does, and the head's α
+        (:func:`~hetegen_fx.costs.segment_alpha`) rises to cover them. A merge is undone when the segment's GPU
+        parts would not be in the staging arena at once (:meth:`_in_flight`), so its copies could not all
+        overlap the head, or when the arena would grow beyond the budget's room. Only a job with a CPU part
+        heads a segment, and heads that take no job keep their α."""
         if max((lp.tokens for lp in layers), default=0) > GEMV_ROWS:
             return  # a prefill: the CPU parts are compute-bound GEMMs, where the cost model is least sure
         by_name = {lp.name: lp for lp in layers}
@@ -363,9 +364,17 @@ class PlacementPass(PassBase):
         def device_lane(job: list[LayerPlan]) -> float:
             return sum(costs[lp.name].t_copy + costs[lp.name].t_gpu for lp in job)
 
-        def segment(job: list[LayerPlan], streamed: float) -> tuple[float, float]:
-            alpha, seconds = segment_alpha([costs[lp.name] for lp in job], overhead, streamed)
-            return (alpha, seconds) if alpha >= MIN_ALPHA else (0.0, device_lane(job) + streamed)
+        def has_cpu_part(job: list[LayerPlan]) -> bool:
+            return any(lp.split > 0 for lp in job)
+
+        def planned(job: list[LayerPlan]) -> float:
+            """The job's time at the α the plan gave it (the whole job's, resident members included)."""
+            if not has_cpu_part(job):
+                return device_lane(job)
+            alpha = next(lp.alpha for lp in job if lp.split > 0)
+            fixed = sum(min(costs[lp.name].t_cpu_fixed, costs[lp.name].t_cpu) for lp in job)
+            cpu = sum(costs[lp.name].t_cpu for lp in job) - fixed
+            return max(overhead + fixed + alpha * cpu, (1 - alpha) * device_lane(job))
 
         def share(job: list[LayerPlan], alpha: float) -> None:
             for lp in job:
@@ -376,22 +385,36 @@ class PlacementPass(PassBase):
             resident = sum(self._held(lp.bytes) for lp in layers if lp.resident)
             room = budget - sum(v for k, v in reserved.items() if k != "staging") - resident
         limit = max(room, self._staging(layers))
-        head: list[LayerPlan] | None = None
-        streamed = 0.0  # seconds of copies streamed after the current head
+        head: list[LayerPlan] = []  # the current segment: its head, then the jobs streamed into it
+        streamed, t_segment = 0.0, 0.0  # seconds of copies streamed after the head; the segment's time
         for job in jobs.values():
-            if head is not None:
-                merged = segment(head, streamed + device_lane(job))
-                if merged[1] < segment(head, streamed)[1] + segment(job, 0.0)[1] + gap:
-                    before = [(lp.alpha, lp.split) for lp in head + job]
-                    share(head, merged[0])
+            if head:
+                alpha, t_merged = segment_alpha(
+                    [costs[lp.name] for lp in head[0]], overhead, streamed + device_lane(job)
+                )
+                saved = gap if has_cpu_part(job) else 0.0
+                if alpha >= MIN_ALPHA and t_merged < t_segment + planned(job) + saved:
+                    before = [(lp.alpha, lp.split) for lp in head[0] + job]
+                    share(head[0], alpha)
                     share(job, 0.0)
-                    if self._staging(layers) <= limit:
-                        streamed += device_lane(job)
+                    parts = [lp for j in head for lp in j] + job
+                    if self._staging(layers) <= limit and self._in_flight(parts, layers):
+                        head.append(job)
+                        streamed, t_segment = streamed + device_lane(job), t_merged
                         continue
-                    for lp, (alpha, split) in zip(head + job, before, strict=True):
-                        lp.alpha, lp.split = alpha, split
-            # a job streamed on its own (α below the floor) heads no segment
-            head, streamed = (job, 0.0) if segment(job, 0.0)[0] > 0 else (None, 0.0)
+                    for lp, (a, split) in zip(head[0] + job, before, strict=True):
+                        lp.alpha, lp.split = a, split
+            head = [job] if has_cpu_part(job) else []
+            streamed, t_segment = 0.0, planned(job)
+
+    def _in_flight(self, parts: list[LayerPlan], layers: list[LayerPlan]) -> bool:
+        """Whether the GPU parts of ``parts`` (consecutive in the copy order) can be in the staging arena at
+        once, so that all their copies may run during the head's CPU part: with ``prefetch=k``, at most k of
+        them (k consecutive parts are); with the default two halves, if their bytes fit the arena."""
+        sizes = [-(-lp.gpu_part_bytes // STAGING_ALIGN) * STAGING_ALIGN for lp in parts if lp.gpu_part_bytes]
+        if self.config.prefetch is not None:
+            return len(sizes) <= self.config.prefetch
+        return sum(sizes) <= self._staging(layers)
 
     def _priority(self, sites: list[LinearSite]) -> dict[str, float]:
         """g of every Linear: its dtype's pooled CPU time per byte at one token, plus its share of its job's

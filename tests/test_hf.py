@@ -212,6 +212,7 @@ def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tin
         ({"penalty_alpha": 0.6, "top_k": 4}, "contrastive search"),
         ({"custom_generate": "transformers-community/dola"}, "custom decoding"),
         ({"custom_generate": lambda **kw: None}, "custom decoding"),
+        ({"prompt_lookup_num_tokens": 0}, "prompt-lookup"),  # HF starts it for any value but None
     ]
     for kwargs, what in refused:
         with pytest.raises(ConfigError, match=f"{what}.*on the host.*num_beams=1"):

@@ -637,8 +637,8 @@ def test_a_job_is_streamed_into_the_segment_of_the_job_before_it():
 
 
 def test_the_gap_between_jobs_counts_for_streaming_a_job():
-    """What a job fewer saves: H, and beyond it the hardware model's job_gap (the device's work between two
-    jobs, measured on the H100 host). With H alone too small for the merge to pay, the gap makes it pay."""
+    """What a job fewer saves: the hardware model's job_gap (the device's work between two jobs, measured on
+    the H100 host), of which H is a part. With H alone too small for the merge to pay, the gap makes it pay."""
     import dataclasses
 
     from hetegen_fx.costs import CUDA_HOST
@@ -651,6 +651,43 @@ def test_the_gap_between_jobs_counts_for_streaming_a_job():
     assert place(0.0)["1.q"].split > 0
     assert place(0.27e-3)["1.q"].split == 0
     assert CUDA_HOST.job_gap > CUDA_HOST.job_overhead
+
+
+class _HeadAndTwo(torch.nn.Module):
+    """A g/u job followed by two small jobs of one Linear each (a reads h, b reads a's output)."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.d = d
+        self.g = torch.nn.Linear(d, 2 * d, bias=False)
+        self.u = torch.nn.Linear(d, 2 * d, bias=False)
+        self.a = torch.nn.Linear(d, d, bias=False)
+        self.b = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.g(x)) * self.u(x)
+        return self.b(self.a(y[..., : self.d] + y[..., self.d :]))
+
+
+def test_a_segment_takes_every_job_its_head_can_cover():
+    """Two small jobs after a g/u job both go into its segment: the head's α covers the copies of both."""
+    from hetegen_fx.costs import segment_alpha
+
+    h = 0.15e-3
+    small = LinearCost(t_cpu=0.4e-3, t_copy=0.79e-3, t_gpu=0.01e-3, source="measured", t_cpu_fixed=0.01e-3)
+    g = _LLAMA_COSTS["g"]
+    gm = _profiled(_HeadAndTwo().eval())
+    for n in gm.graph.nodes:
+        if meta.LINEAR in n.meta:
+            name = n.meta[meta.LINEAR].name
+            n.meta[meta.COST] = n.meta[meta.DECODE_COST] = g if name[0] in "gu" else small
+    plan = _place(gm, _config(gpu_memory=36_000, job_overhead=h, prefetch=None))[1]
+    by = {lp.name[0]: lp for lp in plan.layers}
+    assert not _resident(plan)
+    assert by["a"].split == by["b"].split == 0
+    streamed = 2 * (small.t_copy + small.t_gpu)
+    assert by["g"].alpha == by["u"].alpha == pytest.approx(segment_alpha([g, g], h, streamed)[0])
+    assert segment_alpha([g, g], h, streamed)[0] > segment_alpha([g, g], h, streamed / 2)[0]
 
 
 def test_prefill_shapes_keep_one_alpha_per_job():
@@ -672,21 +709,38 @@ def test_prefill_shapes_keep_one_alpha_per_job():
 
 
 def test_streaming_a_job_never_grows_the_staging_arena_past_the_budget():
-    """A streamed job's GPU parts are whole Linears, larger than split ones: the staging arena (one part at
-    prefetch=1) grows with them. Where the budget leaves no room for that, the job stays a job."""
+    """A streamed job's GPU parts are whole Linears, larger than split ones: the staging arena (two consecutive
+    parts and a largest one at prefetch=2) grows with them. Where the budget leaves no room for that, the plan
+    stays the per-job one, α and all."""
     h = 0.3e-3
-    tight = _place(_two_layers(), _config(gpu_memory=20_000, job_overhead=h, stream_jobs=False))[1]
-    assert not _resident(tight)
-    staging = tight.reserved["staging"]
-    assert staging < 64 * 64 * 4  # a split q part, smaller than a whole one
-    _, plan, _ = _place(_two_layers(), _config(gpu_memory=staging, job_overhead=h))
-    assert not _resident(plan)
-    assert all(lp.split > 0 for lp in plan.layers)
-    assert plan.reserved["staging"] == staging
-    _, roomy, _ = _place(_two_layers(), _config(gpu_memory=staging + 4096, job_overhead=h))
+
+    def plan(budget: int, stream: bool = True) -> Plan:
+        return _place(
+            _two_layers(), _config(gpu_memory=budget, job_overhead=h, prefetch=2, stream_jobs=stream)
+        )[1]
+
+    tight, apart = plan(40_000), plan(40_000, stream=False)
+    assert not _resident(tight) and not _resident(apart)
+    assert [(lp.alpha, lp.split) for lp in tight.layers] == [(lp.alpha, lp.split) for lp in apart.layers]
+    assert tight.reserved["staging"] == apart.reserved["staging"] <= 40_000
+    roomy = plan(50_000)
     assert not _resident(roomy)
     assert _by_kind(roomy)["1.q"].split == 0
-    assert roomy.reserved["staging"] <= staging + 4096
+    assert apart.reserved["staging"] < roomy.reserved["staging"] <= 50_000
+
+
+def test_a_job_whose_copies_cannot_all_be_in_flight_is_not_streamed():
+    """At prefetch=1 the arena holds one GPU part: of a streamed q/k job only q's copy could run beside the
+    head's CPU part, so the job stays a job; at prefetch=2 both fit and it is streamed."""
+    h = 0.3e-3
+    one = _place(_two_layers(), _config(gpu_memory=28_000, job_overhead=h, prefetch=1))[1]
+    apart = _place(_two_layers(), _config(gpu_memory=28_000, job_overhead=h, prefetch=1, stream_jobs=False))[
+        1
+    ]
+    assert not _resident(one)
+    assert [(lp.alpha, lp.split) for lp in one.layers] == [(lp.alpha, lp.split) for lp in apart.layers]
+    two = _place(_two_layers(), _config(gpu_memory=50_000, job_overhead=h, prefetch=2))[1]
+    assert _by_kind(two)["1.q"].split == 0
 
 
 def test_a_plan_with_streamed_jobs_runs_like_eager_with_fewer_cpu_jobs(count):
