@@ -154,6 +154,12 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
         gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        if getattr(gen, "is_assistant", False):  # HF marks the config it hands an assistant model's generate
+            raise ConfigError(
+                "hetegen_fx keeps the KV cache on the accelerator, and this compiled model is another model's "
+                "assistant_model: assisted decoding crops the assistant's KV cache on the host, where it would "
+                "read garbage. Use the compiled model as the main model, with greedy decoding or sampling"
+            )
         named = (
             kwargs.get("past_key_values") is not None
             or kwargs.get("cache_implementation") is not None
@@ -198,6 +204,12 @@ def _refuse_host_cache_edits(generate, compiled: torch.nn.Module):
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
         gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        if getattr(gen, "is_assistant", False):  # HF marks the config it hands an assistant model's generate
+            raise ConfigError(
+                "hetegen_fx keeps the KV cache on the accelerator, and this compiled model is another model's "
+                "assistant_model: assisted decoding crops the assistant's KV cache on the host, where it would "
+                "read garbage. Use the compiled model as the main model, with greedy decoding or sampling"
+            )
         for name, what in _HOST_CACHE_EDITS.items():
             if name in kwargs:  # an explicit None too: HF then uses its default (no such mode)
                 value = kwargs[name]

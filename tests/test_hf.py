@@ -218,12 +218,29 @@ def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tin
         with pytest.raises(ConfigError, match=f"{what}.*on the host.*num_beams=1"):
             generate(_prompt(), **kwargs)
     assert generate(_prompt(), penalty_alpha=0.0) == "ran"  # contrastive search off: greedy
+    as_assistant = GenerationConfig()
+    as_assistant.is_assistant = True  # what HF's assisted decoding hands its assistant model's generate()
+    with pytest.raises(ConfigError, match="another model's assistant_model"):
+        generate(_prompt(), generation_config=as_assistant)
     compiled.generation_config.num_beams = 3  # the compiled copy's own default
     with pytest.raises(ConfigError, match="beam search"):
         generate(_prompt())
     assert generate(_prompt(), num_beams=None) == "ran"  # HF then falls back to its default
     assert generate(_prompt(), generation_config=GenerationConfig(num_beams=1)) == "ran"
     assert len(ran) == 5
+
+
+def test_a_refusing_model_used_as_an_assistant_is_refused_by_hf_s_own_call(tiny_hf):
+    """HF's assisted decoding calls the assistant model's generate() with a config it marks as the
+    assistant's: a model whose generate() refuses host cache edits (as the compiled copy's does on a GPU)
+    raises there, through HF's own code path, before its cache is ever cropped."""
+    from hetegen_fx.api import _refuse_host_cache_edits
+    from hetegen_fx.errors import ConfigError
+
+    main, assistant = tiny_hf("llama"), tiny_hf("llama")
+    assistant.generate = _refuse_host_cache_edits(assistant.generate, assistant)
+    with torch.no_grad(), pytest.raises(ConfigError, match="another model's assistant_model"):
+        main.generate(_prompt(), assistant_model=assistant, max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
 def test_beam_search_runs_on_the_emulated_device(tiny_hf):
