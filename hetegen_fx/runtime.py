@@ -243,6 +243,8 @@ def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
 #: id(host tensor) → [weak reference to it, its device twin, the host tensor's (version counter, data pointer)
 #: then]. Writes that bypass the version counter (through ``.data`` or ``.numpy()``) are not seen.
 _TWINS: dict[int, list] = {}
+#: a twin is read and marked taken as one step, and recorded as one
+_TWIN_LOCK = threading.Lock()
 #: host inputs up to this size that a graph changes in place keep a device twin between calls
 TWIN_MAX_BYTES = 4096
 
@@ -265,22 +267,24 @@ def remember_twin(host: torch.Tensor, moved: torch.Tensor) -> None:
         version = (host._version, host.data_ptr())
     except RuntimeError:  # an inference tensor keeps no version counter: always copied
         return
-    hit = _entry(_TWINS, host)
-    if hit is None:
-        _remember(_TWINS, host, moved, version)
-    else:
-        hit[1], hit[2] = moved, version
+    with _TWIN_LOCK:
+        hit = _entry(_TWINS, host)
+        if hit is None:
+            _remember(_TWINS, host, moved, version)
+        else:
+            hit[1], hit[2] = moved, version
 
 
 def take_twin(x: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
     """The device twin of host tensor ``x`` on ``dev`` if ``x`` has not changed since it was recorded, else
     None. Handed over once: the graph may change it, and only a finished call's write-back records it
     again (a call that fails midway leaves the caller's tensor to be copied afresh)."""
-    hit = _entry(_TWINS, x)
-    if hit is None or hit[1] is None:
-        return None
-    twin, version = hit[1], hit[2]
-    hit[1] = None  # taken
+    with _TWIN_LOCK:  # two threads calling graphs with one host tensor: only one of them gets the twin
+        hit = _entry(_TWINS, x)
+        if hit is None or hit[1] is None:
+            return None
+        twin, version = hit[1], hit[2]
+        hit[1] = None  # taken
     try:
         same = (x._version, x.data_ptr()) == version
     except RuntimeError:
