@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,10 +120,29 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len)
     if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
+    _room_for_graphs()
     compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
     compiled.hetegen_config = config
     compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
     return compiled
+
+
+_COPIES = itertools.count(1)
+#: graphs a compiled copy may add to its forward's dynamo cache (a prefill, one or two decode steps, a spare)
+GRAPHS_PER_COPY = 4
+
+
+def _room_for_graphs() -> None:
+    """Raise dynamo's recompile limit (8 graphs per code object by default) with every compiled copy: all
+    copies of one model class share its ``forward``, each copy's graphs guard on its own module, and past
+    the limit dynamo runs the forward eagerly without a word, so a fifth compiled copy in one process (a
+    notebook cell run again, a benchmark's variants) ran on the host, uncompiled. The setting is torch's, for
+    the whole process; it is only ever raised."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    need = 8 + GRAPHS_PER_COPY * next(_COPIES)
+    if getattr(cfg, name) < need:
+        setattr(cfg, name, need)
 
 
 def _kv_cache(model: torch.nn.Module, config: Config) -> bool:

@@ -305,17 +305,13 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
     """Compile ``names`` side by side (each with its own store and budget), then time one generate of each
     per round, round-robin from a rotating start, for ``args.interleave`` rounds. Each round's median decode
     step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the lent hosts drift by tens of percent
-    between the minutes that the variants run in one after the other, but little within a round. Dynamo's
-    recompile limit is raised meanwhile: each variant compiles its own graphs of the model's one forward."""
+    between the minutes that the variants run in one after the other, but little within a round."""
     _free(device)
     runners = {}
     kw = {"do_sample": False, "pad_token_id": 0}
-    limit = torch._dynamo.config.cache_size_limit
-    torch._dynamo.config.cache_size_limit = max(limit, 8 * len(names))
     try:
         return _interleave(runners, names, model, ids, args, device, kw)
     finally:
-        torch._dynamo.config.cache_size_limit = limit
         runners.clear()
         _free(device)
 

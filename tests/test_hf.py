@@ -243,6 +243,23 @@ def test_a_refusing_model_used_as_an_assistant_is_refused_by_hf_s_own_call(tiny_
         main.generate(_prompt(), assistant_model=assistant, max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
+def test_many_compiled_copies_of_one_model_class_all_compile(tiny_hf):
+    """Every compiled copy of a model class shares its forward in dynamo's cache, each copy's graphs guarding
+    on its own module; past dynamo's recompile limit (8) the forward would run eagerly without a word. Six
+    copies in one process (two or three graphs each) all compile their graphs and match eager."""
+    ids = _prompt()
+    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    for _ in range(6):
+        model = tiny_hf("llama")
+        with torch.no_grad():
+            ref = model.generate(ids, **kw)
+            compiled = hetegen_fx.compile(
+                model, gpu_memory=600 << 10, device="cpu", max_seq_len=32, profile="model"
+            )
+            assert torch.equal(compiled.generate(ids, **kw), ref)
+        assert len(compiled.hetegen_store.graphs) >= 2  # a prefill and a decode graph, not eager
+
+
 def test_beam_search_runs_on_the_emulated_device(tiny_hf):
     """Under emulation nothing is parked: beam search gives eager's tokens."""
     model = tiny_hf("llama")
