@@ -48,6 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["alpha"] = args.alpha
     if args.job_overhead is not None:
         options["job_overhead"] = args.job_overhead
+    if args.no_stream_jobs:
+        options["stream_jobs"] = False
     if args.cuda_graphs:
         options["cuda_graphs"] = True
         if args.graph_memory is not None:
@@ -111,6 +113,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         options["alpha"] = args.alpha
     if args.job_overhead is not None:
         options["job_overhead"] = args.job_overhead
+    if args.no_stream_jobs:
+        options["stream_jobs"] = False
     if args.prefetch is not None:
         options["prefetch"] = args.prefetch
     compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
@@ -184,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a CPU job costs beyond its GEMVs, for the profiled α (default: the device's, 1.5e-4 on CUDA)",
     )
     g.add_argument(
+        "--no-stream-jobs",
+        action="store_true",
+        help="balance every CPU job on its own: stream none into the segment of the job before it (stream_jobs=False)",
+    )
+    g.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="replay the stretches of device work between hand-offs as CUDA graphs (generates with a static KV cache)",
@@ -230,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="seconds a CPU job costs beyond its GEMVs, for the profiled α (default: the device's, 1.5e-4 on CUDA)",
+    )
+    q.add_argument(
+        "--no-stream-jobs",
+        action="store_true",
+        help="balance every CPU job on its own: stream none into the segment of the job before it (stream_jobs=False)",
     )
     q.add_argument(
         "--prefetch",

@@ -37,6 +37,9 @@ class LayerPlan:
     t_gpu: float = 0.0  # ... on the GPU
     slot: int = -1  # byte offset of the GPU part's region in the device's staging arena (-1: none)
     t_cpu_fixed: float = 0.0  # of t_cpu, what a CPU part costs however few rows it computes
+    #: streamed into the segment of the CPU job whose first Linear this names (PlacementPass._stream_jobs): its
+    #: copies run beside that job's CPU part; "" otherwise
+    segment: str = ""
 
     @property
     def t_cpu_part(self) -> float:
@@ -92,7 +95,7 @@ class Plan:
         head = f"{'layer':<44} {'place':<9} {'alpha':>5} {'cpu ms':>8} {'copy ms':>8} {'gpu ms':>8} {'pred ms':>8} {'bytes':>11}"
         rows = [head, "-" * len(head)]
         for lp in self.layers:
-            place = "resident" if lp.resident else "offload"
+            place = "resident" if lp.resident else "segment" if lp.segment else "offload"
             alpha = "" if lp.resident else f"{lp.split / lp.out_features:.2f}"
             name = lp.name if len(lp.name) <= 44 else "…" + lp.name[-43:]
             rows.append(
@@ -102,10 +105,12 @@ class Plan:
         rows.append("-" * len(head))
         budget = "unlimited" if self.gpu_memory is None else format_bytes(self.gpu_memory)
         reserved = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.reserved.items())
+        segments = sum(bool(lp.segment) for lp in self.layers)
+        beside = f", {segments} of them streamed beside the CPU job before them" if segments else ""
         rows.append(
             f"{len(self.layers)} Linears at {self.tokens} token(s) on {self.device}: "
             f"{sum(lp.resident for lp in self.layers)} resident ({format_bytes(self.resident_bytes)}), "
-            f"{sum(not lp.resident for lp in self.layers)} offloaded ({format_bytes(self.offloaded_bytes)}); "
+            f"{sum(not lp.resident for lp in self.layers)} offloaded ({format_bytes(self.offloaded_bytes)}{beside}); "
             f"budget {budget}; reserved: {reserved or 'none'}; "
             f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work; costs: {self.source}"
             + (f"; on the host: {', '.join(self.host_tables)}" if self.host_tables else "")

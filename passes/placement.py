@@ -376,9 +376,9 @@ class PlacementPass(PassBase):
             cpu = sum(costs[lp.name].t_cpu for lp in job) - fixed
             return max(overhead + fixed + alpha * cpu, (1 - alpha) * device_lane(job))
 
-        def share(job: list[LayerPlan], alpha: float) -> None:
+        def share(job: list[LayerPlan], alpha: float, segment: str = "") -> None:
             for lp in job:
-                lp.alpha, lp.split = alpha, split_row(alpha, lp.out_features)
+                lp.alpha, lp.split, lp.segment = alpha, split_row(alpha, lp.out_features), segment
 
         room = math.inf
         if budget is not None:
@@ -396,14 +396,14 @@ class PlacementPass(PassBase):
                 if alpha >= MIN_ALPHA and t_merged < t_segment + planned(job) + saved:
                     before = [(lp.alpha, lp.split) for lp in head[0] + job]
                     share(head[0], alpha)
-                    share(job, 0.0)
+                    share(job, 0.0, head[0][0].name)
                     parts = [lp for j in head for lp in j] + job
                     if self._staging(layers) <= limit and self._in_flight(parts, layers):
                         head.append(job)
                         streamed, t_segment = streamed + device_lane(job), t_merged
                         continue
                     for lp, (a, split) in zip(head[0] + job, before, strict=True):
-                        lp.alpha, lp.split = a, split
+                        lp.alpha, lp.split, lp.segment = a, split, ""
             head = [job] if has_cpu_part(job) else []
             streamed, t_segment = 0.0, planned(job)
 

@@ -205,3 +205,10 @@ def test_cli_plan(tmp_path, capsys):
     streamed = hetegen_fx.load_plan(tmp_path / "h.json")
     assert any(not lp.resident for lp in streamed.layers)
     assert all(lp.split == 0 for lp in streamed.layers)
+    # a small overhead: some jobs go into the segment of the job before them, none with --no-stream-jobs
+    small = [*argv[:7], "--job-overhead", "1e-5"]
+    assert main([*small, "--out", str(tmp_path / "s.json")]) == 0
+    assert main([*small, "--no-stream-jobs", "--out", str(tmp_path / "n.json")]) == 0
+    segments = hetegen_fx.load_plan(tmp_path / "s.json").layers
+    assert any(lp.segment for lp in segments) and "segment" in capsys.readouterr().out
+    assert not any(lp.segment for lp in hetegen_fx.load_plan(tmp_path / "n.json").layers)

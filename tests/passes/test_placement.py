@@ -619,6 +619,13 @@ def test_a_job_is_streamed_into_the_segment_of_the_job_before_it():
     assert alone["0.g"].alpha == pytest.approx(job_alpha([g, g], h))
     # layer 1's q/k job goes into layer 0's g/u segment; layer 1's g/u job is the last head
     assert (by["1.q"].alpha, by["1.q"].split, by["1.k"].split) == (0.0, 0, 0)
+    # the plan says where they went, in its table and through JSON
+    assert by["1.q"].segment == by["1.k"].segment == "layers.0.g.weight"
+    assert not any(by[k].segment for k in ("0.q", "0.k", "0.g", "0.u", "1.g", "1.u"))
+    assert not any(lp.segment for lp in apart.layers)
+    assert "2 of them streamed beside the CPU job before them" in plan.table()
+    assert [row.split()[1] for row in plan.table().splitlines()[2:10]].count("segment") == 2
+    assert Plan.from_json(plan.to_json()).layers == plan.layers
     streamed = 2 * (q.t_copy + q.t_gpu)
     assert by["0.g"].alpha == by["0.u"].alpha == pytest.approx(segment_alpha([g, g], h, streamed)[0])
     assert by["0.g"].alpha > alone["0.g"].alpha
