@@ -167,24 +167,22 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
     """``generate`` (``model``'s bound HF ``generate``), giving a static KV cache to calls that name no cache:
     no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config`` naming one
     (HF refuses a cache object together with a cache implementation, so the model's own
-    ``generation_config`` is left alone). The cache holds ``max_seq_len`` tokens, what the budget reserved,
+    ``generation_config`` is left alone), or calls from HF's assisted decoding to this model as its assistant
+    (it crops the assistant's cache, which a static one cannot do). The cache holds ``max_seq_len`` tokens, what the budget reserved,
     so its shape, and the compiled graphs, stay the same from call to call (HF would size it per call and
     recompile for each longer one); a call that needs more gets HF's own (``cache_implementation="static"``)."""
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
         gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-        if getattr(gen, "is_assistant", False):  # HF marks the config it hands an assistant model's generate
-            raise ConfigError(
-                "hetegen_fx keeps the KV cache on the accelerator, and this compiled model is another model's "
-                "assistant_model: assisted decoding crops the assistant's KV cache on the host, where it would "
-                "read garbage. Use the compiled model as the main model, with greedy decoding or sampling"
-            )
         named = (
             kwargs.get("past_key_values") is not None
             or kwargs.get("cache_implementation") is not None
             or kwargs.get("use_cache") is False
             or (gen is not None and (gen.cache_implementation is not None or gen.use_cache is False))
+            # HF's assisted decoding calls its assistant's generate() with a marked config and crops the
+            # assistant's cache between calls, which a static cache cannot do: HF's default there
+            or getattr(gen, "is_assistant", False)
         )
         if not named:
             need = _tokens_needed(args, kwargs, gen or model.generation_config)

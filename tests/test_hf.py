@@ -260,6 +260,21 @@ def test_many_compiled_copies_of_one_model_class_all_compile(tiny_hf):
         assert len(compiled.hetegen_store.graphs) >= 2  # a prefill and a decode graph, not eager
 
 
+def test_a_compiled_copy_serves_as_an_assistant_on_the_emulated_device(tiny_hf):
+    """Under emulation nothing is parked, so nothing refuses assisted decoding with a compiled assistant, and
+    the assistant's calls keep HF's default cache (a static one, the compiled copy's own default, cannot be
+    cropped): the tokens are the main model's greedy ones."""
+    main, assistant = tiny_hf("llama"), tiny_hf("llama")
+    ids = _prompt()
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = main.generate(ids, **kw)
+        compiled = hetegen_fx.compile(
+            assistant, gpu_memory=600 << 10, device="cpu", max_seq_len=32, profile="model"
+        )
+        assert torch.equal(main.generate(ids, assistant_model=compiled, **kw), ref)
+
+
 def test_beam_search_runs_on_the_emulated_device(tiny_hf):
     """Under emulation nothing is parked: beam search gives eager's tokens."""
     model = tiny_hf("llama")
