@@ -306,47 +306,42 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
     per round, round-robin from a rotating start, for ``args.interleave`` rounds. Each round's median decode
     step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the lent hosts drift by tens of percent
     between the minutes that the variants run in one after the other, but little within a round."""
-    _free(device)
-    runners = {}
-    kw = {"do_sample": False, "pad_token_id": 0}
-    try:
-        return _interleave(runners, names, model, ids, args, device, kw)
-    finally:
-        runners.clear()
-        _free(device)
-
-
-def _interleave(runners: dict, names: list[str], model, ids, args, device: torch.device, kw: dict) -> dict:
-    """:func:`run_interleaved`'s body; ``runners`` is the caller's, so that it can drop them whatever happens."""
     from transformers import LogitsProcessorList
 
     from hetegen_fx.store import forget
 
-    with torch.no_grad():
-        for name in names:
-            forget(list(model.parameters()))  # a store of its own: the variants must not share residency
-            runners[name] = _compile(name, model, args, device)
-            runners[name].generate(ids, max_new_tokens=4, **kw)
-        forget(list(model.parameters()))
-        steps: dict[str, list[float]] = {n: [] for n in names}
-        new = max(args.new_tokens, 3)
-        for r in range(args.interleave):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                clock = StepClock()
-                _sync(device)
-                runners[name].generate(
-                    ids,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    logits_processor=LogitsProcessorList([clock]),
-                    **kw,
+    _free(device)
+    runners = {}
+    kw = {"do_sample": False, "pad_token_id": 0}
+    steps: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        with torch.no_grad():
+            for name in names:
+                forget(list(model.parameters()))  # a store of its own: the variants must not share residency
+                runners[name] = _compile(name, model, args, device)
+                runners[name].generate(ids, max_new_tokens=4, **kw)
+            forget(list(model.parameters()))
+            new = max(args.new_tokens, 3)
+            for r in range(args.interleave):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    clock = StepClock()
+                    _sync(device)
+                    runners[name].generate(
+                        ids,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        logits_processor=LogitsProcessorList([clock]),
+                        **kw,
+                    )
+                    _sync(device)
+                    steps[name].append(statistics.median(clock.steps()))
+                _log(
+                    f"interleaved round {r + 1}/{args.interleave}: "
+                    + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in names)
                 )
-                _sync(device)
-                steps[name].append(statistics.median(clock.steps()))
-            _log(
-                f"interleaved round {r + 1}/{args.interleave}: "
-                + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in names)
-            )
+    finally:  # the runners go whatever happens (an error's traceback keeps this frame, and the dict, alive)
+        runners.clear()
+        _free(device)
     speedups = {}
     for a, b in INTERLEAVED_RATIOS:
         if a in steps and b in steps:

@@ -66,16 +66,32 @@ def segment_alpha(
     *segment*: ``α`` balances ``H + ΣF + α·Σ(C − F)`` against ``(1 − α)·Σ(M + G) + streamed``, clamped to
     [0, 1], and the time is the longer of the two lanes at that α. With ``streamed = 0`` this is
     :func:`job_alpha`."""
-    c = m = f = 0.0
+    c, f, m = _lanes(costs)
+    total = c + m
+    alpha = 0.0 if total <= 0 else min(1.0, max(0.0, (m + streamed - overhead - f) / total))
+    return alpha, segment_time(costs, alpha, overhead, streamed)
+
+
+def segment_time(
+    costs: Sequence[LinearCost], alpha: float, overhead: float = 0.0, streamed: float = 0.0
+) -> float:
+    """The predicted time of a CPU job at CPU share ``alpha`` (see :func:`segment_alpha`): the longer of its
+    CPU lane, ``H + ΣF + α·Σ(C − F)`` (nothing at α = 0: the job is streamed), and its device lane,
+    ``(1 − α)·Σ(M + G) + streamed``."""
+    c, f, m = _lanes(costs)
+    cpu = overhead + f + alpha * c if alpha > 0 else 0.0
+    return max(cpu, (1.0 - alpha) * m + streamed)
+
+
+def _lanes(costs: Sequence[LinearCost]) -> tuple[float, float, float]:
+    """``Σ(C − F)``, ``ΣF`` and ``Σ(M + G)`` of ``costs`` (F: each CPU time's fixed part, at most the whole)."""
+    c = f = m = 0.0
     for cost in costs:
         fixed = min(cost.t_cpu_fixed, cost.t_cpu)
         c += cost.t_cpu - fixed
         f += fixed
         m += cost.t_copy + cost.t_gpu
-    total = c + m
-    alpha = 0.0 if total <= 0 else min(1.0, max(0.0, (m + streamed - overhead - f) / total))
-    cpu = overhead + f + alpha * c if alpha > 0 else 0.0
-    return alpha, max(cpu, (1.0 - alpha) * m + streamed)
+    return c, f, m
 
 
 @dataclass(frozen=True)

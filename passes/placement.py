@@ -53,7 +53,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config, format_bytes
-from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha
+from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha, segment_time
 from hetegen_fx.errors import BudgetError, ConfigError
 from hetegen_fx.graph_utils import _is_view, _name, concrete, node_value, writers_of
 from hetegen_fx.graphs import reserve as graph_reserve
@@ -369,12 +369,8 @@ class PlacementPass(PassBase):
 
         def planned(job: list[LayerPlan]) -> float:
             """The job's time at the α the plan gave it (the whole job's, resident members included)."""
-            if not has_cpu_part(job):
-                return device_lane(job)
-            alpha = next(lp.alpha for lp in job if lp.split > 0)
-            fixed = sum(min(costs[lp.name].t_cpu_fixed, costs[lp.name].t_cpu) for lp in job)
-            cpu = sum(costs[lp.name].t_cpu for lp in job) - fixed
-            return max(overhead + fixed + alpha * cpu, (1 - alpha) * device_lane(job))
+            alpha = next((lp.alpha for lp in job if lp.split > 0), 0.0)
+            return segment_time([costs[lp.name] for lp in job], alpha, overhead)
 
         def share(job: list[LayerPlan], alpha: float, segment: str = "") -> None:
             for lp in job:
