@@ -19,10 +19,12 @@ import torch.fx as fx
 
 from .capture import bind_placeholder_params
 from .config import Config
+from .decoding import refuse_cache_edits
 from .errors import BudgetError, ConfigError, HetegenError
 from .graphs import pool_for
 from .linear import param_of
 from .pipeline import transform
+from .runtime import park
 from .store import WeightStore, store_for
 from .trace import traced
 
@@ -57,6 +59,21 @@ def make_backend(
     return backend
 
 
+def guard_parked_state(run: Callable, gm: fx.GraphModule) -> Callable:
+    """``run`` (the compiled ``gm``), refusing to run inside an HF decoding method that edits the KV cache on
+    the host when ``gm`` parks outputs on the accelerator (:mod:`hetegen_fx.decoding`); ``run`` itself when
+    it parks none (e.g. on an emulated device, or with ``output_device="input"``)."""
+    if not any(gm.graph.find_nodes(op="call_function", target=park)):
+        return run
+
+    def guarded(*args: Any) -> Any:
+        refuse_cache_edits(sys._getframe(1))
+        return run(*args)
+
+    guarded.graph_module = gm  # type: ignore[attr-defined]
+    return guarded
+
+
 def hetegen_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None
 ) -> Callable:
@@ -79,7 +96,8 @@ def _compile_graph(
         if config.verbose:
             print(plan.table(), file=sys.stderr)
         # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
-        return traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
+        run = traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
+        return guard_parked_state(run, out)
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:

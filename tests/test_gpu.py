@@ -66,7 +66,11 @@ def test_split_linear_matches_gpu(alpha):
 
 
 @needs_cuda
-def test_generate_parity_and_budget():
+@pytest.mark.parametrize("stream_jobs", [False, True])
+def test_generate_parity_and_budget(stream_jobs):
+    """Greedy tokens of the all-GPU model, within the budget, with split Linears (segments off) and with the
+    decode plan's segments (where a job's copies stream beside the CPU part before it, which on some
+    machines streams every Linear of this small model)."""
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(3))
     gpu = model.cuda()
@@ -77,7 +81,9 @@ def test_generate_parity_and_budget():
     budget = _budget(model)
     # the profiled α, with no job overhead: this model's GEMVs (≤ 3 MiB) are worth less than a CPU job's
     # hand-offs, and with them every offloaded Linear would be streamed (α = 0)
-    c = hetegen_fx.compile(model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0)
+    c = hetegen_fx.compile(
+        model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0, stream_jobs=stream_jobs
+    )
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with torch.no_grad():
@@ -85,7 +91,10 @@ def test_generate_parity_and_budget():
     peak = torch.cuda.max_memory_allocated() - base
     plans = hetegen_fx.explain(c).plans
     assert len(plans) >= 2
-    assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers if not lp.resident)
+    offloaded = [lp for lp in plans[-1].layers if not lp.resident]
+    assert offloaded
+    if not stream_jobs:
+        assert any(0 < lp.split < lp.out_features for lp in offloaded)
     assert plans[0].reserved["blas_workspace"] == _blas()
     # the token embedding is looked up on the host: the budget holds no copy of its table
     assert all(p.host_tables == ["model.embed_tokens.weight"] for p in plans)
@@ -146,8 +155,8 @@ def test_static_cache_parity():
     model.cpu()
     torch.cuda.empty_cache()
     budget = _budget(model)
-    c = hetegen_fx.compile(  # no job overhead: split Linears, as in test_generate_parity_and_budget
-        model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0
+    c = hetegen_fx.compile(  # no job overhead, no segments: split Linears, as in test_generate_parity_and_budget
+        model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0, stream_jobs=False
     )
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -224,6 +233,28 @@ def test_beam_search_is_refused_before_anything_runs():
 
 
 @needs_cuda
+def test_beam_search_through_torch_compile_is_refused_before_the_graph_runs():
+    """``model.compile(backend="hetegen")`` keeps HF's own generate(): the graphs, which park the cache on
+    the accelerator, refuse to run inside beam search (which would reorder the parked cache on the host),
+    and a greedy generate afterwards still matches HF's all-GPU one."""
+    from hetegen_fx.errors import ConfigError
+
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(8))
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 16:].cpu()
+    model.cpu()
+    torch.cuda.empty_cache()
+    options = {"gpu_memory": _budget(model), "device": "cuda", "max_seq_len": 32}
+    model.compile(backend="hetegen", options=options)
+    with torch.no_grad():
+        with pytest.raises(ConfigError, match="beam search.*output_device"):
+            model.generate(ids, num_beams=2, **kw)
+        assert model.generate(ids, **kw)[0, 16:].tolist() == ref.tolist()
+
+
+@needs_cuda
 def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     """With a static cache the decode steps repeat their shapes: the stretches between hand-offs are
     recorded once as CUDA graphs and replayed, the tokens stay the all-GPU model's in every generate, and
@@ -248,6 +279,7 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
         device="cuda",
         max_seq_len=64,
         job_overhead=0.0,
+        stream_jobs=False,
         cuda_graphs=True,
         graph_memory="48MiB",
     )

@@ -286,3 +286,84 @@ def test_beam_search_runs_on_the_emulated_device(tiny_hf):
             model, gpu_memory=600 << 10, device="cpu", max_seq_len=32, profile="model"
         )
         assert torch.equal(compiled.generate(ids, **kw), ref)
+
+
+def _callers_seen(model, **kwargs) -> list:
+    """What :func:`hetegen_fx.decoding.cache_editing_caller` says at each forward of ``model`` during one
+    generate() with ``kwargs``."""
+    from hetegen_fx.decoding import cache_editing_caller
+
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(cache_editing_caller()))
+    try:
+        with torch.no_grad():
+            model.generate(_prompt(), max_new_tokens=3, pad_token_id=0, **kwargs)
+    finally:
+        hook.remove()
+    assert seen, "the model's forward never ran"
+    return seen
+
+
+def test_the_decoding_method_that_edits_the_cache_is_found_on_the_stack(tiny_hf):
+    """A graph called from HF's generate() can tell, from the stack, whether the decoding method runs edits
+    the KV cache on the host: greedy decoding and sampling do not; beam search, assisted decoding (also as
+    seen from the assistant's own forward), prompt lookup and a custom method do."""
+    from hetegen_fx.decoding import cache_editing_caller
+
+    model, other = tiny_hf("llama"), tiny_hf("llama")
+    assert set(_callers_seen(model, do_sample=False)) == {None}
+    assert set(_callers_seen(model, do_sample=True, top_k=5)) == {None}
+    assert {s and s.split(" (")[0] for s in _callers_seen(model, num_beams=2, do_sample=False)} == {
+        "beam search"
+    }
+    seen = _callers_seen(model, prompt_lookup_num_tokens=2, do_sample=False)
+    assert all(s and s.startswith("assisted decoding") for s in seen), seen
+    assert set(_callers_seen(other, do_sample=False)) == {None}  # the assistant-to-be, alone: greedy
+    seen = []  # the assistant's forwards, inside the main model's assisted decoding
+    hook = other.register_forward_pre_hook(lambda *_: seen.append(cache_editing_caller()))
+    try:
+        main_seen = _callers_seen(model, assistant_model=other, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen and all(s and s.startswith("assisted decoding") for s in seen), seen
+    assert all(s and s.startswith("assisted decoding") for s in main_seen), main_seen
+
+    def custom(model, input_ids, **kwargs):  # a custom decoding method: one greedy step by hand
+        return model(input_ids).logits[:, -1:].argmax(-1)
+
+    seen = _callers_seen(model, custom_generate=custom)
+    assert all(s and s.startswith("a custom decoding method") for s in seen), seen
+
+
+def test_a_graph_that_parks_state_refuses_decoding_that_edits_the_cache(tiny_hf):
+    """The torch.compile route keeps HF's own generate(): a graph that parks outputs on the accelerator checks,
+    at every call, that no decoding method on the stack edits the KV cache on the host, and raises a clear
+    error before it runs if one does; a graph that parks nothing is returned as it was."""
+    from hetegen_fx.backend import guard_parked_state
+    from hetegen_fx.errors import ConfigError
+    from hetegen_fx.runtime import park
+
+    def graph(target) -> torch.fx.GraphModule:  # x → target(x), as DevicePass ends a graph
+        g = torch.fx.Graph()
+        g.output(g.call_function(target, (g.placeholder("x"),)))
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    ran = []
+    run = lambda *a: ran.append(a) or None  # noqa: E731  (stands for the compiled graph)
+    assert guard_parked_state(run, graph(torch.neg)) is run
+    guarded = guard_parked_state(run, graph(park))
+    assert guarded is not run
+    model = tiny_hf("llama")
+    forward = model.forward
+
+    def forward_through_graph(*args, **kwargs):
+        guarded(torch.ones(1))
+        return forward(*args, **kwargs)
+
+    model.forward = forward_through_graph
+    with torch.no_grad():
+        model.generate(_prompt(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert len(ran) == 3
+        with pytest.raises(ConfigError, match="beam search.*on the host.*output_device"):
+            model.generate(_prompt(), max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    assert len(ran) == 3  # refused before the graph ran
