@@ -237,6 +237,7 @@ def test_beam_search_through_torch_compile_is_refused_before_the_graph_runs():
     """``model.compile(backend="hetegen")`` keeps HF's own generate(): the graphs, which park the cache on
     the accelerator, refuse to run inside beam search (which would reorder the parked cache on the host),
     and a greedy generate afterwards still matches HF's all-GPU one."""
+    from hetegen_fx.backend import hetegen_backend
     from hetegen_fx.errors import ConfigError
 
     model = _small_llama()
@@ -247,7 +248,8 @@ def test_beam_search_through_torch_compile_is_refused_before_the_graph_runs():
     model.cpu()
     torch.cuda.empty_cache()
     options = {"gpu_memory": _budget(model), "device": "cuda", "max_seq_len": 32}
-    model.compile(backend="hetegen", options=options)
+    # the backend itself, not its name: the GPU host runs the tree from a path, without the entry point
+    model.compile(backend=hetegen_backend, options=options)
     with torch.no_grad():
         with pytest.raises(ConfigError, match="beam search.*output_device"):
             model.generate(ids, num_beams=2, **kw)
