@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU host (no package registry there): install the tree as a plain import path, run the GPU
-# tests, then the benchmark (from the shim folder, so the checkout's hetegen_fx/ is not imported).
+# tests (and the CPU kernel's and worker's), then the benchmark (from the shim folder, so the checkout's
+# hetegen_fx/ is not imported).
 # Usage: bash scripts/device_run.sh [bench args...]
 # Env: OUT (results folder), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_TIMEOUT (s, default 480): a benchmark still
 # running then prints every thread's Python stack (faulthandler) and, where cuda-gdb exists, every thread's
@@ -15,7 +16,9 @@ cp -r hetegen_fx "$SHIM/hetegen_fx" && cp -r passes "$SHIM/hetegen_fx/passes" &&
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0), torch.get_num_threads(), 'threads')"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  (cd "$SHIM" && timeout -s KILL 300 python3 -m pytest "$REPO/tests/test_gpu.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | grep -v DEBUG | tail -60)
+  # the GPU tests, and the CPU kernel's and worker's (the kernel is built here, with this host's compiler)
+  (cd "$SHIM" && timeout -s KILL 400 python3 -m pytest "$REPO/tests/test_gpu.py" "$REPO/tests/test_kernels.py" \
+    "$REPO/tests/test_host.py" --rootdir "$REPO" -q -p no:cacheprovider -x 2>&1 | grep -v DEBUG | tail -60)
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   T=${BENCH_TIMEOUT:-480}

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
@@ -180,6 +181,18 @@ void dispatch(int64_t M, const std::vector<Part>& parts, const float* xf, int64_
   }
 }
 
+// Numbers in error messages are formatted by std::to_string, never streamed (TORCH_CHECK streams its
+// arguments): on the GPU host, formatting a number with an ostream in an extension built there ended the
+// process with SIGSEGV (gcc 13.3 against torch 2.11 built with gcc-toolset-13; strings stream fine), so
+// every error below crashed instead of raising (docs/benchmarks.md, seventeenth session).
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
 // Whether the kernel takes x [.., K] (M rows) with a weight of dtype: half precision, on the CPU, a few rows.
 bool takes(const at::Tensor& x, const at::Tensor& w, int64_t M) {
   const auto dtype = w.scalar_type();
@@ -210,9 +223,10 @@ at::Tensor gemv_parts(const at::Tensor& x2, const std::vector<at::Tensor>& ws, i
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(w.dim() == 2, "hetegen_cpu::linear: weight must be 2-D, got ", w.dim(), "-D");
+  TORCH_CHECK(w.dim() == 2, "hetegen_cpu::linear: weight must be 2-D, got ", num(w.dim()), "-D");
   if (x.dim() == 0) return at::linear(x, w, b);  // torch's error
-  TORCH_CHECK(x.size(-1) == w.size(1), "hetegen_cpu::linear: x has ", x.size(-1), " features, weight ", w.size(1));
+  TORCH_CHECK(x.size(-1) == w.size(1), "hetegen_cpu::linear: x has ", num(x.size(-1)), " features, weight ",
+              num(w.size(1)));
   const int64_t K = w.size(1), N = w.size(0);
   const int64_t M = K ? x.numel() / K : 0;
   if (!takes(x, w, M)) return at::linear(x, w, b);
@@ -226,21 +240,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // out [M, sum Nᵢ] = x Wᵢᵀ + bᵢ side by side: a CPU job's Linears (q/k/v, gate/up) in one OpenMP team, written
 // into the job's output buffer. Outside the kernel's shapes (a prefill, other dtypes) each goes to at::linear.
 void linears(const at::Tensor& x, at::TensorList ws, c10::List<c10::optional<at::Tensor>> bs, at::Tensor out) {
-  TORCH_CHECK(!ws.empty() && bs.size() == ws.size(), "hetegen_cpu::linears: ", ws.size(), " weights and ",
-              bs.size(), " biases");
+  TORCH_CHECK(!ws.empty() && bs.size() == ws.size(), "hetegen_cpu::linears: ", num(ws.size()), " weights and ",
+              num(bs.size()), " biases");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0),
-              "hetegen_cpu::linears: x must be [rows, in] and out [rows, out], got ", x.sizes(), " and ", out.sizes());
+              "hetegen_cpu::linears: x must be [rows, in] and out [rows, out], got ", dims(x.sizes()), " and ",
+              dims(out.sizes()));
   const int64_t M = x.size(0), K = x.size(1);
   int64_t features = 0;
   bool fast = out.scalar_type() == x.scalar_type();
   for (const auto& w : ws) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "hetegen_cpu::linears: x has ", K, " features, a weight is ",
-                w.sizes());
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "hetegen_cpu::linears: x has ", num(K), " features, a weight is ",
+                dims(w.sizes()));
     fast = fast && takes(x, w, M) && w.scalar_type() == ws.front().scalar_type();
     features += w.size(0);
   }
-  TORCH_CHECK(out.size(1) == features, "hetegen_cpu::linears: out has ", out.size(1), " columns, the weights ",
-              features, " rows");
+  TORCH_CHECK(out.size(1) == features, "hetegen_cpu::linears: out has ", num(out.size(1)), " columns, the weights ",
+              num(features), " rows");
   if (!fast) {
     int64_t off = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
