@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from .capture import capture_export, capture_fx, is_hf_model, param_names
 from .config import Config
+from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
 from .graphs import GraphPool, pool_for
 from .plan import Plan
@@ -235,11 +236,7 @@ def _refuse_host_cache_edits(generate, compiled: torch.nn.Module):
                 source = gen if gen is not None else getattr(compiled, "generation_config", None)
                 value = getattr(source, name, None)
             if _asks_for(name, value):
-                raise ConfigError(
-                    f"hetegen_fx keeps the KV cache on the accelerator, and {what} on the host, where it "
-                    "would read garbage: use greedy decoding or sampling (num_beams=1, no assisted, contrastive or "
-                    "custom decoding)"
-                )
+                raise refusal(what)
         return generate(*args, **kwargs)
 
     return wrapper

@@ -29,9 +29,8 @@ SAFE_METHOD = "_sample"
 #: frames looked at, from the graph's call outwards (HF's generate sits about 10 to 20 frames up)
 MAX_DEPTH = 64
 
-_GENERATE: list[
-    CodeType | None
-] = []  # [the code of GenerationMixin.generate], found once transformers is loaded
+#: [the code of GenerationMixin.generate], looked up once transformers is loaded
+_GENERATE: list[CodeType | None] = []
 
 
 def _generate_code() -> CodeType | None:
@@ -83,9 +82,17 @@ def refuse_cache_edits(frame: FrameType | None = None) -> None:
     called from a decoding method that edits it on the host (:func:`cache_editing_caller`)."""
     what = cache_editing_caller(sys._getframe(1) if frame is None else frame)
     if what is not None:
-        raise ConfigError(
-            f"hetegen_fx keeps the KV cache on the accelerator, and {what} on the host, where it would read "
-            "garbage: use greedy decoding or sampling (num_beams=1, no assisted, contrastive or custom "
-            "decoding); with torch.compile(..., backend='hetegen'), options={'output_device': 'input'} keeps "
-            "the cache on the host instead (slower)"
+        raise refusal(
+            what,
+            "; with torch.compile(..., backend='hetegen'), options={'output_device': 'input'} keeps the cache "
+            "on the host instead (slower)",
         )
+
+
+def refusal(what: str, advice: str = "") -> ConfigError:
+    """The error for decoding that ``what`` (e.g. "beam search ... reorders the KV cache") on the host, where
+    the compiled graphs' parked cache holds garbage; ``advice`` is appended to what it says to do."""
+    return ConfigError(
+        f"hetegen_fx keeps the KV cache on the accelerator, and {what} on the host, where it would read "
+        f"garbage: use greedy decoding or sampling (num_beams=1, no assisted, contrastive or custom decoding){advice}"
+    )
