@@ -44,6 +44,8 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert by["stream"]["mean_alpha"] == 0.0 and by["cpu"]["mean_alpha"] == 1.0
     assert 0.0 < by["hetegen"]["mean_alpha"] < 1.0
     assert {"cpu_gemv_float16", "cpu_gemv_bfloat16", "cpu_gemv_float32"} <= set(report["ceilings"])
+    assert report["ceiling_working_set_bytes"] >= 256 * 2**20  # the ceilings stream from DRAM
+    assert report["bounds_decode_s"] == {}  # no GPU, no bound
     assert by["hetegen"]["trace"]["copy_busy_s"] > 0
     graphs = by["graphs"]["cuda_graphs"]  # emulated graphs: the static-cache decode steps replay them
     assert graphs["recorded"] > 0 and graphs["replays"] > graphs["recorded"] and graphs["failed"] == 0
@@ -88,3 +90,52 @@ def test_a_variant_of_the_same_model_frees_the_last_ones_store(tiny_hf):
     forget(list(model.parameters()))
     gc.collect()
     assert store() is None and find_store(list(model.parameters())) is None
+
+
+def test_llc_size_is_read_from_sysfs_and_sets_a_working_set_that_streams_from_dram(tmp_path, monkeypatch):
+    from hetegen_fx import costs
+
+    for i, size in enumerate(["48K", "2048K", "300M", "bogus"]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    (tmp_path / "index9").mkdir()  # no size file: skipped
+    assert costs.llc_bytes(tmp_path) == 300 * 2**20
+    assert costs.llc_bytes(tmp_path / "missing") is None
+    monkeypatch.setattr(costs, "llc_bytes", lambda: 300 * 2**20)
+    assert costs.streaming_bytes() == 1200 * 2**20
+    monkeypatch.setattr(costs, "llc_bytes", lambda: 8 * 2**20)
+    assert costs.streaming_bytes() == 256 * 2**20  # never less than that
+    monkeypatch.setattr(costs, "llc_bytes", lambda: None)
+    assert costs.streaming_bytes() == 2**30
+
+
+def test_decode_bounds_stream_each_variants_offloaded_bytes_at_its_own_ceiling():
+    from hetegen_fx.bench import decode_bounds, format_table
+
+    ceilings = {"combined": 150e9, "cpu_gemv": 100e9, "h2d_pinned": 50e9, "hbm": 3e12}
+    results = [
+        {"variant": v, "offloaded_bytes": off, "resident_bytes": res, "decode_s_per_token": step}
+        for v, off, res, step in [
+            ("stream", 6e9, 6e9, 0.14),
+            ("cpu", 7.5e9, 6e9, 0.08),
+            ("hetegen", 7.5e9, 6e9, 0.0625),
+            ("accelerate", 0, 0, 1.0),
+        ]
+    ]
+    b = decode_bounds(results, ceilings)
+    assert b == {"stream": 6e9 / 50e9 + 2e-3, "cpu": 7.5e9 / 100e9 + 2e-3, "hetegen": 7.5e9 / 150e9 + 2e-3}
+    assert decode_bounds(results, {"cpu_gemv": 100e9}) == {}  # no GPU: no HBM, no bound
+    for r in results:
+        r.update(prefill_s=0.1, decode_tok_s=1 / r["decode_s_per_token"], tokens_match_reference=True)
+    table = format_table(
+        {
+            "model": "m", "dtype": "float16", "gpu_memory": 2**30, "prompt_len": 8, "device": "d",
+            "date": "today", "torch": "t", "cpu_threads": 1, "results": results, "ceilings": ceilings,
+            "bounds_decode_s": b,
+        }
+    )  # fmt: skip
+    assert "- hetegen: 52.0 ms (" in table and "reached 83%" in table
+    assert (
+        "- cpu: 77.0 ms (" in table
+        and "at equal shares of their bounds, hetegen would be 1.48x CPU-only" in table
+    )
