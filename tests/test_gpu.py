@@ -327,16 +327,17 @@ def test_trace_shows_copies_overlapping_cpu_parts(tmp_path):
     from hetegen_fx import trace
 
     torch.manual_seed(0)
-    # parts large enough that a copy (24 MiB, ~0.45 ms) outlasts the launches between it and the next CPU
-    # job, and one part staged at a time: each copy then waits for the previous GPU part, so it flies while
-    # the CPU computes its share of the next layer (with the whole run prefetched at once, the copies of a
-    # small model land before the first CPU job starts and nothing overlaps)
-    m = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(6)]).half()
-    x = torch.randn(1, 4096, dtype=torch.float16)
-    c = hetegen_fx.compile(  # 48 MiB beside cuBLAS's workspace
-        m, (x,), gpu_memory=(48 << 20) + _blas(), device="cuda", alpha=0.25, activation_reserve=0, prefetch=1
+    # parts large enough that the copies outlast how late the launching thread may post the CPU jobs beside
+    # them: 64 MiB GPU parts (~1.2 ms each) and 64 MiB CPU parts (~0.7 ms) in a 192 MiB arena, so the copies
+    # of the six layers fly for ~7 ms, the later ones each behind the GPU part that last used their room.
+    # With 24 MiB parts staged one at a time (~0.45 ms a copy), a fresh GPU host's launching thread, slowed
+    # by the recording, posted each CPU job after the copy beside it had landed: no overlap, three times.
+    m = torch.nn.Sequential(*[torch.nn.Linear(8192, 8192) for _ in range(6)]).half()
+    x = torch.randn(1, 8192, dtype=torch.float16)
+    c = hetegen_fx.compile(  # the arena beside cuBLAS's workspace: no 128 MiB layer fits beside them
+        m, (x,), gpu_memory=(224 << 20) + _blas(), device="cuda", alpha=0.5, activation_reserve=0, prefetch=2
     )
-    assert sum(not lp.resident for lp in c.plan.layers) >= 4
+    assert sum(not lp.resident for lp in c.plan.layers) == 6
     c(x)  # warm-up
     gc.collect()  # earlier tests' garbage: not collected in the middle of a recorded call
     with trace.record() as timelines:
