@@ -107,12 +107,14 @@ class Plan:
         reserved = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.reserved.items())
         segments = sum(bool(lp.segment) for lp in self.layers)
         beside = f", {segments} of them streamed beside the CPU job before them" if segments else ""
+        # a streamed Linear's row is its time alone; in the step its copy runs beside its head's CPU part
+        alone = " (the sum of the rows: streamed Linears counted as if alone)" if segments else ""
         rows.append(
             f"{len(self.layers)} Linears at {self.tokens} token(s) on {self.device}: "
             f"{sum(lp.resident for lp in self.layers)} resident ({format_bytes(self.resident_bytes)}), "
             f"{sum(not lp.resident for lp in self.layers)} offloaded ({format_bytes(self.offloaded_bytes)}{beside}); "
             f"budget {budget}; reserved: {reserved or 'none'}; "
-            f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work; costs: {self.source}"
+            f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work{alone}; costs: {self.source}"
             + (f"; on the host: {', '.join(self.host_tables)}" if self.host_tables else "")
         )
         return "\n".join(rows)

@@ -186,6 +186,11 @@ def test_table():
     ):
         assert piece in total
     assert str(plan) == table
+    assert "streamed" not in total
+    streamed = dataclasses.replace(plan.layers[1], alpha=0.0, split=0, segment=plan.layers[0].name)
+    total = dataclasses.replace(plan, layers=[plan.layers[0], streamed]).table().splitlines()[-1]
+    assert "1 offloaded (86.00 MiB, 1 of them streamed beside the CPU job before them)" in total
+    assert "of Linear work (the sum of the rows: streamed Linears counted as if alone)" in total
     assert plan.resident_bytes == 33554432 and plan.offloaded_bytes == 90177536
     assert (
         plan.layers[1].gpu_part_bytes == 90177536 * (4096 - 1856) // 4096
