@@ -224,9 +224,10 @@ def streaming_bytes() -> int:
     """Bytes a working set needs so that cycling through it streams from DRAM on this machine: four times the
     last-level cache (1 GiB where unknown), at least 256 MiB.
 
-    A cyclic working set only a little larger than the cache is still served partly from it: on the GPU
-    host (300 MiB of L3) a CPU GEMV cycling through 344 MiB of weights read 118-130 GB/s alone against
-    109-121 GB/s through 2 GiB, and 140-153 GB/s against 93-103 GB/s beside host→device copies."""
+    A cyclic working set only a little larger than the cache is still served partly from it: on one GPU
+    host machine (300 MiB of L3) a CPU GEMV cycling through 344 MiB of weights read 118-130 GB/s alone
+    against 109-121 GB/s through 2 GiB, and 140-153 GB/s against 93-103 GB/s beside host→device copies
+    (docs/benchmarks.md, eighteenth session)."""
     llc = llc_bytes()
     return max(256 * 2**20, 4 * llc if llc else 2**30)
 
