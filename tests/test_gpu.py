@@ -48,6 +48,17 @@ def _budget(model) -> int:
     return int(_bytes(model) * 0.6) + _blas()
 
 
+def _all_gpu_tokens(model, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """The new tokens of HF's own generate with the whole model on the GPU, eager (with a static cache HF
+    compiles its forward with inductor, autotuned per process, whose greedy tokens flipped at near-ties of
+    these random models in some processes and not others); the model goes back to the host afterwards."""
+    with torch.no_grad():
+        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, ids.shape[1] :].cpu()
+    model.cpu()
+    torch.cuda.empty_cache()
+    return ref
+
+
 @needs_cuda
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, None])
 def test_split_linear_matches_gpu(alpha):
@@ -148,12 +159,7 @@ def test_static_cache_parity():
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(4))
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
-    with torch.no_grad():
-        # eager: with a static cache HF compiles its own forward (inductor, autotuned per process), whose
-        # greedy tokens flipped at near-ties of this random model in some processes and not others
-        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 32:].cpu()
-    model.cpu()
-    torch.cuda.empty_cache()
+    ref = _all_gpu_tokens(model, ids, **kw)
     budget = _budget(model)
     c = hetegen_fx.compile(  # no job overhead, no segments: split Linears, as in test_generate_parity_and_budget
         model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0, stream_jobs=False
@@ -220,10 +226,7 @@ def test_beam_search_is_refused_before_anything_runs():
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(7))
     kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 16:].cpu()
-    model.cpu()
-    torch.cuda.empty_cache()
+    ref = _all_gpu_tokens(model, ids, **kw)
     c = hetegen_fx.compile(model, gpu_memory=_budget(model), device="cuda", max_seq_len=32)
     with torch.no_grad():
         with pytest.raises(ConfigError, match="beam search"):
@@ -243,10 +246,7 @@ def test_beam_search_through_torch_compile_is_refused_before_the_graph_runs():
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(8))
     kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 16:].cpu()
-    model.cpu()
-    torch.cuda.empty_cache()
+    ref = _all_gpu_tokens(model, ids, **kw)
     options = {"gpu_memory": _budget(model), "device": "cuda", "max_seq_len": 32}
     # the backend itself, not its name: the GPU host runs the tree from a path, without the entry point
     model.compile(backend=hetegen_backend, options=options)
@@ -268,12 +268,7 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     model = _small_llama()
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(6))
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
-    with torch.no_grad():
-        # eager: with a static cache HF compiles its own forward (inductor, autotuned per process), whose
-        # greedy tokens flipped at near-ties of this random model in some processes and not others
-        ref = model.cuda().generate(ids.cuda(), **kw, disable_compile=True)[0, 32:].cpu()
-    model.cpu()
-    torch.cuda.empty_cache()
+    ref = _all_gpu_tokens(model, ids, **kw)
     budget = _budget(model) + (48 << 20)  # cuBLAS alone takes 32 MiB for the recording stream
     c = hetegen_fx.compile(
         model,
