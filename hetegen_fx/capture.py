@@ -51,9 +51,11 @@ def bind_get_attr_params(gm: fx.GraphModule, names: dict[int, str] | None = None
 
 def dynamo_param_name(placeholder: str) -> str:
     """``L_self_modules_model_modules_layers_modules_0_..._parameters_weight_`` → ``model.layers.0....weight``;
-    ``G_lin_parameters_weight_`` (a global ``lin`` used by a compiled function) → ``lin.weight``."""
+    ``G_lin_parameters_weight_`` (a global ``lin`` used by a compiled function) → ``lin.weight``. A module
+    reached as a wrapper's first argument (``L_args_0_modules_...``, seen with torch 2.13 and transformers 5.25
+    when an HF model itself is compiled) is named like ``self``."""
     s = re.sub(r"^[LG]_", "", placeholder).rstrip("_")  # dynamo's local / global prefix
-    s = re.sub(r"^(self|fn|mod|model)_(?=(?:modules|parameters|buffers)_)", "", s)
+    s = re.sub(r"^(self|fn|mod|model|args_\d+)_(?=(?:modules|parameters|buffers)_)", "", s)
     parts = [p for p in re.split(r"(?:^|_)(?:modules|parameters|buffers)_", s) if p]
     return ".".join(parts) if parts else placeholder
 

@@ -79,6 +79,10 @@ def test_entry_point_in_a_fresh_process():
         ("L_self_modules_model_modules_rotary_emb_buffers_inv_freq_", "model.rotary_emb.inv_freq"),
         ("G_lin_parameters_bias_", "lin.bias"),
         ("L_net_modules_0_parameters_weight_", "net.0.weight"),
+        (  # a compiled module reached as a wrapper's first argument (torch 2.13, transformers 5.25)
+            "L_args_0_modules_model_modules_embed_tokens_parameters_weight_",
+            "model.embed_tokens.weight",
+        ),
     ],
 )
 def test_dynamo_param_names(placeholder, name):
