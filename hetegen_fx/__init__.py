@@ -4,6 +4,7 @@ in parallel (HeteGen, MLSys 2024), built as a pipeline of torch.fx passes.
     import hetegen_fx
     compiled = hetegen_fx.compile(model, gpu_memory="6GiB")            # HF models: generate() works
     print(hetegen_fx.explain(compiled))                                # the Plan and the generated code
+    print(hetegen_fx.state(compiled))                                  # graphs, memory by category
 
 or, without importing it: ``model.compile(backend="hetegen", options={"gpu_memory": "6GiB"})``.
 Importing this package touches no GPU.
@@ -13,6 +14,7 @@ from .api import CompiledModule, Explanation, compile, explain
 from .config import Config, format_bytes, parse_bytes
 from .errors import BudgetError, CaptureError, ConfigError, HetegenError, UnsupportedModelError
 from .exporting import ExportError, export, load_exported
+from .introspect import ModelState, state
 from .plan import LayerPlan, Plan, load_plan
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "ExportError",
     "HetegenError",
     "LayerPlan",
+    "ModelState",
     "Plan",
     "UnsupportedModelError",
     "compile",
@@ -36,4 +39,5 @@ __all__ = [
     "load_exported",
     "load_plan",
     "parse_bytes",
+    "state",
 ]

@@ -1,8 +1,12 @@
-"""The Python API: ``hetegen_fx.compile``, ``hetegen_fx.explain``."""
+"""The Python API: ``hetegen_fx.compile`` (capture, the pass pipeline, the compiled model that comes out) and
+``hetegen_fx.explain``. The link from a compiled model to its config and weight store lives in
+:mod:`hetegen_fx.state`, not in attributes on the model; a validated :class:`Config` is never changed here
+(what the API decides for a model is a new Config, by ``dataclasses.replace``)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
@@ -18,8 +22,9 @@ from .config import Config
 from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
 from .graphs import GraphPool, pool_for
+from .introspect import attach, state
 from .plan import Plan
-from .store import WeightStore, find_store, store_for
+from .store import WeightStore, store_for
 from .trace import traced
 
 
@@ -34,12 +39,13 @@ class CompiledModule(torch.nn.Module):
         frontend: str,
         pool: GraphPool | None = None,
         cudnn_attention: bool = False,
+        config: Config | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
         self.frontend = frontend
-        self._store = store
+        attach(self, config, store)  # hetegen_fx.state(self) reads the store and config from there
         device = store.device.type if store.device.index is None else str(store.device)
         self._call = traced(graph_module, device, pool, cudnn_attention)
 
@@ -98,7 +104,8 @@ def compile(  # noqa: A001  (mirrors torch.compile)
             None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
         )
         out, plan = transform(gm, config, store, inputs, label=f"{type(model).__name__} ({fe})")
-        return CompiledModule(out, plan, store, fe, pool_for(store, config, plan), config.cudnn_attention)
+        pool = pool_for(store, config, plan)
+        return CompiledModule(out, plan, store, fe, pool, config.cudnn_attention, config)
     raise CaptureError(
         "could not capture the model: "
         + "; ".join(str(e) for e in errors)
@@ -110,10 +117,13 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     from .backend import make_backend
 
     cache = _kv_cache(model, config)  # first: a clear error before anything else reads the model
-    if config.output_device == "input":
-        config.output_device = "auto"  # logits back to the host, the KV cache kept on the device (parked)
-    if config.max_seq_len is None:
-        config.max_seq_len = _max_positions(model)  # the KV-cache reserve: the model's limit, capped
+    config = dataclasses.replace(
+        config,
+        # logits back to the host, the KV cache kept on the device (parked)
+        output_device="auto" if config.output_device == "input" else config.output_device,
+        # the KV-cache reserve: the model's limit, capped
+        max_seq_len=_max_positions(model) if config.max_seq_len is None else config.max_seq_len,
+    )
     _check_budget_floor(model, config)
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
@@ -123,8 +133,7 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
     _room_for_graphs()
     compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
-    compiled.hetegen_config = config
-    compiled.hetegen_store = store  # this copy's graphs and plans, whatever is compiled after it
+    attach(compiled, config, store)  # this copy's graphs and plans, whatever is compiled after it
     return compiled
 
 
@@ -384,21 +393,7 @@ class Explanation:
 
 def explain(compiled: torch.nn.Module) -> Explanation:
     """The Plans and generated code of everything compiled for ``compiled`` (a CompiledModule or a model)."""
-    if isinstance(compiled, CompiledModule):
-        store = compiled._store
-    else:
-        store = getattr(compiled, "hetegen_store", None)
-        if store is None:  # compiled through torch.compile(backend="hetegen"): the model's latest store
-            store = find_store(list(compiled.parameters()))
-    if store is None:
-        raise ConfigError(
-            "this model was not compiled by hetegen_fx (no weight store found for its parameters)"
-        )
-    graphs = [
-        g
-        for g in store.graphs
-        if not isinstance(compiled, CompiledModule) or g.graph_module is compiled.graph_module
-    ]
+    graphs = state(compiled).graphs
     return Explanation(
         [g.plan for g in graphs],
         [g.graph_module.code for g in graphs],

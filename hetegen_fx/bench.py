@@ -247,7 +247,7 @@ def _time_generate(
 ) -> tuple[float, float, list[int], list[float]]:
     """(prefill seconds, decode seconds per token, tokens, every decode step's seconds) with a warm model.
 
-    The decode time is the median over ``reps`` generates of ``new_tokens`` (the lent hosts drift by tens of
+    The decode time is the median over ``reps`` generates of ``new_tokens`` (the GPU hosts drift by tens of
     percent within a minute); the steps are those of every rep, so their spread shows that drift. With a
     ``cache`` (an HF StaticCache), every generate starts from it, reset.
     """
@@ -320,7 +320,7 @@ INTERLEAVED_RATIOS = (("hetegen", "cpu"), ("hetegen", "stream"))
 def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: torch.device) -> dict:
     """Compile ``names`` side by side (each with its own store and budget), then time one generate of each
     per round, round-robin from a rotating start, for ``args.interleave`` rounds. Each round's median decode
-    step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the lent hosts drift by tens of percent
+    step gives a per-round speed ratio for :data:`INTERLEAVED_RATIOS`: the GPU hosts drift by tens of percent
     between the minutes that the variants run in one after the other, but little within a round."""
     from transformers import LogitsProcessorList
 
@@ -449,9 +449,9 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             "stream_wait": host.stream_wait,
             "one_call_per_job": host.together,  # HETEGEN_FUSED_JOBS
         }
-        pool = runner.hetegen_store.graph_pool
-        if pool is not None:
-            result["cuda_graphs"] = pool.stats()
+        graphs = hetegen_fx.state(runner).cuda_graphs
+        if graphs is not None:
+            result["cuda_graphs"] = graphs
     if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
         from hetegen_fx.trace import record
 

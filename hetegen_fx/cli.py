@@ -28,6 +28,33 @@ def _log(msg: str) -> None:
     print(f"[hetegen] {msg}", file=sys.stderr, flush=True)
 
 
+#: compile options read from flags of the same name (``--job-overhead`` → ``job_overhead``), when given
+_OPTION_FLAGS = ("plan", "alpha", "job_overhead", "prefetch")
+
+
+def compile_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`hetegen_fx.compile` that the flags of ``generate`` and ``plan`` ask for
+    (a flag a command does not have is left at the Config's default)."""
+    options = {
+        "gpu_memory": args.gpu_memory,
+        "device": args.device,
+        "max_seq_len": args.max_seq_len,
+        "verbose": args.verbose,
+    }
+    for name in _OPTION_FLAGS:
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    if getattr(args, "no_stream_jobs", False):
+        options["stream_jobs"] = False
+    if getattr(args, "cuda_graphs", False):
+        options["cuda_graphs"] = True
+        if args.graph_memory is not None:
+            options["graph_memory"] = args.graph_memory
+    if getattr(args, "cudnn_attention", False):
+        options["cudnn_attention"] = True
+    return options
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
@@ -41,22 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = load(args.model, dtype=DTYPES[args.dtype], progress=True)
     if tok is None:
         raise HetegenError(f"{args.model!r} has no tokenizer: generate needs a checkpoint with one")
-    options = {"gpu_memory": args.gpu_memory, "device": args.device, "max_seq_len": args.max_seq_len}
-    if args.plan:
-        options["plan"] = args.plan
-    if args.alpha is not None:
-        options["alpha"] = args.alpha
-    if args.job_overhead is not None:
-        options["job_overhead"] = args.job_overhead
-    if args.no_stream_jobs:
-        options["stream_jobs"] = False
-    if args.cuda_graphs:
-        options["cuda_graphs"] = True
-        if args.graph_memory is not None:
-            options["graph_memory"] = args.graph_memory
-    if args.cudnn_attention:
-        options["cudnn_attention"] = True
-    compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
+    compiled = hetegen_fx.compile(model, **compile_options(args))
     ids = chat_prompt(tok, args.prompt)
     _log(
         f"generating up to {args.max_new_tokens} tokens on {args.device} (budget {args.gpu_memory or 'all free'})"
@@ -80,13 +92,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text)
     n = out.shape[1] - ids.shape[1]
     _log(f"{n} tokens in {dt:.2f} s (first call includes compiling)")
-    pool = compiled.hetegen_store.graph_pool
-    if args.cuda_graphs and pool is None:
+    st = hetegen_fx.state(compiled).cuda_graphs
+    if args.cuda_graphs and st is None:
         _log(
             "CUDA graphs: none (no memory pool was reserved: the budget is too small, or --graph-memory is 0)"
         )
     elif args.cuda_graphs:
-        st = pool.stats()
         _log(f"CUDA graphs: {st['recorded']} recorded, {st['replays']} replays, {st['keys']} stretch shapes")
     if args.show_plan:
         print(hetegen_fx.explain(compiled), file=sys.stderr)
@@ -108,16 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if bool(args.draw_layer) != bool(args.draw_out):
         raise HetegenError("--draw-layer NAME and --draw-out FILE go together")
     model, _ = load(args.model, dtype=DTYPES[args.dtype], progress=args.verbose)
-    options = {"gpu_memory": args.gpu_memory, "device": args.device, "max_seq_len": args.max_seq_len}
-    if args.alpha is not None:
-        options["alpha"] = args.alpha
-    if args.job_overhead is not None:
-        options["job_overhead"] = args.job_overhead
-    if args.no_stream_jobs:
-        options["stream_jobs"] = False
-    if args.prefetch is not None:
-        options["prefetch"] = args.prefetch
-    compiled = hetegen_fx.compile(model, **options, verbose=args.verbose)
+    compiled = hetegen_fx.compile(model, **compile_options(args))
     vocab = int(getattr(model.config, "vocab_size", 32) or 32)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, vocab - 1), vocab, (1, args.prompt_len), generator=gen)

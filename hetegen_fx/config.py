@@ -55,9 +55,10 @@ def format_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclass
+@dataclass(frozen=True, eq=True)
 class Config:
-    """Settings of one compilation.
+    """Settings of one compilation, checked when built and never changed after (frozen: a changed setting is a
+    new Config, ``dataclasses.replace(config, max_seq_len=512)``, which is checked again).
 
     gpu_memory: the accelerator memory hetegen_fx may use (weights, KV cache, activations, staging);
         ``None`` means "all of the device's free memory".
@@ -95,12 +96,12 @@ class Config:
         launch each (:mod:`hetegen_fx.graphs`); they replay where shapes repeat, e.g. decode steps with HF's
         static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host
         they halved a fully resident 7B decode step and left a 6 GiB split one as it was
-        (docs/benchmarks.md, eighth session).
+        (docs/benchmarks-history.md, 2026-11-22, commit 7605416).
     cudnn_attention: let ``scaled_dot_product_attention`` pick its cuDNN backend inside the compiled graphs.
         Off by default: cuDNN builds an execution plan for every new shape, and a decode step with a growing
         KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
         took 36-57 ms of the launching thread's time per new length, against 0.1 ms for the flash kernel
-        torch picks without it (docs/benchmarks.md, ninth session). The graphs switch it off while they run
+        torch picks without it (docs/benchmarks-history.md, 2026-11-22, commit 450b82b). The graphs switch it off while they run
         and restore the caller's setting after. The setting is torch's, for the whole process: another
         thread's attention running meanwhile sees it off too, and two threads running compiled graphs at
         once may leave it on for part of one's call (a matter of speed only).
@@ -121,7 +122,7 @@ class Config:
         (default): "static" for models whose HF class can be compiled whole (``_can_compile_fullgraph``)
         and whose ``generation_config`` names no cache, else HF's choice. On the H100 host a 7B split at
         6 GiB stepped in 0.951 of the DynamicCache's time with it (292 MiB more resident weights at 584
-        tokens; docs/benchmarks.md, twelfth session). Only :func:`hetegen_fx.compile` applies it (on its
+        tokens; docs/benchmarks-history.md, 2026-11-22, commit 63e61b2). Only :func:`hetegen_fx.compile` applies it (on its
         copy of the model); the torch.compile backend leaves ``generate()`` alone.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
@@ -148,12 +149,11 @@ class Config:
     kv_cache: str = "auto"
     cache_dir: str | None = None
     verbose: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, hash=False)
 
     def __post_init__(self) -> None:
-        self.gpu_memory = parse_bytes(self.gpu_memory)
-        self.activation_reserve = parse_bytes(self.activation_reserve)
-        self.graph_memory = parse_bytes(self.graph_memory)
+        for name in ("gpu_memory", "activation_reserve", "graph_memory"):  # the only normalisation: bytes
+            object.__setattr__(self, name, parse_bytes(getattr(self, name)))
         for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings", "stream_jobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

@@ -102,7 +102,9 @@ def load_exported(path: str | os.PathLike) -> torch.export.ExportedProgram:
 def _compiled(compiled: Any) -> CompiledModule:
     if isinstance(compiled, CompiledModule):
         return compiled
-    if getattr(compiled, "hetegen_config", None) is not None:
+    from .introspect import config_of
+
+    if isinstance(compiled, torch.nn.Module) and config_of(compiled) is not None:
         raise ConfigError(
             f"{type(compiled).__name__} was compiled through the 'dynamo' frontend (torch.compile): its graphs "
             "are made lazily, one per shape, and there is no single graph to export. Compile a module that "

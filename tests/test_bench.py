@@ -75,6 +75,7 @@ def test_a_variant_of_the_same_model_frees_the_last_ones_store(tiny_hf):
     import weakref
 
     import hetegen_fx
+    from hetegen_fx.introspect import store_of
     from hetegen_fx.store import find_store, forget
 
     model = tiny_hf("llama")
@@ -82,7 +83,7 @@ def test_a_variant_of_the_same_model_frees_the_last_ones_store(tiny_hf):
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     compiled = hetegen_fx.compile(model, gpu_memory=int(nbytes * 0.6), device="cpu", max_seq_len=32)
     compiled.generate(ids, max_new_tokens=3, do_sample=False)
-    store = weakref.ref(compiled.hetegen_store)
+    store = weakref.ref(store_of(compiled))
     del compiled
     torch._dynamo.reset()
     gc.collect()

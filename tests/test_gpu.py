@@ -282,13 +282,13 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
     )
     with torch.no_grad():
         outs = [c.generate(ids, **kw)[0, 32:].cpu() for _ in range(3)]
-    pool = c.hetegen_store.graph_pool
-    assert pool.recorded > 0 and pool.replays > 2 * pool.recorded and pool.failed == 0, pool.stats()
-    assert pool.used <= 48 << 20, pool.stats()
+    st = hetegen_fx.state(c).cuda_graphs
+    assert st["recorded"] > 0 and st["replays"] > 2 * st["recorded"] and st["failed"] == 0, st
+    assert st["pool_bytes"] <= 48 << 20, st
     assert any(0 < lp.split < lp.out_features for lp in hetegen_fx.explain(c).plans[-1].layers)
-    # which generate went wrong, and the pool then (an open intermittent failure: docs/benchmarks.md)
+    # which generate went wrong, and the pool then (an intermittent failure seen on the H100 host, 2026-11-22, commit 6544191)
     for i, out in enumerate(outs):
-        assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {pool.stats()}"
+        assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {st}"
 
 
 def _pinned_stretch(x, big):

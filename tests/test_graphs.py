@@ -354,8 +354,7 @@ def test_static_cache_decode_replays_match_eager(tiny_hf, monkeypatch):
     )
     for _ in range(3):
         assert torch.equal(c.generate(ids, **kw), ref)
-    pool = c.hetegen_store.graph_pool
-    stats = pool.stats()
+    stats = hetegen_fx.state(c).cuda_graphs
     assert stats["recorded"] > 0 and stats["replays"] > 2 * stats["recorded"] and stats["failed"] == 0
     assert any("keys" in name for name in stats["pinned_inputs_moved"]), stats
     plans = hetegen_fx.explain(c).plans
@@ -363,6 +362,6 @@ def test_static_cache_decode_replays_match_eager(tiny_hf, monkeypatch):
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
     from hetegen_fx.codegen import direct
 
-    decode = c.hetegen_store.graphs[-1].graph_module
+    decode = hetegen_fx.state(c).graphs[-1].graph_module
     fused = direct(decode, GraphPool(torch.device("cpu")))
     assert _calls(fused) < _calls(decode) / 2

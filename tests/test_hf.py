@@ -99,7 +99,7 @@ def test_hf_budget_far_too_small_fails_at_compile_naming_the_minimum(tiny_hf):
     with pytest.raises(hetegen_fx.BudgetError, match=r"at least .*\(\d+ bytes") as err:
         hetegen_fx.compile(model, gpu_memory=1024, device="cpu", max_seq_len=64)
     assert "KV cache for 64 tokens" in str(err.value)
-    assert not hasattr(model, "hetegen_config") and "_compiled_call_impl" not in vars(model)
+    assert hetegen_fx.introspect.config_of(model) is None and "_compiled_call_impl" not in vars(model)
 
 
 def test_static_cache_parity(tiny_hf):
@@ -257,7 +257,7 @@ def test_many_compiled_copies_of_one_model_class_all_compile(tiny_hf):
                 model, gpu_memory=600 << 10, device="cpu", max_seq_len=32, profile="model"
             )
             assert torch.equal(compiled.generate(ids, **kw), ref)
-        assert len(compiled.hetegen_store.graphs) >= 2  # a prefill and a decode graph, not eager
+        assert len(hetegen_fx.state(compiled).graphs) >= 2  # a prefill and a decode graph, not eager
 
 
 def test_a_compiled_copy_serves_as_an_assistant_on_the_emulated_device(tiny_hf):
