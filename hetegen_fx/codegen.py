@@ -1,4 +1,8 @@
-"""Codegen: turn the scheduled graph into an executable GraphModule with readable code."""
+"""Codegen: turn the scheduled graph into an executable GraphModule with readable code.
+
+Owns: the last rewrite of a scheduled graph (dead code out, Python code generated) and its direct form (custom
+ops as plain calls, stretches handed to :mod:`hetegen_fx.graphs`). Must not: reorder or place anything.
+"""
 
 from __future__ import annotations
 

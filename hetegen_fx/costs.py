@@ -109,7 +109,7 @@ class HardwareModel:
     #: whose "device" is the same CPU
     job_overhead: float = 0.0
     #: what the CPU lane waits between two jobs of a decode step (the device's work from one job's "done" to the
-    #: next one's "ready"): 0.25-0.29 ms a job on the H100 host (scripts/diag_jobs.py). Streaming a job into the
+    #: next one's "ready"): 0.25-0.29 ms a job on the H100 host (docs/benchmarks-history.md, 2026-11-23). Streaming a job into the
     #: segment of the job before it saves one such gap (PlacementPass._stream_jobs); 0 under emulation
     job_gap: float = 0.0
 
@@ -227,7 +227,7 @@ def streaming_bytes() -> int:
     A cyclic working set only a little larger than the cache is still served partly from it: on one GPU
     host machine (300 MiB of L3) a CPU GEMV cycling through 344 MiB of weights read 118-130 GB/s alone
     against 109-121 GB/s through 2 GiB, and 140-153 GB/s against 93-103 GB/s beside host→device copies
-    (docs/benchmarks.md, eighteenth session)."""
+    (docs/benchmarks-history.md, 2026-11-23, commit 7383492)."""
     llc = llc_bytes()
     return max(256 * 2**20, 4 * llc if llc else 2**30)
 

@@ -1,14 +1,17 @@
 """CUDA graphs for the stretches of a partitioned graph that run on the device alone.
 
-A 7B decode step is some 3500 graph nodes, launched one by one from Python at 14-40 µs a node, and the
-seventh session found the launching thread behind the device (docs/benchmarks.md). Most of those nodes are
-device work between two hand-offs (the norms, rotary embedding, cache update and attention of a layer
+Owns: where a compiled graph is cut into stretches, their recording and replay, and each model's
+:class:`GraphPool`. Must not: change what a graph computes or its order, or grow a pool past its budget.
+
+A 7B decode step is some 3500 graph nodes, launched one by one from Python at 14-40 µs a node, and on the
+H100 host the launching thread fell behind the device (docs/benchmarks-history.md, 2026-11-22, commit
+bd15813). Most of those nodes are device work between two hand-offs (the norms, rotary embedding, cache update and attention of a layer
 whose Linears are resident, the concatenations after a split). A *stretch* is a run of at least
 :data:`MIN_NODES` such calls with nothing else between them; :func:`fuse_stretches` moves each one into a
 :class:`Stretch` submodule, which records it once as a CUDA graph and then replays it with one launch.
 
-Opt-in (``Config.cuda_graphs``). Measured on the H100 host (eighth session): a fully resident 7B decode
-step, one stretch, took 12.1 ms replayed against 26.4 ms launched op by op; a 7B step split at 6 GiB, half
+Opt-in (``Config.cuda_graphs``). Measured on the H100 host (2026-11-22, commit 7605416): a fully resident 7B
+decode step, one stretch, took 12.1 ms replayed against 26.4 ms launched op by op; a 7B step split at 6 GiB, half
 of its calls replayed from 58 graphs, took as long as without them (the CPU jobs and copies set its pace).
 
 What a replay needs, and how a Stretch provides it:
@@ -356,7 +359,7 @@ class GraphPool:
           (pytorch/pytorch#193402, open): all of a pool's graphs are captured on one stream, so freeing a
           retired graph would leave the others' GEMMs writing into memory given out again. (The static-cache
           graph test's intermittent wrong tokens, first blamed on this, came from the shared memory pool's
-          order: see :meth:`record`; docs/benchmarks.md, twelfth session.)
+          order: see :meth:`record`; docs/benchmarks-history.md, 2026-11-22, commit 63e61b2.)
 
         What the kept graphs hold counts against the pool's budget (:attr:`used` only grows), so recording
         stops once they fill it."""

@@ -1,5 +1,8 @@
 """The CPU parts of split Linears, run on a worker thread so the thread that launches GPU work never waits.
 
+Owns: the worker thread, its job ring and pinned buffers, and the hand-off words the device waits on. Must
+not: make a CUDA call on the worker, or need the GIL while a job the device waits for is pending (below).
+
 A group of Linears that read the same activation ``x`` (q/k/v, gate/up) is one *job*::
 
     cpu_begin:  [stream] x → pinned host buffer; write the job's number into the "ready" word;
@@ -403,7 +406,8 @@ class HostWorker:
     def together(self) -> bool:
         """Whether a job's Linears (q/k/v, gate/up) run in one kernel call, one OpenMP team
         (``HETEGEN_FUSED_JOBS=0``: one call each). On the H100 host the 7B step's CPU jobs, replayed with copies
-        streaming, took 62.3 ms together against 70.4 ms one call each (docs/benchmarks.md)."""
+        streaming, took 62.3 ms together against 70.4 ms one call each (docs/benchmarks-history.md,
+        2026-11-22, commit 0dd8fd4)."""
         return self._together
 
     @together.setter

@@ -1,5 +1,8 @@
 """Run-time objects: per-device staging buffers, the copy stream and its events.
 
+Owns: one :class:`DeviceRuntime` per device (the staging arena, the copy stream, the CPU worker) and the host
+stand-ins of parked state. Must not: decide anything (placement, α, arena offsets come from the Plan).
+
 Everything here is created lazily on first use; importing this module touches no GPU.
 On a "cpu" device (emulation, for testing without an accelerator) copies are plain copies into the
 same staging buffers and events are no-ops, so the data flow is exercised exactly as on a GPU.

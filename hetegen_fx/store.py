@@ -1,5 +1,8 @@
 """One weight store per model: residency decided once, device copies and host parts shared by every graph.
 
+Owns: a model's device copies of weights, its host parts (pinned in place), its compiled graphs and residency.
+Must not: choose residency itself (PlacementPass writes it) or be reached by other modules' private reads.
+
 Under ``generate`` dynamo hands the backend several graphs (prefill, decode, a dynamic-shape decode);
 residency is a property of the model's parameters, not of a graph, so every graph of one model looks up
 the same store by parameter identity and reuses its tensors: weights are placed and copied once.

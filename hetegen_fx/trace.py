@@ -1,5 +1,8 @@
 """Measured timelines of compiled graphs: copies, CPU parts and GPU work, as a Chrome/Perfetto trace.
 
+Owns: :func:`record` and the :class:`Timeline` it fills, and :func:`traced`, the callable a compiled graph
+runs as. Must not: change results or timing when no recording is on (it then calls the plain program).
+
     with hetegen_fx.trace.record() as timelines:
         compiled.generate(ids, max_new_tokens=2)       # or compiled(x) for a CompiledModule
     decode = timelines[-1]                             # one Timeline per graph call

@@ -19,15 +19,15 @@ and computes its own α from its own (shape-specific) costs. Four refinements of
 * Among Linears of equal priority (one shape in every layer) the *later* ones stay resident and the
   earliest are offloaded. A decode step then starts with a CPU job right after the first norm, while the
   launching thread queues the resident work behind it; before, the worker waited while the first layers'
-  resident blocks were launched and run. On the 7B at 6 GiB (H100 host, interleaved rounds): 0.977 of
-  the step, faster in 7 of 10 rounds (an earlier session's try: 0.959, 6 of 8).
+  resident blocks were launched and run. On the 7B at 6 GiB (H100 host, 2026-11-22, commit e9acd93,
+  interleaved rounds): 0.977 of the step, faster in 7 of 10 rounds (an earlier try that day: 0.959, 6 of 8).
 
 α is one per CPU job (:func:`hetegen_fx.costs.job_alpha`): the Linears that read one input share the job's
 overhead H on the CPU lane (``Config.job_overhead``, by default the device's
 :class:`~hetegen_fx.costs.HardwareModel`'s), and their common α balances ``H + their CPU parts`` against
 their copies. Without H, the jobs of the 7B decode step ran longer than the plan's CPU parts by more than
-the copies did, and a forced α below the profiled one decoded faster (docs/benchmarks.md). A job whose α
-comes out below :data:`MIN_ALPHA` is streamed.
+the copies did, and a forced α below the profiled one decoded faster (H100 host, 2026-11-22, commit
+5727e8c). A job whose α comes out below :data:`MIN_ALPHA` is streamed.
 
 **Segments** (``Config.stream_jobs``, at decode shapes): every CPU job costs H, and the CPU lane waits for the
 device between two jobs (the hardware model's ``job_gap``), while a streamed Linear costs the CPU lane

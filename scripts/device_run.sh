@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run on the lent GPU host (no package registry there): install the tree as a plain import path, run the GPU
+# Run on a GPU host without a package registry: install the tree as a plain import path, run the GPU
 # tests (and the CPU kernel's and worker's), then the benchmark (from the shim folder, so the checkout's
 # hetegen_fx/ is not imported).
 # Usage: bash scripts/device_run.sh [bench args...]

@@ -70,9 +70,7 @@ def test_json_round_trip():
 
 def test_a_plan_saved_before_host_tables_loads_with_none():
     d = _sample_plan().to_dict()
-    del d[
-        "host_tables"
-    ]  # plans written before the tenth session of 2026-11-22 kept every table on the device
+    del d["host_tables"]  # plans written before commit bacdd74 (2026-11-22) kept every table on the device
     assert Plan.from_dict(d).host_tables == []
 
 

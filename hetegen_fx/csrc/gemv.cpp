@@ -4,8 +4,8 @@
 // runs this one; the profiler times the first).
 //
 // torch's CPU GEMV for fp16 / bf16 weights is compute-bound on the GPU host: it streamed 60 / 29 GB/s of
-// weights against 109 GB/s for fp32 (docs/benchmarks.md), so per weight it ran no faster than fp32 that reads
-// twice the bytes. Here each weight row is converted 16 (AVX-512) or 8 (AVX2 + F16C) halves at a time and
+// weights against 109 GB/s for fp32 (H100 host, 2026-11-22, commit 5883c6c), so per weight it ran no faster
+// than fp32 that reads twice the bytes. Here each weight row is converted 16 (AVX-512) or 8 (AVX2 + F16C) halves at a time and
 // multiplied into fp32 accumulators, four rows at once so every load of x serves four rows; the rows are
 // shared out (guided, in chunks of at least a few hundred KiB) to an OpenMP team of the calling thread's
 // torch thread count. Shapes with more than kMaxRows rows (a prefill) are compute-bound and go to at::linear.
@@ -184,7 +184,7 @@ void dispatch(int64_t M, const std::vector<Part>& parts, const float* xf, int64_
 // Numbers in error messages are formatted by std::to_string, never streamed (TORCH_CHECK streams its
 // arguments): on the GPU host, formatting a number with an ostream in an extension built there ended the
 // process with SIGSEGV (gcc 13.3 against torch 2.11 built with gcc-toolset-13; strings stream fine), so
-// every error below crashed instead of raising (docs/benchmarks.md, seventeenth session).
+// every error below crashed instead of raising (docs/benchmarks-history.md, 2026-11-23, commit eb3cbe1).
 std::string num(int64_t v) { return std::to_string(v); }
 
 std::string dims(at::IntArrayRef sizes) {
