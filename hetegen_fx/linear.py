@@ -4,7 +4,9 @@ Forms recognised (the weight must be bound to a model parameter, see :data:`meta
 
 * ``call_module`` of an ``nn.Linear``;
 * ``F.linear`` / ``torch._C._nn.linear`` (fx, dynamo) and ``aten.linear`` (export): ``x Wᵀ + b``, W ``[out, in]``;
-* ``addmm(b, x, W)`` and ``matmul(x, W)`` (+ ``add(·, b)``) with W ``[in, out]`` (GPT-2's Conv1D).
+* ``addmm(b, x, W)`` and ``matmul(x, W)`` (+ ``add(·, b)``) with W ``[in, out]`` (GPT-2's Conv1D);
+* ``x @ W.T``, ``matmul(x, W.t())``, ``x @ W.transpose(0, 1)`` (+ ``add(·, b)``) with W ``[out, in]``: custom
+  Linear classes of some architectures write their Linear this way (the transpose goes with the rewrite).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class LinearSite:
     weight: ParamRef
     bias: ParamRef | None
     layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D)
-    form: str  # "linear" | "addmm" | "matmul"
+    form: str  # "linear" | "addmm" | "matmul" | "matmul_t" (x @ W.T)
     absorbed: tuple[fx.Node, ...] = ()  # nodes that disappear with the rewrite (matmul under a fused add)
 
     @property
@@ -73,6 +75,49 @@ MATMUL_TARGETS = (
     torch.ops.aten.mm.default,
 )
 ADD_TARGETS = (operator.add, torch.add, torch.ops.aten.add, torch.ops.aten.add.Tensor)
+
+
+_TRANSPOSE_FUNCTIONS = (torch.t, torch.ops.aten.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default)
+_SWAP_FUNCTIONS = (torch.transpose, torch.ops.aten.transpose.int, torch.swapaxes, torch.swapdims)
+
+
+def _swaps_two_dims(dims: tuple) -> bool:
+    """Whether ``dims`` (a transpose's) names both dimensions of a 2-D tensor."""
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % 2 for d in dims} == {0, 1}
+
+
+def _reverses_two_dims(dims: tuple) -> bool:
+    """Whether ``dims`` (a permute's, given as ``(1, 0)`` or ``([1, 0],)``) swaps the two dimensions of a 2-D
+    tensor."""
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    return _swaps_two_dims(dims) and dims[0] % 2 == 1
+
+
+def _transposed_weight(node: object) -> ParamRef | None:
+    """The 2-D parameter ``W`` when ``node`` is its transpose (``W.T``, ``W.mT``, ``W.t()``, ``torch.t(W)``,
+    ``W.transpose(0, 1)``, ``W.permute(1, 0)``, and their aten forms), else None."""
+    if not isinstance(node, fx.Node) or not node.args or node.kwargs:
+        return None
+    src, rest = node.args[0], tuple(node.args[1:])
+    target = node.target
+    if node.op == "call_method":
+        ok = (
+            (target == "t" and not rest)
+            or (target in ("transpose", "swapaxes", "swapdims") and _swaps_two_dims(rest))
+            or (target == "permute" and _reverses_two_dims(rest))
+        )
+    elif node.op == "call_function":
+        ok = (
+            (target in _TRANSPOSE_FUNCTIONS and not rest)
+            or (target is getattr and rest in (("T",), ("mT",)))
+            or (target in _SWAP_FUNCTIONS and _swaps_two_dims(rest))
+            or (target in (torch.permute, torch.ops.aten.permute.default) and _reverses_two_dims(rest))
+        )
+    else:
+        ok = False
+    ref = param_of(src) if ok else None
+    return ref if _is_weight(ref) else None
 
 
 def param_of(node: object) -> ParamRef | None:
@@ -123,15 +168,25 @@ def match_linear(node: fx.Node, gm: fx.GraphModule | None = None) -> LinearSite 
             if isinstance(mm, fx.Node) and len(mm.users) == 1:
                 inner = match_linear(mm, gm)
                 bref = _bias_ref(b)
-                if inner is not None and inner.form == "matmul" and bref is not None:
+                if inner is not None and inner.form in ("matmul", "matmul_t") and bref is not None:
                     if bref.tensor.shape[0] == inner.out_features:
-                        return LinearSite(node, inner.x, inner.weight, bref, "in_out", "matmul", (mm,))
+                        absorbed = (mm, *inner.absorbed)
+                        return LinearSite(
+                            node, inner.x, inner.weight, bref, inner.layout, inner.form, absorbed
+                        )
         return None
     if t in MATMUL_TARGETS and len(args) == 2 and not node.kwargs:
-        wref = param_of(args[1])
-        if not _is_weight(wref) or param_of(args[0]) is not None:
+        if param_of(args[0]) is not None:
             return None
-        return LinearSite(node, args[0], wref, None, "in_out", "matmul")
+        wref = param_of(args[1])
+        if _is_weight(wref):
+            return LinearSite(node, args[0], wref, None, "in_out", "matmul")
+        wref = _transposed_weight(args[1])
+        if wref is None:
+            return None
+        # the transpose goes with the rewrite when this matmul is its only reader
+        absorbed = (args[1],) if len(args[1].users) == 1 else ()
+        return LinearSite(node, args[0], wref, None, "out_in", "matmul_t", absorbed)
     return None
 
 
