@@ -138,10 +138,17 @@ def _is_4d(value) -> bool:
 _STORED = _CACHE_BUFFERS | {"cat"}
 
 
+def _returned(node: fx.Node) -> bool:
+    """Whether the graph returns ``node`` itself (a cache's first keys, kept by the caller)."""
+    return any(u.op == "output" for u in node.users)
+
+
 def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
     """Bytes one token adds to the KV cache, read off the attention ops of the graph (0 if none). Keys read
     through views of a cache (a graph input, a buffer the graph allocates, a concatenation) count the
-    cache's heads: grouped-query attention expands a cache of fewer heads to the query's."""
+    cache's heads: grouped-query attention expands a cache of fewer heads to the query's. Keys computed in
+    the graph and neither stored nor returned (an encoder's, or a decoder's called with ``use_cache=False``)
+    hold no cache: they count nothing."""
     total = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
@@ -149,7 +156,10 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
             if not isinstance(k, fx.Node):
                 continue
             base = _through_views(k)
-            stored = node_value(base) if base.op == "placeholder" or _name(base) in _STORED else None
+            is_cache = base.op == "placeholder" or _name(base) in _STORED
+            if not is_cache and not _returned(base):
+                continue  # attention over this step's keys only: nothing outlives the step
+            stored = node_value(base) if is_cache else None
             value = stored if _is_4d(stored) else node_value(k)
             if _is_4d(value):
                 heads, head_dim = concrete(value.shape[1]), concrete(value.shape[3])

@@ -194,3 +194,45 @@ def test_graphs_of_one_model_share_one_store():
     assert len(plans) == 2 and [p.tokens for p in plans] == [2, 5]
     residency = [[lp.resident for lp in p.layers] for p in plans]
     assert residency[0] == residency[1] and not all(residency[0])  # placed once, shared
+
+
+def test_an_encoder_reserves_no_kv_cache_and_compiles_at_40_percent_of_its_bytes():
+    """A BERT-style encoder computes its keys and drops them after each layer: no KV cache to reserve (it
+    was refused before for a 'kv_cache' of the default 2048 tokens)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=128,
+    )
+    model = BertModel(cfg).eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+        fn = torch.compile(
+            model, backend="hetegen", options={"gpu_memory": int(nbytes * 0.4), "device": "cpu"}
+        )
+        out = fn(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    plan = hetegen_fx.explain(model).plans[-1]
+    assert plan.reserved["kv_cache"] == 0
+    assert any(not lp.resident for lp in plan.layers)
+
+
+def test_a_decoder_called_without_a_cache_reserves_none(tiny_hf, dynamo_capture):
+    from hetegen_fx.passes.placement import kv_cache_bytes_per_token
+
+    model = tiny_hf("llama")
+    ids = torch.randint(0, 128, (1, 6))
+    without, _ = dynamo_capture(lambda i: model(input_ids=i, use_cache=False).logits, ids)
+    with_cache, _ = dynamo_capture(lambda i: model(input_ids=i, use_cache=True), ids)
+    assert kv_cache_bytes_per_token(without) == 0
+    c = model.config
+    assert kv_cache_bytes_per_token(with_cache) == (
+        c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    )
