@@ -48,10 +48,14 @@ class CompiledModule(torch.nn.Module):
         attach(self, config, store)  # hetegen_fx.state(self) reads the store and config from there
         device = store.device.type if store.device.index is None else str(store.device)
         self._call = traced(graph_module, device, pool, cudnn_attention)
+        from .runtime import get_runtime
+
+        self._lock = get_runtime(device).lock
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
-            return self.graph_module(*args, **kwargs)
+            with self._lock:  # one call at a time per device, as the traced path does
+                return self.graph_module(*args, **kwargs)
         return self._call(*args)  # records a timeline inside hetegen_fx.trace.record()
 
     @property

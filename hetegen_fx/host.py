@@ -821,7 +821,12 @@ def _leave_servers() -> None:
         # runs once the server has left, on the worker, which then waits in its queue
         back = _Call(lambda: None)
         worker._queue.put(back)
-        back.done.wait(10)
+        deadline = time.monotonic() + 10
+        while not back.done.is_set() and time.monotonic() < deadline:
+            try:
+                back.done.wait(0.05)
+            except KeyboardInterrupt:  # Ctrl-C again at exit: the worker must still leave its server first
+                continue
 
 
 def _round_up(n: int) -> int:

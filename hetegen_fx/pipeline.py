@@ -59,13 +59,17 @@ def transform(
         passes = [_hooked(p, debug_hook) for p in passes]
     pm = PassManager(passes, run_checks_after_each_pass=True)
     pm.add_checks(lambda m: m.graph.lint())
-    try:
-        result = pm(work)
-    except Exception as e:  # PassManager wraps pass errors; surface ours unchanged
-        cause = e.__cause__
-        if isinstance(cause, HetegenError):
-            raise cause.with_traceback(cause.__traceback__) from None
-        raise
+    from .runtime import get_runtime
+
+    # profiling times jobs on the device's worker and partitioning sizes its arena: not beside another call
+    with get_runtime(config.device).lock:
+        try:
+            result = pm(work)
+        except Exception as e:  # PassManager wraps pass errors; surface ours unchanged
+            cause = e.__cause__
+            if isinstance(cause, HetegenError):
+                raise cause.with_traceback(cause.__traceback__) from None
+            raise
     out = finalize(result.graph_module)
     plan = out.meta[meta.PLAN]
     store.graphs.append(CompiledGraph(out, plan, label))

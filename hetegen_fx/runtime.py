@@ -39,6 +39,10 @@ class DeviceRuntime:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
+        #: held by every call of a compiled graph on this device, every compile for it, and every change to
+        #: its arena or worker: the arena, the copy stream's events and the worker's job ring serve one call
+        #: at a time, so calls from several threads (to one model or to several) run one after the other
+        self.lock = threading.RLock()
         self._arena: torch.Tensor | None = None
         self._pages: list = []  # page → the "released" event of the last region that covered it (or None)
         self._copied: dict[int, torch.cuda.Event] = {}  # region offset → its copy has landed
@@ -63,6 +67,10 @@ class DeviceRuntime:
 
     def free(self) -> None:
         """Give back the staging arena and the CPU parts' pinned buffers (e.g. between two models)."""
+        with self.lock:
+            self._free()
+
+    def _free(self) -> None:
         if self._host is not None:
             self._host.free()
         if self.is_cuda:
@@ -78,6 +86,10 @@ class DeviceRuntime:
 
     def reserve(self, nbytes: int) -> None:
         """Make sure the staging arena holds at least ``nbytes``."""
+        with self.lock:
+            self._reserve(nbytes)
+
+    def _reserve(self, nbytes: int) -> None:
         if self._arena is not None and self._arena.numel() >= nbytes:
             return
         if self._arena is not None:
@@ -161,8 +173,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     dev = _DEVICES.get(device)
     if dev is None:
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda" and dev.index is None:  # (no CUDA here: index 0, which nothing will run on)
+            dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
         _DEVICES[device] = dev
     return dev
 

@@ -253,6 +253,7 @@ def traced(
 
     fast = direct(gm, pool)
     no_cudnn = not cudnn_attention and torch.device(device).type == "cuda"
+    lock = get_runtime(device).lock  # one call at a time per device (DeviceRuntime.lock)
 
     def run(*args: Any) -> Any:
         if not _RECORDING:
@@ -262,13 +263,14 @@ def traced(
         return out
 
     def call(*args: Any) -> Any:
-        if not no_cudnn or not torch.backends.cuda.cudnn_sdp_enabled():
-            return run(*args)
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        try:
-            return run(*args)
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(True)
+        with lock:
+            if not no_cudnn or not torch.backends.cuda.cudnn_sdp_enabled():
+                return run(*args)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            try:
+                return run(*args)
+            finally:
+                torch.backends.cuda.enable_cudnn_sdp(True)
 
     call.graph_module = gm  # type: ignore[attr-defined]
     return call
