@@ -83,7 +83,19 @@ def compile(  # noqa: A001  (mirrors torch.compile)
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"hetegen_fx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(
+            f"example_inputs must be a tuple of the model's inputs, e.g. (ids,), got {example_inputs!r}; the "
+            "budget and the other options are keywords: hetegen_fx.compile(model, gpu_memory='6GiB')"
+        )
     config = Config.from_options(options)
+    config.check_device()
+    if config.plan is not None:  # a clear error for a bad plan now, before anything is captured
+        from .plan import load_plan
+
+        load_plan(config.plan)
     _check_weights(model)
     frontend = config.frontend
     if frontend == "auto":
@@ -121,10 +133,12 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     from .backend import make_backend
 
     cache = _kv_cache(model, config)  # first: a clear error before anything else reads the model
+    hf = is_hf_model(model)
     config = dataclasses.replace(
         config,
-        # logits back to the host, the KV cache kept on the device (parked)
-        output_device="auto" if config.output_device == "input" else config.output_device,
+        # an HF model's logits back to the host, its KV cache kept on the device (parked); a plain module's
+        # outputs all go back, as asked
+        output_device="auto" if hf and config.output_device == "input" else config.output_device,
         # the KV-cache reserve: the model's limit, capped
         max_seq_len=_max_positions(model) if config.max_seq_len is None else config.max_seq_len,
     )
@@ -136,7 +150,11 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
     _room_for_graphs()
-    compiled.compile(backend=make_backend(config, param_names(model), store), dynamic=None)
+    backend = make_backend(config, param_names(model), store)
+    if hf:
+        compiled.compile(backend=backend, dynamic=None)
+    else:  # a plain module: torch.compile's wrapper (Module.compile leaves some, nn.Sequential, uncompiled)
+        compiled = torch.compile(model, backend=backend, dynamic=None)
     attach(compiled, config, store)  # this copy's graphs and plans, whatever is compiled after it
     return compiled
 
@@ -191,6 +209,7 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
         gen = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
         named = (
             kwargs.get("past_key_values") is not None
+            or kwargs.get("cache") is not None
             or kwargs.get("cache_implementation") is not None
             or kwargs.get("use_cache") is False
             or (gen is not None and (gen.cache_implementation is not None or gen.use_cache is False))
@@ -205,13 +224,36 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
 
                 cfg = model.config
                 cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-                kwargs["past_key_values"] = StaticCache(config=cfg, max_cache_len=max_seq_len)
+                kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=max_seq_len)
             else:
                 kwargs["cache_implementation"] = "static"
         return generate(*args, **kwargs)
 
     wrapper.hetegen_static_cache = True
     return wrapper
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The name under which HF's ``generate()`` takes a cache object: ``cache`` where ``past_key_values`` is
+    deprecated (it warns, transformers 5.25), else ``past_key_values``. Read off the deprecation wrapper, which
+    keeps the old and the new name."""
+    from transformers import GenerationMixin
+
+    fn = GenerationMixin.generate
+    while fn is not None:
+        names = {c.cell_contents for c in fn.__closure__ or () if isinstance(_cell(c), str)}
+        if {"past_key_values", "cache"} <= names:
+            return "cache"
+        fn = getattr(fn, "__wrapped__", None)
+    return "past_key_values"
+
+
+def _cell(c) -> object:
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 #: generate() arguments whose decoding edits the KV cache on the host between steps: beam search reorders it
@@ -310,8 +352,9 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
         if id(p) not in linear_weights and id(p) not in seen:
             seen.add(id(p))
             other += p.numel() * p.element_size()
-    dtype = next(model.parameters()).dtype
-    kv = kv_cache_bytes(model.config, config.batch_size, config.max_seq_len or 2048, dtype) or 0
+    dtype = next(iter(model.parameters()), torch.empty(0)).dtype
+    cfg = getattr(model, "config", None)  # an HF config says the KV cache's size; a plain module has none
+    kv = (kv_cache_bytes(cfg, config.batch_size, config.max_seq_len or 2048, dtype) or 0) if cfg else 0
     floor = other + kv
     if config.gpu_memory < floor:
         from .config import format_bytes

@@ -86,6 +86,7 @@ def _compile_graph(
     gm, example_inputs, config: Config, names: dict[int, str] | None, store: WeightStore | None = None
 ) -> Callable:
     try:
+        config.check_device()  # a missing device is the user's to fix, not a graph to run eagerly
         bind_placeholder_params(gm, example_inputs, names)
         if store is None:
             params = [

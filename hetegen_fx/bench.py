@@ -284,7 +284,9 @@ def _cache_kw(cache) -> dict:
     if cache is None:
         return {}
     cache.reset()
-    return {"past_key_values": cache}
+    from hetegen_fx.api import cache_argument
+
+    return {cache_argument(): cache}
 
 
 def _build(args):

@@ -12,6 +12,7 @@ Three frontends produce graphs:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,39 +100,65 @@ def capture_fx(model: torch.nn.Module) -> fx.GraphModule:
 def capture_export(
     model: torch.nn.Module, args: tuple, kwargs: dict | None = None, dynamic: bool = True
 ) -> fx.GraphModule:
-    """``torch.export.export``; with ``dynamic`` the last-but-one dim of 2-D+ tensor inputs (the sequence) is dynamic."""
+    """``torch.export.export``. With ``dynamic``, the sequence of token ids (dim 1 of 2-D integer tensors) and of
+    hidden states (dim 1 of 3-D+ tensors) is dynamic, and so is the batch of 2-D float inputs (``(batch,
+    features)``, whose feature dimension stays fixed); a model whose code pins those sizes is captured again
+    with the example's shapes, with a warning."""
     if not args and not kwargs:
         raise CaptureError("frontend 'export' needs example inputs: pass example_inputs=(...)")
-    dyn = None
-    if dynamic:
-        seq = torch.export.Dim("seq", min=1, max=1 << 16)
-
-        def spec(a: Any) -> Any:
-            return {1: seq} if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[1] > 1 else None
-
-        dyn = {
-            "args": tuple(spec(a) for a in args),
-            "kwargs": {k: spec(v) for k, v in (kwargs or {}).items()},
-        }
-        if all(s is None for s in dyn["args"]) and all(s is None for s in dyn["kwargs"].values()):
-            dyn = None
-        elif not kwargs:
-            dyn = dyn["args"]
-        elif not args:
-            dyn = dyn["kwargs"]
-        else:
-            dyn = None  # mixing args and kwargs: keep static shapes rather than guess the nesting
+    dyn = _dynamic_shapes(args, kwargs) if dynamic else None
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(args), kwargs or {}, dynamic_shapes=dyn, strict=False)
-        gm = ep.module()
+        ep = _export(model, args, kwargs, dyn)
     except Exception as e:
-        raise CaptureError(
-            f"frontend 'export' (torch.export) cannot capture {type(model).__name__}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        if dyn is None:
+            raise _capture_error(model, e) from e
+        try:  # the model's code fixes a size we made dynamic: its own shapes then
+            ep = _export(model, args, kwargs, None)
+        except Exception:
+            raise _capture_error(model, e) from e
+        warnings.warn(
+            f"hetegen: {type(model).__name__} could not be exported with a dynamic batch or sequence "
+            f"({type(e).__name__}); it is compiled for the example inputs' shapes only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    gm = ep.module()
     bind_get_attr_params(gm, param_names(model))
     return gm
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict | None, dyn: Any) -> Any:
+    with torch.no_grad():
+        return torch.export.export(model, tuple(args), kwargs or {}, dynamic_shapes=dyn, strict=False)
+
+
+def _capture_error(model: torch.nn.Module, e: BaseException) -> CaptureError:
+    return CaptureError(
+        f"frontend 'export' (torch.export) cannot capture {type(model).__name__}: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    )
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict | None) -> Any:
+    """``dynamic_shapes`` for :func:`torch.export.export`: see :func:`capture_export` (None: all static)."""
+    seq = torch.export.Dim("seq", min=1, max=1 << 16)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+
+    def spec(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor) or a.dim() < 2:
+            return None
+        if a.dim() == 2 and a.is_floating_point():  # (batch, features)
+            return {0: batch} if a.shape[0] > 1 else None
+        return {1: seq} if a.shape[1] > 1 else None  # (batch, seq) ids, (batch, seq, hidden) states
+
+    dyn = {"args": tuple(spec(a) for a in args), "kwargs": {k: spec(v) for k, v in (kwargs or {}).items()}}
+    if all(s is None for s in dyn["args"]) and all(s is None for s in dyn["kwargs"].values()):
+        return None
+    if not kwargs:
+        return dyn["args"]
+    if not args:
+        return dyn["kwargs"]
+    return None  # mixing args and kwargs: keep static shapes rather than guess the nesting
 
 
 def is_hf_model(model: Any) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,20 +30,22 @@ _UNITS = {
 }
 
 
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """Parse a byte count: ``6442450944``, ``"6GiB"``, ``"6 GB"``, ``"512MiB"`` (None stays None)."""
+def parse_bytes(value: int | float | str | None, name: str = "the value") -> int | None:
+    """Parse a byte count: ``6442450944``, ``"6GiB"``, ``"6 GB"``, ``"512MiB"`` (None stays None). ``name``
+    (the option's) goes into the error."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ConfigError(f"a byte count must be a number or a string like '6GiB', not {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"a byte count must not be negative, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ConfigError(f"{name} must be a number of bytes or a string like '6GiB', not {value!r}")
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite, non-negative number of bytes, got {value!r}")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(
-            f"cannot read {value!r} as a byte count; write e.g. 6GiB, 512MiB, 8GB or a plain number of bytes"
+            f"cannot read {value!r} as a byte count for {name}; write e.g. 6GiB, 512MiB, 8GB or a plain number "
+            "of bytes"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
@@ -153,26 +158,35 @@ class Config:
 
     def __post_init__(self) -> None:
         for name in ("gpu_memory", "activation_reserve", "graph_memory"):  # the only normalisation: bytes
-            object.__setattr__(self, name, parse_bytes(getattr(self, name)))
-        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings", "stream_jobs"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
+        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings", "stream_jobs", "verbose"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         _check_choice("kv_cache", self.kv_cache, ("auto", "static", "dynamic"))
-        if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
-            raise ConfigError(f"alpha must lie in [0, 1] (or be None to profile it), got {self.alpha!r}")
-        if self.job_overhead is not None and not 0.0 <= float(self.job_overhead) <= 1.0:
+        _check_number("alpha", self.alpha, 0.0, 1.0, "a CPU share in [0, 1], or None to profile it")
+        _check_number("job_overhead", self.job_overhead, 0.0, 1.0, "seconds in [0, 1] (e.g. 3e-4), or None")
+        _check_int("prefetch", self.prefetch, 1, "a count of GPU parts of at least 1, or None")
+        _check_int("cpu_threads", self.cpu_threads, 1, "a thread count of at least 1, or None")
+        _check_int("max_seq_len", self.max_seq_len, 1, "a token count of at least 1, or None")
+        _check_int("batch_size", self.batch_size, 1, "a count of sequences of at least 1", optional=False)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ConfigError(f"cache_dir must be a folder path or None, got {self.cache_dir!r}")
+        if self.plan is not None and not isinstance(self.plan, (str, os.PathLike, dict)):
+            from .plan import Plan
+
+            if not isinstance(self.plan, Plan):
+                raise ConfigError(
+                    f"plan must be a Plan, a dict or the path of a plan's JSON file, got {type(self.plan).__name__}"
+                )
+        if type(self.device).__name__ == "device":  # a torch.device: kept as its name, as plans record it
+            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.device, str):
             raise ConfigError(
-                f"job_overhead is in seconds and must lie in [0, 1] (e.g. 3e-4), got {self.job_overhead!r}"
+                f"device must be a string such as 'cuda', 'cuda:1' or 'cpu', got {self.device!r}"
             )
-        if self.prefetch is not None and int(self.prefetch) < 1:
-            raise ConfigError(f"prefetch must be at least 1 GPU part (or None), got {self.prefetch!r}")
-        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
-            raise ConfigError(f"cpu_threads must be at least 1 (or None), got {self.cpu_threads!r}")
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size!r}")
         try:
             import torch
 
@@ -194,6 +208,31 @@ class Config:
             )
         return cls(**merged)
 
+    def check_device(self) -> None:
+        """Raise a :class:`ConfigError` that says what to do when :attr:`device` does not exist on this machine
+        (called when compiling, not when a Config is built: a Config may describe another machine)."""
+        import torch
+
+        dev = torch.device(self.device)
+        if dev.type not in ("cuda", "cpu"):  # a Config may name another kind, e.g. "meta" to test a pass
+            raise ConfigError(
+                f"device {self.device!r} is not supported: hetegen_fx runs the GPU side on 'cuda' (or "
+                "'cuda:N'), or emulates it on the host with 'cpu' for testing"
+            )
+        if dev.type != "cuda":
+            return
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {self.device!r} is not available: this torch ({torch.__version__}) sees no CUDA device. "
+                "Pass device='cpu' to run the GPU side emulated on the CPU (for testing), or run on a machine "
+                "with an NVIDIA GPU and a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {self.device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+
     @property
     def is_cpu_emulation(self) -> bool:
         """True when the "GPU side" runs on the CPU (testing without an accelerator)."""
@@ -203,5 +242,22 @@ class Config:
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, what: str) -> None:
+    """``value`` is None or a real number in ``[low, high]`` (not a bool, a string or NaN)."""
+    if value is None:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value <= high
+    if not ok:
+        raise ConfigError(f"{name} must be {what}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, what: str, optional: bool = True) -> None:
+    """``value`` is an integer of at least ``low`` (None too when ``optional``; not a bool or a float)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be {what}; got {value!r}")

@@ -204,6 +204,28 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
     return sites[::-1]
 
 
+def unrecognised_linears(gm: fx.GraphModule) -> dict[str, str]:
+    """Linear-like calls this module does not recognise as a Linear it can split: an op whose name says linear
+    (a quantized Linear's ``quantized.linear_dynamic``, a custom kernel's, ``F.linear`` by a weight that is no
+    floating-point model parameter) or a call of a module whose class says Linear. Module path (else the node's
+    name) → the class name of the module it sits in (else the op)."""
+    found = {n for s in find_linears(gm) for n in (s.node, *s.absorbed)}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node in found:
+            continue
+        if node.op == "call_module":
+            cls = type(gm.get_submodule(node.target))
+            if "linear" in cls.__name__.lower():
+                out.setdefault(str(node.target), f"{cls.__module__}.{cls.__qualname__}")
+        elif node.op == "call_function" and "linear" in str(node.target).lower():
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            path, cls = stack[-1] if stack else (node.name, None)
+            name = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else None
+            out.setdefault(str(path), name or str(cls or node.target))
+    return out
+
+
 def match_embedding(node: object) -> tuple[fx.Node, fx.Node] | None:
     """``(indices, table)`` of an embedding lookup whose table is a captured 2-D parameter, else None:
     ``F.embedding(indices, table)`` (fx, dynamo) or ``aten.embedding(table, indices)`` (export), without

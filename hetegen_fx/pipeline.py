@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ def transform(
     ``debug_hook(pass_name, gm)`` is called after each pass, e.g. to dump or draw the graph.
     """
     work = clone_graph_module(gm)
+    _report_unrecognised(work, label)
     progress = (
         (lambda msg: print(f"[hetegen] {msg}", file=sys.stderr, flush=True)) if config.verbose else None
     )
@@ -74,6 +76,25 @@ def transform(
     plan = out.meta[meta.PLAN]
     store.graphs.append(CompiledGraph(out, plan, label))
     return out, plan
+
+
+def _report_unrecognised(gm: fx.GraphModule, label: str) -> None:
+    """Warn about Linear-like calls that are not split (quantized or custom Linears): never skip them silently."""
+    from .linear import unrecognised_linears
+
+    found = unrecognised_linears(gm)
+    if not found:
+        return
+    shown = ", ".join(f"{path} ({cls})" for path, cls in list(found.items())[:6])
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    warnings.warn(
+        f"hetegen: {len(found)} Linear-like call(s) in {label or 'the graph'} are not Linears hetegen_fx can "
+        f"split (quantized, or with a weight that is no floating-point parameter): {shown}{more}. They run as "
+        "written, with the rest of the graph on the device: not offloaded, not split, their weights not counted "
+        "in the budget. Dequantize such layers (e.g. load the model with dtype=torch.float16) to have them placed",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _hooked(p, hook):

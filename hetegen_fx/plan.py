@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +41,31 @@ class LayerPlan:
     #: streamed into the segment of the CPU job whose first Linear this names (PlacementPass._stream_jobs): its
     #: copies run beside that job's CPU part; "" otherwise
     segment: str = ""
+
+    def validate(self) -> LayerPlan:
+        """Check every field's type and range; return ``self``."""
+        where = f"layer {self.name!r}" if isinstance(self.name, str) else "layer"
+        _expect(isinstance(self.name, str) and self.name, "name", self.name, "the weight's name", where)
+        for f in ("out_features", "in_features", "bytes"):
+            _expect(_is_int(getattr(self, f), 0), f, getattr(self, f), "a non-negative integer", where)
+        _expect(_is_int(self.tokens, 0), "tokens", self.tokens, "a token count", where)
+        _expect(isinstance(self.dtype, str), "dtype", self.dtype, "a dtype name such as 'float16'", where)
+        _expect(isinstance(self.resident, bool), "resident", self.resident, "true or false", where)
+        _expect(_is_real(self.alpha, 0.0, 1.0), "alpha", self.alpha, "a CPU share in [0, 1]", where)
+        _expect(
+            _is_int(self.split, 0) and self.split <= self.out_features,
+            "split",
+            self.split,
+            f"a row in [0, out_features = {self.out_features}]",
+            where,
+        )
+        for f in ("t_cpu", "t_copy", "t_gpu", "t_cpu_fixed"):
+            _expect(
+                _is_real(getattr(self, f), 0.0, math.inf), f, getattr(self, f), "seconds, at least 0", where
+            )
+        _expect(_is_int(self.slot, -1), "slot", self.slot, "a byte offset, or -1", where)
+        _expect(isinstance(self.segment, str), "segment", self.segment, "a layer name or ''", where)
+        return self
 
     @property
     def t_cpu_part(self) -> float:
@@ -126,19 +152,53 @@ class Plan:
         d["format_version"] = FORMAT_VERSION
         return d
 
+    def validate(self) -> Plan:
+        """Check every field's type and range (a plan read from a file may be anything); return ``self``."""
+        _expect(isinstance(self.device, str), "device", self.device, "a device name such as 'cuda'")
+        _expect(
+            self.gpu_memory is None or _is_int(self.gpu_memory, 0),
+            "gpu_memory",
+            self.gpu_memory,
+            "bytes or null",
+        )
+        _expect(_is_int(self.tokens, 0), "tokens", self.tokens, "a token count")
+        _expect(isinstance(self.layers, list), "layers", self.layers, "a list of layer entries")
+        _expect(
+            isinstance(self.reserved, dict)
+            and all(isinstance(k, str) and _is_int(v, 0) for k, v in self.reserved.items()),
+            "reserved",
+            self.reserved,
+            "an object of byte counts",
+        )
+        _expect(
+            isinstance(self.host_tables, list) and all(isinstance(t, str) for t in self.host_tables),
+            "host_tables",
+            self.host_tables,
+            "a list of names",
+        )
+        for lp in self.layers:
+            _expect(isinstance(lp, LayerPlan), "layers", lp, "layer entries")
+            lp.validate()
+        return self
+
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
+        if not isinstance(d, dict):
+            raise ConfigError(f"not a hetegen_fx plan: a plan is a JSON object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("format_version", None)
         if version not in (1, FORMAT_VERSION):
             raise ConfigError(f"plan format version {version!r} is not supported (expected {FORMAT_VERSION})")
         try:
-            layers = [LayerPlan(**lp) for lp in d.pop("layers")]
+            entries = d.pop("layers")
+            _expect(isinstance(entries, list), "layers", entries, "a list of layer entries")
+            _expect(all(isinstance(lp, dict) for lp in entries), "layers", entries, "a list of objects")
+            layers = [LayerPlan(**lp) for lp in entries]
             if version == 1:
                 # staging buffer indices, not offsets: unknown (compiling lays the arena out anew)
                 for lp in layers:
                     lp.slot = -1
-            return cls(layers=layers, **d)
+            return cls(layers=layers, **d).validate()
         except (TypeError, KeyError) as e:
             raise ConfigError(f"not a hetegen_fx plan: {e}") from e
 
@@ -146,11 +206,12 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str | bytes) -> Plan:
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"not a hetegen_fx plan (invalid JSON: {e})") from e
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as JSON atomically (no partial file is left on failure)."""
@@ -163,7 +224,31 @@ class Plan:
             raise ConfigError(
                 f"plan file {str(p)!r} does not exist; write one with Plan.save() or `hetegen generate --save-plan FILE`"
             )
-        return cls.from_json(p.read_text())
+        try:
+            text = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read plan file {str(p)!r}: {e.strerror or e}") from e
+        try:
+            return cls.from_json(text)
+        except ConfigError as e:
+            raise ConfigError(f"{str(p)!r}: {e}") from e
+
+
+def _is_int(v: object, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_real(v: object, low: float, high: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+
+
+def _expect(ok: bool, field: str, value: object, what: str, where: str = "plan") -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(
+            f"not a valid hetegen_fx plan: {where}'s {field} must be {what}, got {shown}; make a new plan by "
+            "compiling without plan= (and save it with Plan.save or --save-plan)"
+        )
 
 
 #: staging regions start at multiples of this many bytes
@@ -234,7 +319,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 def load_plan(plan: Plan | str | os.PathLike | dict) -> Plan:
     """Accept a Plan, a dict, or a path to a plan's JSON file."""
     if isinstance(plan, Plan):
-        return plan
+        return plan.validate()
     if isinstance(plan, dict):
         return Plan.from_dict(plan)
     return Plan.load(plan)

@@ -526,7 +526,22 @@ class PlacementPass(PassBase):
                     f"plan entry {s.name} is {lp.out_features}x{lp.in_features} but the model's Linear is "
                     f"{s.out_features}x{s.in_features}; the plan was made for another model"
                 )
+            dtype = str(s.weight.tensor.dtype).removeprefix("torch.")
+            if lp.dtype != dtype:
+                raise ConfigError(
+                    f"plan entry {s.name} was made for {lp.dtype} weights but the model's are {dtype}: load the "
+                    f"model with dtype=torch.{lp.dtype}, or compile without plan= to make a new plan"
+                )
             layers.append(lp)
+        budget = self.config.gpu_memory
+        needs = sum(lp.bytes for lp in layers if lp.resident) + sum(given.reserved.values())
+        if budget is not None and given.gpu_memory != budget and needs > budget:
+            raise ConfigError(
+                f"the plan was made for gpu_memory {format_bytes(given.gpu_memory) if given.gpu_memory else 'unlimited'} "
+                f"and needs {format_bytes(needs)} (resident weights and reserves), over the gpu_memory "
+                f"{format_bytes(budget)} given now: leave gpu_memory out to use the plan's, or compile without "
+                "plan= to place the model under the new budget"
+            )
         reserved = dict(given.reserved)
         tables = [t for t in given.host_tables if t in host_tables(gm.graph)]
         if tables and not self.config.host_embeddings:  # asked to keep them on the device: reserve them there
@@ -538,7 +553,7 @@ class PlacementPass(PassBase):
             self.store.reserved = {k: v for k, v in reserved.items() if k != "staging"}
         return Plan(
             device=self.config.device,
-            gpu_memory=given.gpu_memory,
+            gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits
             tokens=given.tokens,
             layers=layers,
             reserved=reserved,

@@ -15,7 +15,7 @@ import hetegen_fx
 from hetegen_fx import ConfigError, ExportError
 from hetegen_fx.models import tiny
 
-OPTS = {"frontend": "export", "device": "cpu", "gpu_memory": "400KiB", "max_seq_len": 16}
+OPTS = {"frontend": "export", "device": "cpu", "gpu_memory": "250KiB", "max_seq_len": 16}
 
 
 class Logits(nn.Module):

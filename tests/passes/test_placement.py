@@ -296,7 +296,7 @@ def test_given_plan_is_applied(mlp):
     ]
     given = Plan(device="cpu", gpu_memory=1234, tokens=1, layers=layers, reserved={"staging": 4})
     store = WeightStore(torch.device("cpu"))
-    res = PlacementPass(_config(gpu_memory=10), store, plan=given)(gm)
+    res = PlacementPass(_config(gpu_memory=None), store, plan=given)(gm)
     plan = gm.meta[meta.PLAN]
     assert res.modified is False
     assert plan.source == "plan" and plan.layers == layers and plan.layers[0] is not layers[0]
