@@ -44,11 +44,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="architecture preset with random weights (hetegen_fx.models.PRESETS)",
     )
     p.add_argument("--model", default=None, help="a local checkpoint instead of a preset")
-    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    p.add_argument("--gpu-memory", default="6GiB")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--dtype", default="float16", choices=sorted(DTYPES), help="the model's dtype (default: %(default)s)"
+    )
+    p.add_argument(
+        "--gpu-memory",
+        default="6GiB",
+        help="the GPU budget of the offloading variants (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        help="the accelerator (default: %(default)s; on cpu it only shows that the variants run and agree)",
+    )
+    p.add_argument(
+        "--prompt-len", type=int, default=512, help="tokens of the random prompt (default: %(default)s)"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="tokens each timed generate produces (default: %(default)s)",
+    )
     p.add_argument(
         "--accelerate-tokens", type=int, default=8, help="Accelerate is ~1 tok/s: fewer tokens for it"
     )
@@ -61,7 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--graph-memory", default=None, help="the graphs variant's pool (graph_memory; default: the option's)"
     )
     p.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
-    p.add_argument("--cpu-threads", type=int, default=None)
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="threads of the CPU work (torch.set_num_threads and cpu_threads; default: torch's)",
+    )
     p.add_argument(
         "--reps", type=int, default=2, help="timed generates per variant (the decode time is their median)"
     )

@@ -126,9 +126,12 @@ def _short(name: str) -> str:
     return layer_label(name).replace("layers.", "").replace("self_attn.", "").replace("mlp.", "")
 
 
-def plot_plan(plan: Plan, path: str | os.PathLike, prefetch: int | None = None) -> Path:
+def plot_plan(
+    plan: Plan, path: str | os.PathLike, prefetch: int | None = None, title: str | None = None
+) -> Path:
     """Draw ``plan`` to ``path`` (format by extension: .png or .svg): α per Linear, and the predicted
-    timeline of one step (:func:`predict_timeline`). Returns the path."""
+    timeline of one step (:func:`predict_timeline`). ``title`` is the picture's first line, e.g.
+    ``"SmolLM2-135M, 400 MiB budget: the decode step (1 token)"``; None: the plan's label. Returns the path."""
     p = Path(path)
     fmt = p.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
@@ -142,7 +145,8 @@ def plot_plan(plan: Plan, path: str | os.PathLike, prefetch: int | None = None) 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8.0, min(24.0, 0.28 * n + 4)), 8.5))
     budget = "unlimited" if plan.gpu_memory is None else _fmt_bytes(plan.gpu_memory)
     n_off = sum(not lp.resident for lp in plan.layers)
-    label = plan.label if len(plan.label) <= 90 else plan.label[:89] + "…"
+    label = plan.label if title is None else title
+    label = label if len(label) <= 90 else label[:89] + "…"
     fig.suptitle(
         (f"{label}\n" if label else "")
         + f"{n} Linears at {plan.tokens} token(s) on {plan.device}, budget {budget}: "
