@@ -16,6 +16,7 @@ from .errors import BudgetError, CaptureError, ConfigError, HetegenError, Unsupp
 from .exporting import ExportError, export, load_exported
 from .introspect import ModelState, state
 from .plan import LayerPlan, Plan, load_plan
+from .residency import set_gpu_memory
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,6 @@ __all__ = [
     "load_exported",
     "load_plan",
     "parse_bytes",
+    "set_gpu_memory",
     "state",
 ]

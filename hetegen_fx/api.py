@@ -21,42 +21,41 @@ from .capture import capture_export, capture_fx, is_hf_model, param_names
 from .config import Config
 from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
-from .graphs import GraphPool, pool_for
+from .graphs import pool_for
 from .introspect import attach, state
 from .plan import Plan
-from .store import WeightStore, store_for
+from .residency import MIN_KV_CLASS, Runner, kv_class
+from .store import store_for
 from .trace import traced
 
 
 class CompiledModule(torch.nn.Module):
-    """A model compiled through the fx or export frontend: call it like the original."""
+    """A model compiled through the fx or export frontend: call it like the original. Its graph follows the
+    model's residency (:mod:`hetegen_fx.residency`): after a change, e.g. :func:`hetegen_fx.set_gpu_memory`,
+    it is compiled again before the next call."""
 
-    def __init__(
-        self,
-        graph_module: fx.GraphModule,
-        plan: Plan,
-        store: WeightStore,
-        frontend: str,
-        pool: GraphPool | None = None,
-        cudnn_attention: bool = False,
-        config: Config | None = None,
-    ) -> None:
+    def __init__(self, runner: Runner, frontend: str, config: Config | None = None) -> None:
         super().__init__()
-        self.graph_module = graph_module
-        self.plan = plan
+        self._runner = runner
         self.frontend = frontend
-        attach(self, config, store)  # hetegen_fx.state(self) reads the store and config from there
-        device = store.device.type if store.device.index is None else str(store.device)
-        self._call = traced(graph_module, device, pool, cudnn_attention)
-        from .runtime import get_runtime
+        attach(self, config, runner.store)  # hetegen_fx.state(self) reads the store and config from there
 
-        self._lock = get_runtime(device).lock
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The compiled graph (the one the current residency was compiled into)."""
+        return self._runner.current()
+
+    @property
+    def plan(self) -> Plan:
+        """The Plan of :attr:`graph_module`."""
+        self._runner.current()
+        return self._runner.plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
-            with self._lock:  # one call at a time per device, as the traced path does
-                return self.graph_module(*args, **kwargs)
-        return self._call(*args)  # records a timeline inside hetegen_fx.trace.record()
+            with self._runner.lock:  # one call at a time per device, as the traced path does
+                return self._runner.current()(*args, **kwargs)
+        return self._runner(*args)  # records a timeline inside hetegen_fx.trace.record()
 
     @property
     def code(self) -> str:
@@ -119,9 +118,14 @@ def compile(  # noqa: A001  (mirrors torch.compile)
         inputs = (
             None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
         )
-        out, plan = transform(gm, config, store, inputs, label=f"{type(model).__name__} ({fe})")
-        pool = pool_for(store, config, plan)
-        return CompiledModule(out, plan, store, fe, pool, config.cudnn_attention, config)
+        label = f"{type(model).__name__} ({fe})"
+        device = store.device.type if store.device.index is None else str(store.device)
+
+        def build(_inputs, gm=gm, inputs=inputs, label=label, device=device):
+            out, plan = transform(gm, config, store, inputs, label=label)
+            return out, plan, traced(out, device, pool_for(store, config, plan), config.cudnn_attention)
+
+        return CompiledModule(Runner(build, store, config, None), fe, config)
     raise CaptureError(
         "could not capture the model: "
         + "; ".join(str(e) for e in errors)
@@ -146,7 +150,7 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
-        compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len)
+        compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len, store)
     if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
     _room_for_graphs()
@@ -195,14 +199,16 @@ def _kv_cache(model: torch.nn.Module, config: Config) -> bool:
     return True
 
 
-def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int | None):
+def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int | None, store=None):
     """``generate`` (``model``'s bound HF ``generate``), giving a static KV cache to calls that name no cache:
     no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config`` naming one
     (HF refuses a cache object together with a cache implementation, so the model's own
     ``generation_config`` is left alone), or calls from HF's assisted decoding to this model as its assistant
-    (it crops the assistant's cache, which a static one cannot do). The cache holds ``max_seq_len`` tokens, what the budget reserved,
-    so its shape, and the compiled graphs, stay the same from call to call (HF would size it per call and
-    recompile for each longer one); a call that needs more gets HF's own (``cache_implementation="static"``)."""
+    (it crops the assistant's cache, which a static one cannot do). The cache holds the call's tokens rounded up
+    to a size class (:func:`hetegen_fx.residency.kv_class`, ``max_seq_len`` the limit), so calls of one class
+    share its shape and compiled graphs (HF would size it per call and recompile for each longer one), and the
+    ledger makes room for it before the call; a call that needs more than ``max_seq_len`` gets HF's own
+    (``cache_implementation="static"``)."""
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
@@ -224,7 +230,11 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
 
                 cfg = model.config
                 cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-                kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=max_seq_len)
+                # sized by use: the call's size class (hetegen_fx.residency.kv_class), max_seq_len the limit;
+                # calls of one class share a cache shape, so their graphs are compiled once
+                ledger = store.ledger
+                size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else MIN_KV_CLASS)
+                kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=size)
             else:
                 kwargs["cache_implementation"] = "static"
         return generate(*args, **kwargs)
@@ -354,7 +364,8 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
             other += p.numel() * p.element_size()
     dtype = next(iter(model.parameters()), torch.empty(0)).dtype
     cfg = getattr(model, "config", None)  # an HF config says the KV cache's size; a plain module has none
-    kv = (kv_cache_bytes(cfg, config.batch_size, config.max_seq_len or 2048, dtype) or 0) if cfg else 0
+    tokens = kv_class(1, config.max_seq_len)  # the smallest KV cache a call can be given: its first class
+    kv = (kv_cache_bytes(cfg, config.batch_size, tokens, dtype) or 0) if cfg else 0
     floor = other + kv
     if config.gpu_memory < floor:
         from .config import format_bytes
@@ -363,8 +374,7 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
         raise BudgetError(
             f"gpu_memory {format_bytes(config.gpu_memory)} is below the minimum working set: at least "
             f"{format_bytes(floor)} ({floor} bytes: parameters other than Linear weights and host embedding tables {format_bytes(other)}, "
-            f"KV cache for {config.max_seq_len or 2048} tokens {format_bytes(kv)}), before staging buffers; raise "
-            "gpu_memory, or lower max_seq_len"
+            f"KV cache for {tokens} tokens {format_bytes(kv)}), before staging buffers; raise gpu_memory"
         )
 
 

@@ -24,6 +24,7 @@ from .errors import BudgetError, ConfigError, HetegenError
 from .graphs import pool_for
 from .linear import param_of
 from .pipeline import transform
+from .residency import Runner
 from .runtime import park
 from .store import WeightStore, store_for
 from .trace import traced
@@ -93,12 +94,20 @@ def _compile_graph(
                 param_of(n).tensor for n in gm.graph.find_nodes(op="placeholder") if param_of(n) is not None
             ]
             store = store_for(params, torch.device(config.device))
-        out, plan = transform(gm, config, store, example_inputs, label=_label(example_inputs))
-        if config.verbose:
-            print(plan.table(), file=sys.stderr)
-        # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
-        run = traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
-        return guard_parked_state(run, out)
+        label = _label(example_inputs)
+
+        def build(inputs):
+            out, plan = transform(gm, config, store, inputs, label=label)
+            if config.verbose:
+                print(plan.table(), file=sys.stderr)
+            # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
+            run = traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
+            return out, plan, guard_parked_state(run, out)
+
+        from .passes.placement import kv_use
+
+        # compiled again when the model's residency changes (hetegen_fx.residency)
+        return Runner(build, store, config, kv_use(gm), example_inputs)
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:

@@ -83,9 +83,11 @@ class Config:
     prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
         staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
         ``None``: twice the largest part, which holds several of the usual smaller ones.
-    max_seq_len: tokens the KV cache must hold (budget reserve); ``None`` takes the model's limit, capped at 4096
-        (2048 when the model is not known, e.g. through the torch.compile backend).
-    batch_size: sequences the KV-cache reserve is sized for.
+    max_seq_len: the most tokens a KV cache is reserved for. The cache is reserved by use, at the size class of
+        what each call needs (:mod:`hetegen_fx.residency`); this is the limit of those classes. ``None``: the
+        model's limit, capped at 4096 (no limit when the model is not known, e.g. through the backend).
+    batch_size: the least number of sequences the KV-cache reserve is sized for (a call's own count is used
+        when it is larger).
     activation_reserve: bytes kept free for activations; ``None`` estimates it from the graph.
     cpu_threads: intra-op threads of the worker thread that runs the CPU parts (it calls
         ``torch.set_num_threads`` itself; compiling leaves the caller's setting alone, which dynamo requires).

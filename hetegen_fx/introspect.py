@@ -95,6 +95,12 @@ class ModelState:
     budget: int | None = None
     allocated: dict[str, int] = field(default_factory=dict)
     cuda_graphs: dict | None = None
+    #: the model's memory ledger now (bytes by category, :class:`hetegen_fx.ledger.Ledger`) and its budget;
+    #: empty before the first graph is placed
+    ledger: dict[str, int] = field(default_factory=dict)
+    ledger_budget: int | None = None
+    #: every residency change while the model ran (:class:`hetegen_fx.ledger.ResidencyChange`), oldest first
+    changes: list = field(default_factory=list)
 
     @property
     def plans(self) -> list[Plan]:
@@ -120,6 +126,16 @@ class ModelState:
         ledger = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory.items())
         rows.append(f"decode plan's memory (budget {budget}): {ledger}")
         rows.append("held now: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.allocated.items()))
+        if self.ledger:
+            budget = "unlimited" if self.ledger_budget is None else format_bytes(self.ledger_budget)
+            rows.append(
+                f"ledger now (budget {budget}): "
+                + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.ledger.items())
+                + f"; total {format_bytes(sum(self.ledger.values()))}"
+            )
+        if self.changes:
+            rows.append(f"{len(self.changes)} residency change(s):")
+            rows += [f"  {c}" for c in self.changes[-8:]]
         if self.cuda_graphs is not None:
             cg = self.cuda_graphs
             rows.append(
@@ -152,4 +168,7 @@ def state(compiled: torch.nn.Module) -> ModelState:
     st.allocated = {"weights": store.device_bytes(), "staging": get_runtime(store.device).staging_bytes()}
     pool = store.graph_pool
     st.cuda_graphs = None if pool is None else pool.stats()
+    ledger = store.ledger
+    if ledger is not None:
+        st.ledger, st.ledger_budget, st.changes = ledger.by_category(), ledger.budget, list(ledger.history)
     return st

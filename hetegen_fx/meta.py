@@ -29,3 +29,6 @@ PLAN = "hetegen_plan"
 TOKENS = "hetegen_tokens"
 #: the :class:`hetegen_fx.costs.HardwareModel` ProfilePass used; PlacementPass takes the job overhead from it
 HARDWARE = "hetegen_hardware"
+
+#: graph meta: how the graph uses a KV cache (:class:`hetegen_fx.residency.KVUse`, or None), by PlacementPass
+KV_USE = "hetegen_kv_use"

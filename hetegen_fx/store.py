@@ -36,6 +36,13 @@ class WeightStore:
     residency: dict[str, bool] | None = None
     #: bytes the first placement reserved for everything that is not a Linear weight
     reserved: dict[str, int] = field(default_factory=dict)
+    #: the model's memory ledger (:class:`hetegen_fx.ledger.Ledger`), made by the first placement
+    ledger: object = None
+    #: bumped by every residency change (:func:`hetegen_fx.residency.apply`): graphs compiled under an older
+    #: one are compiled again before their next call
+    version: int = 0
+    #: Linear name → its weight (and bias): what a residency change moves
+    tensors_of: dict[str, tuple] = field(default_factory=dict, repr=False)
     graphs: list[CompiledGraph] = field(default_factory=list)
     #: where the model's stretches record CUDA graphs (:func:`hetegen_fx.graphs.pool_for`)
     graph_pool: object = None
@@ -62,6 +69,17 @@ class WeightStore:
             out = src if self.emulated and src.device.type == "cpu" else src.to(self.device)
             self._device_copies[k] = out
         return out
+
+    def drop_device_copies(self, tensors: list[torch.Tensor]) -> int:
+        """Forget the device copies (whole, or of some rows) of ``tensors``, e.g. the weights of demoted
+        Linears; their memory is freed once no compiled graph holds them. Returns the bytes forgotten."""
+        ids = {id(t) for t in tensors}
+        gone = [k for k in self._device_copies if k[0] in ids]
+        freed = 0
+        for k in gone:
+            t = self._device_copies.pop(k)
+            freed += 0 if self.emulated else t.numel() * t.element_size()
+        return freed
 
     def host_part(self, w: torch.Tensor, layout: str, start: int, stop: int, pin: bool) -> torch.Tensor:
         """Output features ``[start, stop)`` of host weight ``w`` (rows for out_in, columns for in_out).

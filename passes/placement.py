@@ -54,12 +54,14 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from hetegen_fx import meta
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha, segment_time
-from hetegen_fx.errors import BudgetError, ConfigError
+from hetegen_fx.errors import ConfigError
 from hetegen_fx.graph_utils import _is_view, _name, concrete, node_value, writers_of
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.kernels import GEMV_ROWS
+from hetegen_fx.ledger import Ledger, LedgerLayer
 from hetegen_fx.linear import LinearSite, host_tables, param_of
 from hetegen_fx.plan import STAGING_ALIGN, LayerPlan, Plan, staging_size
+from hetegen_fx.residency import MIN_KV_CLASS, KVUse, kv_class
 from hetegen_fx.runtime import blas_workspace_bytes
 from hetegen_fx.store import WeightStore
 
@@ -167,6 +169,50 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
     return total
 
 
+def kv_use(gm: fx.GraphModule) -> KVUse | None:
+    """How the graph uses a KV cache (:class:`hetegen_fx.residency.KVUse`), or None when it holds none: which
+    of its inputs are caches (given whole, written in place, or extended by concatenation), the tokens a call
+    appends (read at each call from the token ids, dim 1 of the 2-D integer input, where there is one), and
+    the capacity of a cache the graph allocates itself."""
+    per_token = kv_cache_bytes_per_token(gm)
+    if not per_token:
+        return None
+    copies = kv_cache_copies(gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    index = {n: i for i, n in enumerate(placeholders)}
+    inputs: set[int] = set()
+    fixed, step = 0, 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
+            continue
+        q, k = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if isinstance(q, fx.Node) and _is_4d(node_value(q)):
+            step = max(step, concrete(node_value(q).shape[2]))
+        if not isinstance(k, fx.Node):
+            continue
+        base = _through_views(k)
+        parts = base.args[0] if _name(base) == "cat" and base.args else [base]
+        for part in parts if isinstance(parts, (list, tuple)) else [parts]:
+            part = _through_views(part) if isinstance(part, fx.Node) else part
+            if isinstance(part, fx.Node) and part.op == "placeholder" and part in index:
+                inputs.add(index[part])
+        if _name(base) in _CACHE_BUFFERS and _is_4d(node_value(base)):
+            fixed = max(fixed, concrete(node_value(base).shape[2]))
+    ids = next(
+        (
+            i
+            for i, n in enumerate(placeholders)
+            if isinstance(v := node_value(n), torch.Tensor)
+            and v.dim() == 2
+            and not v.is_floating_point()
+            and param_of(n) is None
+        ),
+        None,
+    )
+    appended = 0 if copies == 1 and (inputs or fixed) else step
+    return KVUse(per_token, copies, tuple(sorted(inputs)), appended, ids, fixed)
+
+
 def activation_bytes(gm: fx.GraphModule) -> int:
     """Room for activations: four times the largest intermediate tensor of the graph."""
     largest = 0
@@ -263,7 +309,18 @@ class PlacementPass(PassBase):
         store = self.store
         tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
         other = other_param_bytes(gm, sites, tables)
-        kv = kv_cache_copies(gm) * kv_cache_bytes_per_token(gm) * (cfg.max_seq_len or 2048) * cfg.batch_size
+        use = kv_use(gm)
+        gm.meta[meta.KV_USE] = use
+        tokens, batch = use.tokens_of_example(gm) if use is not None else (0, 1)
+        batch = max(batch, cfg.batch_size)  # batch_size: a floor
+
+        def kv_at(floor: int) -> int:
+            """The cache this graph's example holds, at its size class (max_seq_len: the limit)."""
+            return use.bytes(kv_class(tokens, cfg.max_seq_len, floor), batch) if use is not None else 0
+
+        kv = kv_at(store.ledger.kv_floor if store.ledger is not None else MIN_KV_CLASS)
+        for s in sites:
+            store.tensors_of.setdefault(s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ()))
         if store.residency is None:
             reserved = {
                 "kv_cache": kv,
@@ -278,17 +335,28 @@ class PlacementPass(PassBase):
             graphs = graph_reserve(cfg, budget)
             if graphs:
                 reserved["cuda_graphs"] = graphs
-            store.residency = self._choose_residency(layers, reserved, budget, self._priority(sites))
+            ledger = self._ledger(layers, reserved, budget, self._priority(sites))
+            # a budget too small for the first size class (a small model's cache is large beside its
+            # weights): smaller classes, down to 16 tokens, before giving up
+            while budget is not None and ledger.kv_floor > 16 and ledger.minimum() > budget:
+                ledger.kv_floor //= 2
+                ledger.kv_cache = reserved["kv_cache"] = kv_at(ledger.kv_floor)
+            ledger.residency = ledger.choose()
+            store.residency = dict(ledger.residency)
             store.reserved = reserved
+            store.ledger = ledger
         for lp in layers:
             lp.resident = store.residency.get(lp.name, False)
             if lp.resident:
                 lp.alpha, lp.split = 0.0, 0
         reserved = dict(store.reserved)
-        # a later graph may read on the device what the first looked up on the host (a graph break), or
-        # hold two copies of a KV cache the first held once (a DynamicCache after a StaticCache)
+        # a later graph may read on the device what the first looked up on the host (a graph break); its KV
+        # cache is what the ledger leaves room for now (the runner makes room before each call)
         reserved["other_params"] = max(reserved.get("other_params", 0), other)
-        reserved["kv_cache"] = max(reserved.get("kv_cache", 0), kv)
+        ledger = store.ledger
+        reserved["kv_cache"] = ledger.kv_cache if ledger is not None else max(reserved.get("kv_cache", 0), kv)
+        if ledger is not None:
+            budget = ledger.budget
         if cfg.alpha is None and cfg.stream_jobs:
             self._stream_jobs(sites, layers, reserved, budget)
         reserved["staging"] = self._staging(layers)
@@ -475,39 +543,26 @@ class PlacementPass(PassBase):
                 stacklevel=2,
             )
 
-    def _choose_residency(
+    def _ledger(
         self,
         layers: list[LayerPlan],
         reserved: dict[str, int],
         budget: int | None,
         priority: dict[str, float],
-    ) -> dict:
-        fixed = sum(reserved.values())
-        held = self._held
-        everything = fixed + sum(held(lp.bytes) for lp in layers)
-        if budget is None or everything <= budget:
-            return {lp.name: True for lp in layers}
-        for lp in layers:
-            lp.resident = False
-        minimum = fixed + self._staging(layers)
-        if budget < minimum:
-            parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in reserved.items())
-            raise BudgetError(
-                f"gpu_memory {format_bytes(budget)} is below the minimum working set of {format_bytes(minimum)} "
-                f"({minimum} bytes: {parts}, staging {format_bytes(self._staging(layers))} for prefetch="
-                f"{self.config.prefetch}); raise gpu_memory to at least {format_bytes(minimum)}, or lower "
-                "max_seq_len / prefetch"
+    ) -> Ledger:
+        """The model's memory ledger: the reserves, the KV cache, and each Linear's bytes resident, its GPU
+        part offloaded (at its α) and its priority g."""
+        entries = [
+            LedgerLayer(
+                lp.name,
+                self._held(lp.bytes),
+                lp.bytes * (lp.out_features - lp.split) // lp.out_features if lp.out_features else 0,
+                priority[lp.name],
             )
-        # highest priority first; among equal priorities the later Linears (see the module docstring)
-        order = sorted(reversed(layers), key=lambda lp: priority[lp.name], reverse=True)
-        resident_bytes = 0
-        for lp in order:
-            lp.resident = True
-            if fixed + resident_bytes + held(lp.bytes) + self._staging(layers) <= budget:
-                resident_bytes += held(lp.bytes)
-            else:
-                lp.resident = False
-        return {lp.name: lp.resident for lp in layers}
+            for lp in layers
+        ]
+        reserves = {k: v for k, v in reserved.items() if k != "kv_cache"}
+        return Ledger(budget, reserves, reserved.get("kv_cache", 0), entries, self.config.prefetch)
 
     def _from_given(self, gm: fx.GraphModule, sites: list[LinearSite]) -> Plan:
         given = self.given

@@ -440,3 +440,72 @@ def test_the_bench_starts_each_variant_with_nothing_allocated():
     assert torch.cuda.memory_allocated(dev) > before  # the workspace
     _free(dev)
     assert torch.cuda.memory_allocated(dev) == before
+
+
+@needs_cuda
+def test_residency_follows_the_cache_and_the_budget_on_the_gpu():
+    """A growing DynamicCache demotes weights (the device's peak stays within the budget), a short request
+    promotes them back, set_gpu_memory promotes everything, and the tokens stay the all-GPU model's."""
+    from hetegen_fx.introspect import store_of
+
+    model = _small_llama()
+    model.config.max_position_embeddings = 4096
+    ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(3))
+    long = {"max_new_tokens": 600, "min_new_tokens": 600, "do_sample": False}
+    short = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    ref_long, ref_short = _all_gpu_tokens(model, ids, **long), _all_gpu_tokens(model, ids, **short)
+    c = model.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    budget = int(_bytes(model) * 0.6) + _blas() + 2 * per_token * 1024
+    compiled = hetegen_fx.compile(model, gpu_memory=budget, device="cuda", kv_cache="dynamic")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = compiled.generate(ids, **long)[0, ids.shape[1] :].cpu()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert out.tolist() == ref_long.tolist()
+    ledger = store_of(compiled).ledger
+    assert any(ch.demoted for ch in ledger.history), [str(ch) for ch in ledger.history]
+    assert peak <= budget, (peak, budget)
+    with torch.no_grad():
+        assert compiled.generate(ids, **short)[0, ids.shape[1] :].cpu().tolist() == ref_short.tolist()
+    assert ledger.history[-1].promoted
+    change = hetegen_fx.set_gpu_memory(compiled, _bytes(model) * 2 + _blas() + 2 * per_token * 1024)
+    assert change is None or change.promoted
+    with torch.no_grad():
+        assert compiled.generate(ids, **short)[0, ids.shape[1] :].cpu().tolist() == ref_short.tolist()
+    assert all(lp.resident for lp in hetegen_fx.state(compiled).decode_plan.layers)
+
+
+@needs_cuda
+def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
+    from hetegen_fx import residency
+    from hetegen_fx.introspect import store_of
+
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(4))
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
+    ref = _all_gpu_tokens(model, ids, **kw)
+    compiled = hetegen_fx.compile(model, gpu_memory=_bytes(model) * 3, device="cuda", max_seq_len=256)
+    with torch.no_grad():
+        compiled.generate(ids, max_new_tokens=2, do_sample=False)
+    calls = {"n": 0}
+    run = residency.Runner.__call__
+
+    def failing_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # a decode step: a real allocation of more than the device has fails
+            real = self._call
+
+            def oom(*a):
+                self._call = real
+                torch.empty(1 << 48, dtype=torch.uint8, device="cuda")
+
+            self._call = oom
+        return run(self, *args)
+
+    monkeypatch.setattr(residency.Runner, "__call__", failing_once)
+    with pytest.warns(RuntimeWarning, match="a device allocation failed"), torch.no_grad():
+        out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()
+    assert out.tolist() == ref.tolist()
+    assert store_of(compiled).ledger.history[-1].demoted

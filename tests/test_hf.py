@@ -63,13 +63,14 @@ def test_decode_graph_is_compiled(tiny_hf):
     ref = _generate(model, ids)
     c = model.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
-    # no max_seq_len: the KV-cache reserve is sized for the model's own limit (128 positions here)
-    budget = int(_nbytes(model) * 0.95) + per_token * c.max_position_embeddings
+    # no max_seq_len: the KV cache is reserved at the size class of the call (at least 256 tokens), capped at
+    # the model's own limit (128 positions here), for the 2 sequences of the prompt
+    budget = int(_nbytes(model) * 0.95) + 2 * 2 * per_token * c.max_position_embeddings
     compiled = hetegen_fx.compile(model, gpu_memory=budget, device="cpu", profile="model", kv_cache="dynamic")
     assert not hasattr(compiled.generate, "hetegen_static_cache")  # HF's default, a DynamicCache
     assert torch.equal(_generate(compiled, ids), ref)
     plans = hetegen_fx.explain(compiled).plans
-    assert plans[0].reserved["kv_cache"] == 2 * per_token * c.max_position_embeddings  # old + new cache
+    assert plans[0].reserved["kv_cache"] == 2 * 2 * per_token * c.max_position_embeddings  # old + new, 2 seqs
     assert len(plans) >= 2
     tokens = [p.tokens for p in plans]
     assert tokens[0] == 2 * 5 and 2 in tokens[1:]  # prefill (batch × prompt) and one-token decode steps

@@ -1,0 +1,210 @@
+"""Run-time residency: the KV cache reserved by use (size classes), weights demoted to make room as a cache
+grows and promoted back when room frees, hetegen_fx.set_gpu_memory, a failed device allocation survived
+by demoting, and the ledger's accounting against the Plan (hetegen_fx.ledger, hetegen_fx.residency)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetegen_fx
+from hetegen_fx import BudgetError, residency
+from hetegen_fx.introspect import store_of
+from hetegen_fx.ledger import Ledger, LedgerLayer
+from hetegen_fx.residency import MIN_KV_CLASS, kv_class
+
+
+def _nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _long_llama(tiny_hf):
+    model = tiny_hf("llama")
+    model.config.max_position_embeddings = 4096  # rotary: any length; the model's limit for max_seq_len
+    return model
+
+
+def _per_token(model) -> int:
+    c = model.config
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+
+
+def test_size_classes():
+    assert [kv_class(t) for t in (1, 255, 256, 257, 1000, 1025)] == [256, 256, 256, 512, 1024, 2048]
+    assert kv_class(300, limit=400) == 400 and kv_class(500, limit=400) == 512  # the limit holds, or not
+    assert kv_class(10, limit=64) == 64 and MIN_KV_CLASS == 256
+
+
+def test_ledger_chooses_by_priority_and_records_changes():
+    layers = [LedgerLayer(f"l{i}", 1000, 512, priority=p) for i, p in enumerate([3.0, 1.0, 2.0, 1.0])]
+    ledger = Ledger(budget=4100, reserves={"activations": 200}, kv_cache=300, layers=layers, prefetch=1)
+    chosen = ledger.choose()
+    assert chosen == {"l0": True, "l1": False, "l2": True, "l3": True}  # among equal g the later one stays
+    assert ledger.total(chosen) == 200 + 300 + 3000 + 512 <= 4100  # the arena holds one 512-byte part
+    ledger.residency = chosen
+    roomier = ledger.choose(kv=2300)  # a larger cache: the least valuable go first
+    assert roomier == {"l0": True, "l1": False, "l2": False, "l3": False}
+    change = ledger.apply(roomier, "a longer cache", kv=2300)
+    assert change.demoted == ("l2", "l3") and change.demoted_bytes == 2000 and not change.promoted
+    assert ledger.history == [change] and ledger.total() <= 4100
+    assert ledger.apply(roomier, "again") is None  # nothing moved
+    with pytest.raises(BudgetError, match="minimum working set"):
+        ledger.choose(kv=3700)
+
+
+def test_the_ledger_accounts_for_what_the_plan_says(tiny_hf):
+    model = tiny_hf("llama")
+    compiled = hetegen_fx.compile(
+        model, gpu_memory=int(_nbytes(model) * 0.6), device="cpu", max_seq_len=64, profile="model"
+    )
+    with torch.no_grad():
+        compiled.generate(torch.tensor([[1, 5, 9, 42]]), max_new_tokens=2, do_sample=False)
+    st = hetegen_fx.state(compiled)
+    ledger = store_of(compiled).ledger
+    plan = st.decode_plan
+    assert {lp.name for lp in plan.layers if lp.resident} == {k for k, v in ledger.residency.items() if v}
+    assert st.ledger["resident_weights"] == plan.resident_bytes  # no allocator rounding on the cpu device
+    for key in ("kv_cache", "activations", "other_params"):
+        assert st.ledger[key] == plan.reserved[key], key
+    assert st.ledger["kv_cache"] == _per_token(model) * 64  # a static cache of the call's class (limit 64)
+    assert sum(st.ledger.values()) == ledger.total() <= ledger.budget
+
+
+@pytest.fixture
+def checked_apply(monkeypatch):
+    """Every residency change must leave the ledger within its budget."""
+    seen = []
+    apply = residency.apply
+
+    def checked(store, *args, **kwargs):
+        change = apply(store, *args, **kwargs)
+        ledger = store.ledger
+        assert ledger.budget is None or ledger.total() <= ledger.budget, (ledger.by_category(), ledger.budget)
+        seen.append(change)
+        return change
+
+    monkeypatch.setattr(residency, "apply", checked)
+    return seen
+
+
+def test_a_growing_cache_demotes_weights_and_a_short_request_promotes_them_back(tiny_hf, checked_apply):
+    model = _long_llama(tiny_hf)
+    per_token = _per_token(model)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    kw = {"do_sample": False}
+    long, short = {"max_new_tokens": 560, "min_new_tokens": 560}, {"max_new_tokens": 4, "min_new_tokens": 4}
+    with torch.no_grad():
+        ref_long = model.generate(ids, **long, **kw)
+        ref_short = model.generate(ids, **short, **kw)
+    # a DynamicCache step holds two copies: 1024 tokens take 2 x 1024 x per_token; the budget holds every
+    # weight beside a 256-token class, but about half of them beside the 1024-token one
+    budget = _nbytes(model) // 2 + 2 * per_token * 1024
+    compiled = hetegen_fx.compile(model, gpu_memory=budget, device="cpu", profile="model", kv_cache="dynamic")
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **long, **kw), ref_long)
+    ledger = store_of(compiled).ledger
+    demotions = [c for c in ledger.history if c.demoted]
+    assert demotions, [str(c) for c in ledger.history]  # once the cache passed 512 tokens
+    assert "KV cache of 513 tokens" in demotions[0].reason, demotions[0]
+    assert ledger.kv_cache == 2 * per_token * 1024 and not all(ledger.residency.values())
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **short, **kw), ref_short)
+    assert ledger.history[-1].promoted and ledger.kv_cache == 2 * per_token * 256
+    assert all(c is None or c.reason for c in checked_apply)
+    text = str(hetegen_fx.state(compiled))
+    assert "residency change(s)" in text and "demoted" in text and "promoted" in text
+
+
+def test_set_gpu_memory_promotes_and_demotes_between_calls(tiny_hf, checked_apply):
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    kw = {"max_new_tokens": 5, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    nbytes = _nbytes(model)
+    compiled = hetegen_fx.compile(model, gpu_memory=int(nbytes * 0.5), device="cpu", max_seq_len=64)
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **kw), ref)
+    ledger = store_of(compiled).ledger
+    before = sum(ledger.residency.values())
+    up = hetegen_fx.set_gpu_memory(compiled, nbytes * 4)
+    assert up.promoted and not up.demoted and all(ledger.residency.values())
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **kw), ref)
+    assert all(lp.resident for lp in hetegen_fx.state(compiled).decode_plan.layers)  # compiled again
+    down = hetegen_fx.set_gpu_memory(compiled, int(nbytes * 0.5))
+    assert down.demoted and sum(ledger.residency.values()) == before
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **kw), ref)
+    with pytest.raises(BudgetError, match="minimum working set"):
+        hetegen_fx.set_gpu_memory(compiled, "1KiB")
+    assert sum(ledger.residency.values()) == before and ledger.budget == int(nbytes * 0.5)  # unchanged
+
+
+def test_set_gpu_memory_on_a_compiled_module(checked_apply):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).eval()
+    compiled = hetegen_fx.compile(model, gpu_memory="40KiB", device="cpu", prefetch=1, profile="model")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert any(not lp.resident for lp in compiled.plan.layers)
+    hetegen_fx.set_gpu_memory(compiled, "1MiB")
+    assert all(lp.resident for lp in compiled.plan.layers)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert "copy_h2d" not in compiled.code
+
+
+def test_a_failed_allocation_mid_generate_is_survived_with_the_same_tokens(tiny_hf, monkeypatch):
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    compiled = hetegen_fx.compile(model, gpu_memory=_nbytes(model) * 4, device="cpu", max_seq_len=64)
+    with torch.no_grad():
+        compiled.generate(ids, max_new_tokens=2, do_sample=False)  # compiled, everything resident
+    ledger = store_of(compiled).ledger
+    assert all(ledger.residency.values())
+    calls = {"n": 0}
+    run = residency.Runner.__call__
+
+    def failing_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step: another process took the memory
+            real = self._call
+
+            def oom(*a):
+                self._call = real
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected)")
+
+            self._call = oom
+        return run(self, *args)
+
+    monkeypatch.setattr(residency.Runner, "__call__", failing_once)
+    with pytest.warns(RuntimeWarning, match="a device allocation failed.*demoted"), torch.no_grad():
+        out = compiled.generate(ids, **kw)
+    assert torch.equal(out, ref)
+    assert (
+        ledger.history
+        and ledger.history[-1].demoted
+        and ledger.history[-1].reason == "a device allocation failed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "share"), [("llama", 0.4), ("qwen2", 0.5), ("gpt2", 0.4), ("opt", 0.6), ("mistral", 0.6)]
+)
+def test_tiny_decoders_through_the_backend_with_only_a_budget(tiny_hf, arch, share):
+    """Refused before unless max_seq_len was given (a 2048-token reserve); now the cache is reserved by use,
+    and a small model whose cache is large beside its weights gets smaller size classes."""
+    model = tiny_hf(arch)
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    model.compile(backend="hetegen", options={"gpu_memory": int(_nbytes(model) * share), "device": "cpu"})
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), ref)
+    st = hetegen_fx.state(model)
+    assert any(not lp.resident for lp in st.decode_plan.layers)
+    assert sum(st.ledger.values()) <= st.ledger_budget
