@@ -400,6 +400,8 @@ class Explanation:
     codes: list[str]
     labels: list[str]
     graph_modules: list[fx.GraphModule] = field(default_factory=list)
+    #: the model's residency changes while it ran (:class:`hetegen_fx.ledger.ResidencyChange`), oldest first
+    changes: list = field(default_factory=list)
 
     def _decode_index(self) -> int:
         if not self.plans:
@@ -420,6 +422,8 @@ class Explanation:
         parts = []
         for label, plan, code in zip(self.labels, self.plans, self.codes, strict=True):
             parts += [f"=== {label} ===", plan.table(), "", code]
+        if self.changes:
+            parts += ["=== residency changes ===", *map(str, self.changes)]
         return "\n".join(parts) if parts else "nothing compiled yet: run the model once"
 
     def __repr__(self) -> str:
@@ -450,10 +454,12 @@ class Explanation:
 
 def explain(compiled: torch.nn.Module) -> Explanation:
     """The Plans and generated code of everything compiled for ``compiled`` (a CompiledModule or a model)."""
-    graphs = state(compiled).graphs
+    st = state(compiled)
+    graphs = st.graphs
     return Explanation(
         [g.plan for g in graphs],
         [g.graph_module.code for g in graphs],
         [g.label for g in graphs],
         [g.graph_module for g in graphs],
+        st.changes,
     )

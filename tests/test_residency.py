@@ -113,6 +113,8 @@ def test_a_growing_cache_demotes_weights_and_a_short_request_promotes_them_back(
     assert all(c is None or c.reason for c in checked_apply)
     text = str(hetegen_fx.state(compiled))
     assert "residency change(s)" in text and "demoted" in text and "promoted" in text
+    ex = hetegen_fx.explain(compiled)
+    assert ex.changes == ledger.history and "=== residency changes ===" in str(ex)
 
 
 def test_set_gpu_memory_promotes_and_demotes_between_calls(tiny_hf, checked_apply):
