@@ -48,6 +48,7 @@ class DeviceRuntime:
         self._copied: dict[int, torch.cuda.Event] = {}  # region offset → its copy has landed
         self._released: dict[int, torch.cuda.Event] = {}  # region offset → its GPU part is done
         self._copy_stream: torch.cuda.Stream | None = None
+        self._needs: dict[int, dict[str, int]] = {}  # id(weight store) → graph label → staging bytes
         self._host: HostWorker | None = None
         #: when a list, every copy appends its (start, end): CUDA events on the copy stream, or host seconds
         self.copy_log: list | None = None
@@ -84,10 +85,28 @@ class DeviceRuntime:
         """Bytes held by the staging arena."""
         return 0 if self._arena is None else self._arena.numel()
 
-    def reserve(self, nbytes: int) -> None:
-        """Make sure the staging arena holds at least ``nbytes``."""
+    def reserve(self, nbytes: int, owner: object = None, graph: str = "") -> None:
+        """Make sure the staging arena holds at least ``nbytes``. With an ``owner`` (a model's weight store)
+        and its ``graph``'s label, that graph's need is remembered, and an arena larger than every remembered
+        need (after a promotion left the model fewer GPU parts to stage) is given back down to the largest."""
         with self.lock:
+            if owner is not None:
+                key = id(owner)
+                if key not in self._needs:
+                    self._needs[key] = {}
+                    weakref.finalize(owner, self._needs.pop, key, None)
+                self._needs[key][graph] = nbytes
+                largest = max(n for needs in self._needs.values() for n in needs.values())
+                if self._arena is not None and self._arena.numel() > largest:
+                    self._release_arena()
+                    nbytes = largest
             self._reserve(nbytes)
+
+    def _release_arena(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)  # the arena may still be in use by either stream
+        self._arena = None
+        self._pages = []
 
     def _reserve(self, nbytes: int) -> None:
         if self._arena is not None and self._arena.numel() >= nbytes:

@@ -111,8 +111,8 @@ class PartitionPass(PassBase):
         plan = gm.meta.get(meta.PLAN)
         if plan is not None:
             plan.reserved["staging"] = size  # as laid out (PlacementPass estimated it in graph order)
-        if size:
-            get_runtime(self.config.device).reserve(size)
+        # remembered per model and graph: the arena shrinks again once no graph needs it this large
+        get_runtime(self.config.device).reserve(size, owner=self.store, graph=plan.label if plan else "")
         return dict(zip(order, staging_offsets(parts, self.config.prefetch), strict=True))
 
     # -- emission helpers ---------------------------------------------------------------------------------

@@ -210,3 +210,28 @@ def test_tiny_decoders_through_the_backend_with_only_a_budget(tiny_hf, arch, sha
     st = hetegen_fx.state(model)
     assert any(not lp.resident for lp in st.decode_plan.layers)
     assert sum(st.ledger.values()) <= st.ledger_budget
+
+
+def test_the_staging_arena_shrinks_when_no_graph_needs_it_so_large():
+    """After a promotion a model stages fewer GPU parts: the arena goes down to the largest need that any
+    live model's graph still has (a stale graph that needs more grows it again when it runs)."""
+    import gc
+
+    from hetegen_fx.runtime import DeviceRuntime
+
+    class Owner:  # stands for a weight store
+        pass
+
+    rt = DeviceRuntime(torch.device("cpu"))
+    a, b = Owner(), Owner()
+    rt.reserve(1000, owner=a, graph="decode")
+    rt.reserve(400, owner=b, graph="decode")
+    assert rt.staging_bytes() == 1000
+    rt.reserve(200, owner=a, graph="decode")  # a's graph was compiled again with fewer GPU parts
+    assert rt.staging_bytes() == 400  # b's need
+    del b
+    gc.collect()
+    rt.reserve(200, owner=a, graph="decode")
+    assert rt.staging_bytes() == 200
+    rt.buffer(900, torch.empty(25, dtype=torch.float32))  # a stale graph's region: grown again, not broken
+    assert rt.staging_bytes() >= 1000
