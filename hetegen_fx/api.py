@@ -146,11 +146,13 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
         # the KV-cache reserve: the model's limit, capped
         max_seq_len=_max_positions(model) if config.max_seq_len is None else config.max_seq_len,
     )
-    _check_budget_floor(model, config)
+    floor = _check_budget_floor(model, config)
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
-        compiled.generate = _static_cache_by_default(compiled.generate, model, config.max_seq_len, store)
+        compiled.generate = _static_cache_by_default(
+            compiled.generate, model, config.max_seq_len, store, floor
+        )
     if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
     _room_for_graphs()
@@ -199,7 +201,9 @@ def _kv_cache(model: torch.nn.Module, config: Config) -> bool:
     return True
 
 
-def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int | None, store=None):
+def _static_cache_by_default(
+    generate, model: torch.nn.Module, max_seq_len: int | None, store=None, floor: int = MIN_KV_CLASS
+):
     """``generate`` (``model``'s bound HF ``generate``), giving a static KV cache to calls that name no cache:
     no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config`` naming one
     (HF refuses a cache object together with a cache implementation, so the model's own
@@ -233,7 +237,7 @@ def _static_cache_by_default(generate, model: torch.nn.Module, max_seq_len: int 
                 # sized by use: the call's size class (hetegen_fx.residency.kv_class), max_seq_len the limit;
                 # calls of one class share a cache shape, so their graphs are compiled once
                 ledger = store.ledger
-                size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else MIN_KV_CLASS)
+                size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else floor)
                 kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=size)
             else:
                 kwargs["cache_implementation"] = "static"
@@ -342,11 +346,14 @@ def _max_positions(model: torch.nn.Module, cap: int = 4096) -> int | None:
     return None if limit is None else min(limit, cap)
 
 
-def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
-    """Refuse at compile time a budget that cannot hold even the parameters that are not Linear weights
-    plus the KV cache (the exact minimum, with staging, is checked when the first graph is placed)."""
+def _check_budget_floor(model: torch.nn.Module, config: Config) -> int:
+    """Refuse at compile time a budget that cannot hold even the parameters that are not Linear weights plus
+    the smallest KV cache (16 tokens; the exact minimum, with staging, is checked when the first graph is
+    placed). Returns the size class floor for the first static cache, before the ledger exists: 256 tokens,
+    or the largest smaller power of two whose cache takes at most half of what the budget leaves beside those
+    parameters (the ledger then keeps to it, :attr:`hetegen_fx.ledger.Ledger.kv_floor`)."""
     if config.gpu_memory is None:
-        return
+        return MIN_KV_CLASS
     from hetegen_fx.models import kv_cache_bytes
 
     linear_weights = {
@@ -364,18 +371,26 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> None:
             other += p.numel() * p.element_size()
     dtype = next(iter(model.parameters()), torch.empty(0)).dtype
     cfg = getattr(model, "config", None)  # an HF config says the KV cache's size; a plain module has none
-    tokens = kv_class(1, config.max_seq_len)  # the smallest KV cache a call can be given: its first class
-    kv = (kv_cache_bytes(cfg, config.batch_size, tokens, dtype) or 0) if cfg else 0
-    floor = other + kv
-    if config.gpu_memory < floor:
+
+    def kv(floor: int) -> int:
+        tokens = kv_class(1, config.max_seq_len, floor)
+        return (kv_cache_bytes(cfg, config.batch_size, tokens, dtype) or 0) if cfg else 0
+
+    if config.gpu_memory < other + kv(16):
         from .config import format_bytes
         from .errors import BudgetError
 
+        least = other + kv(16)
         raise BudgetError(
             f"gpu_memory {format_bytes(config.gpu_memory)} is below the minimum working set: at least "
-            f"{format_bytes(floor)} ({floor} bytes: parameters other than Linear weights and host embedding tables {format_bytes(other)}, "
-            f"KV cache for {tokens} tokens {format_bytes(kv)}), before staging buffers; raise gpu_memory"
+            f"{format_bytes(least)} ({least} bytes: parameters other than Linear weights and host embedding "
+            f"tables {format_bytes(other)}, KV cache for {kv_class(1, config.max_seq_len, 16)} tokens "
+            f"{format_bytes(kv(16))}), before staging buffers; raise gpu_memory"
         )
+    floor = MIN_KV_CLASS
+    while floor > 16 and kv(floor) > (config.gpu_memory - other) // 2:
+        floor //= 2
+    return floor
 
 
 def _check_weights(model: torch.nn.Module) -> None:

@@ -216,7 +216,7 @@ class Config:
         import torch
 
         dev = torch.device(self.device)
-        if dev.type not in ("cuda", "cpu"):  # a Config may name another kind, e.g. "meta" to test a pass
+        if dev.type not in ("cuda", "cpu"):  # a Config may name another kind ("meta" for a pass's unit test)
             raise ConfigError(
                 f"device {self.device!r} is not supported: hetegen_fx runs the GPU side on 'cuda' (or "
                 "'cuda:N'), or emulates it on the host with 'cpu' for testing"

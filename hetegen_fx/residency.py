@@ -69,6 +69,12 @@ class KVUse:
         )
         return max(length + appended, self.fixed), batch
 
+    def cache_tensor(self, args: tuple) -> torch.Tensor | None:
+        """The first cache tensor the call is given (it stands for its request's cache while it lives), if any."""
+        return next(
+            (args[i] for i in self.inputs if i < len(args) and isinstance(args[i], torch.Tensor)), None
+        )
+
     def tokens_of_example(self, gm) -> tuple[int, int]:
         """(tokens, sequences) of the example the graph was captured with (its inputs' recorded values)."""
         from .graph_utils import concrete, node_value
@@ -99,6 +105,8 @@ def apply(store, residency: dict[str, bool], reason: str, kv: int | None = None,
     store.drop_device_copies(demoted + promoted)  # promoted: the copies of their GPU parts' bias rows
     store.graph_pool = None  # recorded CUDA graphs read the old weights: the next graphs record anew
     store.version += 1
+    for runner in list(store.runners):  # now, not at their next call: a graph no longer called holds nothing
+        runner.release()
     return change
 
 
@@ -126,19 +134,34 @@ class Runner:
         self._call = None
         self._version = -1
         self.rebuilt = 0  # compiles after the first (residency changes)
+        store.runners.add(self)
         with self.lock:
             if kv is not None and store.ledger is not None and example_inputs is not None:
                 self._fit_kv(tuple(example_inputs))
             self._compile(example_inputs)
 
     def _compile(self, inputs=None) -> None:
+        self.release()  # the old graph's weights go first
         version = self.store.version
-        old, self.graph_module, self._call = self.graph_module, None, None  # the old graph's weights go first
-        if old is not None:
-            self.store.graphs[:] = [g for g in self.store.graphs if g.graph_module is not old]
-        del old
+        try:
+            self.graph_module, self.plan, self._call = self._build(inputs)
+        except torch.OutOfMemoryError as e:  # a promoted weight's copy did not fit: give some up, once
+            failure = str(e)
+        else:
+            self._version = version
+            return
+        self._demote_after_failure(failure)
+        version = self.store.version
         self.graph_module, self.plan, self._call = self._build(inputs)
         self._version = version
+
+    def release(self) -> None:
+        """Drop the compiled graph (its device weights, recorded CUDA graphs and entry in the store's list):
+        after a residency change, so that no graph holds what the ledger no longer counts. It is compiled
+        again at its next call."""
+        old, self.graph_module, self._call, self._version = self.graph_module, None, None, -1
+        if old is not None:
+            self.store.graphs[:] = [g for g in self.store.graphs if g.graph_module is not old]
 
     def current(self):
         """The graph module of the current residency (compiled again first if the residency changed)."""
@@ -158,43 +181,49 @@ class Runner:
             try:
                 return self._call(*args)
             except torch.OutOfMemoryError as e:  # another process took device memory: give some up, once
-                change = self._demote_after_failure(e)
-                self._compile()
-                self.rebuilt += 1
-                warnings.warn(
-                    f"hetegen: a device allocation failed ({str(e).splitlines()[0][:120]}); {change}; the step "
-                    "runs again",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return self._call(*args)
+                failure = str(e)
+            # out of the except block: the failed attempt's frames (its activations, staged parts) are gone
+            change = self._demote_after_failure(failure)
+            self._compile()
+            self.rebuilt += 1
+            warnings.warn(
+                f"hetegen: a device allocation failed ({failure.splitlines()[0][:120]}); {change}; the step runs "
+                "again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self._call(*args)
 
     def _fit_kv(self, args: tuple) -> None:
-        """Before a call: room for the KV cache it needs (demoting weights), or promotion when a smaller
-        cache than the ledger's leaves room for more weights (a new, shorter request)."""
+        """Before a call: room for the KV cache it needs, at its size class (demoting weights); when a call
+        that starts a request (a prefill) needs less than the ledger holds, the room is given back to weights
+        (promotion). Decode steps never promote, so requests interleaved from several threads do not make
+        residency swing at every step; the room is sized by the call at hand, one request's cache."""
         ledger = self.store.ledger
         tokens, batch = self.kv.tokens(args)
         size = kv_class(tokens, self.config.max_seq_len, ledger.kv_floor)
         need = self.kv.bytes(size, max(batch, self.config.batch_size))
-        if need == ledger.kv_cache:
+        starts = self.kv.cache_tensor(args) is None or self.kv.appended > 1
+        if need == ledger.kv_cache or (need < ledger.kv_cache and not starts):
             return
         residency = ledger.choose(kv=need)
-        gains = any(v and not ledger.residency.get(k) for k, v in residency.items())
-        if need > ledger.kv_cache or gains:
-            why = f"a KV cache of {tokens} tokens x {batch} ({format_bytes(need)} reserved)"
-            _announce(apply(self.store, residency, why, kv=need), self.config.verbose)
+        moves = residency != ledger.residency
+        why = f"a KV cache of {tokens} tokens x {batch} ({format_bytes(need)} reserved)"
+        _announce(
+            apply(self.store, residency if moves else ledger.residency, why, kv=need), self.config.verbose
+        )
 
-    def _demote_after_failure(self, error: BaseException) -> ResidencyChange:
+    def _demote_after_failure(self, error: str) -> ResidencyChange:
         """Give up the least valuable resident weights (lowest g), at least as many bytes as the allocation
         that failed asked for (read off torch's message) and at least one Linear; the budget the ledger keeps
         to from now on is what is left (:func:`set_gpu_memory` raises it again)."""
         ledger = self.store.ledger
         if ledger is None or not any(ledger.residency.values()):
-            raise error
+            raise torch.OutOfMemoryError(error)
         resident = sorted(
             (lp for lp in ledger.layers if ledger.residency.get(lp.name)), key=lambda lp: lp.priority
         )
-        m = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]?i?B)", str(error))
+        m = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]?i?B)", error)
         want = parse_bytes(m.group(1).replace(" ", "")) if m else 1
         residency, freed = dict(ledger.residency), 0
         for lp in resident:
@@ -227,7 +256,7 @@ def set_gpu_memory(compiled: torch.nn.Module, gpu_memory: int | str | None) -> R
             from hetegen_fx.passes.placement import DEVICE_HEADROOM
 
             free, _ = torch.cuda.mem_get_info(store.device)
-            budget = max(0, free - DEVICE_HEADROOM + store.device_bytes())
+            budget = max(0, free - DEVICE_HEADROOM + store.ledger.total())  # what the model holds is its own
         residency = store.ledger.choose(budget=budget)  # raises BudgetError below the minimum
         was = store.ledger.budget
         what = "unlimited" if budget is None else format_bytes(budget)

@@ -43,6 +43,8 @@ class WeightStore:
     version: int = 0
     #: Linear name → its weight (and bias): what a residency change moves
     tensors_of: dict[str, tuple] = field(default_factory=dict, repr=False)
+    #: the compiled graphs that follow this store's residency (:class:`hetegen_fx.residency.Runner`)
+    runners: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     graphs: list[CompiledGraph] = field(default_factory=list)
     #: where the model's stretches record CUDA graphs (:func:`hetegen_fx.graphs.pool_for`)
     graph_pool: object = None

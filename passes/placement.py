@@ -597,6 +597,12 @@ class PlacementPass(PassBase):
                 f"{format_bytes(budget)} given now: leave gpu_memory out to use the plan's, or compile without "
                 "plan= to place the model under the new budget"
             )
+        if self.store.residency is not None:  # the model's residency now (it may have changed since the plan)
+            for lp in layers:
+                resident = self.store.residency.get(lp.name, lp.resident)
+                if resident and not lp.resident:
+                    lp.alpha, lp.split = 0.0, 0
+                lp.resident = resident
         reserved = dict(given.reserved)
         tables = [t for t in given.host_tables if t in host_tables(gm.graph)]
         if tables and not self.config.host_embeddings:  # asked to keep them on the device: reserve them there
@@ -606,6 +612,17 @@ class PlacementPass(PassBase):
         if self.store.residency is None:
             self.store.residency = {lp.name: lp.resident for lp in layers}
             self.store.reserved = {k: v for k, v in reserved.items() if k != "staging"}
+            # the ledger of a given plan: g from its costs, so that set_gpu_memory and a growing cache work too
+            priority = {lp.name: lp.t_cpu / max(lp.bytes, 1) for lp in layers}
+            ledger = self._ledger(
+                layers, self.store.reserved, budget if budget is not None else given.gpu_memory, priority
+            )
+            ledger.residency = dict(self.store.residency)
+            self.store.ledger = ledger
+        for s in sites:
+            self.store.tensors_of.setdefault(
+                s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ())
+            )
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits

@@ -99,7 +99,7 @@ def test_hf_budget_far_too_small_fails_at_compile_naming_the_minimum(tiny_hf):
     model = tiny_hf("llama")
     with pytest.raises(hetegen_fx.BudgetError, match=r"at least .*\(\d+ bytes") as err:
         hetegen_fx.compile(model, gpu_memory=1024, device="cpu", max_seq_len=64)
-    assert "KV cache for 64 tokens" in str(err.value)
+    assert "KV cache for 16 tokens" in str(err.value)
     assert hetegen_fx.introspect.config_of(model) is None and "_compiled_call_impl" not in vars(model)
 
 
@@ -132,8 +132,8 @@ def test_generate_uses_a_static_cache_by_default_reserved_once(tiny_hf):
     assert compiled.generate.hetegen_static_cache and "generate" not in vars(model)
     assert torch.equal(_generate(compiled, ids), ref)
     plans = hetegen_fx.explain(compiled).plans
-    assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64}
-    # the cache holds max_seq_len tokens at every call: a longer generate compiles nothing new
+    assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64}  # the class of 13 tokens, limit 64
+    # the cache holds its class's tokens at every call: a longer generate of the same class compiles nothing
     longer = compiled.generate(
         ids, max_new_tokens=NEW_TOKENS + 3, do_sample=False, min_new_tokens=NEW_TOKENS + 3
     )
@@ -145,8 +145,12 @@ def test_generate_uses_a_static_cache_by_default_reserved_once(tiny_hf):
     from transformers import DynamicCache
 
     assert torch.equal(_generate(compiled, ids, past_key_values=DynamicCache()), ref)
-    plans = hetegen_fx.explain(compiled).plans
-    assert {p.reserved["kv_cache"] for p in plans} == {per_token * 64, 2 * per_token * 64}
+    from hetegen_fx.introspect import store_of
+    from hetegen_fx.residency import kv_class
+
+    # reserved by use: two copies (a DynamicCache step holds the old and the new) of the call's size class
+    ledger = store_of(compiled).ledger
+    assert ledger.kv_cache == 2 * per_token * kv_class(ids.shape[1] + NEW_TOKENS, 64, ledger.kv_floor)
 
 
 def test_kv_cache_option_respects_the_model_and_rejects_what_it_cannot_do(tiny_hf):

@@ -135,12 +135,14 @@ def test_set_gpu_memory_promotes_and_demotes_between_calls(tiny_hf, checked_appl
         assert torch.equal(compiled.generate(ids, **kw), ref)
     assert all(lp.resident for lp in hetegen_fx.state(compiled).decode_plan.layers)  # compiled again
     down = hetegen_fx.set_gpu_memory(compiled, int(nbytes * 0.5))
-    assert down.demoted and sum(ledger.residency.values()) == before
+    # back to the first budget: as many or fewer resident (the KV room may have grown meanwhile)
+    assert down.demoted and sum(ledger.residency.values()) <= before and ledger.total() <= int(nbytes * 0.5)
     with torch.no_grad():
         assert torch.equal(compiled.generate(ids, **kw), ref)
+    after = sum(ledger.residency.values())
     with pytest.raises(BudgetError, match="minimum working set"):
         hetegen_fx.set_gpu_memory(compiled, "1KiB")
-    assert sum(ledger.residency.values()) == before and ledger.budget == int(nbytes * 0.5)  # unchanged
+    assert sum(ledger.residency.values()) == after and ledger.budget == int(nbytes * 0.5)  # unchanged
 
 
 def test_set_gpu_memory_on_a_compiled_module(checked_apply):
@@ -235,3 +237,18 @@ def test_the_staging_arena_shrinks_when_no_graph_needs_it_so_large():
     assert rt.staging_bytes() == 200
     rt.buffer(900, torch.empty(25, dtype=torch.float32))  # a stale graph's region: grown again, not broken
     assert rt.staging_bytes() >= 1000
+
+
+def test_a_model_compiled_from_a_saved_plan_has_a_ledger_too(tmp_path, checked_apply):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).eval()
+    first = hetegen_fx.compile(model, gpu_memory="40KiB", device="cpu", prefetch=1, profile="model")
+    path = tmp_path / "plan.json"
+    first.plan.save(path)
+    again = hetegen_fx.compile(model, device="cpu", prefetch=1, plan=str(path))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(again(x), model(x))
+    assert hetegen_fx.state(again).ledger  # the plan's ledger
+    assert hetegen_fx.set_gpu_memory(again, "1MiB").promoted
+    assert all(lp.resident for lp in again.plan.layers)
+    torch.testing.assert_close(again(x), model(x))
