@@ -56,6 +56,9 @@ class KVUse:
     appended: int
     ids: int | None = None
     fixed: int = 0
+    fixed_input: int | None = (
+        None  # where the capacity of a cache the graph allocates comes in, when it varies
+    )
 
     def tokens(self, args: tuple) -> tuple[int, int]:
         """(tokens, sequences) the call with ``args`` needs room for."""
@@ -67,7 +70,10 @@ class KVUse:
         batch = max(
             [int(c.shape[0]) for c in caches] + ([int(ids.shape[0])] if ids is not None else []), default=1
         )
-        return max(length + appended, self.fixed), batch
+        fixed = self.fixed
+        if self.fixed_input is not None and self.fixed_input < len(args):
+            fixed = int(args[self.fixed_input])
+        return max(length + appended, fixed), batch
 
     def cache_tensor(self, args: tuple) -> torch.Tensor | None:
         """The first cache tensor the call is given (it stands for its request's cache while it lives), if any."""

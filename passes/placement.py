@@ -181,7 +181,7 @@ def kv_use(gm: fx.GraphModule) -> KVUse | None:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     index = {n: i for i, n in enumerate(placeholders)}
     inputs: set[int] = set()
-    fixed, step = 0, 0
+    fixed, step, fixed_input = 0, 0, None
     for node in gm.graph.nodes:
         if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
             continue
@@ -197,7 +197,15 @@ def kv_use(gm: fx.GraphModule) -> KVUse | None:
             if isinstance(part, fx.Node) and part.op == "placeholder" and part in index:
                 inputs.add(index[part])
         if _name(base) in _CACHE_BUFFERS and _is_4d(node_value(base)):
-            fixed = max(fixed, concrete(node_value(base).shape[2]))
+            length = node_value(base).shape[2]
+            symbol = str(length) if isinstance(length, torch.SymInt) else None
+            given = next(  # a capacity dynamo made an input (the cache's size varies from call to call)
+                (i for i, n in enumerate(placeholders) if symbol and str(node_value(n)) == symbol), None
+            )
+            if given is not None:
+                fixed_input = given
+            else:
+                fixed = max(fixed, concrete(length))
     ids = next(
         (
             i
@@ -210,7 +218,7 @@ def kv_use(gm: fx.GraphModule) -> KVUse | None:
         None,
     )
     appended = 0 if copies == 1 and (inputs or fixed) else step
-    return KVUse(per_token, copies, tuple(sorted(inputs)), appended, ids, fixed)
+    return KVUse(per_token, copies, tuple(sorted(inputs)), appended, ids, fixed, fixed_input)
 
 
 def activation_bytes(gm: fx.GraphModule) -> int:

@@ -252,3 +252,22 @@ def test_a_model_compiled_from_a_saved_plan_has_a_ledger_too(tmp_path, checked_a
     assert hetegen_fx.set_gpu_memory(again, "1MiB").promoted
     assert all(lp.resident for lp in again.plan.layers)
     torch.testing.assert_close(again(x), model(x))
+
+
+def test_short_calls_after_a_long_one_settle_with_the_default_static_cache(tiny_hf):
+    """After a longer call, dynamo compiles the static cache's prefill with a symbolic capacity: the
+    capacity is read from that input at each call, so short calls after it promote once and then change
+    nothing (they changed residency twice a call when the capacity was taken from the example)."""
+    model = _long_llama(tiny_hf)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    compiled = hetegen_fx.compile(model, gpu_memory=_nbytes(model) * 3, device="cpu")
+    ledger = None
+    for n in (5, 300, 5, 20, 6):
+        kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        with torch.no_grad():
+            assert torch.equal(compiled.generate(ids, **kw), model.generate(ids, **kw))
+        ledger = store_of(compiled).ledger
+        if n == 20:
+            settled = len(ledger.history)
+    assert len(ledger.history) == settled  # the last short call changed nothing
+    assert ledger.kv_cache == _per_token(model) * 256 * 2  # the 256-token class, 2 sequences
