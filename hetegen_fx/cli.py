@@ -65,7 +65,7 @@ def compile_options(args: argparse.Namespace) -> dict:
     ask for (a flag a command does not have, or one not given, is left at the Config's default)."""
     options = {
         "gpu_memory": args.gpu_memory,
-        "device": args.device,
+        "device": args.device or _default_device(),
         "max_seq_len": args.max_seq_len,
         "verbose": args.verbose,
     }
@@ -791,9 +791,9 @@ def _add_model_arguments(p: argparse.ArgumentParser, tokenizer: bool) -> None:
     )
     g.add_argument(
         "--device",
-        default=_default_device(),
+        default=None,
         help="the accelerator: cuda, cuda:1, or cpu to emulate the GPU side on the CPU "
-        f"(default here: {_default_device()})",
+        f"(default here: {_default_device()}, said on stderr when it is cpu)",
     )
 
 
@@ -1051,6 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error the parser printed in one line
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if (
+        getattr(args, "device", "") is None
+    ):  # generate, chat, plan: the default device, said when it is the CPU
+        args.device = _default_device()
+        if args.device == "cpu":
+            _log("no CUDA device here: the GPU side runs emulated on the CPU (--device cpu)")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -413,3 +413,11 @@ def test_output_path_checks_leave_no_file_behind(tmp_path):
     (tmp_path / "plan.json").write_text("{}")
     cli._writable(str(tmp_path / "plan.json"), "--out")  # an existing file is overwritten
     assert Path(tmp_path / "plan.json").read_text() == "{}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_the_default_device_without_cuda_is_said(capsys):
+    from hetegen_fx.cli import main
+
+    assert main(["plan", "--model", "tiny-llama", "--gpu-memory", "600KiB", "--prompt-len", "4"]) == 0
+    assert "no CUDA device here: the GPU side runs emulated on the CPU" in capsys.readouterr().err
