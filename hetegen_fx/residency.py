@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .config import format_bytes, parse_bytes
-from .errors import BudgetError, ConfigError
+from .errors import ConfigError
 from .ledger import ResidencyChange
 
 #: the smallest KV-cache size class, in tokens
@@ -271,4 +271,4 @@ def set_gpu_memory(compiled: torch.nn.Module, gpu_memory: int | str | None) -> R
     return change
 
 
-__all__ = ["KVUse", "Runner", "apply", "kv_class", "set_gpu_memory", "BudgetError"]
+__all__ = ["KVUse", "Runner", "apply", "kv_class", "set_gpu_memory"]
