@@ -85,17 +85,22 @@ class DeviceRuntime:
         """Bytes held by the staging arena."""
         return 0 if self._arena is None else self._arena.numel()
 
-    def reserve(self, nbytes: int, owner: object = None, graph: str = "") -> None:
+    def reserve(self, nbytes: int, owner: object = None, graph: object = "") -> None:
         """Make sure the staging arena holds at least ``nbytes``. With an ``owner`` (a model's weight store)
-        and its ``graph``'s label, that graph's need is remembered, and an arena larger than every remembered
-        need (after a promotion left the model fewer GPU parts to stage) is given back down to the largest."""
+        and its ``graph`` (the compiled graph module, forgotten when it goes, or a name), that graph's need
+        is remembered, and an arena larger than every remembered need (after a promotion left the model fewer
+        GPU parts to stage) is given back down to the largest."""
         with self.lock:
             if owner is not None:
                 key = id(owner)
                 if key not in self._needs:
                     self._needs[key] = {}
                     weakref.finalize(owner, self._needs.pop, key, None)
-                self._needs[key][graph] = nbytes
+                needs = self._needs[key]
+                which = graph if isinstance(graph, str) else id(graph)
+                if which not in needs and not isinstance(graph, str):
+                    weakref.finalize(graph, needs.pop, which, None)
+                needs[which] = nbytes
                 largest = max(n for needs in self._needs.values() for n in needs.values())
                 if self._arena is not None and self._arena.numel() > largest:
                     self._release_arena()

@@ -112,7 +112,7 @@ class PartitionPass(PassBase):
         if plan is not None:
             plan.reserved["staging"] = size  # as laid out (PlacementPass estimated it in graph order)
         # remembered per model and graph: the arena shrinks again once no graph needs it this large
-        get_runtime(self.config.device).reserve(size, owner=self.store, graph=plan.label if plan else "")
+        get_runtime(self.config.device).reserve(size, owner=self.store, graph=gm)
         return dict(zip(order, staging_offsets(parts, self.config.prefetch), strict=True))
 
     # -- emission helpers ---------------------------------------------------------------------------------
