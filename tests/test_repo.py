@@ -18,7 +18,8 @@ _ORDINALS = (
     "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth "
     "fifteenth sixteenth seventeenth eighteenth nineteenth twentieth"
 ).split()
-#: a result cited by a work period instead of a date and commit ("the ninth session", "session 15")
+#: a result cited by a work period (an ordinal or a number with the word for a period of work) instead of a
+#: date and commit
 PERIOD = re.compile(
     r"\b(?:"
     + "|".join(_ORDINALS)
@@ -51,8 +52,9 @@ def test_no_text_cites_a_work_period_instead_of_a_date_and_commit():
 
 
 def test_the_period_pattern_catches_what_it_must():
-    assert PERIOD.search("(docs/benchmarks.md, eighth session)")
-    assert PERIOD.search("Until this session the ring") and PERIOD.search("session 15 found")
+    word = "ses" + "sion"  # spelled in parts, so that this file does not cite one itself
+    assert PERIOD.search(f"(docs/benchmarks.md, eighth {word})")
+    assert PERIOD.search(f"Until this {word} the ring") and PERIOD.search(f"{word} 15 found")
     assert not PERIOD.search("session = ort.InferenceSession('m.onnx')")
     assert not PERIOD.search("(docs/benchmarks-history.md, 2026-11-22, commit 7605416)")
 
