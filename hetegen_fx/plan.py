@@ -85,7 +85,12 @@ class LayerPlan:
 
     @property
     def gpu_part_bytes(self) -> int:
-        if self.resident or self.out_features == 0:
+        return 0 if self.resident else self.offloaded_gpu_bytes
+
+    @property
+    def offloaded_gpu_bytes(self) -> int:
+        """Bytes of output features ``[split, out)``: the GPU part this Linear stages when offloaded."""
+        if self.out_features == 0:
             return 0
         return self.bytes * (self.out_features - self.split) // self.out_features
 

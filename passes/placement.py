@@ -169,6 +169,12 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
     return total
 
 
+def _remember_tensors(store: WeightStore, sites: list[LinearSite]) -> None:
+    """Tell the store which tensors each Linear is made of (what a residency change moves)."""
+    for s in sites:
+        store.tensors_of.setdefault(s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ()))
+
+
 def kv_use(gm: fx.GraphModule) -> KVUse | None:
     """How the graph uses a KV cache (:class:`hetegen_fx.residency.KVUse`), or None when it holds none: which
     of its inputs are caches (given whole, written in place, or extended by concatenation), the tokens a call
@@ -327,8 +333,7 @@ class PlacementPass(PassBase):
             return use.bytes(kv_class(tokens, cfg.max_seq_len, floor), batch) if use is not None else 0
 
         kv = kv_at(store.ledger.kv_floor if store.ledger is not None else MIN_KV_CLASS)
-        for s in sites:
-            store.tensors_of.setdefault(s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ()))
+        _remember_tensors(store, sites)
         if store.residency is None:
             reserved = {
                 "kv_cache": kv,
@@ -564,7 +569,7 @@ class PlacementPass(PassBase):
             LedgerLayer(
                 lp.name,
                 self._held(lp.bytes),
-                lp.bytes * (lp.out_features - lp.split) // lp.out_features if lp.out_features else 0,
+                lp.offloaded_gpu_bytes,
                 priority[lp.name],
             )
             for lp in layers
@@ -627,10 +632,7 @@ class PlacementPass(PassBase):
             )
             ledger.residency = dict(self.store.residency)
             self.store.ledger = ledger
-        for s in sites:
-            self.store.tensors_of.setdefault(
-                s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ())
-            )
+        _remember_tensors(self.store, sites)
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits
