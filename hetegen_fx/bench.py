@@ -98,6 +98,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "steps in this many round-robin rounds: ratios that the machine's drift between variants does not "
         "skew (needs their budgets on the GPU at once)",
     )
+    p.add_argument(
+        "--grow",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="afterwards, one generate from the prompt to TOKENS tokens: the default variant's (peak GPU memory "
+        "against the budget, decode speed per 512-token stretch) if it is among --variants, the gpu variant's "
+        "(the reference tokens) if it is, else the reference is read from --reference-cache",
+    )
+    p.add_argument(
+        "--raise-to",
+        default=None,
+        metavar="BUDGET",
+        help="afterwards, raise the default variant's budget to BUDGET with set_gpu_memory and time it against "
+        "a fresh compile at BUDGET",
+    )
+    p.add_argument(
+        "--reference-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the all-GPU reference tokens of the --grow generate in DIR, for runs without the gpu "
+        "variant (they take minutes on a 7B)",
+    )
 
 
 _T0 = time.perf_counter()
@@ -569,6 +592,7 @@ def main(args: argparse.Namespace) -> int:
 
     by = {r["variant"]: r for r in results}
     ref = by.get("gpu") or by.get("stream")
+    grow, raised = _residency_scenarios(model, ids, args, device, ref)
     for r in results:
         n = len(r["tokens"])
         r["tokens_match_reference"] = ref is not None and r["tokens"] == ref["tokens"][:n]
@@ -592,13 +616,49 @@ def main(args: argparse.Namespace) -> int:
         "host_rss_after_build_bytes": rss_model,
         "results": results,
         "interleaved": interleaved,
+        "grow": grow,
+        "raise": raised,
     }
     (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
     (out_dir / "bench.md").write_text(table + "\n")
     _chart(summary, out_dir / "bench.png")
+    if grow and grow["stretches"]:
+        try:
+            from .bench_residency import chart
+
+            chart(
+                grow, out_dir / "bench_grow.png", f"{summary['model']} {args.dtype}, budget {args.gpu_memory}"
+            )
+        except ImportError:
+            pass
     print(table)
     return 0
+
+
+def _residency_scenarios(model, ids, args, device, ref: dict | None) -> tuple[dict | None, dict | None]:
+    """``--grow`` and ``--raise-to`` (:mod:`hetegen_fx.bench_residency`); a failure is logged, not raised."""
+    from .bench_residency import reference_tokens, run_grow, run_raise
+
+    grow = raised = None
+    variants = {v.strip() for v in args.variants.split(",")}
+    if args.grow:
+        try:
+            reference = reference_tokens(
+                model, ids, args.grow - ids.shape[1], args, device, "gpu" in variants
+            )
+            if "default" in variants:
+                grow = run_grow(model, ids, args, device, reference)
+        except Exception as e:
+            _log(f"grow FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            _free(device)
+    if args.raise_to:
+        try:
+            raised = run_raise(model, ids, args, device, ref["tokens"] if ref else None)
+        except Exception as e:
+            _log(f"raise FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            _free(device)
+    return grow, raised
 
 
 #: the ceiling each kind of variant streams its offloaded bytes at
@@ -674,6 +734,9 @@ def format_table(s: dict) -> str:
             f"{inter['rounds']} rounds"
             for pair, r in inter["speedup"].items()
         ]
+    from .bench_residency import format_rows
+
+    rows += format_rows(s.get("grow"), s.get("raise"))
     c = s["ceilings"]
     dts = [d for d in ("float16", "bfloat16", "float32") if f"cpu_gemv_{d}" in c]
     if dts:

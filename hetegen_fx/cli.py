@@ -698,6 +698,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     parse_bytes(args.gpu_memory)
     if args.graph_memory is not None:
         parse_bytes(args.graph_memory)
+    if args.raise_to is not None:
+        parse_bytes(args.raise_to, "--raise-to")
+    if args.grow is not None and args.grow <= args.prompt_len:
+        raise HetegenError(
+            f"--grow {args.grow}: the generate must grow past the prompt (--prompt-len {args.prompt_len})"
+        )
+    if args.reference_cache is not None:
+        _writable_folder(args.reference_cache, "--reference-cache")
     if args.model is not None:
         _check_model(args.model, None)
     elif args.preset not in PRESETS:

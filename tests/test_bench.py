@@ -140,3 +140,43 @@ def test_decode_bounds_stream_each_variants_offloaded_bytes_at_its_own_ceiling()
         "- cpu: 77.0 ms (" in table
         and "at equal shares of their bounds, hetegen would be 1.48x CPU-only" in table
     )
+
+
+def test_bench_grow_and_raise_on_cpu(tmp_path):
+    """--grow: one long generate of the default variant against the all-GPU reference (kept in the reference
+    cache and read back by the next run); --raise-to: set_gpu_memory promotes weights, the raised model gives
+    the reference's tokens and is timed against a fresh compile at the raised budget."""
+    args = ["bench", "--preset", "tiny-llama", "--dtype", "float32", "--device", "cpu", "--gpu-memory"]
+    args += [
+        "400KiB",
+        "--prompt-len",
+        "12",
+        "--new-tokens",
+        "4",
+        "--variants",
+        "gpu,default",
+        "--grow",
+        "200",
+    ]
+    args += ["--raise-to", "4MiB", "--reference-cache", str(tmp_path / "refs"), "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    grow, raised = report["grow"], report["raise"]
+    assert grow["tokens_match_reference"] is True and len(grow["tokens"]) == 188
+    assert grow["stretches"][0]["from"] == 12 and grow["stretches"][-1]["to"] == 200
+    assert sum(s["steps"] for s in grow["stretches"]) == 187
+    (ref,) = (tmp_path / "refs").glob("reference-*.json")
+    assert json.loads(ref.read_text())["tokens"] == grow["tokens"]
+    assert raised["promoted_bytes"] > 0 and raised["change"].count("promoted")
+    assert raised["after_offloaded_bytes"] <= raised["before_offloaded_bytes"]
+    assert raised["tokens_match_reference"] is True
+    assert len(raised["raised_over_fresh_per_round"]) == 2
+    table = (tmp_path / "bench.md").read_text()
+    assert "one generate growing the cache to 200 tokens" in table and "with set_gpu_memory" in table
+    # a second run reads the reference back: a wrong cached token shows as a mismatch, not a recomputation
+    data = json.loads(ref.read_text())
+    data["tokens"][5] += 1
+    ref.write_text(json.dumps(data))
+    assert main(args[: args.index("--raise-to")] + args[args.index("--reference-cache") :]) == 0
+    grow = json.loads((tmp_path / "bench.json").read_text())["grow"]
+    assert grow["tokens_match_reference"] is False and grow["first_difference"] == 5
