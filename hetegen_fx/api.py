@@ -17,16 +17,15 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from . import launch
 from .capture import capture_export, capture_fx, is_hf_model, param_names
 from .config import Config
 from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
-from .graphs import pool_for
 from .introspect import attach, state
 from .plan import Plan
 from .residency import MIN_KV_CLASS, Runner, kv_class
 from .store import store_for
-from .trace import traced
 
 
 class CompiledModule(torch.nn.Module):
@@ -113,17 +112,13 @@ def compile(  # noqa: A001  (mirrors torch.compile)
         except CaptureError as e:
             errors.append(e)
             continue
-        from .pipeline import transform
-
         inputs = (
             None if example_inputs is None else tree_leaves((tuple(example_inputs), example_kwargs or {}))
         )
         label = f"{type(model).__name__} ({fe})"
-        device = store.device.type if store.device.index is None else str(store.device)
 
-        def build(_inputs, gm=gm, inputs=inputs, label=label, device=device):
-            out, plan = transform(gm, config, store, inputs, label=label)
-            return out, plan, traced(out, device, pool_for(store, config, plan), config.cudnn_attention)
+        def build(_inputs, gm=gm, inputs=inputs, label=label):
+            return launch.build(gm, config, store, inputs, label)
 
         return CompiledModule(Runner(build, store, config, None), fe, config)
     raise CaptureError(
@@ -432,6 +427,13 @@ class Explanation:
     def graph_module(self) -> fx.GraphModule:
         """The compiled GraphModule of :attr:`plan`."""
         return self.graph_modules[self._decode_index()]
+
+    def plot(self, path, title: str | None = None):
+        """Draw the decode plan (:func:`hetegen_fx.plot.plot_plan`), with the Linears the residency changes
+        moved marked. Returns the path."""
+        from .plot import plot_plan
+
+        return plot_plan(self.plan, path, title=title, changes=self.changes)
 
     def __str__(self) -> str:
         parts = []

@@ -9,7 +9,6 @@ recognised by identity, so all graphs of one model share one WeightStore (weight
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,17 +16,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import launch
 from .capture import bind_placeholder_params
 from .config import Config
-from .decoding import refuse_cache_edits
 from .errors import BudgetError, ConfigError, HetegenError
-from .graphs import pool_for
 from .linear import param_of
-from .pipeline import transform
 from .residency import Runner
-from .runtime import park
 from .store import WeightStore, store_for
-from .trace import traced
 
 _warned: set[str] = set()
 
@@ -60,21 +55,6 @@ def make_backend(
     return backend
 
 
-def guard_parked_state(run: Callable, gm: fx.GraphModule) -> Callable:
-    """``run`` (the compiled ``gm``), refusing to run inside an HF decoding method that edits the KV cache on
-    the host when ``gm`` parks outputs on the accelerator (:mod:`hetegen_fx.decoding`); ``run`` itself when
-    it parks none (e.g. on an emulated device, or with ``output_device="input"``)."""
-    if not any(gm.graph.find_nodes(op="call_function", target=park)):
-        return run
-
-    def guarded(*args: Any) -> Any:
-        refuse_cache_edits(sys._getframe(1))
-        return run(*args)
-
-    guarded.graph_module = gm  # type: ignore[attr-defined]
-    return guarded
-
-
 def hetegen_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None
 ) -> Callable:
@@ -97,12 +77,7 @@ def _compile_graph(
         label = _label(example_inputs)
 
         def build(inputs):
-            out, plan = transform(gm, config, store, inputs, label=label)
-            if config.verbose:
-                print(plan.table(), file=sys.stderr)
-            # records a timeline inside hetegen_fx.trace.record(); replays CUDA graphs of the model's pool
-            run = traced(out, config.device, pool_for(store, config, plan), config.cudnn_attention)
-            return out, plan, guard_parked_state(run, out)
+            return launch.build(gm, config, store, inputs, label)
 
         from .passes.placement import kv_use
 

@@ -104,6 +104,12 @@ class Config:
         static cache (``generate(..., cache_implementation="static")``). Off by default: on the H100 host
         they halved a fully resident 7B decode step and left a 6 GiB split one as it was
         (docs/benchmarks-history.md, 2026-11-22, commit 7605416).
+    compile_stretches: compile the stretches of device work between hand-offs (norms, rotary embedding,
+        attention, residual adds, cache updates, resident Linears) with inductor, the compiler behind
+        ``torch.compile`` (:mod:`hetegen_fx.inductor`): each shape at its second call, so decode steps run
+        fused kernels and a prompt length seen once runs op by op; with ``cuda_graphs`` the graphs record
+        inductor's code. Compiled code is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``). Off by
+        default.
     cudnn_attention: let ``scaled_dot_product_attention`` pick its cuDNN backend inside the compiled graphs.
         Off by default: cuDNN builds an execution plan for every new shape, and a decode step with a growing
         KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
@@ -150,6 +156,7 @@ class Config:
     plan: Any = None
     output_device: str = "input"
     cuda_graphs: bool = False
+    compile_stretches: bool = False
     cudnn_attention: bool = False
     host_embeddings: bool = True
     graph_memory: int | None = None
@@ -161,7 +168,14 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("gpu_memory", "activation_reserve", "graph_memory"):  # the only normalisation: bytes
             object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
-        for flag in ("cuda_graphs", "cudnn_attention", "host_embeddings", "stream_jobs", "verbose"):
+        for flag in (
+            "cuda_graphs",
+            "compile_stretches",
+            "cudnn_attention",
+            "host_embeddings",
+            "stream_jobs",
+            "verbose",
+        ):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _check_choice("frontend", self.frontend, ("auto", "fx", "export", "dynamo"))

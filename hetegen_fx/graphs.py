@@ -39,6 +39,10 @@ What a replay needs, and how a Stretch provides it:
   the pool goes (:meth:`GraphPool.retire` says why), so recording for a new KV cache at every generate
   call fills the budget after a few calls.
 
+With ``Config.compile_stretches``, a stretch's key is compiled by inductor at its second call
+(:mod:`hetegen_fx.inductor`), with or without CUDA graphs; a graph then records inductor's code, after it
+ran once outside the recording.
+
 A stretch that cannot be recorded (an op that synchronises with the host, say) runs eagerly from then on.
 On the emulated device ("cpu") a "graph" keeps the same buffers and replays by running the stretch on its
 own inputs and copying the results into its own outputs, so the logic above is exercised without a GPU.
@@ -57,6 +61,7 @@ import torch.fx as fx
 
 from . import meta, ops
 from .graph_utils import _is_view
+from .inductor import COMPILE_AFTER, StretchCompiler
 from .runtime import clear_blas_workspaces, embed_on_host, park, to_device, write_back
 
 #: calls a stretch must hold to be recorded: a replay and its input copies cost about as much as 2-3 launches
@@ -99,19 +104,6 @@ def reserve(config, budget: int | None) -> int:
         return config.graph_memory
     want = DEFAULT_GRAPH_MEMORY if budget is None else min(DEFAULT_GRAPH_MEMORY, budget // 16)
     return want if want >= MIN_GRAPH_MEMORY else 0
-
-
-def pool_for(store, config, plan) -> GraphPool | None:
-    """The graph pool of ``store`` (one model's graphs share it; made on first use) if ``config`` records
-    graphs, with the budget ``plan`` reserved for it; else None (also when it reserved nothing)."""
-    if not enabled(config):
-        return None
-    if store.graph_pool is None:
-        limit = plan.reserved.get("cuda_graphs", 0)
-        if limit <= 0:
-            return None
-        store.graph_pool = GraphPool(store.device, limit)
-    return store.graph_pool
 
 
 @functools.cache
@@ -165,10 +157,17 @@ def _escapes(node: fx.Node, members: set[fx.Node]) -> bool:
     return False
 
 
-def fuse_stretches(gm: fx.GraphModule, pool: GraphPool | None, min_nodes: int = MIN_NODES) -> list[fx.Node]:
+def fuse_stretches(
+    gm: fx.GraphModule,
+    pool: GraphPool | None,
+    min_nodes: int = MIN_NODES,
+    compiler: StretchCompiler | None = None,
+    owner: str = "",
+) -> list[fx.Node]:
     """Replace each stretch of ``gm`` by a call of a :class:`Stretch` submodule (in place); return those calls.
 
-    ``pool`` is where they record their graphs (None: they run eagerly, which only regroups the code).
+    ``pool`` is where they record their graphs, ``compiler`` what compiles them (:mod:`hetegen_fx.inductor`;
+    ``owner`` names ``gm`` in its progress line); with neither they run eagerly, which only regroups the code.
     """
     stretches = find_stretches(gm, min_nodes)
     in_any = {n for run in stretches for n in run}
@@ -184,6 +183,8 @@ def fuse_stretches(gm: fx.GraphModule, pool: GraphPool | None, min_nodes: int = 
             escaping,
             pool,
             fx.GraphModule(gm, keep, class_name="StretchRecording"),
+            compiler,
+            owner,
         )
         gm.add_submodule(name, stretch)
         with gm.graph.inserting_after(run[-1]):
@@ -477,6 +478,9 @@ class _Key:
         "recordings",
         "replays",
         "eager",
+        "seen",
+        "program",
+        "program_ran",
     )
 
     def __init__(self) -> None:
@@ -491,12 +495,19 @@ class _Key:
         self.recordings = 0  # since the graph last replayed STABLE_REPLAYS times in a row
         self.replays = 0  # since the last recording
         self.eager = ""
+        self.seen = 0  # calls of this key
+        self.program = (
+            None  # what runs it: the body, or inductor's code for it (from its COMPILE_AFTER-th call)
+        )
+        self.program_ran = False  # inductor's code ran once outside a recording (its lazy set-up is done)
 
 
 class Stretch(torch.nn.Module):
     """A stretch of device work, recorded as a CUDA graph per input key and replayed (see the module
     docstring). ``escaping[i]``: output ``i`` leaves the graph, so a replay hands back a copy of it;
-    ``recording`` is ``body`` returning every value it computes as well (see :func:`_keep_all`)."""
+    ``recording`` is ``body`` returning every value it computes as well (see :func:`_keep_all`). With a
+    ``compiler``, a key is run by inductor's code for it from its :data:`~hetegen_fx.inductor.COMPILE_AFTER`-th
+    call, and that code is what a graph records (after it ran once outside the recording)."""
 
     def __init__(
         self,
@@ -504,12 +515,16 @@ class Stretch(torch.nn.Module):
         escaping: tuple[bool, ...],
         pool: GraphPool | None,
         recording: fx.GraphModule | None = None,
+        compiler: StretchCompiler | None = None,
+        owner: str = "",
     ) -> None:
         super().__init__()
         self.body = body
         self.recording = recording
         self.escaping = escaping
         self.pool = pool
+        self.compiler = compiler
+        self.owner = owner
         self.calls = sum(
             1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
         )
@@ -536,22 +551,34 @@ class Stretch(torch.nn.Module):
             "eager": eager,
         }
 
+    def _program(self, state: _Key, args: tuple):
+        """What runs a call of ``state``'s key: inductor's code for it once the key came
+        :data:`~hetegen_fx.inductor.COMPILE_AFTER` times (compiled now, if not yet), else the body."""
+        if self.compiler is None or state.seen < COMPILE_AFTER:
+            return self.body
+        if state.program is None:
+            state.program = self.compiler.compile(self.body, args, self.owner) or self.body
+        return state.program
+
     def forward(self, *args):
         pool = self.pool
-        if pool is None or torch.is_grad_enabled():
+        if (pool is None and self.compiler is None) or torch.is_grad_enabled():
             return self.body(*args)
         key = tuple(
             (a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
         )
         try:
             state = self._keys.get(key)
-        except TypeError:  # an argument that cannot be a key (a list): never recorded
-            self.pool = None
+        except TypeError:  # an argument that cannot be a key (a list): never recorded or compiled
+            self.pool = self.compiler = None
             return self.body(*args)
         if state is None:
             if len(self._keys) >= MAX_KEYS:
                 return self.body(*args)
             state = self._keys[key] = _Key()
+        state.seen += 1
+        if pool is None:
+            return self._program(state, args)(*args)
         graph = state.graph
         if graph is not None:
             for i, ptr in state.pinned:
@@ -573,10 +600,14 @@ class Stretch(torch.nn.Module):
                 state.recordings = 0
             return out
         if pool.full or state.eager:
-            return self.body(*args)
+            return self._program(state, args)(*args)
         if not state.warm:
             return self._warm(state, args)
-        return self._record(state, args)
+        program = self._program(state, args)
+        if program is not self.body and not state.program_ran:  # inductor's code runs once before a recording
+            state.program_ran = True
+            return program(*args)
+        return self._record(state, args, program)
 
     def _warm(self, state: _Key, args: tuple) -> tuple:
         """Run eagerly, noting how a recording would get each input (:data:`COPY`, :data:`COPY_BACK`,
@@ -590,7 +621,7 @@ class Stretch(torch.nn.Module):
             versions = [None if t is None else t._version for t in tensors]
         except RuntimeError:  # inference tensors keep no version: every input read in place
             versions = None
-        out = self.body(*args)
+        out = self._program(state, args)(*args)
         if any(isinstance(o, (tuple, list)) for o in out):
             state.eager = "an output is a tuple"
             return out
@@ -623,18 +654,18 @@ class Stretch(torch.nn.Module):
         state.modes = modes
         return out
 
-    def _record(self, state: _Key, args: tuple) -> tuple:
+    def _record(self, state: _Key, args: tuple, program) -> tuple:
         pool = self.pool
         copied = [i for i, m in enumerate(state.modes) if m in (COPY, COPY_BACK)]
         copied_bytes = sum(args[i].numel() * args[i].element_size() for i in copied)
         if state.out_bytes + copied_bytes > GRAPH_IO_BYTES:
             state.eager = "inputs and outputs too large"
-            return self.body(*args)
+            return program(*args)
         if state.recordings >= MAX_RECORDINGS:
             state.eager = "pinned inputs kept moving"
-            return self.body(*args)
+            return program(*args)
         if not pool.room(state.out_bytes + copied_bytes):
-            return self.body(*args)
+            return program(*args)
         own: list = [None if m == PIN else a for a, m in zip(args, state.modes, strict=True)]
         for i in copied:
             a = args[i]
@@ -643,9 +674,17 @@ class Stretch(torch.nn.Module):
         pool.used += copied_bytes if pool.is_cuda else 0
         state.recordings += 1
         try:
-            graph = pool.record(self.recording or self.body, own, args, self.order)
+            if program is self.body:
+                recorded = self.recording or self.body
+            else:  # inductor's code: its temporaries are its own, and the graphs of a memory pool replay in
+                # the order they were recorded (GraphPool.record), so none writes where another keeps a value
+
+                def recorded(*a):
+                    return program(*a), ()
+
+            graph = pool.record(recorded, own, args, self.order)
         except _NoRoom:
-            return self.body(*args)
+            return program(*args)
         except Exception as e:  # noqa: BLE001  (an op a graph cannot hold: this stretch stays eager)
             state.eager = f"not recordable: {type(e).__name__}"
             pool.failed += 1
@@ -656,7 +695,7 @@ class Stretch(torch.nn.Module):
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.body(*args)
+            return program(*args)
         graph.pinned = {args[i].untyped_storage().data_ptr() for i, m in enumerate(state.modes) if m == PIN}
         state.graph, state.args, state.copied = graph, own, copied
         state.back = [i for i, m in enumerate(state.modes) if m == COPY_BACK]

@@ -85,7 +85,8 @@ class ModelState:
     (None: unlimited). ``allocated``: what is held now, in bytes: ``weights`` (device copies of this model's
     weights; 0 on the emulated device "cpu", which keeps them in place) and ``staging`` (the device's staging
     arena, shared by every model on that device). ``cuda_graphs``: the CUDA-graph pool's counts, None when
-    the model records no graphs.
+    the model records no graphs. ``compiled_stretches``: the inductor stretch compiler's counts, None when
+    ``compile_stretches`` is off.
     """
 
     device: torch.device
@@ -95,6 +96,8 @@ class ModelState:
     budget: int | None = None
     allocated: dict[str, int] = field(default_factory=dict)
     cuda_graphs: dict | None = None
+    #: the inductor stretch compiler's counts (keys compiled, refused, seconds), None when it is off
+    compiled_stretches: dict | None = None
     #: the model's memory ledger now (bytes by category, :class:`hetegen_fx.ledger.Ledger`) and its budget;
     #: empty before the first graph is placed
     ledger: dict[str, int] = field(default_factory=dict)
@@ -142,6 +145,12 @@ class ModelState:
                 f"CUDA graphs: {cg['recorded']} recorded, {cg['replays']} replays, {cg['keys']} stretch shapes, "
                 f"pool {format_bytes(cg['pool_bytes'])}"
             )
+        if self.compiled_stretches is not None:
+            cs = self.compiled_stretches
+            rows.append(
+                f"inductor: {cs['compiled']} stretch shape(s) compiled in {cs['compile_s']:.1f} s, "
+                f"{cs['failed']} refused"
+            )
         return "\n".join(rows)
 
     __str__ = table
@@ -168,6 +177,8 @@ def state(compiled: torch.nn.Module) -> ModelState:
     st.allocated = {"weights": store.device_bytes(), "staging": get_runtime(store.device).staging_bytes()}
     pool = store.graph_pool
     st.cuda_graphs = None if pool is None else pool.stats()
+    compiler = store.stretch_compiler
+    st.compiled_stretches = None if compiler is None else compiler.stats()
     ledger = store.ledger
     if ledger is not None:
         st.ledger, st.ledger_budget, st.changes = ledger.by_category(), ledger.budget, list(ledger.history)

@@ -32,3 +32,9 @@ HARDWARE = "hetegen_hardware"
 
 #: graph meta: how the graph uses a KV cache (:class:`hetegen_fx.residency.KVUse`, or None), by PlacementPass
 KV_USE = "hetegen_kv_use"
+#: graph meta: the model's first memory ledger and its reserves, ``(Ledger, dict)``, placed by PlacementPass in
+#: a model's first graph; the pipeline gives them to the weight store (:func:`hetegen_fx.pipeline.transform`)
+LEDGER = "hetegen_ledger"
+#: graph meta: Linear name → the tensors it is made of (weight, bias), by PlacementPass: what a residency
+#: change moves (the pipeline gives them to the weight store)
+TENSORS = "hetegen_tensors"

@@ -74,8 +74,21 @@ def transform(
             raise
     out = finalize(result.graph_module)
     plan = out.meta[meta.PLAN]
+    adopt(out, store)  # now that every pass succeeded: a failed compile leaves the store as it was
     store.graphs.append(CompiledGraph(out, plan, label))
     return out, plan
+
+
+def adopt(gm: fx.GraphModule, store: WeightStore) -> None:
+    """Give ``store`` what PlacementPass decided for its model in ``gm``'s meta: the model's first ledger, its
+    reserves and residency (``meta.LEDGER``; a model that has one keeps it), and the tensors of each Linear
+    (``meta.TENSORS``)."""
+    first = gm.meta.pop(meta.LEDGER, None)
+    if first is not None and store.ledger is None:
+        store.ledger, store.reserved = first
+        store.residency = dict(store.ledger.residency)
+    for name, tensors in gm.meta.pop(meta.TENSORS, {}).items():
+        store.tensors_of.setdefault(name, tensors)
 
 
 def _report_unrecognised(gm: fx.GraphModule, label: str) -> None:

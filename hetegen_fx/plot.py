@@ -127,11 +127,17 @@ def _short(name: str) -> str:
 
 
 def plot_plan(
-    plan: Plan, path: str | os.PathLike, prefetch: int | None = None, title: str | None = None
+    plan: Plan,
+    path: str | os.PathLike,
+    prefetch: int | None = None,
+    title: str | None = None,
+    changes: list | None = None,
 ) -> Path:
     """Draw ``plan`` to ``path`` (format by extension: .png or .svg): α per Linear, and the predicted
     timeline of one step (:func:`predict_timeline`). ``title`` is the picture's first line, e.g.
-    ``"SmolLM2-135M, 400 MiB budget: the decode step (1 token)"``; None: the plan's label. Returns the path."""
+    ``"SmolLM2-135M, 400 MiB budget: the decode step (1 token)"``; None: the plan's label. ``changes``: the
+    model's residency changes while it ran (:class:`hetegen_fx.ledger.ResidencyChange`, oldest first): each
+    Linear's last move is marked (▲ promoted, ▼ demoted) and the last change is named. Returns the path."""
     p = Path(path)
     fmt = p.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
@@ -150,7 +156,8 @@ def plot_plan(
     fig.suptitle(
         (f"{label}\n" if label else "")
         + f"{n} Linears at {plan.tokens} token(s) on {plan.device}, budget {budget}: "
-        f"{n - n_off} resident, {n_off} offloaded (costs: {plan.source})",
+        f"{n - n_off} resident, {n_off} offloaded (costs: {plan.source})"
+        + (f"\n{len(changes)} residency change(s) while it ran; the last: {changes[-1]}" if changes else ""),
         fontsize=10,
     )
 
@@ -163,6 +170,22 @@ def plot_plan(
         ax1.axvspan(i - 0.45, i + 0.45, color=_RESIDENT_COLOR, alpha=0.25, hatch="//", linewidth=0)
         ax1.text(i, 0.02, "R", ha="center", va="bottom", fontsize=7, color="#424242")
     ax1.bar(off, [alphas[i] for i in off], color=SIDE_COLORS["cpu"], width=0.8)
+    moved: dict[str, bool] = {}  # Linear → promoted (True) or demoted (False) by its last move
+    for ch in changes or ():
+        moved.update(dict.fromkeys(ch.promoted, True))
+        moved.update(dict.fromkeys(ch.demoted, False))
+    for i, lp in enumerate(plan.layers):
+        if lp.name in moved:
+            up = moved[lp.name]
+            ax1.text(
+                i,
+                1.0,
+                "▲" if up else "▼",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="#2E7D32" if up else "#C62828",
+            )
     ax1.set_ylim(0, 1.05)
     ax1.set_xlim(-0.6, max(n, 1) - 0.4)
     ax1.set_ylabel("α (CPU share)")
@@ -174,6 +197,14 @@ def plot_plan(
         handles=[
             Patch(color=SIDE_COLORS["cpu"], label="offloaded: α"),
             Patch(facecolor=_RESIDENT_COLOR, alpha=0.25, hatch="//", label="resident (R): all on the GPU"),
+            *(
+                [
+                    Patch(color="#2E7D32", label="▲ promoted while it ran"),
+                    Patch(color="#C62828", label="▼ demoted while it ran"),
+                ]
+                if moved
+                else []
+            ),
         ],
         loc="upper right",
         fontsize=8,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ def apply(store, residency: dict[str, bool], reason: str, kv: int | None = None,
     change = store.ledger.apply(residency, reason, kv, budget)
     if change is None:
         return None
+    from . import trace
+
+    trace.note(str(change))  # a recorded timeline shows it before the next call
     store.residency = dict(store.ledger.residency)
     demoted = [t for name in change.demoted for t in store.tensors_of.get(name, ())]
     promoted = [t for name in change.promoted for t in store.tensors_of.get(name, ())]
@@ -169,12 +173,20 @@ class Runner:
         if old is not None:
             self.store.graphs[:] = [g for g in self.store.graphs if g.graph_module is not old]
 
+    def _recompile(self) -> None:
+        """Compile again for the store's new residency (timed; a recorded timeline shows it)."""
+        from . import trace
+
+        t0 = time.perf_counter()
+        self._compile()
+        self.rebuilt += 1
+        trace.note(f"graph compiled again for the new residency in {time.perf_counter() - t0:.2f} s")
+
     def current(self):
         """The graph module of the current residency (compiled again first if the residency changed)."""
         with self.lock:
             if self._version != self.store.version:
-                self._compile()
-                self.rebuilt += 1
+                self._recompile()
             return self.graph_module
 
     def __call__(self, *args: Any) -> Any:
@@ -182,16 +194,14 @@ class Runner:
             if self.kv is not None and self.store.ledger is not None:
                 self._fit_kv(args)
             if self._version != self.store.version:
-                self._compile()
-                self.rebuilt += 1
+                self._recompile()
             try:
                 return self._call(*args)
             except torch.OutOfMemoryError as e:  # another process took device memory: give some up, once
                 failure = str(e)
             # out of the except block: the failed attempt's frames (its activations, staged parts) are gone
             change = self._demote_after_failure(failure)
-            self._compile()
-            self.rebuilt += 1
+            self._recompile()
             warnings.warn(
                 f"hetegen: a device allocation failed ({failure.splitlines()[0][:120]}); {change}; the step runs "
                 "again",

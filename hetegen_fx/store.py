@@ -46,8 +46,10 @@ class WeightStore:
     #: the compiled graphs that follow this store's residency (:class:`hetegen_fx.residency.Runner`)
     runners: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
     graphs: list[CompiledGraph] = field(default_factory=list)
-    #: where the model's stretches record CUDA graphs (:func:`hetegen_fx.graphs.pool_for`)
+    #: where the model's stretches record CUDA graphs (:func:`hetegen_fx.launch.pool_for`)
     graph_pool: object = None
+    #: what compiles the model's stretches with inductor (:func:`hetegen_fx.launch.compiler_for`)
+    stretch_compiler: object = None
     _device_copies: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _host_parts: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _pinned: set[int] = field(default_factory=set, repr=False)

@@ -1,7 +1,8 @@
 """Measured timelines of compiled graphs: copies, CPU parts and GPU work, as a Chrome/Perfetto trace.
 
-Owns: :func:`record` and the :class:`Timeline` it fills, and :func:`traced`, the callable a compiled graph
-runs as. Must not: change results or timing when no recording is on (it then calls the plain program).
+Owns: :func:`record`, the :class:`Timeline` it fills and :func:`run_recorded`, which the launcher
+(:mod:`hetegen_fx.launch`) calls instead of the program while a recording is open. Must not: change results,
+or run anything when no recording is on.
 
     with hetegen_fx.trace.record() as timelines:
         compiled.generate(ids, max_new_tokens=2)       # or compiled(x) for a CompiledModule
@@ -23,10 +24,10 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -35,9 +36,6 @@ from . import meta
 from .ops import COPY, CPU_BEGIN, is_op
 from .plan import atomic_write
 from .runtime import get_runtime
-
-if TYPE_CHECKING:
-    from .graphs import GraphPool
 
 #: lanes of the timeline, in display order
 LANES = ("PCIe", "CPU", "GPU", "host")
@@ -56,6 +54,9 @@ class Timeline:
 
     events: list[Event] = field(default_factory=list)
     label: str = ""
+    #: what changed before this call, since the previous one recorded: residency changes (promotions and
+    #: demotions, :class:`hetegen_fx.ledger.ResidencyChange` as text) and the graph compiled again for them
+    changes: list[str] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
@@ -98,7 +99,12 @@ class Timeline:
             }
             for e in self.events
         ]
-        return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"label": self.label}}
+        events += [  # what happened before the call: instant events at its start, on the host lane
+            {"ph": "i", "s": "g", "name": c, "cat": "residency", "pid": 1, "tid": tids["host"], "ts": 0.0}
+            for c in self.changes
+        ]
+        other = {"label": self.label, "changes_before": list(self.changes)}
+        return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the Chrome/Perfetto trace JSON (atomically)."""
@@ -122,11 +128,14 @@ class Timeline:
             ax.broken_barh(bars, (y - 0.35, 0.7), color=colors[lane], edgecolor="white", linewidth=0.3)
         ax.set_yticks(range(len(lanes)), list(reversed(lanes)))
         ax.set_xlabel("ms")
-        ax.set_title(
-            title
-            or f"{self.label}: {self.duration * 1e3:.2f} ms, copies overlapping CPU parts "
+        heading = title or (
+            f"{self.label}: {self.duration * 1e3:.2f} ms, copies overlapping CPU parts "
             f"{self.overlap('PCIe', 'CPU') * 1e3:.2f} ms"
         )
+        if self.changes:  # a promotion or demotion before this call: a line each (the last three)
+            ax.axvline(0, color="#2E7D32", linewidth=2)
+            heading += "".join(f"\nbefore this call: {c}" for c in self.changes[-3:])
+        ax.set_title(heading, fontsize=9 if self.changes else None)
         fig.tight_layout()
         out = Path(path)
         fig.savefig(out, dpi=120)
@@ -238,39 +247,28 @@ def record() -> Iterator[list[Timeline]]:
         yield timelines
     finally:
         _RECORDING.remove(timelines)
+        if not _RECORDING:  # changes no recorded call came after are not carried to a later recording
+            _CHANGES.clear()
 
 
-def traced(
-    gm: fx.GraphModule, device: str, pool: GraphPool | None = None, cudnn_attention: bool = False
-) -> Callable:
-    """``gm`` as a callable that records a Timeline when inside :func:`record` (node by node, no CUDA
-    graphs); otherwise it runs :func:`hetegen_fx.codegen.direct` of ``gm`` (the same program, without the
-    custom ops' dispatch, its stretches replayed as CUDA graphs of ``pool`` when given). On CUDA it runs
-    with cuDNN's attention backend off unless ``cudnn_attention`` (see :attr:`hetegen_fx.Config.cudnn_attention`;
-    every call, whether or not the graph shows attention: one may hide in a nested graph or a leaf module,
-    and the switch costs two calls that set a flag)."""
-    from .codegen import direct
+_CHANGES: list[str] = []  # changes since the last recorded call, for the next Timeline
 
-    fast = direct(gm, pool)
-    no_cudnn = not cudnn_attention and torch.device(device).type == "cuda"
-    lock = get_runtime(device).lock  # one call at a time per device (DeviceRuntime.lock)
 
-    def run(*args: Any) -> Any:
-        if not _RECORDING:
-            return fast(*args)
-        out, timeline = TimelineInterpreter(gm, device).run_timed(*args)
-        _RECORDING[-1].append(timeline)
-        return out
+def note(change: str) -> None:
+    """Remember ``change`` (a residency change, a graph compiled again) for the next recorded call's
+    :attr:`Timeline.changes`; nothing when no recording is open."""
+    if _RECORDING:
+        _CHANGES.append(change)
 
-    def call(*args: Any) -> Any:
-        with lock:
-            if not no_cudnn or not torch.backends.cuda.cudnn_sdp_enabled():
-                return run(*args)
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            try:
-                return run(*args)
-            finally:
-                torch.backends.cuda.enable_cudnn_sdp(True)
 
-    call.graph_module = gm  # type: ignore[attr-defined]
-    return call
+def recording() -> bool:
+    """Whether a :func:`record` block is open (the launcher then runs graphs through :func:`run_recorded`)."""
+    return bool(_RECORDING)
+
+
+def run_recorded(gm: fx.GraphModule, device: str, args: tuple) -> Any:
+    """Run ``gm`` node by node on ``args``, adding its :class:`Timeline` to the innermost :func:`record`."""
+    out, timeline = TimelineInterpreter(gm, device).run_timed(*args)
+    timeline.changes, _CHANGES[:] = list(_CHANGES), []
+    _RECORDING[-1].append(timeline)
+    return out

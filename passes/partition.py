@@ -31,11 +31,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
-from hetegen_fx.host import default_threads
 from hetegen_fx.linear import LinearSite, match_linear
 from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT
 from hetegen_fx.plan import LayerPlan, staging_offsets, staging_size
-from hetegen_fx.runtime import get_runtime
 from hetegen_fx.store import WeightStore
 
 
@@ -78,9 +76,6 @@ class PartitionPass(PassBase):
                     "call_function", CPU_WAIT, (self.config.device,), name="cpu_jobs_done"
                 )
                 barrier.meta[meta.SIDE] = "sync"  # no LAYER: it belongs to no Linear
-        rt = get_runtime(self.config.device)
-        if self.config.cpu_threads or rt.is_cuda:  # on CUDA every core but the one that launches GPU work
-            rt.host.threads = self.config.cpu_threads or default_threads()
         gm.graph.lint()
         return PassResult(gm, bool(nodes))
 
@@ -97,9 +92,9 @@ class PartitionPass(PassBase):
         self, gm: fx.GraphModule, nodes: list[fx.Node], groups: dict[fx.Node, list[fx.Node]]
     ) -> dict[fx.Node, int]:
         """Each Linear node's region in the staging arena, in the order the copies are emitted (a CPU job's
-        Linears together, at the first of them; per node, as one weight may be used twice); the arena is
-        grown now, at compile time: an arena that grew while the graph runs would be held twice, above the
-        budget."""
+        Linears together, at the first of them; per node, as one weight may be used twice), and the arena's
+        size as laid out in the Plan (the launcher grows the arena to it before the graph's first call:
+        :func:`hetegen_fx.launch.apply`)."""
         order, seen = [], set()
         for node in nodes:
             for member in groups.get(node, [node]):
@@ -111,8 +106,6 @@ class PartitionPass(PassBase):
         plan = gm.meta.get(meta.PLAN)
         if plan is not None:
             plan.reserved["staging"] = size  # as laid out (PlacementPass estimated it in graph order)
-        # remembered per model and graph: the arena shrinks again once no graph needs it this large
-        get_runtime(self.config.device).reserve(size, owner=self.store, graph=gm)
         return dict(zip(order, staging_offsets(parts, self.config.prefetch), strict=True))
 
     # -- emission helpers ---------------------------------------------------------------------------------

@@ -169,10 +169,9 @@ def kv_cache_bytes_per_token(gm: fx.GraphModule) -> int:
     return total
 
 
-def _remember_tensors(store: WeightStore, sites: list[LinearSite]) -> None:
-    """Tell the store which tensors each Linear is made of (what a residency change moves)."""
-    for s in sites:
-        store.tensors_of.setdefault(s.name, (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ()))
+def _tensors(sites: list[LinearSite]) -> dict[str, tuple]:
+    """Linear name → the tensors it is made of (what a residency change moves), for ``meta.TENSORS``."""
+    return {s.name: (s.weight.tensor,) + ((s.bias.tensor,) if s.bias else ()) for s in sites}
 
 
 def kv_use(gm: fx.GraphModule) -> KVUse | None:
@@ -333,8 +332,11 @@ class PlacementPass(PassBase):
             return use.bytes(kv_class(tokens, cfg.max_seq_len, floor), batch) if use is not None else 0
 
         kv = kv_at(store.ledger.kv_floor if store.ledger is not None else MIN_KV_CLASS)
-        _remember_tensors(store, sites)
-        if store.residency is None:
+        gm.meta[meta.TENSORS] = _tensors(sites)
+        # the model's residency and reserves: the store's, or, for its first graph, a new ledger's (which the
+        # pipeline gives to the store once the whole pipeline succeeded)
+        ledger, residency, model_reserved = store.ledger, store.residency, store.reserved
+        if residency is None:
             reserved = {
                 "kv_cache": kv,
                 "activations": cfg.activation_reserve
@@ -355,18 +357,16 @@ class PlacementPass(PassBase):
                 ledger.kv_floor //= 2
                 ledger.kv_cache = reserved["kv_cache"] = kv_at(ledger.kv_floor)
             ledger.residency = ledger.choose()
-            store.residency = dict(ledger.residency)
-            store.reserved = reserved
-            store.ledger = ledger
+            residency, model_reserved = dict(ledger.residency), reserved
+            gm.meta[meta.LEDGER] = (ledger, reserved)
         for lp in layers:
-            lp.resident = store.residency.get(lp.name, False)
+            lp.resident = residency.get(lp.name, False)
             if lp.resident:
                 lp.alpha, lp.split = 0.0, 0
-        reserved = dict(store.reserved)
+        reserved = dict(model_reserved)
         # a later graph may read on the device what the first looked up on the host (a graph break); its KV
         # cache is what the ledger leaves room for now (the runner makes room before each call)
         reserved["other_params"] = max(reserved.get("other_params", 0), other)
-        ledger = store.ledger
         reserved["kv_cache"] = ledger.kv_cache if ledger is not None else max(reserved.get("kv_cache", 0), kv)
         if ledger is not None:
             budget = ledger.budget
@@ -623,16 +623,15 @@ class PlacementPass(PassBase):
             reserved["other_params"] = max(reserved.get("other_params", 0), other_param_bytes(gm, sites))
             self._check_later_graph(layers, reserved, given.gpu_memory)
         if self.store.residency is None:
-            self.store.residency = {lp.name: lp.resident for lp in layers}
-            self.store.reserved = {k: v for k, v in reserved.items() if k != "staging"}
+            model_reserved = {k: v for k, v in reserved.items() if k != "staging"}
             # the ledger of a given plan: g from its costs, so that set_gpu_memory and a growing cache work too
             priority = {lp.name: lp.t_cpu / max(lp.bytes, 1) for lp in layers}
             ledger = self._ledger(
-                layers, self.store.reserved, budget if budget is not None else given.gpu_memory, priority
+                layers, model_reserved, budget if budget is not None else given.gpu_memory, priority
             )
-            ledger.residency = dict(self.store.residency)
-            self.store.ledger = ledger
-        _remember_tensors(self.store, sites)
+            ledger.residency = {lp.name: lp.resident for lp in layers}
+            gm.meta[meta.LEDGER] = (ledger, model_reserved)
+        gm.meta[meta.TENSORS] = _tensors(sites)
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits

@@ -3,13 +3,13 @@
 # tests (and the CPU kernel's and worker's), then the benchmark (from the shim folder, so the checkout's
 # hetegen_fx/ is not imported).
 # Usage: bash scripts/device_run.sh [bench args...]
-# Env: OUT (results folder), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_TIMEOUT (s, default 480): a benchmark still
+# Env: OUT (results folder), SHIM (the import folder; one per run at once), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_TIMEOUT (s, default 480): a benchmark still
 # running then prints every thread's Python stack (faulthandler) and, where cuda-gdb exists, every thread's
 # native stack ($OUT/gdb.txt), and is killed; its log is $OUT/bench.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 REPO=$(pwd)
-SHIM=/tmp/hetegen_shim
+SHIM=${SHIM:-/tmp/hetegen_shim}  # one per concurrent run
 mkdir -p "$OUT"
 rm -rf "$SHIM" && mkdir -p "$SHIM"
 cp -r hetegen_fx "$SHIM/hetegen_fx" && cp -r passes "$SHIM/hetegen_fx/passes" && cp -r models "$SHIM/hetegen_fx/models"

@@ -127,6 +127,8 @@ def _count_fallbacks(record) -> list[warnings.WarningMessage]:
 
 
 def test_unexpected_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    import hetegen_fx.pipeline as pipeline_mod
+
     model = _mlp()
     calls = []
 
@@ -134,7 +136,7 @@ def test_unexpected_failure_falls_back_to_eager_with_one_warning(monkeypatch):
         calls.append(1)
         raise KeyError("unexpected node")  # not a HetegenError: a bug in a pass, or an unknown graph
 
-    monkeypatch.setattr(backend_mod, "transform", broken_transform)
+    monkeypatch.setattr(pipeline_mod, "transform", broken_transform)  # what launch.build runs
     monkeypatch.setattr(backend_mod, "_warned", set())
     fn = _two_graphs(model)
     f = torch.compile(fn, backend="hetegen", options={"device": "cpu"})

@@ -509,3 +509,52 @@ def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
         out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()
     assert out.tolist() == ref.tolist()
     assert store_of(compiled).ledger.history[-1].demoted
+
+
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compiled_stretches_give_the_all_gpu_tokens(cuda_graphs):
+    """The stretches between hand-offs compiled by inductor (and, with cuda_graphs, recorded from inductor's
+    code): the tokens of three generates with three prompts equal the all-GPU model's. Each generate gets a
+    new static KV cache (new addresses) while the staging arena stays put: a replay that read the previous
+    request's cache, or a stale staging slot, would give another prompt's tokens."""
+    model = _small_llama()
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 4096, (1, n), generator=gen) for n in (24, 24, 40)]
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    refs = [_all_gpu_tokens(model, ids, **kw) for ids in prompts]
+    graphs = {"cuda_graphs": True, "graph_memory": "48MiB"} if cuda_graphs else {}
+    budget = _budget(model) + (48 << 20 if cuda_graphs else 0)
+    c = hetegen_fx.compile(
+        model, gpu_memory=budget, device="cuda", max_seq_len=64, compile_stretches=True, **graphs
+    )
+    with torch.no_grad():
+        outs = [c.generate(ids, **kw)[0, ids.shape[1] :].cpu() for ids in prompts]
+    st = hetegen_fx.state(c)
+    assert st.compiled_stretches["compiled"] > 0 and st.compiled_stretches["failed"] == 0, (
+        st.compiled_stretches
+    )
+    assert any(0 < lp.split < lp.out_features for lp in st.decode_plan.layers)
+    if cuda_graphs:
+        assert st.cuda_graphs["replays"] > 0 and st.cuda_graphs["failed"] == 0, st.cuda_graphs
+    for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
+        assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {st.cuda_graphs}"
+
+
+@needs_cuda
+def test_compiled_stretches_of_a_fully_resident_model():
+    """Everything resident: one stretch per step, compiled and replayed as one CUDA graph; the tokens stay the
+    all-GPU model's."""
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 20), generator=torch.Generator().manual_seed(9))
+    kw = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    ref = _all_gpu_tokens(model, ids, **kw)
+    c = hetegen_fx.compile(
+        model, device="cuda", max_seq_len=64, compile_stretches=True, cuda_graphs=True, graph_memory="64MiB"
+    )
+    with torch.no_grad():
+        outs = [c.generate(ids, **kw)[0, 20:].cpu() for _ in range(2)]
+    st = hetegen_fx.state(c)
+    assert all(lp.resident for lp in st.decode_plan.layers)
+    assert st.cuda_graphs["replays"] > 0 and st.compiled_stretches["compiled"] > 0
+    assert all(out.tolist() == ref.tolist() for out in outs)

@@ -360,7 +360,7 @@ def test_static_cache_decode_replays_match_eager(tiny_hf, monkeypatch):
     plans = hetegen_fx.explain(c).plans
     assert all(p.reserved["cuda_graphs"] == 1 << 20 for p in plans)
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
-    from hetegen_fx.codegen import direct
+    from hetegen_fx.launch import direct
 
     decode = hetegen_fx.state(c).graphs[-1].graph_module
     fused = direct(decode, GraphPool(torch.device("cpu")))

@@ -344,8 +344,8 @@ def test_a_graph_that_parks_state_refuses_decoding_that_edits_the_cache(tiny_hf)
     """The torch.compile route keeps HF's own generate(): a graph that parks outputs on the accelerator checks,
     at every call, that no decoding method on the stack edits the KV cache on the host, and raises a clear
     error before it runs if one does; a graph that parks nothing is returned as it was."""
-    from hetegen_fx.backend import guard_parked_state
     from hetegen_fx.errors import ConfigError
+    from hetegen_fx.launch import guard_parked_state
     from hetegen_fx.runtime import park
 
     def graph(target) -> torch.fx.GraphModule:  # x → target(x), as DevicePass ends a graph

@@ -152,10 +152,10 @@ def test_functionalization_keeps_the_ops_in_order():
 
 
 def test_direct_runs_the_same_program_without_the_dispatcher(mlp):
-    """codegen.direct: the executed twin calls the ops' plain functions; the graph with the ops stays
+    """launch.direct: the executed twin calls the ops' plain functions; the graph with the ops stays
     the one to inspect and export, and the twin shares its weights."""
     import hetegen_fx
-    from hetegen_fx.codegen import direct
+    from hetegen_fx.launch import direct
 
     model = mlp()
     c = hetegen_fx.compile(model, device="cpu", gpu_memory=8000, alpha=0.5, prefetch=1, activation_reserve=0)

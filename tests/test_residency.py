@@ -271,3 +271,45 @@ def test_short_calls_after_a_long_one_settle_with_the_default_static_cache(tiny_
             settled = len(ledger.history)
     assert len(ledger.history) == settled  # the last short call changed nothing
     assert ledger.kv_cache == _per_token(model) * 256 * 2  # the 256-token class, 2 sequences
+
+
+def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_path):
+    """set_gpu_memory between two recorded generates: the first recorded call after it carries the change
+    and the graph's compile for it (as text, as instant events of its Chrome trace and in its picture), the
+    other graph's first call its own compile, later calls nothing; the plan picture marks the Linears it
+    promoted."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from hetegen_fx import trace
+
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    kw = {"max_new_tokens": 3, "do_sample": False}
+    compiled = hetegen_fx.compile(model, gpu_memory=int(_nbytes(model) * 0.5), device="cpu", max_seq_len=64)
+    with torch.no_grad(), trace.record() as timelines:
+        compiled.generate(ids, **kw)
+        assert timelines and not any(t.changes for t in timelines)
+        first = len(timelines)
+        change = hetegen_fx.set_gpu_memory(compiled, _nbytes(model) * 4)
+        compiled.generate(ids, **kw)
+    after = timelines[first:]
+    assert change.promoted and after[0].changes[0] == str(change)
+    assert "compiled again for the new residency" in after[0].changes[1]
+    notes = [c for t in after for c in t.changes]
+    assert notes.count(str(change)) == 1  # once; each graph's own compile before its first call
+    assert all("compiled again" in c for t in after[1:] for c in t.changes) and not after[-1].changes
+    chrome = json.loads(after[0].save(tmp_path / "t.json").read_text())
+    marks = [e for e in chrome["traceEvents"] if e.get("cat") == "residency"]
+    assert [m["name"] for m in marks] == after[0].changes and chrome["otherData"]["changes_before"]
+    assert after[0].plot(tmp_path / "t.png").stat().st_size > 0
+    ex = hetegen_fx.explain(compiled)
+    assert ex.changes[-1] is store_of(compiled).ledger.history[-1]
+    assert ex.plot(tmp_path / "plan.png").stat().st_size > 0
+    with (
+        trace.record() as outside
+    ):  # a change with no call recorded after it is not carried to a later record
+        hetegen_fx.set_gpu_memory(compiled, int(_nbytes(model) * 0.5))
+    with torch.no_grad(), trace.record() as later:
+        compiled.generate(ids, **kw)
+    assert not outside and not any("gpu_memory set" in c for t in later for c in t.changes)

@@ -9,6 +9,8 @@ import torch
 
 import hetegen_fx
 from hetegen_fx import trace
+from hetegen_fx.config import Config
+from hetegen_fx.launch import launcher
 from hetegen_fx.models import tiny
 
 
@@ -111,7 +113,7 @@ def test_graphs_run_on_cuda_without_cudnn_attention_and_restore_the_setting():
         ]:
             torch.backends.cuda.enable_cudnn_sdp(user)
             _SEEN.clear()
-            out = trace.traced(gm, device, cudnn_attention=cudnn_attention)(q, k, v)
+            out = launcher(gm, Config(device=device, cudnn_attention=cudnn_attention))(q, k, v)
             torch.testing.assert_close(out, ref)
             assert _SEEN == [during]
             assert torch.backends.cuda.cudnn_sdp_enabled() is user  # restored
@@ -126,7 +128,7 @@ def test_a_failing_graph_call_restores_the_attention_setting():
     try:
         bad = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 7), torch.randn(1, 2, 3, 8)  # head dims differ
         with pytest.raises(RuntimeError):
-            trace.traced(gm, "cuda")(*bad)
+            launcher(gm, Config(device="cuda"))(*bad)
         assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)

@@ -21,7 +21,6 @@ from hetegen_fx.passes import PartitionPass, PlacementPass, ProfilePass
 from hetegen_fx.passes.placement import split_row
 from hetegen_fx.pipeline import transform
 from hetegen_fx.plan import LayerPlan, Plan, staging_offsets, staging_size
-from hetegen_fx.runtime import get_runtime
 from hetegen_fx.store import WeightStore
 
 CPU = torch.device("cpu")
@@ -125,7 +124,7 @@ def test_staging_regions_are_laid_out_first_in_first_out(mlp, prefetch):
     parts = [lp.gpu_part_bytes for lp in plan.layers]
     assert len(set(parts)) > 1  # parts of different sizes: the arena packs them, it holds no equal buffers
     size = staging_size(parts, prefetch)
-    assert plan.reserved["staging"] == size and get_runtime("cpu").staging_bytes() >= size
+    assert plan.reserved["staging"] == size  # the launcher grows the arena to it (launch.apply)
     assert [lp.slot for lp in plan.layers] == staging_offsets(parts, prefetch)
     regions = [(lp.slot, lp.slot + lp.gpu_part_bytes) for lp in plan.layers]
     assert all(b <= size for _, b in regions)

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from hetegen_fx import meta
+from hetegen_fx import meta, pipeline
 from hetegen_fx.capture import capture_fx
 from hetegen_fx.config import Config
 from hetegen_fx.costs import LinearCost
@@ -39,9 +39,12 @@ def _config(**kw) -> Config:
     return Config(**{"device": "cpu", "profile": "model", "activation_reserve": 0, "prefetch": 1, **kw})
 
 
-def _place(gm, config, store=None):
+def _place(gm, config, store=None, adopt=True):
+    """PlacementPass on ``gm``; with ``adopt``, its decision given to the store as the pipeline does."""
     store = store or WeightStore(torch.device("cpu"))
     res = PlacementPass(config, store)(gm)
+    if adopt:
+        pipeline.adopt(gm, store)
     return res, gm.meta[meta.PLAN], store
 
 
@@ -70,14 +73,16 @@ def test_split_row(alpha, out, expected):
 def test_analysis_writes_plan_and_layer_plans(mlp, count):
     gm = _profiled(mlp(bias=False))
     code = gm.code
-    res, plan, store = _place(gm, _config(gpu_memory=10**9))
+    res, plan, store = _place(gm, _config(gpu_memory=10**9), adopt=False)
     assert res.modified is False and gm.code == code and count(gm, "linear") == 3
     nodes = [n for n in gm.graph.nodes if meta.PLACEMENT in n.meta]
     assert [n.meta[meta.PLACEMENT] for n in nodes] == plan.layers
     assert [lp.name for lp in plan.layers] == list(BYTES)
     assert {lp.name: lp.bytes for lp in plan.layers} == BYTES
     assert plan.source == "model" and plan.device == "cpu" and plan.gpu_memory == 10**9
-    assert store.residency == dict.fromkeys(BYTES, True)
+    ledger, reserved = gm.meta[meta.LEDGER]  # the model's first ledger, for the pipeline to give to the store
+    assert ledger.residency == dict.fromkeys(BYTES, True) and reserved["kv_cache"] == ledger.kv_cache
+    assert store.residency is None and store.ledger is None  # the pass wrote the graph, not the store
 
 
 def test_everything_resident_when_the_budget_holds_the_model(mlp):
@@ -300,7 +305,9 @@ def test_given_plan_is_applied(mlp):
     plan = gm.meta[meta.PLAN]
     assert res.modified is False
     assert plan.source == "plan" and plan.layers == layers and plan.layers[0] is not layers[0]
-    assert store.residency == {"a.weight": False, "b.weight": True, "c.weight": False}
+    ledger, _ = gm.meta[meta.LEDGER]
+    assert ledger.residency == {"a.weight": False, "b.weight": True, "c.weight": False}
+    assert store.residency is None
 
 
 def test_given_plan_for_another_model(mlp):
