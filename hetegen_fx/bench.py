@@ -34,8 +34,9 @@ VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
 #: variants run only when asked for: "graphs" is hetegen with CUDA graphs (``cuda_graphs=True``) and one
 #: static KV cache of its own for every generate, so that its decode steps repeat their shapes and addresses;
 #: "default" is hetegen as a user compiles it, naming no ``max_seq_len`` (the KV cache reserved by use,
-#: where the other variants name the workload's length)
-EXTRA_VARIANTS = ("graphs", "default")
+#: where the other variants name the workload's length); "compiled" is hetegen with its stretches of device
+#: work compiled by inductor (``compile_stretches=True``)
+EXTRA_VARIANTS = ("graphs", "default", "compiled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -120,6 +121,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="keep the all-GPU reference tokens of the --grow generate in DIR, for runs without the gpu "
         "variant (they take minutes on a 7B)",
+    )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="BUDGETS",
+        help="instead of the table at --gpu-memory: the hetegen, stream and cpu variants (of --variants) at each "
+        "of these comma-separated budgets, e.g. 2GiB,4GiB,8GiB,all (all: everything resident), beside llama.cpp "
+        "at the -ngl that fits each budget; sweep.json, sweep.png and the table under --out "
+        "(hetegen_fx.bench_sweep)",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        default=None,
+        metavar="PATH",
+        help="with --sweep: a built llama-bench (the binary, or a folder holding it, its bin/ or build/bin/), or "
+        "llama.cpp's source .tgz to build (minutes; needs cmake and nvcc); default: $LLAMA_CPP_BIN, else "
+        "llama-bench on PATH, else the sweep runs without llama.cpp",
     )
 
 
@@ -345,11 +363,13 @@ def _build(args):
 
 
 def _compile(name: str, model, args, device: torch.device):
-    """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen or graphs)."""
+    """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen, graphs, default or compiled)."""
     import hetegen_fx
 
-    alpha = {"stream": 0.0, "cpu": 1.0, "hetegen": None, "graphs": None, "default": None}[name]
+    alpha = {"stream": 0.0, "cpu": 1.0}.get(name)
     graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name == "graphs" else {}
+    if name == "compiled":
+        graphs["compile_stretches"] = True
     return hetegen_fx.compile(
         model,
         gpu_memory=args.gpu_memory,
@@ -362,8 +382,13 @@ def _compile(name: str, model, args, device: torch.device):
 
 
 #: the variants ``--interleave`` times side by side, and the ratios it reports (a's speed over b's)
-INTERLEAVED = ("stream", "cpu", "hetegen", "default")
-INTERLEAVED_RATIOS = (("hetegen", "cpu"), ("hetegen", "stream"), ("default", "hetegen"))
+INTERLEAVED = ("stream", "cpu", "hetegen", "default", "compiled")
+INTERLEAVED_RATIOS = (
+    ("hetegen", "cpu"),
+    ("hetegen", "stream"),
+    ("default", "hetegen"),
+    ("compiled", "hetegen"),
+)
 
 
 def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: torch.device) -> dict:
@@ -540,6 +565,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS + EXTRA_VARIANTS}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "sweep", None):  # budgets instead of variants: ceilings, reference, points, report
+        from .bench_sweep import run_sweep
+
+        return run_sweep(args, out_dir)
 
     t0 = time.perf_counter()
     model = _build(args)
@@ -662,7 +691,13 @@ def _residency_scenarios(model, ids, args, device, ref: dict | None) -> tuple[di
 
 
 #: the ceiling each kind of variant streams its offloaded bytes at
-_BOUND_RATE = {"hetegen": "combined", "default": "combined", "cpu": "cpu_gemv", "stream": "h2d_pinned"}
+_BOUND_RATE = {
+    "hetegen": "combined",
+    "default": "combined",
+    "compiled": "combined",
+    "cpu": "cpu_gemv",
+    "stream": "h2d_pinned",
+}
 
 
 def decode_bounds(results: list[dict], ceilings: dict[str, float]) -> dict[str, float]:

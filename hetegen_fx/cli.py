@@ -77,6 +77,8 @@ def compile_options(args: argparse.Namespace) -> dict:
         options["cuda_graphs"] = True
         if args.graph_memory is not None:
             options["graph_memory"] = args.graph_memory
+    if getattr(args, "compile_stretches", False):
+        options["compile_stretches"] = True
     if getattr(args, "cudnn_attention", False):
         options["cudnn_attention"] = True
     return options
@@ -706,6 +708,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.reference_cache is not None:
         _writable_folder(args.reference_cache, "--reference-cache")
+    if args.sweep is not None:
+        from .bench_sweep import parse_budgets
+
+        parse_budgets(args.sweep)
+        flags = {"--interleave": args.interleave, "--grow": args.grow, "--raise-to": args.raise_to}
+        alone = [flag for flag, on in flags.items() if on]
+        if alone:
+            raise HetegenError(f"--sweep runs budgets, not the one-budget table: drop {', '.join(alone)}")
+    if args.llama_cpp is not None:
+        from .llamacpp import check_llama_cpp
+
+        if args.sweep is None:
+            raise HetegenError("--llama-cpp compares against llama.cpp in a --sweep: add --sweep BUDGETS")
+        check_llama_cpp(args.llama_cpp)
     if args.model is not None:
         _check_model(args.model, None)
     elif args.preset not in PRESETS:
@@ -863,6 +879,11 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         action="store_true",
         help="replay the stretches of device work between hand-offs as CUDA graphs (generates with a static "
         "KV cache)",
+    )
+    g.add_argument(
+        "--compile-stretches",
+        action="store_true",
+        help="compile the stretches of device work between hand-offs with inductor (compile_stretches=True)",
     )
     g.add_argument(
         "--graph-memory",
