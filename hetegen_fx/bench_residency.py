@@ -101,6 +101,7 @@ def run_grow(model, ids: torch.Tensor, args, device: torch.device, reference: li
     if cuda:  # the peak counts everything the variant allocates, its resident weights included
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
+    base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
     compiled = _compile("default", model, args, device)
     try:
         _generate(compiled, ids, 4)  # compiles the graphs of the short class: the long one is compiled below
@@ -113,6 +114,8 @@ def run_grow(model, ids: torch.Tensor, args, device: torch.device, reference: li
         wall = time.perf_counter() - t0
         steps = clock.steps()
         peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+        # what the allocator held (allocated, cached and fragmented): the device memory the process took
+        peak_reserved = torch.cuda.max_memory_reserved(device) - base_reserved if cuda else None
         state = hetegen_fx.state(compiled)
         changes = [str(c) for c in state.changes]
         decode_plan = state.decode_plan
@@ -143,6 +146,7 @@ def run_grow(model, ids: torch.Tensor, args, device: torch.device, reference: li
         "peak_gpu_bytes": peak - base if cuda else None,
         "budget": budget,
         "within_budget": (peak - base <= budget) if cuda else None,
+        "peak_reserved_bytes": peak_reserved,
         "tokens_match_reference": None if reference is None else tokens == reference[: len(tokens)],
         "first_difference": first,
         "stretches": stretches,
@@ -197,6 +201,7 @@ def run_raise(model, ids: torch.Tensor, args, device: torch.device, reference: l
         res["fresh_offloaded_bytes"] = hetegen_fx.state(fresh).decode_plan.offloaded_bytes
         steps: dict[str, list[float]] = {"raised": [], "fresh": []}
         tokens = {}
+        rounds_start = time.time()
         rounds = max(args.interleave, 2)
         for r in range(rounds):
             order = [("raised", raised), ("fresh", fresh)]
@@ -216,9 +221,15 @@ def run_raise(model, ids: torch.Tensor, args, device: torch.device, reference: l
             fresh_decode_tok_s=1 / statistics.median(steps["fresh"]),
             raised_over_fresh=statistics.median(per_round),
             raised_over_fresh_per_round=per_round,
+            # the common length: the reference may be shorter (fewer tokens, or an early end of sequence)
             tokens_match_reference=None
             if reference is None
-            else all(t == reference[: len(t)] for t in tokens.values()),
+            else all(t[: len(reference)] == reference[: len(t)] for t in tokens.values()),
+            # a change during the rounds (a device allocation failed with both models on the device) would
+            # make this a comparison with a demoted model: listed here, not hidden
+            changes_during_rounds=[
+                str(c) for m in (raised, fresh) for c in hetegen_fx.state(m).changes if c.at >= rounds_start
+            ],
         )
     finally:
         raised = fresh = None
@@ -249,7 +260,9 @@ def format_rows(grow: dict | None, raised: dict | None) -> list[str]:
             "",
             f"one generate growing the cache to {grow['tokens_total']} tokens ({grow['new_tokens']} new, "
             f"{grow['wall_s']:.0f} s): peak GPU {format_bytes(peak) if peak is not None else '-'} of "
-            f"{format_bytes(grow['budget'])}, tokens = all-GPU reference: "
+            f"{format_bytes(grow['budget'])} (the allocator's reserve at its peak "
+            f"{format_bytes(grow['peak_reserved_bytes']) if grow.get('peak_reserved_bytes') is not None else '-'}"
+            "), tokens = all-GPU reference: "
             f"{match[grow['tokens_match_reference']]}, {len(grow['residency_changes'])} residency change(s)",
             "",
             "| cache tokens | decode tok/s |",
@@ -268,8 +281,10 @@ def format_rows(grow: dict | None, raised: dict | None) -> list[str]:
             f"{raised['raised_over_fresh']:.2f}x, per round "
             + ", ".join(f"{x:.2f}" for x in raised["raised_over_fresh_per_round"])
             + f"); offloaded {format_bytes(raised['after_offloaded_bytes'])} vs fresh "
-            f"{format_bytes(raised['fresh_offloaded_bytes'])}",
+            f"{format_bytes(raised['fresh_offloaded_bytes'])}; tokens = reference: "
+            f"{ {None: 'no reference', True: 'yes', False: 'NO'}[raised['tokens_match_reference']] }",
         ]
+        rows += [f"- residency change during the rounds: {c}" for c in raised["changes_during_rounds"]]
     return rows
 
 

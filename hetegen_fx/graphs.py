@@ -525,6 +525,7 @@ class Stretch(torch.nn.Module):
         self.pool = pool
         self.compiler = compiler
         self.owner = owner
+        self.refused = False  # inductor refused one of its keys: the others run op by op too
         self.calls = sum(
             1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
         )
@@ -557,7 +558,11 @@ class Stretch(torch.nn.Module):
         if self.compiler is None or state.seen < COMPILE_AFTER:
             return self.body
         if state.program is None:
-            state.program = self.compiler.compile(self.body, args, self.owner) or self.body
+            if self.refused:  # inductor refused another key of this stretch: its ops will not change
+                state.program = self.body
+            else:
+                state.program = self.compiler.compile(self.body, args, self.owner) or self.body
+                self.refused = state.program is self.body
         return state.program
 
     def forward(self, *args):

@@ -17,6 +17,7 @@ answers in about 0.1 s. A key (shapes, strides, dtypes, other arguments) is comp
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,9 @@ import torch.fx as fx
 
 #: a key is compiled at this call of it (decode steps repeat their keys; a prompt length often does not)
 COMPILE_AFTER = 2
+#: one compile at a time in the process (models on two devices have two device locks; inductor is not
+#: documented as safe to call from two threads at once)
+_COMPILING = threading.Lock()
 
 
 @dataclass
@@ -65,7 +69,7 @@ class StretchCompiler:
         try:
             from torch._inductor.compile_fx import compile_fx
 
-            with torch.no_grad():
+            with _COMPILING, torch.no_grad():
                 fn = compile_fx(gm, [args[i] for i in tensors])
         except Exception as e:  # noqa: BLE001  (an op inductor cannot take: the stretch runs as it was)
             self.seconds += time.perf_counter() - t0

@@ -38,8 +38,12 @@ def build(gm: fx.GraphModule, config, store, inputs, label: str) -> tuple[fx.Gra
     out, plan = transform(gm, config, store, inputs, label=label)
     if config.verbose:
         print(plan.table(), file=sys.stderr)
-    apply(plan, config, store, out)
-    return out, plan, launcher(out, config, store, plan)
+    try:
+        apply(plan, config, store, out)
+        return out, plan, launcher(out, config, store, plan)
+    except BaseException:  # e.g. the arena did not fit: the graph (and the device copies it holds) goes
+        store.graphs[:] = [g for g in store.graphs if g.graph_module is not out]
+        raise
 
 
 def apply(plan, config, store, gm: fx.GraphModule) -> None:

@@ -27,7 +27,7 @@ from torch.fx.node import has_side_effect
 from .runtime import get_runtime
 
 # -- what each op does, as plain functions: the custom ops below call them, and the code that runs
-# -- (codegen.direct) calls them without the dispatcher
+# -- (launch.direct) calls them without the dispatcher
 
 
 def run_copy_h2d(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
@@ -136,7 +136,7 @@ for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT):
     has_side_effect(_op)
 
 
-#: each op → the plain function that does its work (what :func:`hetegen_fx.codegen.direct` calls)
+#: each op → the plain function that does its work (what :func:`hetegen_fx.launch.direct` calls)
 DIRECT = {
     COPY: run_copy_h2d,
     WAIT: run_wait_copy,

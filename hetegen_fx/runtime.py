@@ -85,6 +85,10 @@ class DeviceRuntime:
         """Bytes held by the staging arena."""
         return 0 if self._arena is None else self._arena.numel()
 
+    def arena_ptr(self) -> int | None:
+        """The staging arena's address (None before it exists): recorded CUDA graphs read staged parts there."""
+        return None if self._arena is None else self._arena.data_ptr()
+
     def reserve(self, nbytes: int, owner: object = None, graph: object = "") -> None:
         """Make sure the staging arena holds at least ``nbytes``. With an ``owner`` (a model's weight store)
         and its ``graph`` (the compiled graph module, forgotten when it goes, or a name), that graph's need

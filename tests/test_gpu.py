@@ -513,11 +513,16 @@ def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_compiled_stretches_give_the_all_gpu_tokens(cuda_graphs):
+def test_compiled_stretches_give_the_all_gpu_tokens(cuda_graphs, monkeypatch):
     """The stretches between hand-offs compiled by inductor (and, with cuda_graphs, recorded from inductor's
-    code): the tokens of three generates with three prompts equal the all-GPU model's. Each generate gets a
-    new static KV cache (new addresses) while the staging arena stays put: a replay that read the previous
-    request's cache, or a stale staging slot, would give another prompt's tokens."""
+    code): the tokens of three generates with three prompts equal the all-GPU model's. The KV cache is read in
+    place (COPY_BYTES lowered, as a large model's is), every generate's cache is kept alive so the next one's
+    is at new addresses, and the staging arena is moved between generates: a replay that read the previous
+    request's cache or an old staging address would give another prompt's tokens."""
+    import hetegen_fx.graphs
+    from hetegen_fx.runtime import get_runtime
+
+    monkeypatch.setattr(hetegen_fx.graphs, "COPY_BYTES", 16 << 10)
     model = _small_llama()
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 4096, (1, n), generator=gen) for n in (24, 24, 40)]
@@ -528,33 +533,57 @@ def test_compiled_stretches_give_the_all_gpu_tokens(cuda_graphs):
     c = hetegen_fx.compile(
         model, gpu_memory=budget, device="cuda", max_seq_len=64, compile_stretches=True, **graphs
     )
+    rt = get_runtime("cuda")
+    kept, outs, arenas = [], [], []
     with torch.no_grad():
-        outs = [c.generate(ids, **kw)[0, ids.shape[1] :].cpu() for ids in prompts]
+        for ids in prompts:
+            out = c.generate(ids, return_dict_in_generate=True, **kw)
+            kept.append(out.past_key_values)  # alive: the next generate's cache is elsewhere
+            outs.append(out.sequences[0, ids.shape[1] :].cpu())
+            spacer = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")  # the arena cannot grow in place
+            rt.reserve(rt.staging_bytes() + (2 << 20))
+            arenas.append(rt.arena_ptr())
+            kept.append(spacer)
     st = hetegen_fx.state(c)
+    assert len(set(arenas)) == len(arenas), "the staging arena did not move"
     assert st.compiled_stretches["compiled"] > 0 and st.compiled_stretches["failed"] == 0, (
         st.compiled_stretches
     )
     assert any(0 < lp.split < lp.out_features for lp in st.decode_plan.layers)
     if cuda_graphs:
-        assert st.cuda_graphs["replays"] > 0 and st.cuda_graphs["failed"] == 0, st.cuda_graphs
+        cg = st.cuda_graphs
+        assert cg["replays"] > 0 and cg["failed"] == 0, cg
+        assert any(
+            "key" in name or "value" in name or "cache" in name for name in cg["pinned_inputs_moved"]
+        ), cg
     for i, (out, ref) in enumerate(zip(outs, refs, strict=True)):
         assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {st.cuda_graphs}"
 
 
 @needs_cuda
-def test_compiled_stretches_of_a_fully_resident_model():
-    """Everything resident: one stretch per step, compiled and replayed as one CUDA graph; the tokens stay the
+def test_compiled_stretches_of_a_fully_resident_model(monkeypatch):
+    """Everything resident: one stretch per step, compiled and replayed as one CUDA graph, the KV cache read in
+    place and at new addresses in the second generate (the first one's kept alive); the tokens stay the
     all-GPU model's."""
+    import hetegen_fx.graphs
+
+    monkeypatch.setattr(hetegen_fx.graphs, "COPY_BYTES", 16 << 10)
     model = _small_llama()
-    ids = torch.randint(3, 4096, (1, 20), generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 4096, (1, 20), generator=gen) for _ in range(2)]
     kw = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
-    ref = _all_gpu_tokens(model, ids, **kw)
+    refs = [_all_gpu_tokens(model, ids, **kw) for ids in prompts]
     c = hetegen_fx.compile(
         model, device="cuda", max_seq_len=64, compile_stretches=True, cuda_graphs=True, graph_memory="64MiB"
     )
+    kept, outs = [], []
     with torch.no_grad():
-        outs = [c.generate(ids, **kw)[0, 20:].cpu() for _ in range(2)]
+        for ids in prompts:
+            out = c.generate(ids, return_dict_in_generate=True, **kw)
+            kept.append(out.past_key_values)
+            outs.append(out.sequences[0, 20:].cpu())
     st = hetegen_fx.state(c)
     assert all(lp.resident for lp in st.decode_plan.layers)
     assert st.cuda_graphs["replays"] > 0 and st.compiled_stretches["compiled"] > 0
-    assert all(out.tolist() == ref.tolist() for out in outs)
+    assert st.cuda_graphs["pinned_inputs_moved"], st.cuda_graphs  # the second cache is elsewhere
+    assert [o.tolist() for o in outs] == [r.tolist() for r in refs]

@@ -90,8 +90,13 @@ def test_a_stretch_inductor_refuses_runs_as_it_was_with_one_warning(monkeypatch)
                 torch.testing.assert_close(s(x, cache, pos, eps), gm(x, ref_cache, pos, eps))
     refused = [w for w in caught if "inductor could not compile" in str(w.message)]
     assert len(refused) == 1 and "NotImplementedError: no lowering" in str(refused[0].message)
-    assert compiler.failed == 2 and compiler.compiled == 0  # one per stretch key, each tried once
+    assert compiler.failed == 2 and compiler.compiled == 0  # one per stretch, each tried once
     assert compiler.reasons == {"NotImplementedError": 2}
+    with torch.no_grad():  # another key of a refused stretch is not tried again
+        x, cache, pos, _ = _inputs(7)
+        for _ in range(3):
+            stretches[0](x, cache, pos, 1e-6)
+    assert compiler.failed == 2
 
 
 def test_compiled_stretches_give_eager_tokens_and_only_device_work_goes_to_inductor(tiny_hf):

@@ -313,3 +313,32 @@ def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_pat
     with torch.no_grad(), trace.record() as later:
         compiled.generate(ids, **kw)
     assert not outside and not any("gpu_memory set" in c for t in later for c in t.changes)
+
+
+def test_a_build_that_fails_after_the_pipeline_leaves_no_graph_behind(tiny_hf, monkeypatch):
+    """The launcher's part of a build (the staging arena) runs out of device memory once: the runner demotes and
+    builds again, the tokens are eager's, and the store lists only graphs a runner holds (the failed build's
+    graph, with its device copies, is gone)."""
+    from hetegen_fx import launch
+
+    model = tiny_hf("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(8))
+    kw = {"max_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+    real, calls = launch.apply, {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 KiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "apply", failing_once)
+    compiled = hetegen_fx.compile(model, gpu_memory=_nbytes(model) * 4, device="cpu", max_seq_len=64)
+    with torch.no_grad():
+        assert torch.equal(compiled.generate(ids, **kw), ref)
+    store = store_of(compiled)
+    held = {id(r.graph_module) for r in store.runners if r.graph_module is not None}
+    assert calls["n"] > 1 and {id(g.graph_module) for g in store.graphs} <= held
+    assert store.ledger.history[0].demoted and "allocation failed" in store.ledger.history[0].reason
