@@ -11,6 +11,7 @@ Importing this package touches no GPU.
 """
 
 from .api import CompiledModule, Explanation, compile, explain
+from .checkpoint import load
 from .config import Config, format_bytes, parse_bytes
 from .errors import BudgetError, CaptureError, ConfigError, HetegenError, UnsupportedModelError
 from .exporting import ExportError, export, load_exported
@@ -37,6 +38,7 @@ __all__ = [
     "explain",
     "export",
     "format_bytes",
+    "load",
     "load_exported",
     "load_plan",
     "parse_bytes",
