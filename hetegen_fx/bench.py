@@ -523,9 +523,11 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             "stream_wait": host.stream_wait,
             "one_call_per_job": host.together,  # HETEGEN_FUSED_JOBS
         }
-        graphs = hetegen_fx.state(runner).cuda_graphs
-        if graphs is not None:
-            result["cuda_graphs"] = graphs
+        st = hetegen_fx.state(runner)
+        if st.cuda_graphs is not None:
+            result["cuda_graphs"] = st.cuda_graphs
+        if st.compiled_stretches is not None:  # inductor: shapes compiled, refused, seconds spent compiling
+            result["compiled_stretches"] = st.compiled_stretches
     if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
         from hetegen_fx.trace import record
 
