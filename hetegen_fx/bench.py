@@ -552,8 +552,25 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
     return result
 
 
+def setup(args, device: torch.device) -> tuple:
+    """What every run starts from: the model (built, timed), the random prompt, the model's bytes and the
+    ceilings of the machine measured now: ``(model, ids, model_bytes, build_s, ceilings)``."""
+    from hetegen_fx.config import format_bytes
+
+    t0 = time.perf_counter()
+    model = _build(args)
+    build_s = time.perf_counter() - t0
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=gen)
+    ceilings = measure_ceilings(device, DTYPES[args.dtype])
+    _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
+    return model, ids, model_bytes, build_s, ceilings
+
+
 def main(args: argparse.Namespace) -> int:
-    from hetegen_fx.config import format_bytes, parse_bytes
+    from hetegen_fx.config import parse_bytes
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -572,17 +589,8 @@ def main(args: argparse.Namespace) -> int:
 
         return run_sweep(args, out_dir)
 
-    t0 = time.perf_counter()
-    model = _build(args)
-    build_s = time.perf_counter() - t0
+    model, ids, model_bytes, build_s, ceilings = setup(args, device)
     rss_model = _rss()
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=gen)
-
-    ceilings = measure_ceilings(device, DTYPES[args.dtype])
-    _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
 
     results = []
     order = [v for v in VARIANTS + EXTRA_VARIANTS if v in variants]

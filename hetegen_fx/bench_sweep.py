@@ -298,7 +298,7 @@ def _point(label, nbytes, model, ids, args, device, out_dir, gpu, idle, variants
 
 def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
     """The sweep (see the module): ceilings, the all-GPU reference, every budget, the report."""
-    from .bench import DTYPES, _build, _log, _rss, measure_ceilings, run_variant
+    from .bench import _log, _rss, run_variant, setup
     from .costs import streaming_bytes
 
     device = torch.device(args.device)
@@ -316,15 +316,7 @@ def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
             _log(
                 "CUDA was initialised before the first nvidia-smi reading: the process's memory is undercounted"
             )
-    t0 = time.perf_counter()
-    model = _build(args)
-    build_s = time.perf_counter() - t0
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    _log(f"built {args.model or args.preset} ({format_bytes(model_bytes)}, {args.dtype}) in {build_s:.1f} s")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=gen)
-    ceilings = measure_ceilings(device, DTYPES[args.dtype])
-    _log("ceilings: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in ceilings.items()))
+    model, ids, model_bytes, build_s, ceilings = setup(args, device)
 
     reference = None
     if "gpu" in requested:

@@ -548,18 +548,6 @@ def _checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
 
 
-@torch.no_grad()
-def _init_buffers(model: PreTrainedModel) -> None:
-    """Buffers the checkpoint does not hold (rotary ``inv_freq`` ...) computed by the model's own
-    ``_init_weights``, as transformers does on load; parameters it touches are read afterwards."""
-    for module in model.modules():
-        buffers = list(module.buffers(recurse=False))
-        for buf in buffers:
-            buf.zero_()
-        if buffers:
-            model._init_weights(module)
-
-
 def build_model(
     path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, progress: bool = True
 ) -> PreTrainedModel:
@@ -600,7 +588,10 @@ def build_model(
 
         model.to_empty(device="cpu")  # allocated, not touched: pages are filled as tensors are read
         model.tie_weights()
-        _init_buffers(model)
+        from hetegen_fx.models.builders import init_buffers
+
+        # buffers the checkpoint does not hold (rotary inv_freq ...), computed as transformers does on load
+        init_buffers(model)
         targets = model.state_dict(keep_vars=True)
         start, done, shown = time.perf_counter(), 0, 0
         for key, entry in reads.items():

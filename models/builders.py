@@ -234,7 +234,7 @@ def _fill(job: tuple[torch.Tensor, int, tuple[str, float, float]]) -> None:
 
 
 @torch.no_grad()
-def _init_buffers(model: PreTrainedModel) -> None:
+def init_buffers(model: PreTrainedModel) -> None:
     """Zero every buffer, then let HF recompute the ones it derives (rotary ``inv_freq`` ...)."""
     for module in model.modules():
         buffers = list(module.buffers(recurse=False))
@@ -295,7 +295,7 @@ def build_random(
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    _init_buffers(model)
+    init_buffers(model)
 
     jobs = _fill_jobs(model, seed)
     with torch.no_grad():
