@@ -73,7 +73,7 @@ def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:
 
     def run(*args: Any) -> Any:
         if trace.recording():  # inside trace.record(): node by node, timed, no CUDA graphs
-            return trace.run_recorded(gm, device, args)
+            return trace.run_recorded(gm, device, args, store)
         return fast(*args)
 
     def call(*args: Any) -> Any:

@@ -108,7 +108,7 @@ def apply(store, residency: dict[str, bool], reason: str, kv: int | None = None,
         return None
     from . import trace
 
-    trace.note(str(change))  # a recorded timeline shows it before the next call
+    trace.note(str(change), store)  # a recorded timeline of the model shows it before its next call
     store.residency = dict(store.ledger.residency)
     demoted = [t for name in change.demoted for t in store.tensors_of.get(name, ())]
     promoted = [t for name in change.promoted for t in store.tensors_of.get(name, ())]
@@ -180,7 +180,9 @@ class Runner:
         t0 = time.perf_counter()
         self._compile()
         self.rebuilt += 1
-        trace.note(f"graph compiled again for the new residency in {time.perf_counter() - t0:.2f} s")
+        trace.note(
+            f"graph compiled again for the new residency in {time.perf_counter() - t0:.2f} s", self.store
+        )
 
     def current(self):
         """The graph module of the current residency (compiled again first if the residency changed)."""

@@ -251,14 +251,16 @@ def record() -> Iterator[list[Timeline]]:
             _CHANGES.clear()
 
 
-_CHANGES: list[str] = []  # changes since the last recorded call, for the next Timeline
+#: changes since the last recorded call of their model's graphs, for its next Timeline: (owner, text)
+_CHANGES: list[tuple[int, str]] = []
 
 
-def note(change: str) -> None:
-    """Remember ``change`` (a residency change, a graph compiled again) for the next recorded call's
-    :attr:`Timeline.changes`; nothing when no recording is open."""
+def note(change: str, owner: object = None) -> None:
+    """Remember ``change`` (a residency change, a graph compiled again) of ``owner``'s model (its weight
+    store) for the next recorded call of one of its graphs (:attr:`Timeline.changes`); nothing when no
+    recording is open."""
     if _RECORDING:
-        _CHANGES.append(change)
+        _CHANGES.append((id(owner), change))
 
 
 def recording() -> bool:
@@ -266,9 +268,12 @@ def recording() -> bool:
     return bool(_RECORDING)
 
 
-def run_recorded(gm: fx.GraphModule, device: str, args: tuple) -> Any:
-    """Run ``gm`` node by node on ``args``, adding its :class:`Timeline` to the innermost :func:`record`."""
+def run_recorded(gm: fx.GraphModule, device: str, args: tuple, owner: object = None) -> Any:
+    """Run ``gm`` (a graph of ``owner``'s model) node by node on ``args``, adding its :class:`Timeline`, with
+    the changes noted for that model since its last recorded call, to the innermost :func:`record`."""
     out, timeline = TimelineInterpreter(gm, device).run_timed(*args)
-    timeline.changes, _CHANGES[:] = list(_CHANGES), []
+    mine = id(owner)
+    timeline.changes = [text for who, text in _CHANGES if who == mine]
+    _CHANGES[:] = [(who, text) for who, text in _CHANGES if who != mine]
     _RECORDING[-1].append(timeline)
     return out

@@ -287,11 +287,16 @@ def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_pat
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
     kw = {"max_new_tokens": 3, "do_sample": False}
     compiled = hetegen_fx.compile(model, gpu_memory=int(_nbytes(model) * 0.5), device="cpu", max_seq_len=64)
+    other = hetegen_fx.compile(tiny_hf("llama"), gpu_memory=int(_nbytes(model) * 0.5), device="cpu")
     with torch.no_grad(), trace.record() as timelines:
         compiled.generate(ids, **kw)
+        other.generate(ids, **kw)
         assert timelines and not any(t.changes for t in timelines)
-        first = len(timelines)
         change = hetegen_fx.set_gpu_memory(compiled, _nbytes(model) * 4)
+        first = len(timelines)
+        other.generate(ids, **kw)  # another model's calls do not carry this model's change
+        assert len(timelines) > first and not any(t.changes for t in timelines[first:])
+        first = len(timelines)
         compiled.generate(ids, **kw)
     after = timelines[first:]
     assert change.promoted and after[0].changes[0] == str(change)
