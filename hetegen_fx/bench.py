@@ -362,6 +362,11 @@ def _build(args):
     return build_random(args.preset, dtype=DTYPES[args.dtype])
 
 
+def at_budget(args: argparse.Namespace, gpu_memory) -> argparse.Namespace:
+    """A copy of the bench's arguments with another ``--gpu-memory`` (None: no budget)."""
+    return argparse.Namespace(**{**vars(args), "gpu_memory": gpu_memory})
+
+
 def _compile(name: str, model, args, device: torch.device):
     """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen, graphs, default or compiled)."""
     import hetegen_fx

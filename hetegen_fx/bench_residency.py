@@ -162,7 +162,7 @@ def run_raise(model, ids: torch.Tensor, args, device: torch.device, reference: l
     import hetegen_fx
     from hetegen_fx.store import forget
 
-    from .bench import StepClock, _compile, _free, _log, _sync
+    from .bench import StepClock, _compile, _free, _log, _sync, at_budget
 
     new = max(args.new_tokens, 3)
     res: dict = {"from": args.gpu_memory, "to": args.raise_to}
@@ -193,7 +193,7 @@ def run_raise(model, ids: torch.Tensor, args, device: torch.device, reference: l
         res["same_generate_warm_s"] = time.perf_counter() - t0
         res["after_offloaded_bytes"] = hetegen_fx.state(raised).decode_plan.offloaded_bytes
         forget(list(model.parameters()))  # the fresh compile gets a store of its own
-        fresh_args = _with_budget(args, args.raise_to)
+        fresh_args = at_budget(args, args.raise_to)
         t0 = time.perf_counter()
         fresh = _compile("default", model, fresh_args, device)
         _generate(fresh, ids, 4)
@@ -236,12 +236,6 @@ def run_raise(model, ids: torch.Tensor, args, device: torch.device, reference: l
         forget(list(model.parameters()))
         _free(device)
     return res
-
-
-def _with_budget(args, budget: str):
-    import argparse
-
-    return argparse.Namespace(**{**vars(args), "gpu_memory": budget})
 
 
 def format_rows(grow: dict | None, raised: dict | None) -> list[str]:

@@ -239,13 +239,13 @@ def _peer(args, model, device: torch.device, gpu: str | None, allowance: int, wo
 
 def _point(label, nbytes, model, ids, args, device, out_dir, gpu, idle, variants, ceilings, peer) -> dict:
     """One budget: the variants, their bounds, llama.cpp; a failure is recorded and the sweep goes on."""
-    from .bench import _log, decode_bounds
+    from .bench import _log, at_budget, decode_bounds
 
     point: dict = {"budget": label, "budget_bytes": nbytes, "variants": {}, "skipped": {}, "errors": {}}
     point["date"] = time.strftime("%Y-%m-%d %H:%M")
     folder = out_dir / "sweep" / label
     folder.mkdir(parents=True, exist_ok=True)
-    pargs = argparse.Namespace(**{**vars(args), "gpu_memory": label if nbytes is not None else None})
+    pargs = at_budget(args, label if nbytes is not None else None)
     pargs.out = str(folder)  # one decode step's timeline per budget
     for name in variants:
         hetegen = point["variants"].get("hetegen")

@@ -77,10 +77,9 @@ def compile_options(args: argparse.Namespace) -> dict:
         options["cuda_graphs"] = True
         if args.graph_memory is not None:
             options["graph_memory"] = args.graph_memory
-    if getattr(args, "compile_stretches", False):
-        options["compile_stretches"] = True
-    if getattr(args, "cudnn_attention", False):
-        options["cudnn_attention"] = True
+    for flag in ("compile_stretches", "cudnn_attention"):  # on/off flags named as their options
+        if getattr(args, flag, False):
+            options[flag] = True
     return options
 
 
