@@ -29,14 +29,17 @@ import torch
 from . import kernels
 from .costs import _threads, streaming_bytes
 from .host import default_threads
+from .plan import atomic_write
 
 VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
 #: variants run only when asked for: "graphs" is hetegen with CUDA graphs (``cuda_graphs=True``) and one
 #: static KV cache of its own for every generate, so that its decode steps repeat their shapes and addresses;
 #: "default" is hetegen as a user compiles it, naming no ``max_seq_len`` (the KV cache reserved by use,
-#: where the other variants name the workload's length); "compiled" is hetegen with its stretches of device
-#: work compiled by inductor (``compile_stretches=True``)
+#: where the other variants name the workload's length); "compiled" is "graphs" with its stretches of device
+#: work compiled by inductor (``compile_stretches=True``), the graphs recorded from inductor's code
 EXTRA_VARIANTS = ("graphs", "default", "compiled")
+#: the variants that replay CUDA graphs, and so decode into one static KV cache of their own
+STATIC_CACHE = ("graphs", "compiled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -344,6 +347,24 @@ def _time_generate(
     return prefill, decode, out[0, ids.shape[1] :].tolist(), steps
 
 
+def _warmups(name: str) -> int:
+    """Warm-up generates before a variant is timed: the compiled one's stretches run inductor's code only
+    from their :data:`~hetegen_fx.inductor.COMPILE_AFTER`-th call (the prefill's too), so it gets one more."""
+    from .inductor import COMPILE_AFTER
+
+    return COMPILE_AFTER + 1 if name == "compiled" else 1
+
+
+def _static_cache(name: str, model, args):
+    """The one KV cache a variant of :data:`STATIC_CACHE` decodes into in every generate (HF would make a new
+    one, at new addresses, per call, and the CUDA graphs would re-record); None for the others."""
+    if name not in STATIC_CACHE:
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens + 8)
+
+
 def _cache_kw(cache) -> dict:
     """generate() arguments that start from ``cache`` (an HF StaticCache, reset), or none."""
     if cache is None:
@@ -372,7 +393,7 @@ def _compile(name: str, model, args, device: torch.device):
     import hetegen_fx
 
     alpha = {"stream": 0.0, "cpu": 1.0}.get(name)
-    graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name == "graphs" else {}
+    graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name in STATIC_CACHE else {}
     if name == "compiled":
         graphs["compile_stretches"] = True
     return hetegen_fx.compile(
@@ -406,7 +427,7 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
     from hetegen_fx.store import forget
 
     _free(device)
-    runners = {}
+    runners, caches = {}, {}
     kw = {"do_sample": False, "pad_token_id": 0}
     steps: dict[str, list[float]] = {n: [] for n in names}
     try:
@@ -414,7 +435,9 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
             for name in names:
                 forget(list(model.parameters()))  # a store of its own: the variants must not share residency
                 runners[name] = _compile(name, model, args, device)
-                runners[name].generate(ids, max_new_tokens=4, **kw)
+                caches[name] = _static_cache(name, model, args)
+                for _ in range(_warmups(name)):
+                    runners[name].generate(ids, max_new_tokens=4, **kw, **_cache_kw(caches[name]))
             forget(list(model.parameters()))
             new = max(args.new_tokens, 3)
             for r in range(args.interleave):
@@ -427,6 +450,7 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
                         min_new_tokens=new,
                         logits_processor=LogitsProcessorList([clock]),
                         **kw,
+                        **_cache_kw(caches[name]),
                     )
                     _sync(device)
                     steps[name].append(statistics.median(clock.steps()))
@@ -436,6 +460,7 @@ def run_interleaved(names: list[str], model, ids: torch.Tensor, args, device: to
                 )
     finally:  # the runners go whatever happens (an error's traceback keeps this frame, and the dict, alive)
         runners.clear()
+        caches.clear()
         _free(device)
     speedups = {}
     for a, b in INTERLEAVED_RATIOS:
@@ -480,13 +505,10 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         runner = _compile(name, model, args, device)
     result["setup_s"] = time.perf_counter() - t0
     result["host_rss_after_setup_bytes"] = _rss()
-    cache = None
-    if name == "graphs":  # one cache for every generate: HF would make a new one (new addresses) per call
-        from transformers import StaticCache
-
-        cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens + 8)
-    with torch.no_grad():  # warm-up: compiles the prefill and decode graphs
-        runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **_cache_kw(cache))
+    cache = _static_cache(name, model, args)
+    with torch.no_grad():  # warm-up: compiles the prefill and decode graphs (and the stretches, from their
+        for _ in range(_warmups(name)):  # COMPILE_AFTER-th call)
+            runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **_cache_kw(cache))
     result["first_call_s"] = time.perf_counter() - t0
     _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
     prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps, cache)
@@ -636,11 +658,6 @@ def main(args: argparse.Namespace) -> int:
 
     by = {r["variant"]: r for r in results}
     ref = by.get("gpu") or by.get("stream")
-    grow, raised = _residency_scenarios(model, ids, args, device, ref)
-    for r in results:
-        n = len(r["tokens"])
-        r["tokens_match_reference"] = ref is not None and r["tokens"] == ref["tokens"][:n]
-    bounds = decode_bounds(results, ceilings)
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
@@ -655,18 +672,28 @@ def main(args: argparse.Namespace) -> int:
         "cpu_threads": torch.get_num_threads(),
         "ceilings": ceilings,
         "ceiling_working_set_bytes": streaming_bytes(),
-        "bound_decode_s": bounds.get("hetegen"),
-        "bounds_decode_s": bounds,
         "host_rss_after_build_bytes": rss_model,
         "results": results,
         "interleaved": interleaved,
-        "grow": grow,
-        "raise": raised,
+        "grow": None,
+        "raise": None,
     }
-    (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
+
+    def write() -> None:  # after each stage: a run stopped in a later one keeps what it measured
+        ref_tokens = ref["tokens"] if ref else summary.get("reference_prefix")
+        for r in results:
+            n = len(r["tokens"])
+            r["tokens_match_reference"] = ref_tokens is not None and r["tokens"] == ref_tokens[:n]
+        bounds = decode_bounds(results, ceilings)
+        summary.update(bound_decode_s=bounds.get("hetegen"), bounds_decode_s=bounds)
+        atomic_write(out_dir / "bench.json", json.dumps(summary, indent=1))
+
+    write()
+    _residency_scenarios(model, ids, args, device, ref, summary, write)
     table = format_table(summary)
     (out_dir / "bench.md").write_text(table + "\n")
     _chart(summary, out_dir / "bench.png")
+    grow = summary["grow"]
     if grow and grow["stretches"]:
         try:
             from .bench_residency import chart
@@ -680,29 +707,35 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _residency_scenarios(model, ids, args, device, ref: dict | None) -> tuple[dict | None, dict | None]:
-    """``--grow`` and ``--raise-to`` (:mod:`hetegen_fx.bench_residency`); a failure is logged, not raised."""
+def _residency_scenarios(model, ids, args, device, ref: dict | None, summary: dict, write) -> None:
+    """``--grow`` and ``--raise-to`` (:mod:`hetegen_fx.bench_residency`), into ``summary["grow"]`` and
+    ``summary["raise"]``, ``write()`` after each; a failure is logged, not raised. Where the run has no short
+    reference (no gpu or stream variant), the long generate's reference gives one: its first tokens
+    (``summary["reference_prefix"]``), as greedy decoding of the same prompt makes the same prefix."""
     from .bench_residency import reference_tokens, run_grow, run_raise
 
-    grow = raised = None
     variants = {v.strip() for v in args.variants.split(",")}
+    short = ref["tokens"] if ref else None
     if args.grow:
         try:
             reference = reference_tokens(
                 model, ids, args.grow - ids.shape[1], args, device, "gpu" in variants
             )
+            if short is None and reference is not None:
+                short = summary["reference_prefix"] = reference[: max(args.new_tokens, 3)]
             if "default" in variants:
-                grow = run_grow(model, ids, args, device, reference)
+                summary["grow"] = run_grow(model, ids, args, device, reference)
         except Exception as e:
             _log(f"grow FAILED: {type(e).__name__}: {str(e)[:2000]}")
             _free(device)
+        write()
     if args.raise_to:
         try:
-            raised = run_raise(model, ids, args, device, ref["tokens"] if ref else None)
+            summary["raise"] = run_raise(model, ids, args, device, short)
         except Exception as e:
             _log(f"raise FAILED: {type(e).__name__}: {str(e)[:2000]}")
             _free(device)
-    return grow, raised
+        write()
 
 
 #: the ceiling each kind of variant streams its offloaded bytes at

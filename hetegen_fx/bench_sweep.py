@@ -341,58 +341,67 @@ def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
     if cuda:
         _log(f"this process holds {format_bytes(context)} on the GPU with no model (its CUDA context)")
 
+    def report(
+        points: list[dict],
+    ) -> str:  # written after every point: a sweep cut short keeps what it measured
+        ref_tokens, ref_name = (reference["tokens"], "gpu") if reference else (None, None)
+        if (
+            ref_tokens is None
+        ):  # the largest budget's hetegen: a check that the variants agree, not a reference
+            for p in reversed(points):
+                if "hetegen" in p["variants"]:
+                    ref_tokens, ref_name = p["variants"]["hetegen"]["tokens"], f"hetegen at {p['budget']}"
+                    break
+        for p in points:
+            for r in p["variants"].values():
+                n = len(r["tokens"])
+                r["tokens_match_reference"] = None if ref_tokens is None else r["tokens"] == ref_tokens[:n]
+        summary = {
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "date": time.strftime("%Y-%m-%d"),
+            "model": args.model or args.preset,
+            "dtype": args.dtype,
+            "model_bytes": model_bytes,
+            "build_s": build_s,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "reps": args.reps,
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "ceilings": ceilings,
+            "ceiling_working_set_bytes": streaming_bytes(),
+            "gpu_idle_bytes": idle,
+            "process_context_bytes": context if cuda else None,
+            "host_rss_bytes": _rss(),
+            "reference": ref_name,
+            "gpu_reference": reference,
+            "llama_cpp": peer.to_dict() if peer is not None else None,
+            "budgets": [label for label, _ in budgets],
+            "points": list(points),
+        }
+        kept = merge_earlier(summary, earlier)
+        if kept:
+            _log(f"kept the points {', '.join(kept)} of the earlier sweep in {out_dir} (same settings)")
+        atomic_write(out_dir / "sweep.json", json.dumps(summary, indent=1))
+        table = format_table(summary)
+        (out_dir / "bench.md").write_text(table + "\n")
+        chart(summary, out_dir / "sweep.png")
+        return table
+
+    earlier = read_earlier(out_dir / "sweep.json")  # read once: this run rewrites the file after each point
     work = Path(tempfile.mkdtemp(prefix="hetegen-sweep-"))  # the GGUF: as large as the model
+    peer = None
     try:
         peer = _peer(args, model, device, gpu, context, work)
-        points = []
+        points: list[dict] = []
         for label, nbytes in budgets:
             _log(f"budget {label} ...")
             points.append(
                 _point(label, nbytes, model, ids, args, device, out_dir, gpu, idle, variants, ceilings, peer)
             )
+            table = report(points)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    ref_tokens, ref_name = (reference["tokens"], "gpu") if reference else (None, None)
-    if ref_tokens is None:  # the largest budget's hetegen: a check that the variants agree, not a reference
-        for p in reversed(points):
-            if "hetegen" in p["variants"]:
-                ref_tokens, ref_name = p["variants"]["hetegen"]["tokens"], f"hetegen at {p['budget']}"
-                break
-    for p in points:
-        for r in p["variants"].values():
-            n = len(r["tokens"])
-            r["tokens_match_reference"] = None if ref_tokens is None else r["tokens"] == ref_tokens[:n]
-    summary = {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "model": args.model or args.preset,
-        "dtype": args.dtype,
-        "model_bytes": model_bytes,
-        "build_s": build_s,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "reps": args.reps,
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "ceilings": ceilings,
-        "ceiling_working_set_bytes": streaming_bytes(),
-        "gpu_idle_bytes": idle,
-        "process_context_bytes": context if cuda else None,
-        "host_rss_bytes": _rss(),
-        "reference": ref_name,
-        "gpu_reference": reference,
-        "llama_cpp": peer.to_dict() if peer is not None else None,
-        "budgets": [label for label, _ in budgets],
-        "points": points,
-    }
-    kept = merge_earlier(out_dir / "sweep.json", summary)
-    if kept:
-        _log(f"kept the points {', '.join(kept)} of the earlier sweep in {out_dir} (same settings)")
-    atomic_write(out_dir / "sweep.json", json.dumps(summary, indent=1))
-    table = format_table(summary)
-    (out_dir / "bench.md").write_text(table + "\n")
-    chart(summary, out_dir / "sweep.png")
     print(table)
     return 0
 
@@ -401,19 +410,24 @@ def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
 SAME_SETTINGS = ("model", "dtype", "device", "prompt_len", "new_tokens", "reps", "cpu_threads")
 
 
-def merge_earlier(path: Path, summary: dict) -> list[str]:
-    """Add to ``summary`` the points of the earlier ``sweep.json`` at ``path`` whose budgets this run did not
-    measure, when it has the same :data:`SAME_SETTINGS`: a long sweep can run in pieces (e.g. a few budgets
-    per command where commands have a time limit), each point keeping its own date, reference check and
-    llama.cpp run. Returns the budgets kept."""
+def read_earlier(path: Path) -> dict | None:
+    """The earlier ``sweep.json`` at ``path``, or None when there is none or it cannot be read."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
-        return []
-    if not isinstance(earlier, dict) or any(earlier.get(k) != summary.get(k) for k in SAME_SETTINGS):
+        return None
+    return earlier if isinstance(earlier, dict) else None
+
+
+def merge_earlier(summary: dict, earlier: dict | None) -> list[str]:
+    """Add to ``summary`` the points of an earlier sweep (:func:`read_earlier`) whose budgets this run did not
+    measure, when it has the same :data:`SAME_SETTINGS`: a long sweep can run in pieces (e.g. a few budgets
+    per command where commands have a time limit), each point keeping its own date, reference check and
+    llama.cpp run. Returns the budgets kept."""
+    if earlier is None or any(earlier.get(k) != summary.get(k) for k in SAME_SETTINGS):
         return []
     mine = {p["budget_bytes"] for p in summary["points"]}
-    kept = [p for p in earlier.get("points", []) if p.get("budget_bytes", -1) not in mine]
+    kept = [dict(p) for p in earlier.get("points", []) if p.get("budget_bytes", -1) not in mine]
     for p in kept:
         p.setdefault("date", earlier.get("date"))
     summary["points"] = sorted(

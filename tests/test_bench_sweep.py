@@ -409,7 +409,7 @@ def test_bad_sweep_flags_are_one_line_before_a_model_loads(tmp_path, capsys, fla
 
 
 def test_a_sweep_in_pieces_keeps_the_earlier_points_of_the_same_settings(tmp_path):
-    from hetegen_fx.bench_sweep import merge_earlier
+    from hetegen_fx.bench_sweep import merge_earlier, read_earlier
 
     settings = {"model": "m", "dtype": "float16", "device": "d", "prompt_len": 8, "new_tokens": 4, "reps": 1}
     settings["cpu_threads"] = 12
@@ -420,11 +420,13 @@ def test_a_sweep_in_pieces_keeps_the_earlier_points_of_the_same_settings(tmp_pat
     earlier = {**settings, "date": "2026-12-06", "points": [point("2GiB", 2 * GiB), point("4GiB", 4 * GiB)]}
     (tmp_path / "sweep.json").write_text(json.dumps(earlier))
     now = {**settings, "points": [point("4GiB", 4 * GiB), point("all", None)]}
-    assert merge_earlier(tmp_path / "sweep.json", now) == ["2GiB"]  # 4GiB was measured again: the new one
+    assert merge_earlier(now, read_earlier(tmp_path / "sweep.json")) == [
+        "2GiB"
+    ]  # 4GiB was measured again: the new one
     assert now["budgets"] == ["2GiB", "4GiB", "all"] and now["points"][0]["date"] == "2026-12-06"
     other = {**settings, "prompt_len": 512, "points": [point("all", None)]}
-    assert merge_earlier(tmp_path / "sweep.json", other) == [] and len(other["points"]) == 1
-    assert merge_earlier(tmp_path / "missing.json", other) == []
+    assert merge_earlier(other, read_earlier(tmp_path / "sweep.json")) == [] and len(other["points"]) == 1
+    assert merge_earlier(other, read_earlier(tmp_path / "missing.json")) == []
 
 
 def test_the_peer_measures_its_way_to_the_largest_ngl_that_fits_each_budget(monkeypatch):
