@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import launch
 from .capture import capture_export, capture_fx, is_hf_model, param_names
-from .config import Config
+from .config import Config, format_bytes
 from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
 from .introspect import attach, state
@@ -95,6 +95,7 @@ def compile(  # noqa: A001  (mirrors torch.compile)
 
         load_plan(config.plan)
     _check_weights(model)
+    _check_storage(model, config)
     frontend = config.frontend
     if frontend == "auto":
         frontend = "dynamo" if is_hf_model(model) else "fx"
@@ -386,6 +387,37 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> int:
     while floor > 16 and kv(floor) > (config.gpu_memory - other) // 2:
         floor //= 2
     return floor
+
+
+def _check_storage(model: torch.nn.Module, config: Config) -> None:
+    """With ``cpu_memory``: the model's Linear weights must stay in their checkpoint (``hetegen_fx.load``),
+    and ``cpu_memory`` must hold at least what stays in RAM whatever the placement (the other weights, and
+    the storage ring for the largest Linear): clear errors now, not at the first call."""
+    if config.cpu_memory is None:
+        return
+    from .checkpoint import source_of
+    from .prefetch import DEFAULT_SLOTS
+
+    params = {id(p): p for p in model.parameters()}.values()
+    deferred = [p for p in params if source_of(p) is not None]
+    if not deferred:
+        raise ConfigError(
+            "cpu_memory applies to a model whose Linear weights stay in their checkpoint until placed: load it "
+            "with hetegen_fx.load(path, cpu_memory=...) (or `hetegen generate --model PATH --cpu-memory ...`); "
+            "a model already in host memory needs no cpu_memory"
+        )
+    other = sum(p.numel() * p.element_size() for p in params if source_of(p) is None)
+    largest = max(p.numel() * p.element_size() for p in deferred)
+    slots = config.storage_slots or DEFAULT_SLOTS
+    least = other + slots * largest
+    if config.cpu_memory < least:
+        raise ConfigError(
+            f"cpu_memory {format_bytes(config.cpu_memory)} is below the {format_bytes(least)} this model needs in "
+            f"host memory at least: its weights other than the Linears' ({format_bytes(other)}: embeddings, "
+            f"norms, biases) stay in RAM, and the storage ring holds {slots} slots of the largest Linear "
+            f"({format_bytes(largest)}). Give cpu_memory of at least {format_bytes(least)}, or a smaller ring "
+            "(storage_slots=2)"
+        )
 
 
 def _check_weights(model: torch.nn.Module) -> None:

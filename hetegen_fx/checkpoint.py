@@ -4,7 +4,11 @@ Owns: the index of a checkpoint folder (``config.json`` and ``model.safetensors`
 ``model.safetensors.index.json``; every safetensors header parsed here: tensor → file, absolute byte offset,
 size, dtype, shape), its validation before any tensor is read, positional reads of whole tensors or row
 ranges into caller-given CPU tensors (``os.preadv``, no mmap), the read statistics, and building an HF model
-from such a folder one tensor at a time (``build_model``, ``load``).
+from such a folder one tensor at a time (``build_model``, ``load``); with ``defer``, the weights of its
+Linears left unread in untouched anonymous memory, each bound to its place in the checkpoint (a
+:class:`Source`, :func:`source_of`) so that placement reads only the rows that stay in RAM (:func:`fill`)
+or go to the device (:func:`read_whole`), and the storage tier reads the rest at every step
+(:mod:`hetegen_fx.prefetch`).
 Must not: write into the checkpoint folder, map whole files into memory, or hold a second copy of the
 weights (a state dict of every tensor); place weights (``hetegen_fx.compile`` does).
 
@@ -17,6 +21,7 @@ tensor are one contiguous byte range.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -24,7 +29,8 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -288,6 +294,80 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+# -- weights bound to their checkpoint (the storage tier's sources) ------------------------------------------
+
+
+@dataclass
+class Source:
+    """Where a deferred weight's values are: tensor ``name`` of ``checkpoint`` (kept open while the weight
+    lives). ``filled``: rows ``[0, filled)`` have been read into the weight itself."""
+
+    checkpoint: Checkpoint
+    name: str
+    filled: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+_SOURCES: dict[int, tuple[weakref.ref, Source]] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def bind(t: torch.Tensor, checkpoint: Checkpoint, name: str) -> None:
+    """Record that ``t`` (a deferred weight, unread) holds tensor ``name`` of ``checkpoint``."""
+    with _SOURCES_LOCK:
+        _SOURCES[_key(t)] = (weakref.ref(t), Source(checkpoint, name))
+
+
+def source_of(t: torch.Tensor) -> Source | None:
+    """The checkpoint place of ``t`` when it is a deferred weight (:func:`build_model` with ``defer``)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return None
+    with _SOURCES_LOCK:
+        hit = _SOURCES.get(_key(t))
+    if hit is None or hit[0]() is None:
+        return None
+    return hit[1]
+
+
+def fill(t: torch.Tensor, rows: int) -> None:
+    """Read rows ``[0, rows)`` of deferred weight ``t`` into it (those not read yet); a weight with no
+    source is left alone. Rows stay read: a weight is filled once per row."""
+    src = source_of(t)
+    if src is None:
+        return
+    rows = min(rows, t.shape[0])
+    with src.lock:
+        if rows > src.filled:
+            src.checkpoint.read(src.name, out=t.detach()[src.filled : rows], rows=(src.filled, rows))
+            src.filled = rows
+
+
+def read_whole(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t``: ``t`` itself, or for a deferred weight a new tensor read from its checkpoint
+    (what goes to the device: the weight's own memory stays untouched)."""
+    src = source_of(t)
+    if src is None or src.filled >= t.shape[0]:
+        return t
+    return src.checkpoint.read(src.name)
+
+
+def _untouched(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor in its own anonymous memory map, not touched: it takes no host memory until rows are
+    written (the kernel maps pages on first write), and pinning a range of it pins only that range."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled on first touch
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+
+
 def _unreadable(file: Path) -> str:
     return (
         f"cannot read {file} (permission denied): make it readable by this user (e.g. chmod a+r {file}) "
@@ -548,21 +628,46 @@ def _checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
 
 
+def _deferrable(model: PreTrainedModel, reads: dict[str, TensorEntry]) -> set[str]:
+    """State-dict keys of the weights of the model's ``nn.Linear`` modules that can stay in the checkpoint:
+    stored in the model's dtype (read raw, rows at a time) and not shared with another parameter (a tied
+    ``lm_head`` is the embedding table, which the model reads whole)."""
+    count: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key = f"{name}.weight" if name else "weight"
+            entry = reads.get(key)
+            w = module.weight
+            if entry is not None and count.get(id(w)) == 1 and entry.dtype == w.dtype and w.dim() == 2:
+                keys.add(key)
+    return keys
+
+
 def build_model(
-    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, progress: bool = True
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    defer: bool = False,
 ) -> PreTrainedModel:
     """The Hugging Face causal LM of the checkpoint folder ``path``, in eval mode on the CPU, built on the
     meta device from ``config.json`` and filled one tensor at a time from the safetensors files (no
     second copy: host memory is the model's bytes plus one tensor when casting).
 
     ``dtype``: the model's dtype (floating tensors are cast while read); None keeps the dtype most of the
-    checkpoint's bytes are stored in. A missing tensor or one of the wrong shape is a
-    :class:`CheckpointError` before any tensor is read."""
+    checkpoint's bytes are stored in. ``defer``: leave the weights of the Linears unread (:func:`_deferrable`),
+    in untouched memory bound to the checkpoint (:func:`source_of`), for a compile with ``cpu_memory`` to
+    place them; the checkpoint's files then stay open while the model lives. A missing tensor or one of the
+    wrong shape is a :class:`CheckpointError` before any tensor is read."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
     ckpt = Checkpoint.open(path)
+    deferred: set[str] = set()
     try:
         folder = ckpt.folder
         try:
@@ -593,6 +698,16 @@ def build_model(
         # buffers the checkpoint does not hold (rotary inv_freq ...), computed as transformers does on load
         init_buffers(model)
         targets = model.state_dict(keep_vars=True)
+        deferred = _deferrable(model, reads) if defer else set()
+        for key in deferred:
+            param = targets[key]
+            param.data = _untouched(tuple(param.shape), param.dtype)
+            bind(param, ckpt, reads[key].name)
+        if deferred:
+            kept = sum(reads[k].nbytes for k in deferred)
+            _log(progress, f"  {len(deferred)} Linear weights ({format_bytes(kept)}) left in the checkpoint")
+            reads = {k: e for k, e in reads.items() if k not in deferred}
+            total -= kept
         start, done, shown = time.perf_counter(), 0, 0
         for key, entry in reads.items():
             target = targets[key].data
@@ -615,8 +730,11 @@ def build_model(
             pass  # no generation_config.json: the one from_config derived stays
         model.config.name_or_path = str(folder)
         _log(progress, f"  read {ckpt.stats()}")
-    finally:
+    except BaseException:
         ckpt.close()
+        raise
+    if not deferred:
+        ckpt.close()  # else kept open by the weights' sources
     return model.eval()
 
 
@@ -629,7 +747,10 @@ def load(
 ) -> torch.nn.Module:
     """``hetegen_fx.compile(build_model(path, dtype=dtype), **compile_options)``: a model compiled straight
     from a safetensors checkpoint folder, without loading it through transformers first. Its weights are read
-    once, tensor by tensor, into host memory (see :func:`build_model`).
+    once, tensor by tensor, into host memory (see :func:`build_model`). With ``cpu_memory`` the weights of
+    its Linears stay in the checkpoint until placement has decided where each row goes: resident rows are
+    read straight to the device, RAM rows into host memory, and the rest are read from storage at every step
+    (the storage tier), so host memory stays within ``cpu_memory``.
 
         compiled = hetegen_fx.load("path/to/Llama-2-7b-hf", gpu_memory="6GiB", dtype=torch.float16)
         out = compiled.generate(ids, max_new_tokens=32)
@@ -637,6 +758,7 @@ def load(
     from .api import compile as compile_model
     from .config import Config
 
-    Config.from_options(compile_options).check_device()  # a bad option: an error before any read
-    model = build_model(path, dtype=dtype, progress=progress)
+    config = Config.from_options(compile_options)
+    config.check_device()  # a bad option: an error before any read
+    model = build_model(path, dtype=dtype, progress=progress, defer=config.cpu_memory is not None)
     return compile_model(model, **compile_options)

@@ -54,7 +54,7 @@ def _log(msg: str) -> None:
 
 
 #: compile options read from flags of the same name (``--job-overhead`` → ``job_overhead``), when given
-_OPTION_FLAGS = ("plan", "alpha", "job_overhead", "prefetch")
+_OPTION_FLAGS = ("plan", "alpha", "job_overhead", "prefetch", "cpu_memory", "storage_policy", "storage_slots")
 
 
 def compile_options(args: argparse.Namespace) -> dict:
@@ -287,12 +287,36 @@ def _pad_id(tok: Any) -> int | None:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+def _load_model(args: argparse.Namespace, progress: bool) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer or None)`` of ``--model``; with ``--cpu-memory`` built from its safetensors
+    checkpoint with the Linears' weights left in it, for placement to read only what stays in RAM."""
+    from hetegen_fx.models import load
+
+    if getattr(args, "cpu_memory", None) is None:
+        return load(args.model, dtype=DTYPES[args.dtype], progress=progress)
+    from hetegen_fx.checkpoint import build_model
+    from hetegen_fx.models import TOKENIZER_FILES
+
+    path = Path(args.model or "").expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise HetegenError(
+            f"--cpu-memory keeps weights in their safetensors checkpoint and reads them from there: give --model "
+            f"a Hugging Face checkpoint folder (got {args.model or 'the default GGUF'}), or leave --cpu-memory out"
+        )
+    model = build_model(path, dtype=DTYPES[args.dtype], progress=progress, defer=True)
+    tok = None
+    if any((path / name).exists() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok
+
+
 def _load_for_text(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
     """Load ``--model`` with its tokenizer and compile it: ``(model, tokenizer, compiled)``."""
     import hetegen_fx
-    from hetegen_fx.models import load
 
-    model, tok = load(args.model, dtype=DTYPES[args.dtype], progress=True)
+    model, tok = _load_model(args, progress=True)
     if tok is None:
         raise HetegenError(f"{args.model!r} has no tokenizer: {args.command} needs a checkpoint with one")
     return model, tok, hetegen_fx.compile(model, **compile_options(args))
@@ -609,7 +633,6 @@ def plan_title(model: str, gpu_memory: int | None, tokens: int) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Compile, run one short generation (prefill + decode graphs), print and draw one graph's plan."""
     import hetegen_fx
-    from hetegen_fx.models import load
 
     if args.png and args.svg:
         raise HetegenError("give --png or --svg, not both")
@@ -643,7 +666,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     f"--draw-out {args.draw_out} needs Graphviz's `dot` program: apt-get install graphviz "
                     "(or brew install graphviz), or write a .dot file"
                 )
-    model, _ = load(args.model, dtype=DTYPES[args.dtype], progress=args.verbose)
+    model, _ = _load_model(args, progress=args.verbose)
     compiled = hetegen_fx.compile(model, **compile_options(args))
     vocab = int(getattr(model.config, "vocab_size", 32) or 32)
     gen = torch.Generator().manual_seed(0)
@@ -829,6 +852,28 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         default=None,
         metavar="BYTES",
         help="the accelerator memory budget, e.g. 6GiB or 400MiB (default: all free memory)",
+    )
+    g.add_argument(
+        "--cpu-memory",
+        type=_byte_count,
+        default=None,
+        metavar="BYTES",
+        help="host memory the weights may take, e.g. 16GiB: --model's Linear weights stay in its safetensors "
+        "files and the rows that do not fit are read from there at every step (default: all in RAM)",
+    )
+    g.add_argument(
+        "--storage-policy",
+        default=None,
+        choices=("balanced", "layered"),
+        help="with --cpu-memory, which rows stay in RAM: the same share of every layer (balanced, default) or "
+        "the first layers whole (layered)",
+    )
+    g.add_argument(
+        "--storage-slots",
+        type=_int_from(1),
+        default=None,
+        metavar="N",
+        help="with --cpu-memory, slots of the storage ring: how many storage parts reads run ahead (default 6)",
     )
     g.add_argument(
         "--max-seq-len",

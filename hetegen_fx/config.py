@@ -137,6 +137,16 @@ class Config:
         6 GiB stepped in 0.951 of the DynamicCache's time with it (292 MiB more resident weights at 584
         tokens; docs/benchmarks-history.md, 2026-11-22, commit 63e61b2). Only :func:`hetegen_fx.compile` applies it (on its
         copy of the model); the torch.compile backend leaves ``generate()`` alone.
+    cpu_memory: host memory the model's weights may take (bytes or "16GiB"), for a model whose Linear
+        weights stay in their checkpoint until placed (:func:`hetegen_fx.load` with ``cpu_memory``). Rows
+        that do not fit stay in storage and are read ahead of use, every step, into a ring of host slots
+        (:mod:`hetegen_fx.prefetch`) counted in it. ``None``: no storage tier (every offloaded weight in RAM).
+    storage_policy: which rows stay in RAM when some must stay in storage. "balanced" (default): the same
+        share of every Linear of a kind (``q_proj``, ``down_proj``, ...), so every layer reads the same bytes
+        from storage and reads spread evenly over a step; kinds whose reads cost the most time per byte (the
+        smallest, where each read's latency weighs most) are kept first. "layered": RAM filled layer by
+        layer in graph order, the later layers read whole (the obvious alternative, for comparison).
+    storage_slots: slots of the storage ring (reads run that many storage parts ahead); ``None``: 6.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -161,12 +171,20 @@ class Config:
     host_embeddings: bool = True
     graph_memory: int | None = None
     kv_cache: str = "auto"
+    cpu_memory: int | None = None
+    storage_policy: str = "balanced"
+    storage_slots: int | None = None
     cache_dir: str | None = None
     verbose: bool = False
     extra: dict = field(default_factory=dict, repr=False, hash=False)
 
     def __post_init__(self) -> None:
-        for name in ("gpu_memory", "activation_reserve", "graph_memory"):  # the only normalisation: bytes
+        for name in (
+            "gpu_memory",
+            "activation_reserve",
+            "graph_memory",
+            "cpu_memory",
+        ):  # the only normalisation: bytes
             object.__setattr__(self, name, parse_bytes(getattr(self, name), name))
         for flag in (
             "cuda_graphs",
@@ -182,6 +200,8 @@ class Config:
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         _check_choice("kv_cache", self.kv_cache, ("auto", "static", "dynamic"))
+        _check_choice("storage_policy", self.storage_policy, ("balanced", "layered"))
+        _check_int("storage_slots", self.storage_slots, 1, "a count of ring slots of at least 1, or None")
         _check_number("alpha", self.alpha, 0.0, 1.0, "a CPU share in [0, 1], or None to profile it")
         _check_number("job_overhead", self.job_overhead, 0.0, 1.0, "seconds in [0, 1] (e.g. 3e-4), or None")
         _check_int("prefetch", self.prefetch, 1, "a count of GPU parts of at least 1, or None")

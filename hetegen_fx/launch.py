@@ -57,6 +57,13 @@ def apply(plan, config, store, gm: fx.GraphModule) -> None:
         rt.reserve(plan.reserved.get("staging", 0), owner=store, graph=gm)
         if config.cpu_threads or rt.is_cuda:
             rt.host.threads = config.cpu_threads or default_threads()
+    parts = [
+        (lp.name, store.tensors_of[lp.name][0], lp.out_features - lp.storage_rows)
+        for lp in plan.layers
+        if lp.storage_rows and not lp.resident
+    ]
+    if parts:  # the storage tier: the reader reads the graph's storage rows, in the order it uses them
+        store.prepare_storage(parts, config.storage_slots, plan.storage.get("read_rate", 0.0))
 
 
 def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:

@@ -38,3 +38,9 @@ LEDGER = "hetegen_ledger"
 #: graph meta: Linear name → the tensors it is made of (weight, bias), by PlacementPass: what a residency
 #: change moves (the pipeline gives them to the weight store)
 TENSORS = "hetegen_tensors"
+#: graph meta: the storage tier's read costs measured by ProfilePass where Linear weights stay in their
+#: checkpoint (:func:`hetegen_fx.prefetch.measure_reads`): ``{"read_rate": bytes/s, "read_latency": s}``
+STORAGE_COST = "hetegen_storage_cost"
+#: graph meta: the model's first storage-tier decision, by PlacementPass: Linear name → rows kept in RAM
+#: (the rest stay in storage); the pipeline gives it to the weight store
+HOST_ROWS = "hetegen_host_rows"

@@ -12,7 +12,12 @@
 * ``hetegen::cpu_end(ticket, x, features, device) -> Tensor``: the job's result ``[..., features]`` on the
   device; on CUDA the compute stream waits for the worker on the device, the launching thread does not;
 * ``hetegen::cpu_wait(device)``: the launching thread waits until every CPU job queued so far has run (the
-  last node before a graph's outputs are handed back; see :mod:`hetegen_fx.host` for why).
+  last node before a graph's outputs are handed back; see :mod:`hetegen_fx.host` for why);
+* ``hetegen::fetch_rows(store, name, ram_rows, rows, cols, dtype) -> Tensor``: the storage rows of Linear
+  ``name`` (those from ``ram_rows`` on) in their slot of the storage reader's ring, the launching thread
+  waiting until they are read (:mod:`hetegen_fx.prefetch`); the host tensor a ``copy_h2d`` then copies;
+* ``hetegen::fetched(staged, store, name, ram_rows)``: after that copy, the slot may be read into again once
+  the copy has landed (an event on the copy stream).
 
 ``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and all three are
 registered as side-effectful: dead-code elimination keeps them, and functionalization (export,
@@ -54,7 +59,32 @@ def run_cpu_wait(device: str) -> None:
     get_runtime(device).host.wait_all()
 
 
-for _f in (run_copy_h2d, run_wait_copy, run_release_slot, run_cpu_begin, run_cpu_end, run_cpu_wait):
+def run_fetch_rows(
+    store: int, name: str, ram_rows: int, rows: int, cols: int, dtype: torch.dtype
+) -> torch.Tensor:
+    from .store import by_token
+
+    reader, i = by_token(store).storage_part(name, ram_rows)
+    return reader.wait(i)
+
+
+def run_fetched(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
+    from .store import by_token
+
+    reader, i = by_token(store).storage_part(name, ram_rows)
+    reader.release(i, get_runtime(staged.device).copy_event())
+
+
+for _f in (
+    run_copy_h2d,
+    run_wait_copy,
+    run_release_slot,
+    run_cpu_begin,
+    run_cpu_end,
+    run_cpu_wait,
+    run_fetch_rows,
+    run_fetched,
+):
     torch.fx.wrap(_f.__name__)
 
 
@@ -122,17 +152,43 @@ def _cpu_wait_fake(device: str) -> None:
     return None
 
 
+@torch.library.custom_op("hetegen::fetch_rows", mutates_args=())
+def fetch_rows(
+    store: int, name: str, ram_rows: int, rows: int, cols: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return run_fetch_rows(store, name, ram_rows, rows, cols, dtype).clone()  # an op's output aliases nothing
+
+
+@fetch_rows.register_fake
+def _fetch_rows_fake(
+    store: int, name: str, ram_rows: int, rows: int, cols: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return torch.empty((rows, cols), dtype=dtype)
+
+
+@torch.library.custom_op("hetegen::fetched", mutates_args=())
+def fetched(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
+    run_fetched(staged, store, name, ram_rows)
+
+
+@fetched.register_fake
+def _fetched_fake(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
+    return None
+
+
 COPY = torch.ops.hetegen.copy_h2d.default
 WAIT = torch.ops.hetegen.wait_copy.default
 RELEASE = torch.ops.hetegen.release_slot.default
 CPU_BEGIN = torch.ops.hetegen.cpu_begin.default
 CPU_END = torch.ops.hetegen.cpu_end.default
 CPU_WAIT = torch.ops.hetegen.cpu_wait.default
+FETCH = torch.ops.hetegen.fetch_rows.default
+FETCHED = torch.ops.hetegen.fetched.default
 
 # Side effects beyond their outputs: DCE must keep them. Mutating ops are kept by fx's DCE anyway, but once
 # functionalized (export's run_decompositions) wait/release become auto_functionalized nodes whose results
 # nobody reads, and only this registration keeps them. A CPU job queued must also be collected.
-for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT):
+for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED):
     has_side_effect(_op)
 
 
@@ -144,6 +200,8 @@ DIRECT = {
     CPU_BEGIN: run_cpu_begin,
     CPU_END: run_cpu_end,
     CPU_WAIT: run_cpu_wait,
+    FETCH: run_fetch_rows,
+    FETCHED: run_fetched,
 }
 
 

@@ -81,12 +81,15 @@ def transform(
 
 def adopt(gm: fx.GraphModule, store: WeightStore) -> None:
     """Give ``store`` what PlacementPass decided for its model in ``gm``'s meta: the model's first ledger, its
-    reserves and residency (``meta.LEDGER``; a model that has one keeps it), and the tensors of each Linear
-    (``meta.TENSORS``)."""
+    reserves and residency (``meta.LEDGER``; a model that has one keeps it), the rows kept in RAM under a
+    storage tier (``meta.HOST_ROWS``, likewise), and the tensors of each Linear (``meta.TENSORS``)."""
     first = gm.meta.pop(meta.LEDGER, None)
     if first is not None and store.ledger is None:
         store.ledger, store.reserved = first
         store.residency = dict(store.ledger.residency)
+    rows = gm.meta.pop(meta.HOST_ROWS, None)
+    if rows is not None and store.host_rows is None:
+        store.host_rows = dict(rows)
     for name, tensors in gm.meta.pop(meta.TENSORS, {}).items():
         store.tensors_of.setdefault(name, tensors)
 

@@ -1,7 +1,8 @@
 """The Plan: what the compiler decided for one graph, as data.
 
-Per Linear: resident or offloaded, the CPU share α and the split row, the predicted whole-layer CPU /
-copy / GPU times and the predicted time of the split layer, and bytes. It prints as a table, round-trips
+Per Linear: resident or offloaded, the CPU share α and the split row, the rows kept in storage (the
+storage tier: read at every step), the predicted whole-layer CPU / copy / GPU times and the predicted time
+of the split layer, and bytes; per Plan, the storage tier's figures (host budget, ring, read rate). It prints as a table, round-trips
 through JSON, and a saved Plan can be compiled from directly (no profiling).
 """
 
@@ -41,6 +42,25 @@ class LayerPlan:
     #: streamed into the segment of the CPU job whose first Linear this names (PlacementPass._stream_jobs): its
     #: copies run beside that job's CPU part; "" otherwise
     segment: str = ""
+    #: output features ``[out - storage_rows, out)`` stay in storage and are read at every step (the storage
+    #: tier); the rows before them are in RAM, and the CPU computes exactly those (``split``)
+    storage_rows: int = 0
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes read from storage at every step for this Linear."""
+        if self.resident or not self.out_features:
+            return 0
+        return self.bytes * self.storage_rows // self.out_features
+
+    @property
+    def tier(self) -> str:
+        """ "gpu" (resident), "ram", "storage" (every row) or "ram+storage"."""
+        if self.resident:
+            return "gpu"
+        if not self.storage_rows:
+            return "ram"
+        return "storage" if self.storage_rows >= self.out_features else "ram+storage"
 
     def validate(self) -> LayerPlan:
         """Check every field's type and range; return ``self``."""
@@ -65,6 +85,13 @@ class LayerPlan:
             )
         _expect(_is_int(self.slot, -1), "slot", self.slot, "a byte offset, or -1", where)
         _expect(isinstance(self.segment, str), "segment", self.segment, "a layer name or ''", where)
+        _expect(
+            _is_int(self.storage_rows, 0) and self.storage_rows <= self.out_features,
+            "storage_rows",
+            self.storage_rows,
+            f"a row count in [0, out_features = {self.out_features}]",
+            where,
+        )
         return self
 
     @property
@@ -105,6 +132,23 @@ class Plan:
     source: str = "model"  # where the costs came from: "measured", "model" or "plan"
     label: str = ""
     host_tables: list[str] = field(default_factory=list)  # embedding tables looked up on the host
+    #: the storage tier, when some rows stay in storage: cpu_memory, ring_bytes, ram_bytes (Linear rows in
+    #: RAM), read_rate (bytes/s) and read_latency (s) as measured, policy ("balanced"/"layered")
+    storage: dict = field(default_factory=dict)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes read from storage at every step."""
+        return sum(lp.storage_bytes for lp in self.layers)
+
+    @property
+    def storage_seconds(self) -> float:
+        """Predicted seconds of one step's storage reads (one read per Linear with storage rows, each its
+        latency plus its bytes at the measured rate); they overlap the Linear work."""
+        rate, latency = self.storage.get("read_rate") or 0, self.storage.get("read_latency") or 0.0
+        if not rate:
+            return 0.0
+        return sum(latency + lp.storage_bytes / rate for lp in self.layers if lp.storage_bytes)
 
     def layer(self, name: str) -> LayerPlan | None:
         return next((lp for lp in self.layers if lp.name == name), None)
@@ -119,7 +163,8 @@ class Plan:
 
     @property
     def predicted_seconds(self) -> float:
-        return sum(lp.t_pred for lp in self.layers)
+        """The Linear work's predicted seconds, or the storage reads' where they take longer (they overlap)."""
+        return max(sum(lp.t_pred for lp in self.layers), self.storage_seconds)
 
     def table(self) -> str:
         """A fixed-width table, one row per Linear, with totals."""
@@ -127,6 +172,8 @@ class Plan:
         rows = [head, "-" * len(head)]
         for lp in self.layers:
             place = "resident" if lp.resident else "segment" if lp.segment else "offload"
+            if lp.storage_rows:
+                place = "storage" if lp.tier == "storage" else f"sto {lp.storage_rows / lp.out_features:.0%}"
             alpha = "" if lp.resident else f"{lp.split / lp.out_features:.2f}"
             name = lp.name if len(lp.name) <= 44 else "…" + lp.name[-43:]
             rows.append(
@@ -148,6 +195,14 @@ class Plan:
             f"predicted {self.predicted_seconds * 1e3:.2f} ms of Linear work{alone}; costs: {self.source}"
             + (f"; on the host: {', '.join(self.host_tables)}" if self.host_tables else "")
         )
+        if self.storage:
+            st = self.storage
+            rows.append(
+                f"storage tier ({st.get('policy', '?')}): {format_bytes(self.storage_bytes)} read per step at "
+                f"{format_bytes(st.get('read_rate', 0))}/s ({self.storage_seconds * 1e3:.1f} ms); in RAM "
+                f"{format_bytes(st.get('ram_bytes', 0))} of Linear rows and a ring of "
+                f"{format_bytes(st.get('ring_bytes', 0))}, within cpu_memory {format_bytes(st.get('cpu_memory', 0))}"
+            )
         return "\n".join(rows)
 
     __str__ = table
@@ -181,6 +236,7 @@ class Plan:
             self.host_tables,
             "a list of names",
         )
+        _expect(isinstance(self.storage, dict), "storage", self.storage, "an object")
         for lp in self.layers:
             _expect(isinstance(lp, LayerPlan), "layers", lp, "layer entries")
             lp.validate()

@@ -171,6 +171,15 @@ class DeviceRuntime:
         ev.record(stream)
         return dst
 
+    def copy_event(self):
+        """An event recorded on the copy stream after every copy queued so far (None off CUDA, where copies
+        are done when they return): what a storage slot copied from waits for before it is read into again."""
+        if not self.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.copy_stream)
+        return ev
+
     def wait(self, offset: int) -> None:
         """Make the current stream wait until the copy into the region at ``offset`` has landed."""
         if self.is_cuda and offset in self._copied:

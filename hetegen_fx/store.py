@@ -1,6 +1,8 @@
 """One weight store per model: residency decided once, device copies and host parts shared by every graph.
 
-Owns: a model's device copies of weights, its host parts (pinned in place), its compiled graphs and residency.
+Owns: a model's device copies of weights, its host parts (pinned in place), its compiled graphs and residency,
+and, for weights that stay in their checkpoint (:func:`hetegen_fx.checkpoint.source_of`), the rows read into
+RAM on first use and the storage tier's reader (:meth:`WeightStore.reader`).
 Must not: choose residency itself (PlacementPass writes it) or be reached by other modules' private reads.
 
 Under ``generate`` dynamo hands the backend several graphs (prefill, decode, a dynamic-shape decode);
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import fill, read_whole, source_of
 from .errors import UnsupportedModelError
 
 
@@ -38,6 +41,8 @@ class WeightStore:
     reserved: dict[str, int] = field(default_factory=dict)
     #: the model's memory ledger (:class:`hetegen_fx.ledger.Ledger`), made by the first placement
     ledger: object = None
+    #: Linear name → rows kept in RAM, the rest in storage (the storage tier), decided by the first placement
+    host_rows: dict[str, int] | None = None
     #: bumped by every residency change (:func:`hetegen_fx.residency.apply`): graphs compiled under an older
     #: one are compiled again before their next call
     version: int = 0
@@ -53,6 +58,8 @@ class WeightStore:
     _device_copies: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _host_parts: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _pinned: set[int] = field(default_factory=set, repr=False)
+    _reader: object = field(default=None, repr=False)  # the storage tier's StorageReader
+    _reader_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def emulated(self) -> bool:
@@ -69,7 +76,12 @@ class WeightStore:
         k = (id(t), rows)
         out = self._device_copies.get(k)
         if out is None:
-            src = t.detach() if rows is None else t.detach()[rows[0] : rows[1]]
+            if self.emulated:  # the "device" copy is the host tensor: its rows must be read
+                fill(t, t.shape[0] if t.dim() else 0)
+                whole = t.detach()
+            else:  # a deferred weight is read past its own (untouched) memory, straight to the device
+                whole = read_whole(t).detach()
+            src = whole if rows is None else whole[rows[0] : rows[1]]
             out = src if self.emulated and src.device.type == "cpu" else src.to(self.device)
             self._device_copies[k] = out
         return out
@@ -95,6 +107,7 @@ class WeightStore:
             raise UnsupportedModelError(
                 f"offloaded weights must live in host memory, found one on {w.device}; load the model on the CPU"
             )
+        fill(w, stop if layout == "out_in" else w.shape[0])
         part = w.detach()[start:stop] if layout == "out_in" else w.detach()[:, start:stop]
         if not part.is_contiguous():
             key = (id(w), layout, start, stop)
@@ -111,6 +124,7 @@ class WeightStore:
         CPU kernel (:mod:`hetegen_fx.kernels`) reads them best: a view for out_in; for in_out the columns'
         cached copy, made transposed (the same bytes a copy of the columns would take), or, for every
         column, a transposed view (no copy of the whole weight; the kernel then copies it per call)."""
+        fill(w, stop if layout == "out_in" else w.shape[0])
         if layout == "out_in" or stop == w.shape[1]:
             part = self.host_part(w, layout, 0, stop, pin=False)
             return part if layout == "out_in" else part.t()
@@ -121,15 +135,18 @@ class WeightStore:
         return cached
 
     def _pin(self, t: torch.Tensor) -> None:
-        """Page-lock the storage behind ``t`` in place (no copy of the weights)."""
+        """Page-lock the storage behind ``t`` in place (no copy of the weights); of a deferred weight only
+        ``t``'s own bytes (the rows kept in RAM: the rest of its memory stays untouched)."""
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if source_of(t) is not None:
+            ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
         if ptr in self._pinned or t.is_pinned():
             return
-        err = torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0)
+        err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
         if int(getattr(err, "value", err)) != 0:
             warnings.warn(
-                f"could not pin {storage.nbytes()} bytes in place (cudaHostRegister error {err}); "
+                f"could not pin {nbytes} bytes in place (cudaHostRegister error {err}); "
                 "copies of this weight will be slower",
                 stacklevel=2,
             )
@@ -137,12 +154,91 @@ class WeightStore:
         self._pinned.add(ptr)
         weakref.finalize(storage, _unregister, ptr)
 
+    def prepare_storage(
+        self, parts: list[tuple[str, torch.Tensor, int]], slots: int | None, expected_rate: float = 0.0
+    ) -> None:
+        """Make the storage tier's reader (:class:`hetegen_fx.prefetch.StorageReader`) read ``parts``:
+        (Linear name, its weight, the rows kept in RAM) whose other rows stay in storage, in the order a
+        graph uses them. Parts it reads already keep their place; new ones (a graph's first call, a Linear
+        demoted since) are added at the end, and the reader is made anew around them."""
+        from .prefetch import DEFAULT_SLOTS, Item, StorageReader
+
+        with self._reader_lock:
+            r = self._reader
+            keys = dict(r.keys) if r is not None else {}
+            items = list(r.items) if r is not None else []
+            new = [(n, t, k) for n, t, k in parts if (n, k) not in keys]
+            if not new:
+                return
+            checkpoint = None
+            for name, tensor, ram_rows in new:
+                src = source_of(tensor)
+                if src is None:
+                    raise UnsupportedModelError(
+                        f"{name} has storage rows in its plan but its weight is not bound to a checkpoint: load "
+                        "the model with hetegen_fx.load(path, cpu_memory=...)"
+                    )
+                checkpoint = src.checkpoint
+                out = tensor.shape[0]
+                keys[(name, ram_rows)] = len(items)
+                items.append(
+                    Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
+                )
+            if r is not None:
+                r.close()
+            self._reader = StorageReader(
+                checkpoint,
+                items,
+                slots=slots or DEFAULT_SLOTS,
+                pin=self.device.type == "cuda",
+                expected_rate=expected_rate,
+            )
+            self._reader.keys = keys
+
+    def storage_part(self, name: str, ram_rows: int):
+        """``(reader, index)`` of Linear ``name``'s storage rows (those from ``ram_rows`` on)."""
+        r = self._reader
+        i = None if r is None else r.keys.get((name, ram_rows))
+        if i is None:
+            raise RuntimeError(
+                f"the storage reader has no part for {name} (rows from {ram_rows}): the graph was not prepared "
+                "(hetegen_fx.launch.apply)"
+            )
+        return r, i
+
+    @property
+    def storage_reader(self):
+        """The storage tier's reader, or None (no storage tier, or no call yet)."""
+        return self._reader
+
 
 def _unregister(ptr: int) -> None:
     try:
         torch.cuda.cudart().cudaHostUnregister(ptr)
     except Exception:  # interpreter shutdown: the driver may be gone already
         pass
+
+
+_TOKENS: dict[int, weakref.ref] = {}
+
+
+def token_of(store: WeightStore) -> int:
+    """An int that names ``store`` in a graph's ops (:func:`by_token`)."""
+    key = id(store)
+    with _LOCK:
+        if key not in _TOKENS or _TOKENS[key]() is not store:
+            _TOKENS[key] = weakref.ref(store)
+            weakref.finalize(store, _TOKENS.pop, key, None)
+    return key
+
+
+def by_token(token: int) -> WeightStore:
+    """The store :func:`token_of` named."""
+    ref = _TOKENS.get(token)
+    store = ref() if ref is not None else None
+    if store is None:
+        raise RuntimeError("the model this graph was compiled for is gone (its weight store was freed)")
+    return store
 
 
 _STORES: dict[int, tuple[weakref.ref, WeightStore]] = {}

@@ -19,6 +19,14 @@ worker thread (:mod:`hetegen_fx.host`), queued before their GPU parts and collec
 
 α = 0 leaves only the copy + GPU part, α = 1 only the CPU part (no copy, no concat). A graph with CPU
 jobs ends with ``hetegen.cpu_wait(device)``: its jobs have all run before its outputs are handed back.
+
+A Linear with rows in storage (the storage tier, ``LayerPlan.storage_rows``) computes its RAM rows
+``[0, k)`` on the CPU as above, and its storage rows ``[k, out)`` on the device from the reader's ring::
+
+    w_sto  = hetegen.fetch_rows(store, name, k, out - k, in, dtype)   # waits until the rows are read
+    staged = hetegen.copy_h2d(w_sto, slot, device)
+    hetegen.fetched(staged, store, name, k)                          # the ring slot may be read into again
+    ...                                                               # wait, GPU part, release as above
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ from hetegen_fx import meta
 from hetegen_fx.config import Config
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
 from hetegen_fx.linear import LinearSite, match_linear
-from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, RELEASE, WAIT
+from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED, RELEASE, WAIT
 from hetegen_fx.plan import LayerPlan, staging_offsets, staging_size
-from hetegen_fx.store import WeightStore
+from hetegen_fx.store import WeightStore, token_of
 
 
 class PartitionPass(PassBase):
@@ -197,12 +205,19 @@ class PartitionPass(PassBase):
         lp.slot = self._offsets[site.node]
         region = (lp.slot, lp.gpu_part_bytes)
         w = site.weight.tensor
-        w_host = self._attach(
-            gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
-        )
+        if lp.storage_rows:  # the storage tier: rows [k, out) read into the reader's ring at every step
+            token = token_of(self.store)
+            fetch_args = (token, s, k, out - k, site.in_features, w.dtype)
+            w_host = self._new(gm, FETCH, fetch_args, f"{short}_fetch", "host", s)
+        else:
+            w_host = self._attach(
+                gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
+            )
         staged = self._new(
             gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
         )
+        if lp.storage_rows:  # the slot may be read into again once the copy has landed
+            self._new(gm, FETCHED, (staged, token, s, k), f"{short}_fetched", "copy", s)
         self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
         b_gpu = None
         if site.bias is not None:

@@ -273,6 +273,7 @@ class PlacementPass(PassBase):
         self.given = plan
         self.label = label
         self._hardware = None  # the graph's hardware model (meta.HARDWARE), read at each call
+        self._tensors: dict[str, tuple] = {}  # Linear name → its tensors, of the graph being placed
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self._hardware = gm.meta.get(meta.HARDWARE)
@@ -332,7 +333,7 @@ class PlacementPass(PassBase):
             return use.bytes(kv_class(tokens, cfg.max_seq_len, floor), batch) if use is not None else 0
 
         kv = kv_at(store.ledger.kv_floor if store.ledger is not None else MIN_KV_CLASS)
-        gm.meta[meta.TENSORS] = _tensors(sites)
+        gm.meta[meta.TENSORS] = self._tensors = _tensors(sites)
         # the model's residency and reserves: the store's, or, for its first graph, a new ledger's (which the
         # pipeline gives to the store once the whole pipeline succeeded)
         ledger, residency, model_reserved = store.ledger, store.residency, store.reserved
@@ -372,6 +373,7 @@ class PlacementPass(PassBase):
             budget = ledger.budget
         if cfg.alpha is None and cfg.stream_jobs:
             self._stream_jobs(sites, layers, reserved, budget)
+        storage = self._storage_tier(gm, sites, layers)
         reserved["staging"] = self._staging(layers)
         self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
@@ -383,7 +385,83 @@ class PlacementPass(PassBase):
             reserved=reserved,
             source="/".join(sorted(src)) or "none",
             host_tables=tables,
+            storage=storage,
         )
+
+    def _storage_tier(self, gm: fx.GraphModule, sites: list[LinearSite], layers: list[LayerPlan]) -> dict:
+        """With ``cpu_memory``: the rows of each offloaded Linear kept in RAM (the model's first graph
+        decides, :func:`hetegen_fx.tiers.host_rows`; later graphs keep that), the rest in storage, read at
+        every step; a Linear with storage rows computes exactly its RAM rows on the CPU (``split``) and its
+        storage rows on the device, copied from the ring. Returns the Plan's ``storage`` figures ({} without
+        a storage tier)."""
+        from hetegen_fx import tiers
+        from hetegen_fx.checkpoint import source_of
+        from hetegen_fx.prefetch import DEFAULT_SLOTS
+
+        cfg = self.config
+        if cfg.cpu_memory is None:
+            return {}
+        deferred = {s.name for s in sites if s.layout == "out_in" and source_of(s.weight.tensor) is not None}
+        if not deferred:
+            raise ConfigError(
+                "cpu_memory applies to a model whose Linear weights stay in their checkpoint until placed: "
+                "load it with hetegen_fx.load(path, cpu_memory=...) (or `hetegen generate --model PATH "
+                "--cpu-memory ...`); a model already in host memory needs no cpu_memory"
+            )
+        cost = gm.meta.get(meta.STORAGE_COST) or {}
+        seen: set[int] = set()
+        other = 0  # host bytes of every weight that is not a deferred Linear's: in RAM whatever the choice
+        for node in gm.graph.nodes:
+            ref = param_of(node)
+            if ref is None or id(ref.tensor) in seen:
+                continue
+            seen.add(id(ref.tensor))
+            if ref.name not in deferred and source_of(ref.tensor) is None:
+                other += _nbytes(ref.tensor)
+        slots = cfg.storage_slots or DEFAULT_SLOTS
+        largest = max((lp.bytes for lp in layers if lp.name in deferred and not lp.resident), default=0)
+        least = tiers.minimum(other, slots * largest)
+        decided = self.store.host_rows
+        if decided is None:
+            if cfg.cpu_memory < least:
+                raise ConfigError(
+                    f"cpu_memory {format_bytes(cfg.cpu_memory)} is below the {format_bytes(least)} this model "
+                    f"needs in host memory at least: its weights other than the offloaded Linears' "
+                    f"({format_bytes(other)}: embeddings, norms, biases) stay in RAM, and the storage ring holds "
+                    f"{slots} slots of the largest Linear ({format_bytes(largest)}). Give cpu_memory of at least "
+                    f"{format_bytes(least)}, or a smaller ring (storage_slots=2)"
+                )
+            decided = tiers.host_rows(
+                layers,
+                deferred,
+                cfg.cpu_memory - least,
+                cfg.storage_policy,
+                cost.get("read_rate", 0.0),
+                cost.get("read_latency", 0.0),
+            )
+            gm.meta[meta.HOST_ROWS] = decided
+        ram = 0
+        for lp in layers:
+            if lp.resident or lp.name not in deferred:
+                continue
+            kept = min(decided.get(lp.name, 0), lp.out_features)  # decided resident, demoted since: storage
+            lp.storage_rows = lp.out_features - kept
+            ram += lp.bytes * kept // max(lp.out_features, 1)
+            if lp.storage_rows:
+                lp.split, lp.segment = kept, ""
+                lp.alpha = kept / lp.out_features
+        parts = [lp.storage_bytes for lp in layers if lp.storage_rows]
+        if not parts:
+            return {}
+        return {
+            "cpu_memory": cfg.cpu_memory,
+            "ram_bytes": ram,
+            "other_bytes": other,
+            "ring_bytes": slots * max(parts),
+            "slots": slots,
+            "policy": cfg.storage_policy,
+            **cost,
+        }
 
     def _held(self, nbytes: int) -> int:
         """Device bytes a resident weight of ``nbytes`` holds (:func:`allocated_bytes`)."""
@@ -565,11 +643,19 @@ class PlacementPass(PassBase):
     ) -> Ledger:
         """The model's memory ledger: the reserves, the KV cache, and each Linear's bytes resident, its GPU
         part offloaded (at its α) and its priority g."""
+        from hetegen_fx.checkpoint import source_of
+
+        # under a storage tier a Linear offloaded may stage every row (those in storage go to the device)
+        whole = (
+            {n for n, ts in self._tensors.items() if source_of(ts[0]) is not None}
+            if self.config.cpu_memory
+            else set()
+        )
         entries = [
             LedgerLayer(
                 lp.name,
                 self._held(lp.bytes),
-                lp.offloaded_gpu_bytes,
+                lp.bytes if lp.name in whole else lp.offloaded_gpu_bytes,
                 priority[lp.name],
             )
             for lp in layers
@@ -631,7 +717,7 @@ class PlacementPass(PassBase):
             )
             ledger.residency = {lp.name: lp.resident for lp in layers}
             gm.meta[meta.LEDGER] = (ledger, model_reserved)
-        gm.meta[meta.TENSORS] = _tensors(sites)
+        gm.meta[meta.TENSORS] = self._tensors = _tensors(sites)
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits

@@ -142,7 +142,22 @@ class ProfilePass(PassBase):
             site.node.meta[meta.COST] = seen[key]
             site.node.meta[meta.DECODE_COST] = seen[decode_key]
             site.node.meta[meta.TOKENS] = tokens
+        if self.config.cpu_memory is not None:
+            gm.meta[meta.STORAGE_COST] = self._storage_cost(sites)
         return PassResult(gm, False)
+
+    def _storage_cost(self, sites: list[LinearSite]) -> dict[str, float] | None:
+        """The read rate and latency of the storage the Linears' deferred weights stay in (None when none
+        has a checkpoint source: the model was not loaded with ``hetegen_fx.load(..., cpu_memory=...)``)."""
+        from hetegen_fx.checkpoint import source_of
+        from hetegen_fx.prefetch import measure_reads
+
+        sources = [src for s in sites if (src := source_of(s.weight.tensor)) is not None]
+        if not sources:
+            return None
+        if self.progress:
+            self.progress("measuring the storage's read rate")
+        return measure_reads(sources[0].checkpoint, [src.name for src in sources])
 
 
 #: a GEMV-shaped cost whose CPU rate (bytes per second) is below the median of its dtype's by this factor is

@@ -587,3 +587,45 @@ def test_compiled_stretches_of_a_fully_resident_model(monkeypatch):
     assert st.cuda_graphs["replays"] > 0 and st.compiled_stretches["compiled"] > 0
     assert st.cuda_graphs["pinned_inputs_moved"], st.cuda_graphs  # the second cache is elsewhere
     assert [o.tolist() for o in outs] == [r.tolist() for r in refs]
+
+
+@needs_cuda
+def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
+    """The storage tier on the device: a model saved as sharded safetensors and loaded with ``cpu_memory`` at
+    half its Linears' bytes keeps rows in all three tiers; its storage rows are read into the pinned ring and
+    copied from there at every step (a slot read into again before its copy landed would give other tokens),
+    and host memory for its Linears stays within the RAM tier: the rows in storage were never read into the
+    weights' own memory."""
+    from hetegen_fx.checkpoint import source_of
+    from hetegen_fx.store import find_store
+
+    model = _small_llama(torch.float16)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="8MB")
+    ids = torch.randint(3, 4096, (1, 24), generator=torch.Generator().manual_seed(3))
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
+    ref = _all_gpu_tokens(model, ids, **kw)
+    linear = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    other = _bytes(model) - linear
+    largest = max(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    compiled = hetegen_fx.load(
+        folder,
+        gpu_memory=_budget(model) // 2,
+        cpu_memory=other + 3 * largest + linear // 2,
+        storage_slots=3,
+        device="cuda",
+        max_seq_len=64,
+        progress=False,
+    )
+    for _ in range(2):  # the second request reads every storage row again, from the same ring
+        out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()
+        assert out.tolist() == ref.tolist()
+    plan = hetegen_fx.explain(compiled).plan
+    assert {lp.tier for lp in plan.layers} >= {"gpu"} and plan.storage_bytes > 0, plan.table()
+    params = list(compiled.parameters())
+    reader = find_store(params).storage_reader
+    assert reader.stats().passes >= 2 * 12 and reader.stats().restarts == 0
+    for lp in plan.layers:
+        if lp.storage_rows:
+            w = dict(compiled.named_parameters())[lp.name]
+            assert source_of(w).filled == lp.out_features - lp.storage_rows, lp.name  # never read further

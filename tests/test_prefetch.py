@@ -1,0 +1,159 @@
+"""The storage tier's reader (``hetegen_fx.prefetch``): items read ahead into a bounded ring equal the
+checkpoint's rows, every pass reads them again (real reads, counted), the ring never runs more than its
+slots ahead of the consumer, an item asked out of turn restarts the reader, and a failed read is raised in
+the consumer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from hetegen_fx import prefetch
+from hetegen_fx.checkpoint import Checkpoint, CheckpointError
+from hetegen_fx.prefetch import Item, StorageReader
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"w{i}": torch.randn(64 + 8 * i, 32, generator=gen) for i in range(7)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    c = Checkpoint.open(tmp_path)
+    yield c, tensors
+    c.close()
+
+
+def _items(tensors, rows=(8, 40)):
+    return [Item(n, rows, (rows[1] - rows[0], t.shape[1]), t.dtype) for n, t in tensors.items()]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_pass_reads_the_checkpoints_rows_into_fixed_views(ckpt, threads, monkeypatch):
+    monkeypatch.setattr(prefetch, "CHUNK_BYTES", 1024)  # several pieces per item: the pool's threads share it
+    c, tensors = ckpt
+    items = _items(tensors)
+    r = StorageReader(c, items, slots=3, threads=threads)
+    try:
+        views = [r.view(i) for i in range(len(items))]
+        for _ in range(3):
+            for i, (name, t) in enumerate(tensors.items()):
+                got = r.wait(i)
+                assert got is views[i] and got.data_ptr() == r.view(i).data_ptr()
+                assert torch.equal(got, t[8:40]), name
+                got.zero_()  # a stale slot would show here in the next pass
+                r.release(i)
+        s = r.stats()
+        assert s.reads >= 3 * len(items) and s.bytes >= 3 * sum(it.nbytes for it in items)
+        assert s.passes == 3 and s.restarts == 0
+    finally:
+        r.close()
+
+
+def test_the_reader_runs_at_most_its_slots_ahead_of_the_consumer(ckpt):
+    c, tensors = ckpt
+    r = StorageReader(c, _items(tensors), slots=2, threads=1)
+    try:
+        r.wait(0)  # item 0 held: item 2 (slot 0) cannot be read
+        deadline = time.time() + 5
+        while r.stats().reads < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert r.stats().reads == 2  # items 0 and 1, no more
+        r.release(0)
+        r.wait(1)
+        r.release(1)
+        deadline = time.time() + 5
+        while r.stats().reads < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        assert r.stats().reads == 4
+    finally:
+        r.close()
+
+
+def test_a_slot_is_read_into_only_after_its_release_event_completed(ckpt):
+    c, tensors = ckpt
+    r = StorageReader(c, _items(tensors), slots=2, threads=1)
+
+    class Event:  # stands for the CUDA event the device records after its last read of the slot
+        def __init__(self) -> None:
+            self.done = threading.Event()
+
+        def synchronize(self) -> None:
+            self.done.wait()
+
+    try:
+        r.wait(0)
+        e = Event()
+        r.release(0, e)
+        time.sleep(0.2)
+        assert r.stats().reads == 2  # waiting on the event: item 2 not read yet
+        e.done.set()
+        r.wait(1)
+        r.release(1)
+        assert torch.equal(r.wait(2), list(tensors.values())[2][8:40])
+    finally:
+        r.close()
+
+
+def test_an_item_out_of_turn_restarts_the_reader_from_it(ckpt):
+    c, tensors = ckpt
+    names = list(tensors)
+    r = StorageReader(c, _items(tensors), slots=3, threads=1)
+    try:
+        for i in range(3):  # a forward that broke off after three items (never released)
+            r.wait(i)
+        for i in range(len(names)):  # the next forward starts again at item 0
+            assert torch.equal(r.wait(i), tensors[names[i]][8:40])
+            r.release(i)
+        assert r.stats().restarts == 1
+        assert torch.equal(r.wait(0), tensors[names[0]][8:40])  # and the cycle goes on
+    finally:
+        r.close()
+
+
+def test_a_failed_read_is_raised_by_the_consumer(ckpt, monkeypatch):
+    c, tensors = ckpt
+    r = StorageReader(c, _items(tensors), slots=2, threads=1)
+
+    def broken(*a, **k):
+        raise CheckpointError("model.safetensors ended at byte 9 while reading: the file was truncated")
+
+    monkeypatch.setattr(c, "read", broken)
+    try:
+        with pytest.raises(CheckpointError, match="truncated"):
+            r.wait(0)
+    finally:
+        r.close()
+
+
+def test_bad_reader_arguments_are_clear_errors(ckpt):
+    from hetegen_fx.errors import ConfigError
+
+    c, tensors = ckpt
+    with pytest.raises(ConfigError, match="at least one item"):
+        StorageReader(c, [])
+    with pytest.raises(ConfigError, match="slots and threads"):
+        StorageReader(c, _items(tensors), slots=0)
+
+
+def test_a_pass_read_at_less_than_half_the_planned_rate_is_warned_about_once(ckpt, monkeypatch):
+    c, tensors = ckpt
+    monkeypatch.setattr(prefetch.StorageReader, "_read", lambda self, item, out: time.sleep(0.01))
+    items = [Item("w0", (0, 64), (64, 32), torch.float32)] * 2
+    r = StorageReader(c, items, slots=2, threads=1, expected_rate=1e15)
+    monkeypatch.setattr(Item, "nbytes", property(lambda self: 64 << 20))  # as if each read were 64 MiB
+    try:
+        with pytest.warns(RuntimeWarning, match=r"reads at \d+ MiB/s, less than half"):
+            for _ in range(3):
+                for i in range(2):
+                    r.wait(i)
+                    r.release(i)
+            r.close()
+    finally:
+        r.close()

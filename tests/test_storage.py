@@ -1,0 +1,243 @@
+"""The storage tier (issue: models larger than host RAM): a tiny model saved as sharded safetensors, loaded
+with ``cpu_memory`` well below its bytes, keeps Linear rows in three tiers (device, RAM, storage), reads its
+storage rows at every step and gives eager's greedy tokens; the choice of RAM rows by policy; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import hetegen_fx
+from hetegen_fx import tiers
+from hetegen_fx.errors import ConfigError
+from hetegen_fx.plan import LayerPlan
+
+NEW = 6
+
+
+def _nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _linear_bytes(model) -> int:
+    return sum(
+        m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+
+
+def _generate(model, ids):
+    return model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+
+
+@pytest.fixture
+def saved(tiny_hf, tmp_path):
+    model = tiny_hf("llama")
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="50KB")
+    return model, folder
+
+
+@pytest.mark.parametrize("policy", ["balanced", "layered"])
+def test_three_tiers_give_eager_tokens_and_read_storage_every_step(saved, policy):
+    model, folder = saved
+    ids = torch.randint(3, 128, (1, 7))
+    ref = _generate(model, ids)
+    linear = _linear_bytes(model)
+    slots = 3
+    # room for a third of the Linear rows in RAM beside the other weights and a ring of 3 slots
+    other = _nbytes(model) - linear
+    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cpu_memory = other + slots * largest + linear // 3
+    compiled = hetegen_fx.load(
+        folder,
+        gpu_memory=int(_nbytes(model) * 0.4),
+        cpu_memory=cpu_memory,
+        storage_policy=policy,
+        storage_slots=slots,
+        device="cpu",
+        max_seq_len=64,
+        profile="model",
+        progress=False,
+    )
+    out = _generate(compiled, ids)
+    assert torch.equal(out, ref)
+    plan = hetegen_fx.explain(compiled).plan
+    tiers_used = {lp.tier for lp in plan.layers}
+    assert "gpu" in tiers_used and tiers_used & {"storage", "ram+storage"}, plan.table()
+    assert tiers_used & {"ram", "ram+storage"}, plan.table()
+    assert plan.storage and plan.storage["policy"] == policy and plan.storage_bytes > 0
+    assert plan.storage["ram_bytes"] + plan.storage["ring_bytes"] + plan.storage["other_bytes"] <= cpu_memory
+    assert "storage tier" in plan.table()
+    reader = hetegen_fx.store.find_store(
+        list(model.parameters()) + list(compiled.parameters())
+    ).storage_reader
+    stats = reader.stats()
+    # every step (a prefill and NEW - 1 decode steps) read every storage part once
+    assert stats.bytes >= NEW * plan.storage_bytes, (stats, plan.storage_bytes)
+    parts = len([lp for lp in plan.layers if lp.storage_rows])
+    assert stats.passes == NEW and stats.reads >= NEW * parts and stats.restarts == 0
+    _generate(compiled, ids)  # the next request reads them all again (the reader runs a few parts ahead)
+    again = reader.stats()
+    assert again.passes == 2 * NEW and again.reads >= 2 * NEW * parts and again.restarts == 0
+
+
+def _layers(sizes: dict[str, int]) -> list[LayerPlan]:
+    return [
+        LayerPlan(n, out_features=b // 64, in_features=16, tokens=1, dtype="float32", bytes=b, resident=False)
+        for n, b in sizes.items()
+    ]
+
+
+def test_balanced_keeps_the_same_share_of_every_linear_of_a_kind_and_small_kinds_first():
+    sizes = {}
+    for i in range(4):
+        sizes[f"layers.{i}.k_proj.weight"] = 64 * 64
+        sizes[f"layers.{i}.down_proj.weight"] = 64 * 1024
+    layers = _layers(sizes)
+    room = 4 * 64 * 64 + 2 * 64 * 1024  # every k_proj, and half of the down_proj rows
+    rows = tiers.host_rows(layers, set(sizes), room, "balanced", read_rate=1e9, read_latency=1e-4)
+    assert all(rows[f"layers.{i}.k_proj.weight"] == 64 for i in range(4))
+    down = {rows[f"layers.{i}.down_proj.weight"] for i in range(4)}
+    assert down == {512}  # the same share in every layer: each reads the same bytes
+    layered = tiers.host_rows(layers, set(sizes), room, "layered", read_rate=1e9, read_latency=1e-4)
+    assert layered["layers.0.down_proj.weight"] == 1024 and layered["layers.3.down_proj.weight"] == 0
+    assert tiers.host_rows(layers, set(sizes), 10**9) == {lp.name: lp.out_features for lp in layers}
+
+
+def test_cpu_memory_below_the_minimum_says_what_the_minimum_is(saved):
+    model, folder = saved
+    with pytest.raises(
+        ConfigError, match=r"cpu_memory 1.00 KiB is below the .* needs in host memory at least"
+    ):
+        hetegen_fx.load(
+            folder,
+            gpu_memory=int(_nbytes(model) * 0.4),
+            cpu_memory=1024,
+            device="cpu",
+            profile="model",
+            progress=False,
+            max_seq_len=64,
+        )
+
+
+def test_cpu_memory_for_a_model_already_in_ram_is_a_clear_error(tiny_hf):
+    model = tiny_hf("llama")
+    with pytest.raises(ConfigError, match=r"hetegen_fx.load\(path, cpu_memory=...\)"):
+        hetegen_fx.compile(model, gpu_memory=int(_nbytes(model) * 0.4), cpu_memory="1GiB", device="cpu")
+
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, transformers
+    import hetegen_fx, hetegen_fx.backend
+
+    path, cpu_memory, gpu_memory = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cpu_memory = None if cpu_memory == "none" else int(cpu_memory)
+
+    def vm(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def reset():  # the peak RSS (VmHWM) back to the current RSS: Linux >= 4.0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return vm("VmRSS")
+
+    from hetegen_fx.models import build_random
+
+    # what a first compile and generate of the process import and build (dynamo, the worker: about 80 MiB,
+    # whatever the model's size), done on a tiny model of the same architecture before the baseline
+    tiny = build_random("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=2048)
+    warm = hetegen_fx.compile(tiny, gpu_memory=1 << 20, device="cpu", profile="model", max_seq_len=64)
+    warm.generate(torch.randint(3, 1000, (1, 8)), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    del warm, tiny
+    base = reset()
+    compiled = hetegen_fx.load(
+        path, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device="cpu", profile="model", max_seq_len=64,
+        progress=False,
+    )
+    ids = torch.randint(3, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    out = compiled.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    peak = vm("VmHWM") - base
+    plan = hetegen_fx.explain(compiled).plan
+    ring = plan.storage.get("ring_bytes", 0)
+    print(json.dumps({"peak": peak, "tokens": out[0].tolist(), "storage": plan.storage_bytes, "ring": ring}))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_host_memory_stays_within_cpu_memory_while_loading_and_generating(tmp_path):
+    """Peak RSS of a subprocess (``VmHWM`` reset after a first compile and generate of a tiny model: the
+    imports and builds of a process's first compile) while it loads a 105 MiB float32 Llama and generates,
+    once with every weight in RAM and once with ``cpu_memory`` at half the model's bytes. The runtime's own
+    overhead O is what the first run adds beyond the weights (compiled graphs, BLAS and thread buffers,
+    activations: about 100 MiB here, on the emulated device). The second run stays within ``cpu_memory``
+    + the emulated device's budget (on device="cpu" resident weights are host memory too) + O + 8 MiB, and
+    below the first by at least half of what it keeps in storage beyond its ring."""
+    from hetegen_fx.models import build_random
+
+    model = build_random(
+        "llama",
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
+    )
+    nbytes = _nbytes(model)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="20MB")
+    ids = torch.randint(3, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0].tolist()
+    del model
+    cpu_memory, gpu_memory = nbytes // 2, 16 << 20
+
+    def peak(cpu: str) -> dict:
+        run = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, str(folder), cpu, str(gpu_memory)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        assert got["tokens"] == ref
+        return got
+
+    ram, tiered = peak("none"), peak(str(cpu_memory))
+    overhead = ram["peak"] - nbytes
+    assert tiered["storage"] > nbytes // 4  # a real storage tier: a quarter of the model read at every step
+    assert tiered["peak"] <= cpu_memory + gpu_memory + overhead + (8 << 20), (ram, tiered, nbytes)
+    assert tiered["peak"] <= ram["peak"] - (tiered["storage"] - tiered["ring"]) // 2, (ram, tiered)
+
+
+def test_the_plan_command_places_a_checkpoint_in_three_tiers(saved, tmp_path, capsys):
+    from hetegen_fx.cli import main
+
+    model, folder = saved
+    linear = _linear_bytes(model)
+    other = _nbytes(model) - linear
+    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cpu = other + 2 * largest + linear // 3
+    args = ["plan", "--model", str(folder), "--device", "cpu", "--gpu-memory", str(int(_nbytes(model) * 0.4))]
+    args += ["--cpu-memory", str(cpu), "--storage-slots", "2", "--prompt-len", "8", "--max-seq-len", "64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "storage tier (balanced)" in out and "storage" in out
+
+
+def test_cpu_memory_needs_a_checkpoint_folder_on_the_command_line(capsys):
+    from hetegen_fx.cli import main
+
+    assert main(["plan", "--model", "tiny-llama", "--device", "cpu", "--cpu-memory", "1GiB"]) != 0
+    assert "--cpu-memory keeps weights in their safetensors checkpoint" in capsys.readouterr().err
