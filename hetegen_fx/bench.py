@@ -135,6 +135,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(hetegen_fx.bench_sweep)",
     )
     p.add_argument(
+        "--cpu-memory",
+        default=None,
+        metavar="BYTES",
+        help="instead of the table: the model's weights saved as safetensors under --storage-dir and run with "
+        "this much host memory beside --gpu-memory: hetegen_fx's three tiers (hetegen, layered), Accelerate's "
+        "disk offload, llama.cpp's mmap in a memory cgroup (llama) (hetegen_fx.bench_storage)",
+    )
+    p.add_argument(
+        "--storage-slots",
+        type=int,
+        default=None,
+        help="with --cpu-memory: slots of the storage ring (storage_slots; default: the option's)",
+    )
+    p.add_argument(
+        "--storage-dir",
+        default=None,
+        metavar="DIR",
+        help="with --cpu-memory: where the checkpoint is written once and kept (default: OUT/checkpoint)",
+    )
+    p.add_argument(
         "--llama-cpp",
         default=None,
         metavar="PATH",
@@ -606,11 +626,20 @@ def main(args: argparse.Namespace) -> int:
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS + EXTRA_VARIANTS)
+    known = VARIANTS + EXTRA_VARIANTS
+    if getattr(args, "cpu_memory", None):
+        from .bench_storage import STORAGE_VARIANTS
+
+        known = known + tuple(v for v in STORAGE_VARIANTS if v not in known)
+    unknown = set(variants) - set(known)
     if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS + EXTRA_VARIANTS}")
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {known}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "cpu_memory", None):  # a model beyond host memory: its own variants and report
+        from .bench_storage import run_storage
+
+        return run_storage(args, out_dir)
     if getattr(args, "sweep", None):  # budgets instead of variants: ceilings, reference, points, report
         from .bench_sweep import run_sweep
 

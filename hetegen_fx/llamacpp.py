@@ -654,6 +654,7 @@ def run_bench(
     depth: int | None = None,
     timeout: float = 3600.0,
     progress: Callable[[str], None] | None = None,
+    prefix: Sequence[str] = (),
 ) -> dict:
     """llama-bench on ``gguf`` with ``-ngl ngl -t threads -r reps``: a prompt test of ``prompt`` tokens and a
     generation test of ``new`` tokens after a context of ``depth`` (default ``prompt``: the decode steps of a
@@ -661,7 +662,8 @@ def run_bench(
     ``gpu`` (also the only GPU the binary sees, through ``CUDA_VISIBLE_DEVICES``). Returns the rates of
     :func:`parse_bench_json`, ``prompt_s`` (the prefill's seconds), ``gpu_delta_bytes`` (the GPU memory the
     runs added: llama-bench's whole process, its CUDA context included), ``gpu_peak_bytes`` (the raw peak of
-    the GPU, everyone's) and the wall time. Raises :class:`LlamaCppError` if llama-bench fails."""
+    the GPU, everyone's) and the wall time. ``prefix``: a command that runs the binary (its arguments
+    follow), e.g. one that puts it in a memory cgroup. Raises :class:`LlamaCppError` if llama-bench fails."""
     depth = prompt if depth is None else depth
     base = [str(binary), "-m", str(gguf), "-ngl", str(ngl), "-t", str(threads), "-r", str(max(1, reps))]
     base += ["-o", "json"]
@@ -677,8 +679,8 @@ def run_bench(
     t0 = time.perf_counter()
     with MemorySampler(gpu) as mem:
         for extra in runs:
-            cmd = base + extra
-            _say(progress, f"llama.cpp: {BINARY} {' '.join(cmd[1:])}")
+            cmd = [*prefix, *base, *extra]
+            _say(progress, f"llama.cpp: {BINARY} {' '.join(base[1:] + extra)}")
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
             except subprocess.TimeoutExpired:
