@@ -35,6 +35,7 @@ examples:
   hetegen chat --gpu-memory 400MiB                                   # one message per line, /exit to quit
   hetegen plan --model tiny-llama --device cpu --gpu-memory 400KiB --png plan.png
   hetegen bench --preset llama-2-7b --dtype float16 --gpu-memory 6GiB
+  hetegen cluster --model llama-2-70b --example mixed-8             # a layout over mismatched GPUs
 
 Progress and speeds go to stderr, answers to stdout. A wrong argument, an unreadable input or an
 unwritable output is reported in one line before the model loads (exit status 2); Ctrl-C exits with 130.
@@ -1097,6 +1098,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(func=cmd_plan)
 
+    k = sub.add_parser(
+        "cluster",
+        help="choose a layout of a model over several GPUs of different sizes and speeds (HexGen)",
+        description="Choose pipeline stages, each with its own tensor-parallel degree and layers, for a model "
+        "on a list of devices, by the cost model of hetegen_fx.cluster; print it beside the homogeneous "
+        "layout (same TP everywhere, layers split evenly). A plan, not a run: execution is not built yet.",
+    )
+    k.add_argument(
+        "--model", default="llama-2-70b", help="a preset name or a checkpoint folder (its config only)"
+    )
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--devices", metavar="FILE", help="the cluster as JSON (devices, links; see the guide)")
+    src.add_argument("--example", choices=("mixed-8",), help="a named cluster (mixed-8: like HexGen's)")
+    k.add_argument(
+        "--objective",
+        default="latency",
+        choices=("latency", "throughput"),
+        help="least ms per token at batch 1 (latency, default), or most tokens/s with the pipeline full",
+    )
+    k.add_argument("--context", type=_int_from(1), default=1024, help="tokens of KV cache per request")
+    k.add_argument(
+        "--latency-limit",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="with --objective throughput: the most ms per token a layout may take",
+    )
+    k.add_argument(
+        "--compare-tp", type=_int_from(1), default=2, metavar="N", help="the homogeneous layout's TP"
+    )
+    k.add_argument("--json", default=None, metavar="FILE", help="write the chosen layout as JSON")
+    k.add_argument("--png", default=None, metavar="FILE", help="draw the chosen layout")
+    k.set_defaults(func=cmd_cluster)
+
     from .bench import add_arguments
 
     b = sub.add_parser(
@@ -1109,6 +1144,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
     return p
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cluster
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from hetegen_fx import cluster as cl
+
+    if args.json:
+        _writable(args.json, "--json")
+    if args.png:
+        _writable(args.png, "--png", (".png",))
+    group = cl.EXAMPLES[args.example]() if args.example else cl.load_cluster(args.devices)
+    path = Path(args.model).expanduser()
+    if (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        from hetegen_fx.models import PRESETS
+        from hetegen_fx.models.builders import preset_config
+
+        if args.model not in PRESETS:
+            raise HetegenError(
+                f"--model {args.model}: not a checkpoint folder or a preset ({', '.join(PRESETS)})"
+            )
+        config = preset_config(args.model)
+    shape = cl.ModelShape.from_config(config, name=args.model)
+    limit = args.latency_limit / 1e3 if args.latency_limit else None
+    _log(f"searching layouts of {shape.name} over {len(group.devices)} devices ...")
+    plan = cl.schedule(group, shape, args.objective, args.context, limit)
+    print(plan.table())
+    try:
+        even = cl.homogeneous(group, shape, args.compare_tp, args.context, args.objective)
+        print(f"\nhomogeneous (TP {args.compare_tp}, layers split evenly):\n{even.table()}")
+        print(
+            f"\nchosen: {plan.latency_s * 1e3:.2f} ms/token, {plan.throughput:.1f} tok/s; homogeneous: "
+            f"{even.latency_s * 1e3:.2f} ms/token, {even.throughput:.1f} tok/s"
+        )
+    except cl.ConfigError as e:
+        _log(f"no homogeneous layout to compare: {e}")
+    if args.json:
+        plan.save(args.json)
+    if args.png:
+        plan.plot(args.png)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
