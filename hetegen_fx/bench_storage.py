@@ -363,12 +363,12 @@ def format_table(s: dict) -> str:
 
 
 def chart(s: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from .errors import HetegenError
+    from .plot import _pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = _pyplot()
+    except HetegenError:
         return
     res = {n: r for n, r in s["results"].items() if "decode_tok_s" in r and n != "gpu"}
     if not res:

@@ -312,11 +312,9 @@ class ClusterPlan:
 
     def plot(self, path: str | os.PathLike) -> None:
         """Stages as boxes along the layers, one row per device, labelled with TP degree and time."""
-        import matplotlib
+        from .plot import _pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         devices = [d for s in self.stages for d in s.devices] + list(self.unused)
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(devices) + 1.4))
         colors = plt.get_cmap("tab10")

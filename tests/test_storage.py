@@ -141,15 +141,7 @@ _RSS_SCRIPT = textwrap.dedent(
     path, cpu_memory, gpu_memory = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cpu_memory = None if cpu_memory == "none" else int(cpu_memory)
 
-    def vm(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-    def reset():  # the peak RSS (VmHWM) back to the current RSS: Linux >= 4.0
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return vm("VmRSS")
+    from hetegen_fx.bench_storage import _reset_peak as reset, _vm as vm
 
     from hetegen_fx.models import build_random
 
