@@ -364,7 +364,7 @@ def _untouched(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled on first touch
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled on first touch
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 

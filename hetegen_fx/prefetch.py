@@ -81,7 +81,9 @@ class StorageReader:
     """Reads ``items`` from ``checkpoint`` (a :class:`hetegen_fx.checkpoint.Checkpoint`) into a ring of
     ``slots`` buffers, ahead of their use. ``pin``: page-lock the ring (for copies to a CUDA device).
     ``expected_rate``: the read rate (bytes/s) the plan assumed; a pass read at less than half of it is
-    warned about once, with the rate measured."""
+    warned about once, with the rate measured. ``stale_event``: makes an event that completes once every
+    copy queued so far has (on CUDA, one on the copy stream): what a slot that its consumer never released (a
+    forward that broke off) waits for before it is read into again."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class StorageReader:
         pin: bool = False,
         threads: int = DEFAULT_THREADS,
         expected_rate: float = 0.0,
+        stale_event=None,
     ) -> None:
         if not items:
             raise ConfigError("a storage reader needs at least one item to read")
@@ -99,8 +102,13 @@ class StorageReader:
         self.checkpoint = checkpoint
         self.items = list(items)
         self.slots = slots
-        self.slot_bytes = max(it.nbytes for it in self.items)
-        self._ring = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
+        self.slot_bytes = -(-max(it.nbytes for it in self.items) // 512) * 512
+        # one plain buffer, page-locked in place when ``pin``: torch's pinned allocator would round each slot up
+        # to a power of two (a 86 MiB slot would take 128 MiB of the budget)
+        self._buffer = torch.empty(slots * self.slot_bytes, dtype=torch.uint8)
+        self._pinned = pin and _register(self._buffer)
+        self._ring = [self._buffer[k * self.slot_bytes : (k + 1) * self.slot_bytes] for k in range(slots)]
+        self._stale_event = stale_event
         self._views = [self._view_of(i) for i in range(len(self.items))]
         self._slot = [_Slot() for _ in range(slots)]
         self._cond = threading.Condition()
@@ -147,6 +155,9 @@ class StorageReader:
                     raise self._error
                 if self._closed:
                     raise RuntimeError("the storage reader was closed")
+                if slot.occupant is not None and slot.occupant < want and not slot.released:
+                    # held since an earlier pass: that forward broke off before releasing it
+                    self._release(slot, self._stale())
                 self._cond.wait()
             slot.released = False
             self._consumer = self._next(want)
@@ -156,9 +167,15 @@ class StorageReader:
     def release(self, i: int, event=None) -> None:
         """Item ``i``'s slot may be read into again once ``event`` (None: now) has completed."""
         with self._cond:
-            slot = self._slot[i % self.slots]
-            slot.released, slot.event = True, event
-            self._cond.notify_all()
+            self._release(self._slot[i % self.slots], event)
+
+    def _release(self, slot: _Slot, event) -> None:
+        """Hold ``_cond``."""
+        slot.released, slot.event = True, event
+        self._cond.notify_all()
+
+    def _stale(self):
+        return self._stale_event() if self._stale_event is not None else None
 
     def stats(self) -> ReaderStats:
         with self._cond:
@@ -173,6 +190,14 @@ class StorageReader:
             self._thread.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._pinned:  # no copy may still read the ring when it is unlocked and freed
+            for slot in self._slot:
+                if slot.event is not None:
+                    slot.event.synchronize()
+            if any(not slot.released for slot in self._slot) and self._stale_event is not None:
+                self._stale_event().synchronize()
+            _unregister(self._buffer)
+            self._pinned = False
 
     def __del__(self) -> None:
         try:
@@ -194,8 +219,10 @@ class StorageReader:
         self._consumer = self._reader = start
         self._generation += 1
         self._restarts += 1
-        for slot in self._slot:
-            slot.occupant, slot.filled, slot.released, slot.event = None, False, True, None
+        for slot in self._slot:  # a copy from a slot may still be in flight: its event is kept
+            if not slot.released:
+                slot.event = self._stale()
+            slot.occupant, slot.filled, slot.released = None, False, True
         self._cond.notify_all()
 
     def _start(self) -> None:
@@ -274,6 +301,29 @@ class StorageReader:
         ]
         for f in futures:
             f.result()
+
+
+def _register(buffer: torch.Tensor) -> bool:
+    """Page-lock ``buffer`` in place (for asynchronous copies to a CUDA device); False where that failed."""
+    if not torch.cuda.is_available() or buffer.numel() == 0:
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    if int(getattr(err, "value", err)) != 0:
+        warnings.warn(
+            f"hetegen: could not page-lock the storage ring ({buffer.numel()} bytes, cudaHostRegister error "
+            f"{err}): copies from it will be slower",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+    except Exception:  # interpreter shutdown: the driver may be gone already
+        pass
 
 
 #: readers not closed yet: closed at exit, so that no reader thread is inside torch while the process ends

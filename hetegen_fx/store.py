@@ -60,6 +60,7 @@ class WeightStore:
     _pinned: set[int] = field(default_factory=set, repr=False)
     _reader: object = field(default=None, repr=False)  # the storage tier's StorageReader
     _reader_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reader_final: object = field(default=None, repr=False)  # the finalizer that closes the reader
 
     @property
     def emulated(self) -> bool:
@@ -158,20 +159,26 @@ class WeightStore:
         self, parts: list[tuple[str, torch.Tensor, int]], slots: int | None, expected_rate: float = 0.0
     ) -> None:
         """Make the storage tier's reader (:class:`hetegen_fx.prefetch.StorageReader`) read ``parts``:
-        (Linear name, its weight, the rows kept in RAM) whose other rows stay in storage, in the order a
-        graph uses them. Parts it reads already keep their place; new ones (a graph's first call, a Linear
-        demoted since) are added at the end, and the reader is made anew around them."""
+        (Linear name, its weight, the rows kept in RAM) whose other rows stay in storage, in the order the
+        graph uses them. A reader that has them all is kept (the model's graphs use them in one order); parts
+        it has none of (the next graph of a step that a graph break cut in two) are added after its own; other
+        parts (a residency change demoted or promoted a Linear) make a new reader of this graph's, in its
+        order, so that it does not start over at every step."""
         from .prefetch import DEFAULT_SLOTS, Item, StorageReader
 
         with self._reader_lock:
             r = self._reader
-            keys = dict(r.keys) if r is not None else {}
-            items = list(r.items) if r is not None else []
-            new = [(n, t, k) for n, t, k in parts if (n, k) not in keys]
-            if not new:
+            wanted = {(n, k) for n, _, k in parts}
+            if r is not None and wanted <= set(r.keys):
                 return
+            keys: dict[tuple[str, int], int] = {}
+            items = []
             checkpoint = None
-            for name, tensor, ram_rows in new:
+            if r is not None and not wanted & set(r.keys):  # another graph of the same step (a graph break)
+                keys, items, checkpoint = dict(r.keys), list(r.items), r.checkpoint
+            for name, tensor, ram_rows in parts:
+                if (name, ram_rows) in keys:
+                    continue
                 src = source_of(tensor)
                 if src is None:
                     raise UnsupportedModelError(
@@ -185,15 +192,21 @@ class WeightStore:
                     Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
                 )
             if r is not None:
+                self._reader_final.detach()
                 r.close()
+            cuda = self.device.type == "cuda"
             self._reader = StorageReader(
                 checkpoint,
                 items,
                 slots=slots or DEFAULT_SLOTS,
-                pin=self.device.type == "cuda",
+                pin=cuda,
                 expected_rate=expected_rate,
+                stale_event=_copy_event(self.device) if cuda else None,
             )
             self._reader.keys = keys
+            self._reader_final = weakref.finalize(
+                self, self._reader.close
+            )  # its thread and ring go with the model
 
     def storage_part(self, name: str, ram_rows: int):
         """``(reader, index)`` of Linear ``name``'s storage rows (those from ``ram_rows`` on)."""
@@ -210,6 +223,17 @@ class WeightStore:
     def storage_reader(self):
         """The storage tier's reader, or None (no storage tier, or no call yet)."""
         return self._reader
+
+
+def _copy_event(device: torch.device):
+    """A function making an event on ``device``'s copy stream after every copy queued so far."""
+
+    def make():
+        from .runtime import get_runtime
+
+        return get_runtime(device).copy_event()
+
+    return make
 
 
 def _unregister(ptr: int) -> None:

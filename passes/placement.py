@@ -419,7 +419,8 @@ class PlacementPass(PassBase):
             if ref.name not in deferred and source_of(ref.tensor) is None:
                 other += _nbytes(ref.tensor)
         slots = cfg.storage_slots or DEFAULT_SLOTS
-        largest = max((lp.bytes for lp in layers if lp.name in deferred and not lp.resident), default=0)
+        # every deferred Linear: one resident now may be demoted while the model runs, into the storage tier
+        largest = max((lp.bytes for lp in layers if lp.name in deferred), default=0)
         least = tiers.minimum(other, slots * largest)
         decided = self.store.host_rows
         if decided is None:

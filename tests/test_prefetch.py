@@ -157,3 +157,62 @@ def test_a_pass_read_at_less_than_half_the_planned_rate_is_warned_about_once(ckp
             r.close()
     finally:
         r.close()
+
+
+class _Event:  # stands for a CUDA event on the copy stream
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def synchronize(self) -> None:
+        self.done.wait()
+
+
+def test_a_restart_keeps_the_release_event_of_a_slot_a_copy_may_still_read(ckpt):
+    c, tensors = ckpt
+    r = StorageReader(c, _items(tensors), slots=2, threads=1)
+    try:
+        r.wait(0)
+        e = _Event()
+        r.release(0, e)  # the copy out of slot 0 has not landed yet
+        r.wait(3)  # out of turn: a restart (item 3 lives in slot 1)
+        r.release(3)
+        time.sleep(0.2)
+        # item 4 lives in slot 0: not read while the copy from it may still run
+        assert r._slot[0].occupant != (r.stats().passes, 4) or not r._slot[0].filled
+        e.done.set()
+        assert torch.equal(r.wait(4), list(tensors.values())[4][8:40])
+    finally:
+        r.close()
+
+
+def test_a_forward_that_broke_off_holding_a_slot_does_not_stall_the_next_pass(ckpt):
+    c, tensors = ckpt
+    names = list(tensors)
+    stale = []
+
+    def make():
+        stale.append(_Event())
+        stale[-1].done.set()
+        return stale[-1]
+
+    r = StorageReader(c, _items(tensors), slots=2, threads=1, stale_event=make)
+    done = threading.Event()
+
+    def run():
+        for i in range(len(names)):
+            r.wait(i)
+            if i != len(names) - 1:  # the last item is never released: the forward broke off after it
+                r.release(i)
+        for i in range(len(names)):  # the next forward, in turn from item 0
+            assert torch.equal(r.wait(i), tensors[names[i]][8:40])
+            r.release(i)
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    try:
+        assert done.is_set(), "the second pass stalled on the slot the first never released"
+        assert stale  # that slot waited for the copy stream before it was read into again
+    finally:
+        r.close()

@@ -233,3 +233,33 @@ def test_cpu_memory_needs_a_checkpoint_folder_on_the_command_line(capsys):
 
     assert main(["plan", "--model", "tiny-llama", "--device", "cpu", "--cpu-memory", "1GiB"]) != 0
     assert "--cpu-memory keeps weights in their safetensors checkpoint" in capsys.readouterr().err
+
+
+def test_a_residency_change_gives_a_reader_in_the_graphs_order(saved):
+    """Demoting a Linear (a lower budget) adds it to the storage tier: the reader is made anew in the order
+    the recompiled graphs use its parts, so steps after the change never make it start over."""
+    model, folder = saved
+    ids = torch.randint(3, 128, (1, 7))
+    ref = _generate(model, ids)
+    linear = _linear_bytes(model)
+    other = _nbytes(model) - linear
+    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    compiled = hetegen_fx.load(
+        folder,
+        gpu_memory=int(_nbytes(model) * 0.9),
+        cpu_memory=other + 3 * largest + linear // 3,
+        storage_slots=3,
+        device="cpu",
+        max_seq_len=64,
+        profile="model",
+        progress=False,
+    )
+    assert torch.equal(_generate(compiled, ids), ref)
+    before = hetegen_fx.explain(compiled).plan
+    change = hetegen_fx.set_gpu_memory(compiled, int(_nbytes(model) * 0.45))
+    assert change is not None and change.demoted
+    assert torch.equal(_generate(compiled, ids), ref)
+    after = hetegen_fx.explain(compiled).plan
+    assert after.storage_bytes > before.storage_bytes  # the demoted Linears are read from storage
+    reader = hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader
+    assert reader.stats().restarts == 0 and reader.stats().passes == NEW
