@@ -199,7 +199,6 @@ class Peer:
 def _peer(args, model, device: torch.device, gpu: str | None, allowance: int, work: Path):
     """The :class:`Peer`, or None with a log line saying why there is none."""
     from .bench import _log
-    from .host import default_threads
 
     binary = None
     source = args.llama_cpp
@@ -233,7 +232,9 @@ def _peer(args, model, device: torch.device, gpu: str | None, allowance: int, wo
     except llamacpp.LlamaCppError as e:
         _log(f"no llama.cpp: {e}")
         return None
-    threads = args.cpu_threads or (default_threads() if device.type == "cuda" else torch.get_num_threads())
+    # llama.cpp decodes fastest with every core (it launches the GPU work from one of its threads); hetegen_fx's
+    # CPU parts take three quarters, the rest launch: each gets its own best unless --cpu-threads names one
+    threads = args.cpu_threads or os.cpu_count() or torch.get_num_threads()
     return Peer(binary, gguf, foot, args, gpu, allowance, threads)
 
 
