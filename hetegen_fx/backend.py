@@ -86,7 +86,11 @@ def _compile_graph(
     except (BudgetError, ConfigError):
         raise  # the user must change a setting: falling back would hide it
     except HetegenError as e:
+        if config.pipeline_stage is not None:  # run eagerly, the whole model would meet no other stage
+            raise
         _warn_once(f"hetegen: cannot compile this graph ({e}); running it eagerly")
     except Exception as e:  # an unexpected graph: run it unchanged rather than fail the user's program
+        if config.pipeline_stage is not None:
+            raise
         _warn_once(f"hetegen: compiling a graph failed ({type(e).__name__}: {e}); running it eagerly")
     return gm.forward

@@ -147,6 +147,10 @@ class Config:
         smallest, where each read's latency weighs most) are kept first. "layered": RAM filled layer by
         layer in graph order, the later layers read whole (the obvious alternative, for comparison).
     storage_slots: slots of the storage ring (reads run that many storage parts ahead); ``None``: 6.
+    pipeline_stage: this process's pipeline stage, ``{"rank": r, "ranks": n, "layers": [start, stop]}``: only
+        those decoder layers are compiled, the hidden state comes from rank ``r - 1`` and goes to ``r + 1``
+        over torch.distributed (:mod:`hetegen_fx.distributed`; :func:`hetegen_fx.distributed.compile_stage`
+        fills it in). ``None``: the whole model in this process.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -174,6 +178,7 @@ class Config:
     cpu_memory: int | None = None
     storage_policy: str = "balanced"
     storage_slots: int | None = None
+    pipeline_stage: dict | None = None
     cache_dir: str | None = None
     verbose: bool = False
     extra: dict = field(default_factory=dict, repr=False, hash=False)
@@ -202,6 +207,7 @@ class Config:
         _check_choice("kv_cache", self.kv_cache, ("auto", "static", "dynamic"))
         _check_choice("storage_policy", self.storage_policy, ("balanced", "layered"))
         _check_int("storage_slots", self.storage_slots, 1, "a count of ring slots of at least 1, or None")
+        _check_stage(self.pipeline_stage)
         _check_number("alpha", self.alpha, 0.0, 1.0, "a CPU share in [0, 1], or None to profile it")
         _check_number("job_overhead", self.job_overhead, 0.0, 1.0, "seconds in [0, 1] (e.g. 3e-4), or None")
         _check_int("prefetch", self.prefetch, 1, "a count of GPU parts of at least 1, or None")
@@ -275,6 +281,28 @@ class Config:
         import torch
 
         return torch.device(self.device).type == "cpu"
+
+
+def _check_stage(stage: Any) -> None:
+    if stage is None:
+        return
+    ok = isinstance(stage, dict) and set(stage) == {"rank", "ranks", "layers"}
+    if ok:
+        rank, ranks, layers = stage["rank"], stage["ranks"], stage["layers"]
+        ok = (
+            isinstance(rank, int)
+            and isinstance(ranks, int)
+            and 0 <= rank < ranks
+            and isinstance(layers, (list, tuple))
+            and len(layers) == 2
+            and all(isinstance(x, int) for x in layers)
+            and 0 <= layers[0] < layers[1]
+        )
+    if not ok:
+        raise ConfigError(
+            'pipeline_stage must be {"rank": r, "ranks": n, "layers": [start, stop]} with 0 <= r < n and '
+            f"0 <= start < stop, or None; got {stage!r} (hetegen_fx.distributed.compile_stage fills it in)"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -17,7 +17,10 @@
   ``name`` (those from ``ram_rows`` on) in their slot of the storage reader's ring, the launching thread
   waiting until they are read (:mod:`hetegen_fx.prefetch`); the host tensor a ``copy_h2d`` then copies;
 * ``hetegen::fetched(staged, store, name, ram_rows)``: after that copy, the slot may be read into again once
-  the copy has landed (an event on the copy stream).
+  the copy has landed (an event on the copy stream);
+* ``hetegen::stage_send(x, dst)``, ``hetegen::stage_recv(shape, dtype, src, device) -> Tensor`` and
+  ``hetegen::stage_broadcast(x, src) -> Tensor``: a pipeline stage's hidden state to the next stage's process,
+  and the last stage's logits to every stage (:mod:`hetegen_fx.distributed`, torch.distributed).
 
 ``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and all three are
 registered as side-effectful: dead-code elimination keeps them, and functionalization (export,
@@ -75,7 +78,28 @@ def run_fetched(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> N
     reader.release(i, get_runtime(staged.device).copy_event())
 
 
+def run_stage_send(x: torch.Tensor, dst: int) -> None:
+    from .distributed import send
+
+    send(x, dst)
+
+
+def run_stage_recv(shape: list[int], dtype: torch.dtype, src: int, device: str) -> torch.Tensor:
+    from .distributed import recv
+
+    return recv(shape, dtype, src, device)
+
+
+def run_stage_broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
+    from .distributed import broadcast
+
+    return broadcast(x, src)
+
+
 for _f in (
+    run_stage_send,
+    run_stage_recv,
+    run_stage_broadcast,
     run_copy_h2d,
     run_wait_copy,
     run_release_slot,
@@ -176,6 +200,36 @@ def _fetched_fake(staged: torch.Tensor, store: int, name: str, ram_rows: int) ->
     return None
 
 
+@torch.library.custom_op("hetegen::stage_send", mutates_args=())
+def stage_send(x: torch.Tensor, dst: int) -> None:
+    run_stage_send(x, dst)
+
+
+@stage_send.register_fake
+def _stage_send_fake(x: torch.Tensor, dst: int) -> None:
+    return None
+
+
+@torch.library.custom_op("hetegen::stage_recv", mutates_args=())
+def stage_recv(shape: list[int], dtype: torch.dtype, src: int, device: str) -> torch.Tensor:
+    return run_stage_recv(shape, dtype, src, device)
+
+
+@stage_recv.register_fake
+def _stage_recv_fake(shape: list[int], dtype: torch.dtype, src: int, device: str) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("hetegen::stage_broadcast", mutates_args=())
+def stage_broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
+    return run_stage_broadcast(x, src).clone()
+
+
+@stage_broadcast.register_fake
+def _stage_broadcast_fake(x: torch.Tensor, src: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 COPY = torch.ops.hetegen.copy_h2d.default
 WAIT = torch.ops.hetegen.wait_copy.default
 RELEASE = torch.ops.hetegen.release_slot.default
@@ -184,11 +238,26 @@ CPU_END = torch.ops.hetegen.cpu_end.default
 CPU_WAIT = torch.ops.hetegen.cpu_wait.default
 FETCH = torch.ops.hetegen.fetch_rows.default
 FETCHED = torch.ops.hetegen.fetched.default
+STAGE_SEND = torch.ops.hetegen.stage_send.default
+STAGE_RECV = torch.ops.hetegen.stage_recv.default
+STAGE_BROADCAST = torch.ops.hetegen.stage_broadcast.default
 
 # Side effects beyond their outputs: DCE must keep them. Mutating ops are kept by fx's DCE anyway, but once
 # functionalized (export's run_decompositions) wait/release become auto_functionalized nodes whose results
 # nobody reads, and only this registration keeps them. A CPU job queued must also be collected.
-for _op in (COPY, WAIT, RELEASE, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED):
+for _op in (
+    COPY,
+    WAIT,
+    RELEASE,
+    CPU_BEGIN,
+    CPU_END,
+    CPU_WAIT,
+    FETCH,
+    FETCHED,
+    STAGE_SEND,
+    STAGE_RECV,
+    STAGE_BROADCAST,
+):
     has_side_effect(_op)
 
 
@@ -202,6 +271,9 @@ DIRECT = {
     CPU_WAIT: run_cpu_wait,
     FETCH: run_fetch_rows,
     FETCHED: run_fetched,
+    STAGE_SEND: run_stage_send,
+    STAGE_RECV: run_stage_recv,
+    STAGE_BROADCAST: run_stage_broadcast,
 }
 
 

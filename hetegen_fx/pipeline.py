@@ -1,4 +1,5 @@
-"""The pass pipeline, in one readable list: profile → place → partition → device → schedule → codegen."""
+"""The pass pipeline, in one readable list: (stage split) → profile → place → partition → device → schedule →
+codegen."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ def build_passes(
     from hetegen_fx.passes import DevicePass, PartitionPass, PlacementPass, ProfilePass, SchedulePass
 
     given = load_plan(config.plan) if config.plan is not None else None
+    stage = []
+    if config.pipeline_stage is not None:  # this process's layers of a pipeline (hetegen_fx.distributed)
+        from hetegen_fx.passes.stages import StageSplitPass
+
+        st = config.pipeline_stage
+        stage = [StageSplitPass(*st["layers"], st["rank"], st["ranks"], config.device)]
     return [
+        *stage,
         ProfilePass(config, example_inputs, progress=progress, measure=given is None),
         PlacementPass(config, store, plan=given, label=label),
         PartitionPass(config, store),

@@ -1,6 +1,7 @@
 """The hetegen_fx passes, one per file, each a ``torch.fx.passes.infra`` pass returning a PassResult.
 
-Order: ProfilePass → PlacementPass → PartitionPass → DevicePass → SchedulePass (see hetegen_fx.pipeline).
+Order: (StageSplitPass, for a pipeline stage) → ProfilePass → PlacementPass → PartitionPass → DevicePass →
+SchedulePass (see hetegen_fx.pipeline).
 """
 
 from .device import DevicePass
@@ -8,5 +9,6 @@ from .partition import PartitionPass
 from .placement import PlacementPass
 from .profile import ProfilePass
 from .schedule import SchedulePass
+from .stages import StageSplitPass
 
-__all__ = ["DevicePass", "PartitionPass", "PlacementPass", "ProfilePass", "SchedulePass"]
+__all__ = ["DevicePass", "PartitionPass", "PlacementPass", "ProfilePass", "SchedulePass", "StageSplitPass"]
