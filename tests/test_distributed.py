@@ -52,8 +52,10 @@ def _stage(rank: int, arch: str, layout, out: str, die_at: int | None) -> None:
         result = {"tokens": tokens[0].tolist()}
     except Exception as e:
         result = {"error": f"{type(e).__name__}: {e}"}
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    path = os.path.join(out, f"rank{rank}.json")  # whole or not at all: spawn may end this process any time
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f)
+    os.replace(path + ".tmp", path)
 
 
 def _results(out, ranks):
