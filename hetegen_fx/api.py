@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import launch
 from .capture import capture_export, capture_fx, is_hf_model, param_names
-from .config import Config, format_bytes
+from .config import Config
 from .decoding import refusal
 from .errors import CaptureError, ConfigError, UnsupportedModelError
 from .introspect import attach, state
@@ -397,6 +397,7 @@ def _check_storage(model: torch.nn.Module, config: Config) -> None:
         return
     from .checkpoint import source_of
     from .prefetch import DEFAULT_SLOTS
+    from .tiers import check_minimum
 
     params = {id(p): p for p in model.parameters()}.values()
     deferred = [p for p in params if source_of(p) is not None]
@@ -408,16 +409,7 @@ def _check_storage(model: torch.nn.Module, config: Config) -> None:
         )
     other = sum(p.numel() * p.element_size() for p in params if source_of(p) is None)
     largest = max(p.numel() * p.element_size() for p in deferred)
-    slots = config.storage_slots or DEFAULT_SLOTS
-    least = other + slots * largest
-    if config.cpu_memory < least:
-        raise ConfigError(
-            f"cpu_memory {format_bytes(config.cpu_memory)} is below the {format_bytes(least)} this model needs in "
-            f"host memory at least: its weights other than the Linears' ({format_bytes(other)}: embeddings, "
-            f"norms, biases) stay in RAM, and the storage ring holds {slots} slots of the largest Linear "
-            f"({format_bytes(largest)}). Give cpu_memory of at least {format_bytes(least)}, or a smaller ring "
-            "(storage_slots=2)"
-        )
+    check_minimum(config.cpu_memory, other, config.storage_slots or DEFAULT_SLOTS, largest)
 
 
 def _check_weights(model: torch.nn.Module) -> None:

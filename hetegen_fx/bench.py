@@ -616,6 +616,23 @@ def setup(args, device: torch.device) -> tuple:
     return model, ids, model_bytes, build_s, ceilings
 
 
+def run_facts(args, device: torch.device, model_bytes: int, build_s: float) -> dict:
+    """What every report of the bench starts with: the device, date, model, dtype and size, the workload,
+    torch and the CPU threads."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model or args.preset,
+        "dtype": args.dtype,
+        "model_bytes": model_bytes,
+        "build_s": build_s,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     from hetegen_fx.config import parse_bytes
 
@@ -688,17 +705,8 @@ def main(args: argparse.Namespace) -> int:
     by = {r["variant"]: r for r in results}
     ref = by.get("gpu") or by.get("stream")
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "model": args.model or args.preset,
-        "dtype": args.dtype,
-        "model_bytes": model_bytes,
-        "build_s": build_s,
+        **run_facts(args, device, model_bytes, build_s),
         "gpu_memory": parse_bytes(args.gpu_memory),
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
         "ceilings": ceilings,
         "ceiling_working_set_bytes": streaming_bytes(),
         "host_rss_after_build_bytes": rss_model,

@@ -237,7 +237,7 @@ def _llama(foot, args, gguf: Path) -> dict:
 
 def run_storage(args: argparse.Namespace, out_dir: Path) -> int:
     """The storage mode of the bench (see the module)."""
-    from .bench import _free, _log, run_variant, setup
+    from .bench import _free, _log, run_facts, run_variant, setup
 
     device = torch.device(args.device)
     args.cpu_memory = parse_bytes(args.cpu_memory, "--cpu-memory")
@@ -310,17 +310,9 @@ def run_storage(args: argparse.Namespace, out_dir: Path) -> int:
             n = min(len(r["tokens"]), len(ref))
             r["tokens_match_reference"] = r["tokens"][:n] == ref[:n]
     summary = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "model": args.model or args.preset,
-        "dtype": args.dtype,
-        "model_bytes": model_bytes,
-        "build_s": build_s,
+        **run_facts(args, device, model_bytes, build_s),
         "gpu_memory": parse_bytes(args.gpu_memory),
         "cpu_memory": args.cpu_memory,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "torch": torch.__version__,
         "ceilings": ceilings,
         "storage_read": rate,
         "reference": "gpu" if results.get("gpu", {}).get("tokens") else "hetegen",

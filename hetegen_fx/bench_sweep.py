@@ -299,7 +299,7 @@ def _point(label, nbytes, model, ids, args, device, out_dir, gpu, idle, variants
 
 def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
     """The sweep (see the module): ceilings, the all-GPU reference, every budget, the report."""
-    from .bench import _log, _rss, run_variant, setup
+    from .bench import _log, _rss, run_facts, run_variant, setup
     from .costs import streaming_bytes
 
     device = torch.device(args.device)
@@ -358,17 +358,8 @@ def run_sweep(args: argparse.Namespace, out_dir: Path) -> int:
                 n = len(r["tokens"])
                 r["tokens_match_reference"] = None if ref_tokens is None else r["tokens"] == ref_tokens[:n]
         summary = {
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "date": time.strftime("%Y-%m-%d"),
-            "model": args.model or args.preset,
-            "dtype": args.dtype,
-            "model_bytes": model_bytes,
-            "build_s": build_s,
-            "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens,
+            **run_facts(args, device, model_bytes, build_s),
             "reps": args.reps,
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(),
             "ceilings": ceilings,
             "ceiling_working_set_bytes": streaming_bytes(),
             "gpu_idle_bytes": idle,

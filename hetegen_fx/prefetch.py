@@ -52,10 +52,10 @@ class Item:
 
     @property
     def nbytes(self) -> int:
-        n = 1
+        n = self.dtype.itemsize
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The storage tier's arithmetic: which rows of the offloaded Linears stay in RAM under ``cpu_memory``, and
 the least ``cpu_memory`` a model can run in.
 
-Owns: :func:`host_rows` (the choice, by policy) and :func:`minimum` (what must be in RAM whatever the
+Owns: :func:`host_rows` (the choice, by policy) and :func:`check_minimum` (what must be in RAM whatever the
 choice: the weights that are not deferred Linears, and the ring). PlacementPass calls them and writes the
 result into the Plan; the weight store and the storage reader apply it.
 Must not: read weights or touch the device.
@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .config import format_bytes
+from .errors import ConfigError
 from .plan import LayerPlan
 
 #: RAM rows are kept in multiples of this for Linears of at least 1024 output features (as CPU splits are)
@@ -90,6 +92,17 @@ def host_rows(
     return rows
 
 
-def minimum(other_host_bytes: int, ring_bytes: int) -> int:
-    """The least ``cpu_memory``: the weights that stay in RAM whatever the choice, and the ring."""
-    return other_host_bytes + ring_bytes
+def check_minimum(cpu_memory: int, other: int, slots: int, largest: int) -> int:
+    """The least ``cpu_memory``: the weights that stay in RAM whatever the choice (``other`` bytes) and the
+    ring of ``slots`` slots of the ``largest`` Linear; a :class:`ConfigError` saying so when ``cpu_memory`` is
+    below it. Returns it."""
+    least = other + slots * largest
+    if cpu_memory < least:
+        raise ConfigError(
+            f"cpu_memory {format_bytes(cpu_memory)} is below the {format_bytes(least)} this model needs in host "
+            f"memory at least: its weights other than the Linears' ({format_bytes(other)}: embeddings, norms, "
+            f"biases) stay in RAM, and the storage ring holds {slots} slots of the largest Linear "
+            f"({format_bytes(largest)}). Give cpu_memory of at least {format_bytes(least)}, or a smaller ring "
+            "(storage_slots=2)"
+        )
+    return least

@@ -421,17 +421,9 @@ class PlacementPass(PassBase):
         slots = cfg.storage_slots or DEFAULT_SLOTS
         # every deferred Linear: one resident now may be demoted while the model runs, into the storage tier
         largest = max((lp.bytes for lp in layers if lp.name in deferred), default=0)
-        least = tiers.minimum(other, slots * largest)
         decided = self.store.host_rows
         if decided is None:
-            if cfg.cpu_memory < least:
-                raise ConfigError(
-                    f"cpu_memory {format_bytes(cfg.cpu_memory)} is below the {format_bytes(least)} this model "
-                    f"needs in host memory at least: its weights other than the offloaded Linears' "
-                    f"({format_bytes(other)}: embeddings, norms, biases) stay in RAM, and the storage ring holds "
-                    f"{slots} slots of the largest Linear ({format_bytes(largest)}). Give cpu_memory of at least "
-                    f"{format_bytes(least)}, or a smaller ring (storage_slots=2)"
-                )
+            least = tiers.check_minimum(cfg.cpu_memory, other, slots, largest)
             decided = tiers.host_rows(
                 layers,
                 deferred,

@@ -29,6 +29,14 @@ def ckpt(tmp_path):
     c.close()
 
 
+class _Event:  # stands for a CUDA event on the copy stream
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def synchronize(self) -> None:
+        self.done.wait()
+
+
 def _items(tensors, rows=(8, 40)):
     return [Item(n, rows, (rows[1] - rows[0], t.shape[1]), t.dtype) for n, t in tensors.items()]
 
@@ -79,17 +87,9 @@ def test_the_reader_runs_at_most_its_slots_ahead_of_the_consumer(ckpt):
 def test_a_slot_is_read_into_only_after_its_release_event_completed(ckpt):
     c, tensors = ckpt
     r = StorageReader(c, _items(tensors), slots=2, threads=1)
-
-    class Event:  # stands for the CUDA event the device records after its last read of the slot
-        def __init__(self) -> None:
-            self.done = threading.Event()
-
-        def synchronize(self) -> None:
-            self.done.wait()
-
     try:
         r.wait(0)
-        e = Event()
+        e = _Event()
         r.release(0, e)
         time.sleep(0.2)
         assert r.stats().reads == 2  # waiting on the event: item 2 not read yet
@@ -157,14 +157,6 @@ def test_a_pass_read_at_less_than_half_the_planned_rate_is_warned_about_once(ckp
             r.close()
     finally:
         r.close()
-
-
-class _Event:  # stands for a CUDA event on the copy stream
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-    def synchronize(self) -> None:
-        self.done.wait()
 
 
 def test_a_restart_keeps_the_release_event_of_a_slot_a_copy_may_still_read(ckpt):
