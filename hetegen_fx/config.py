@@ -147,10 +147,12 @@ class Config:
         smallest, where each read's latency weighs most) are kept first. "layered": RAM filled layer by
         layer in graph order, the later layers read whole (the obvious alternative, for comparison).
     storage_slots: slots of the storage ring (reads run that many storage parts ahead); ``None``: 6.
-    pipeline_stage: this process's pipeline stage, ``{"rank": r, "ranks": n, "layers": [start, stop]}``: only
-        those decoder layers are compiled, the hidden state comes from rank ``r - 1`` and goes to ``r + 1``
-        over torch.distributed (:mod:`hetegen_fx.distributed`; :func:`hetegen_fx.distributed.compile_stage`
-        fills it in). ``None``: the whole model in this process.
+    pipeline_stage: this process's part of a layout over several processes, ``{"rank": r, "layout": [[start,
+        stop, tp], ...]}`` (stages in order, each its decoder layers and tensor-parallel degree) or
+        ``{"rank": r, "ranks": n, "layers": [start, stop]}`` (stage r of n, no TP): only its stage's decoder
+        layers are compiled, with TP > 1 only its share of their heads and MLP width, and the hidden state
+        goes between the stages over torch.distributed (:mod:`hetegen_fx.distributed`;
+        :func:`hetegen_fx.distributed.compile_stage` fills it in). ``None``: the whole model in this process.
     cache_dir: where measured profiles are cached (default ``~/.cache/hetegen_fx``).
     verbose: print progress of long steps.
     """
@@ -286,8 +288,22 @@ class Config:
 def _check_stage(stage: Any) -> None:
     if stage is None:
         return
-    ok = isinstance(stage, dict) and set(stage) == {"rank", "ranks", "layers"}
-    if ok:
+    ok = isinstance(stage, dict) and set(stage) in ({"rank", "ranks", "layers"}, {"rank", "layout"})
+    if ok and "layout" in stage:
+        layout, rank = stage["layout"], stage["rank"]
+        ok = (
+            isinstance(rank, int)
+            and isinstance(layout, (list, tuple))
+            and len(layout) > 0
+            and all(
+                isinstance(st, (list, tuple)) and len(st) == 3 and all(isinstance(x, int) for x in st)
+                for st in layout
+            )
+        )
+        ok = ok and 0 <= rank < sum(st[2] for st in layout) and all(st[2] >= 1 for st in layout)
+        ok = ok and layout[0][0] == 0 and all(a < b for a, b, _ in layout)
+        ok = ok and all(layout[i][1] == layout[i + 1][0] for i in range(len(layout) - 1))
+    elif ok:
         rank, ranks, layers = stage["rank"], stage["ranks"], stage["layers"]
         ok = (
             isinstance(rank, int)
@@ -301,7 +317,9 @@ def _check_stage(stage: Any) -> None:
     if not ok:
         raise ConfigError(
             'pipeline_stage must be {"rank": r, "ranks": n, "layers": [start, stop]} with 0 <= r < n and '
-            f"0 <= start < stop, or None; got {stage!r} (hetegen_fx.distributed.compile_stage fills it in)"
+            '0 <= start < stop, {"rank": r, "layout": [[start, stop, tp], ...]} with stages in order from layer '
+            f"0 and r below the sum of their TP degrees, or None; got {stage!r} "
+            "(hetegen_fx.distributed.compile_stage fills it in)"
         )
 
 

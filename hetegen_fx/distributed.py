@@ -1,16 +1,24 @@
-"""Pipeline stages in several processes, on torch.distributed (the first part of HexGen's layouts: pipeline
-parallelism with stages of their own layer counts; tensor parallelism inside a stage is not built yet).
+"""HexGen's layouts in several processes, on torch.distributed: pipeline stages of their own layer counts,
+each tensor-parallel over its own number of processes.
 
-Owns: :func:`compile_stage` (one process's stage of a layout: ``hetegen_fx.compile`` with the
-:class:`~hetegen_fx.passes.stages.StageSplitPass` in front of the pipeline), the transfers the stage ops make
-(:func:`send`, :func:`recv`, :func:`broadcast`: gloo on the host, so that everything runs without a GPU; a
-CUDA tensor goes through the host), their errors, and :func:`spawn` (a run of every stage on this machine, one
-process each, as tests and the command line start them; ``torchrun`` starts the same processes elsewhere).
-Must not: place or split anything itself (the passes do).
+A layout lists its stages in order, each ``(start, stop)`` (its decoder layers) or ``(start, stop, tp)`` (and
+its tensor-parallel degree, default 1). Stage ``s`` runs in ``tp_s`` processes, the global ranks after the
+previous stages' (so stages of TP 2, 1, 1 are ranks 0-1, 2 and 3). The hidden state goes from process ``i`` of
+a stage to every process ``j`` of the next with ``j % tp_prev == i`` (after its stage's all-reduce each process
+of a stage holds the whole hidden state); the last stage's first process broadcasts the logits to all.
+
+Owns: :func:`compile_stage` (one process's part of a layout: ``hetegen_fx.compile`` with the
+:class:`~hetegen_fx.passes.stages.StageSplitPass` and, for TP > 1, the
+:class:`~hetegen_fx.passes.shard.ShardPass` in front of the pipeline), :func:`roles` (what a process does in a
+layout), the tensor-parallel process groups, the transfers and collectives the stage ops make (:func:`send`,
+:func:`recv`, :func:`broadcast`, :func:`all_reduce`: gloo on the host, so that everything runs without a GPU; a
+CUDA tensor goes through the host), their errors, and :func:`spawn` (a run of every process on this machine,
+as tests and the command line start them; ``torchrun`` starts the same processes elsewhere). Must not: place
+or split anything itself (the passes do).
 
 Every process runs the same ``generate`` on the same prompt: the last stage's logits are broadcast to all, so
-each picks the same token, and each stage keeps the KV cache of its own layers. A process that dies or stops
-answering ends the others' transfers with :class:`StageError` within ``timeout`` seconds.
+each picks the same token, and each process keeps the KV cache of its own layers and heads. A process that
+dies or stops answering ends the others' transfers with :class:`StageError` within ``timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,6 +60,9 @@ def _failed(what: str, peer: int, e: BaseException) -> StageError:
 
 
 def send(x: torch.Tensor, dst: int) -> None:
+    """``x`` to rank ``dst``; nothing for ``dst = -1`` (see :class:`~hetegen_fx.passes.stages.StageSplitPass`)."""
+    if dst < 0:
+        return
     dist = _dist()
     try:
         dist.send(x.detach().to("cpu").contiguous(), dst)
@@ -78,6 +90,112 @@ def broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
     return t.to(x.device)
 
 
+#: the tensor-parallel process groups of this process's layout: global ranks → group
+_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def make_groups(layout: Sequence[Sequence[int]]) -> None:
+    """Create the process group of every stage of ``layout`` with TP > 1 (every process must create every
+    group, in the same order: torch.distributed's rule), once per layout."""
+    dist = _dist()
+    for group in stage_ranks(layout):
+        if len(group) > 1 and group not in _GROUPS:
+            _GROUPS[group] = dist.new_group(list(group))
+
+
+def all_reduce(x: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """The sum of ``x`` over the processes of a stage (a row-parallel Linear's partial outputs)."""
+    dist = _dist()
+    key = tuple(group)
+    if key not in _GROUPS:
+        raise ConfigError(
+            f"no process group for ranks {list(key)}: compile tensor-parallel stages with "
+            "hetegen_fx.distributed.compile_stage, which creates them"
+        )
+    t = x.detach().to("cpu").contiguous()
+    try:
+        dist.all_reduce(t, group=_GROUPS[key])
+    except RuntimeError as e:
+        raise _failed("summing a row-parallel Linear with", key[0], e) from None
+    return t.to(x.device)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What the process of global rank ``rank`` does in a layout: its ``stage`` (of ``stages``), its decoder
+    ``layers`` ``(start, stop)``, its place ``tp_rank`` among the ``tp`` processes of its stage (global ranks
+    ``group``), where its hidden state comes from (``recv_from``; None on the first stage) and goes to
+    (``send_to``), and the rank that broadcasts the logits (``logits_from``)."""
+
+    rank: int
+    ranks: int
+    stage: int
+    stages: int
+    layers: tuple[int, int]
+    tp_rank: int
+    tp: int
+    group: tuple[int, ...]
+    recv_from: int | None
+    send_to: tuple[int, ...]
+    logits_from: int
+
+
+def stage_ranks(layout: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """The global ranks of each stage of ``layout``, in order."""
+    out, first = [], 0
+    for st in layout:
+        tp = int(st[2]) if len(st) > 2 else 1
+        out.append(tuple(range(first, first + tp)))
+        first += tp
+    return out
+
+
+def roles(layout: Sequence[Sequence[int]], rank: int) -> Roles:
+    """The :class:`Roles` of global ``rank`` in ``layout`` (see the module)."""
+    groups = stage_ranks(layout)
+    ranks = sum(len(g) for g in groups)
+    if not 0 <= rank < ranks:
+        raise ConfigError(f"rank {rank} is outside the layout's {ranks} processes")
+    s = next(i for i, g in enumerate(groups) if rank in g)
+    group, i = groups[s], groups[s].index(rank)
+    prev = groups[s - 1] if s > 0 else None
+    nxt = groups[s + 1] if s + 1 < len(groups) else None
+    return Roles(
+        rank=rank,
+        ranks=ranks,
+        stage=s,
+        stages=len(groups),
+        layers=(int(layout[s][0]), int(layout[s][1])),
+        tp_rank=i,
+        tp=len(group),
+        group=group,
+        recv_from=prev[i % len(prev)] if prev else None,
+        send_to=tuple(r for j, r in enumerate(nxt) if j % len(group) == i) if nxt else (),
+        logits_from=groups[-1][0],
+    )
+
+
+def stage_roles(stage: dict) -> Roles:
+    """The :class:`Roles` a ``Config.pipeline_stage`` names: ``{"rank": r, "layout": [...]}``, or the
+    pipeline-only form ``{"rank": r, "ranks": n, "layers": [start, stop]}`` (rank r is stage r)."""
+    if "layout" in stage:
+        return roles(stage["layout"], stage["rank"])
+    rank, ranks = stage["rank"], stage["ranks"]
+    return Roles(
+        rank=rank,
+        ranks=ranks,
+        stage=rank,
+        stages=ranks,
+        layers=tuple(stage["layers"]),
+        tp_rank=0,
+        tp=1,
+        group=(rank,),
+        recv_from=rank - 1 if rank > 0 else None,
+        send_to=(rank + 1,) if rank + 1 < ranks else (),
+        logits_from=ranks - 1,
+    )
+
+
 def even_layout(layers: int, stages: int) -> list[tuple[int, int]]:
     """``stages`` contiguous layer ranges of sizes as equal as possible."""
     if not 1 <= stages <= layers:
@@ -90,31 +208,67 @@ def even_layout(layers: int, stages: int) -> list[tuple[int, int]]:
     return out
 
 
-def check_layout(layout: Sequence[Sequence[int]], layers: int) -> list[tuple[int, int]]:
-    """``layout`` (one ``(start, stop)`` per stage) covering ``[0, layers)`` in order, each stage non-empty."""
-    out = [(int(a), int(b)) for a, b in layout]
-    starts = [0] + [b for _, b in out[:-1]]
-    if not out or [a for a, _ in out] != starts or out[-1][1] != layers or any(b <= a for a, b in out):
+def check_layout(layout: Sequence[Sequence[int]], layers: int) -> list[tuple[int, int, int]]:
+    """``layout`` (one ``(start, stop)`` or ``(start, stop, tp)`` per stage) covering ``[0, layers)`` in order,
+    each stage non-empty, each TP degree at least 1; returned as ``(start, stop, tp)``."""
+    try:
+        out = [(int(st[0]), int(st[1]), int(st[2]) if len(st) > 2 else 1) for st in layout]
+        ok = all(2 <= len(st) <= 3 for st in layout)
+    except (TypeError, ValueError, IndexError):
+        out, ok = [], False
+    starts = [0] + [b for _, b, _ in out[:-1]]
+    if (
+        not ok
+        or not out
+        or [a for a, _, _ in out] != starts
+        or out[-1][1] != layers
+        or any(b <= a or tp < 1 for a, b, tp in out)
+    ):
         raise ConfigError(
-            f"a layout lists each stage's layers as (start, stop), in order, from 0 to the model's {layers} "
-            f"layers with none empty; got {list(layout)}"
+            "a layout lists each stage as (start, stop) or (start, stop, tp): its layers, in order, from 0 to "
+            f"the model's {layers} layers with none empty, and its tensor-parallel degree (at least 1); got "
+            f"{list(layout)}"
         )
     return out
 
 
+def check_tp(model: torch.nn.Module, tp: int) -> None:
+    """A TP degree must divide the attention heads, the key/value heads and the MLP's width."""
+    cfg = model.config
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    sizes = {
+        "attention heads": heads,
+        "key/value heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "MLP width": getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None),
+    }
+    for what, n in sizes.items():
+        if n and n % tp:
+            raise ConfigError(
+                f"TP {tp} does not divide the model's {n} {what}: each process of a tensor-parallel stage holds "
+                f"an equal share of them; choose a TP degree that divides {n}"
+            )
+
+
 def compile_stage(model: torch.nn.Module, layout: Sequence[Sequence[int]] | None = None, **options: Any):
-    """This process's stage of ``layout`` (its rank's ``(start, stop)``; default: the layers split evenly over
-    the processes), compiled by :func:`hetegen_fx.compile` with ``options`` (its budget is this stage's)."""
+    """This process's part of ``layout`` (stages ``(start, stop)`` or ``(start, stop, tp)``; default: the layers
+    split evenly over the processes, one stage each), compiled by :func:`hetegen_fx.compile` with ``options``
+    (its budget is this process's)."""
     from .api import compile as compile_model
 
     dist = _dist()
     rank, ranks = dist.get_rank(), dist.get_world_size()
     n = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0))
-    layout = check_layout(layout, n) if layout is not None else even_layout(n, ranks)
-    if len(layout) != ranks:
-        raise ConfigError(f"the layout has {len(layout)} stages for {ranks} processes: one stage per process")
-    start, stop = layout[rank]
-    stage = {"rank": rank, "ranks": ranks, "layers": [start, stop]}
+    stages = check_layout(layout, n) if layout is not None else [(a, b, 1) for a, b in even_layout(n, ranks)]
+    if sum(tp for _, _, tp in stages) != ranks:
+        raise ConfigError(
+            f"the layout's stages need {sum(tp for _, _, tp in stages)} processes (one per stage and TP rank), "
+            f"the run has {ranks}"
+        )
+    for tp in {tp for _, _, tp in stages}:
+        check_tp(model, tp)
+    make_groups(stages)
+    stage = {"rank": rank, "layout": [list(st) for st in stages]}
     if options.get("kv_cache", "dynamic") != "dynamic":
         raise ConfigError(
             "pipeline stages decode with HF's DynamicCache (kv_cache='dynamic'): a StaticCache keeps the length "

@@ -20,7 +20,12 @@
   the copy has landed (an event on the copy stream);
 * ``hetegen::stage_send(x, dst)``, ``hetegen::stage_recv(shape, dtype, src, device) -> Tensor`` and
   ``hetegen::stage_broadcast(x, src) -> Tensor``: a pipeline stage's hidden state to the next stage's process,
-  and the last stage's logits to every stage (:mod:`hetegen_fx.distributed`, torch.distributed).
+  and the last stage's logits to every stage (:mod:`hetegen_fx.distributed`, torch.distributed);
+* ``hetegen::tp_all_reduce(x, group) -> Tensor``: the sum of a row-parallel Linear's partial outputs over the
+  processes ``group`` of a tensor-parallel stage;
+* ``hetegen::tp_whole(x, dim, parts) -> Tensor`` and ``hetegen::tp_local(x, dim, parts) -> Tensor``: this
+  process's share of a KV cache (``1 / parts`` of dim ``dim``, its heads) handed back as a host stand-in of
+  the whole shape, and the share behind such a stand-in when it comes back (:func:`hetegen_fx.runtime.stand_in`).
 
 ``wait_copy`` and ``release_slot`` declare that they mutate the staged buffer, and all three are
 registered as side-effectful: dead-code elimination keeps them, and functionalization (export,
@@ -96,7 +101,38 @@ def run_stage_broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
     return broadcast(x, src)
 
 
+def run_tp_all_reduce(x: torch.Tensor, group: list[int]) -> torch.Tensor:
+    from .distributed import all_reduce
+
+    return all_reduce(x, group)
+
+
+def run_tp_whole(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    from .runtime import stand_in
+
+    shape = list(x.shape)
+    shape[dim] *= parts
+    return stand_in(x, shape)
+
+
+def run_tp_local(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    from .runtime import unpark
+
+    local = unpark(x)
+    if local is not None:
+        return local
+    if x.dim() > dim and x.shape[dim] == 0:  # an empty cache: no heads to share
+        return x
+    raise RuntimeError(
+        f"a tensor-parallel stage was given a KV cache of shape {tuple(x.shape)} that it did not hand back: a "
+        "tensor-parallel stage keeps its share of the cache itself; start generate() without a cache"
+    )
+
+
 for _f in (
+    run_tp_all_reduce,
+    run_tp_whole,
+    run_tp_local,
     run_stage_send,
     run_stage_recv,
     run_stage_broadcast,
@@ -230,6 +266,41 @@ def _stage_broadcast_fake(x: torch.Tensor, src: int) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("hetegen::tp_all_reduce", mutates_args=())
+def tp_all_reduce(x: torch.Tensor, group: list[int]) -> torch.Tensor:
+    return run_tp_all_reduce(x, group).clone()
+
+
+@tp_all_reduce.register_fake
+def _tp_all_reduce_fake(x: torch.Tensor, group: list[int]) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hetegen::tp_whole", mutates_args=())
+def tp_whole(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    return run_tp_whole(x, dim, parts)
+
+
+@tp_whole.register_fake
+def _tp_whole_fake(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * parts
+    return x.new_empty(shape, device="cpu")
+
+
+@torch.library.custom_op("hetegen::tp_local", mutates_args=())
+def tp_local(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    out = run_tp_local(x, dim, parts)
+    return out.clone() if out is x else out
+
+
+@tp_local.register_fake
+def _tp_local_fake(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] // parts
+    return x.new_empty(shape)
+
+
 COPY = torch.ops.hetegen.copy_h2d.default
 WAIT = torch.ops.hetegen.wait_copy.default
 RELEASE = torch.ops.hetegen.release_slot.default
@@ -241,6 +312,9 @@ FETCHED = torch.ops.hetegen.fetched.default
 STAGE_SEND = torch.ops.hetegen.stage_send.default
 STAGE_RECV = torch.ops.hetegen.stage_recv.default
 STAGE_BROADCAST = torch.ops.hetegen.stage_broadcast.default
+TP_ALL_REDUCE = torch.ops.hetegen.tp_all_reduce.default
+TP_WHOLE = torch.ops.hetegen.tp_whole.default
+TP_LOCAL = torch.ops.hetegen.tp_local.default
 
 # Side effects beyond their outputs: DCE must keep them. Mutating ops are kept by fx's DCE anyway, but once
 # functionalized (export's run_decompositions) wait/release become auto_functionalized nodes whose results
@@ -257,6 +331,7 @@ for _op in (
     STAGE_SEND,
     STAGE_RECV,
     STAGE_BROADCAST,
+    TP_ALL_REDUCE,
 ):
     has_side_effect(_op)
 
@@ -274,6 +349,9 @@ DIRECT = {
     STAGE_SEND: run_stage_send,
     STAGE_RECV: run_stage_recv,
     STAGE_BROADCAST: run_stage_broadcast,
+    TP_ALL_REDUCE: run_tp_all_reduce,
+    TP_WHOLE: run_tp_whole,
+    TP_LOCAL: run_tp_local,
 }
 
 

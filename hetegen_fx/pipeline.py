@@ -33,10 +33,16 @@ def build_passes(
     given = load_plan(config.plan) if config.plan is not None else None
     stage = []
     if config.pipeline_stage is not None:  # this process's layers of a pipeline (hetegen_fx.distributed)
+        from hetegen_fx.distributed import stage_roles
+        from hetegen_fx.passes.shard import ShardPass
         from hetegen_fx.passes.stages import StageSplitPass
 
-        st = config.pipeline_stage
-        stage = [StageSplitPass(*st["layers"], st["rank"], st["ranks"], config.device)]
+        r = stage_roles(config.pipeline_stage)
+        stage = [
+            StageSplitPass(*r.layers, r.stage, r.stages, config.device, r.recv_from, r.send_to, r.logits_from)
+        ]
+        if r.tp > 1:
+            stage.append(ShardPass(*r.layers, r.tp_rank, r.tp, r.group))
     return [
         *stage,
         ProfilePass(config, example_inputs, progress=progress, measure=given is None),

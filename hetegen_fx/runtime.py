@@ -260,8 +260,19 @@ def park(t: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
         return t
-    shadow = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-    for dim in range(t.dim() - 1):  # state grows (a KV cache's sequence): trace it once, not per length
+    return stand_in(t, t.shape, t.stride())
+
+
+def stand_in(t: torch.Tensor, shape, stride=None) -> torch.Tensor:
+    """A host tensor of ``shape`` (and ``stride``, default contiguous) whose memory is never written, standing
+    for ``t`` (:func:`unpark` gives ``t`` back; :func:`to_device` swaps ``t`` in for it on ``t``'s device): a
+    parked device tensor (same shape), or one process's share of a tensor-parallel KV cache standing in as the
+    whole (:mod:`hetegen_fx.passes.shard`), so that the caller's model sees the shapes it was written for."""
+    if stride is None:
+        shadow = torch.empty(tuple(shape), dtype=t.dtype, device="cpu")
+    else:
+        shadow = torch.empty_strided(tuple(shape), tuple(stride), dtype=t.dtype, device="cpu")
+    for dim in range(shadow.dim() - 1):  # state grows (a KV cache's sequence): trace it once, not per length
         torch._dynamo.maybe_mark_dynamic(shadow, dim)
     _remember(_PARKED, shadow, t)
     return shadow

@@ -9,8 +9,9 @@ layers ``[start, stop)`` of ``layers``, in the process of rank ``rank`` of ``ran
 
 * the hidden state entering layer ``start`` (the one value of layer ``start - 1`` that layer ``start`` reads)
   comes from the previous stage: ``hetegen::stage_recv`` (not on the first stage);
-* the hidden state leaving layer ``stop - 1`` goes to the next stage: ``hetegen::stage_send`` (not on the
-  last stage);
+* the hidden state leaving layer ``stop - 1`` goes to the next stage: ``hetegen::stage_send``, once per
+  process it goes to (not on the last stage; a next stage of several tensor-parallel processes has several;
+  a process that sends to none, ``dst = -1``, still computes it for its stage's collectives);
 * the other layers' nodes (their KV-cache updates too) and, except on the last stage, the postlude are
   erased; the prelude stays (every stage needs its positions and masks; an unused embedding goes with dead
   code);
@@ -49,9 +50,24 @@ def layer_of(node: fx.Node) -> int | None:
 class StageSplitPass(PassBase):
     """Rewrites the graph to the stage of layers ``[start, stop)`` (see the module)."""
 
-    def __init__(self, start: int, stop: int, rank: int, ranks: int, device: str) -> None:
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        rank: int,
+        ranks: int,
+        device: str,
+        recv_from: int | None = None,
+        send_to: tuple[int, ...] | None = None,
+        logits_from: int | None = None,
+    ) -> None:
+        """Stage ``rank`` of ``ranks`` (one process per stage unless told: ``recv_from`` the process the hidden
+        state comes from, ``send_to`` those it goes to, ``logits_from`` the one that broadcasts the logits)."""
         super().__init__()
         self.start, self.stop, self.rank, self.ranks, self.device = start, stop, rank, ranks, device
+        self.recv_from = recv_from if recv_from is not None or rank == 0 else rank - 1
+        self.send_to = tuple(send_to) if send_to is not None else ((rank + 1,) if rank + 1 < ranks else ())
+        self.logits_from = logits_from if logits_from is not None else ranks - 1
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -80,7 +96,7 @@ class StageSplitPass(PassBase):
                 recv = graph.create_node(
                     "call_function",
                     STAGE_RECV,
-                    ([int(d) for d in v.shape], v.dtype, self.rank - 1, self.device),
+                    ([int(d) for d in v.shape], v.dtype, self.recv_from, self.device),
                     name="hidden_from_previous_stage",
                 )
             recv.meta["example_value"] = v
@@ -94,11 +110,17 @@ class StageSplitPass(PassBase):
                 self.stop - 1,
                 lambda u: (layer[u] is not None and layer[u] >= self.stop) or u in post,
             )
-            with graph.inserting_after(h_out):
-                send = graph.create_node(
-                    "call_function", STAGE_SEND, (h_out, self.rank + 1), name="to_next_stage"
-                )
-            send.meta["example_value"] = None
+            # a process of a tensor-parallel stage that sends to nobody (the next stage has fewer processes)
+            # still computes the stage's last layer, whose collectives the others wait for: dst -1 sends nothing
+            for dst in reversed(self.send_to or (-1,)):
+                with graph.inserting_after(h_out):
+                    send = graph.create_node(
+                        "call_function",
+                        STAGE_SEND,
+                        (h_out, dst),
+                        name=f"to_rank_{dst}" if dst >= 0 else "kept_for_the_collectives",
+                    )
+                send.meta["example_value"] = None
         # the nodes of other layers that set state up from the inputs alone (an HF StaticCache's buffers, made
         # by the prefill graph, and its counters) stay: the caller's cache object gets every layer's
         dropped = {n for n in nodes if layer[n] is not None and not self.start <= layer[n] < self.stop}
@@ -138,7 +160,7 @@ class StageSplitPass(PassBase):
                     b = graph.create_node(
                         "call_function",
                         STAGE_BROADCAST,
-                        (src, self.ranks - 1),
+                        (src, self.logits_from),
                         name=f"{a.name}_of_last_stage",
                     )
                 b.meta["example_value"] = v

@@ -1,7 +1,8 @@
-"""Pipeline stages in several processes (``hetegen_fx.distributed``, ``passes/stages.py``), with gloo on the
-CPU: tiny Llama-, Qwen2- and GPT-2-family models split into stages of different layer counts give eager's
-greedy tokens in every process; a process that dies mid-generate ends the others with a clear error within
-the time limit; bad layouts are clear errors."""
+"""Layouts over several processes (``hetegen_fx.distributed``, ``passes/stages.py``, ``passes/shard.py``), with
+gloo on the CPU: tiny Llama-, Qwen2- and GPT-2-family models under pipeline stages of different layer counts,
+tensor parallelism alone, and stages of different TP degrees and layer counts give eager's greedy tokens in
+every process; a process that dies mid-generate ends the others with a clear error within the time limit; bad
+layouts and TP degrees are clear errors; the passes' op counts."""
 
 from __future__ import annotations
 
@@ -30,59 +31,81 @@ def _ids():
     return torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
 
 
-def _stage(rank: int, arch: str, layout, out: str, die_at: int | None) -> None:
-    model = _model(arch)
-    try:
-        compiled = distributed.compile_stage(
-            model, layout, gpu_memory=1 << 20, device="cpu", max_seq_len=64, profile="model"
-        )
-        if die_at is not None and rank == 1:
-            sent = {"n": 0}
-            send = distributed.send
+ARCHS = ("llama", "qwen2", "gpt2")
 
-            def dying(x, dst):
-                sent["n"] += 1
-                if sent["n"] == die_at:
-                    os._exit(3)  # the process dies mid-generate, without a word to the others
-                send(x, dst)
 
-            distributed.send = dying
-        with torch.no_grad():
-            tokens = compiled.generate(_ids(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-        result = {"tokens": tokens[0].tolist()}
-    except Exception as e:
-        result = {"error": f"{type(e).__name__}: {e}"}
-    path = os.path.join(out, f"rank{rank}.json")  # whole or not at all: spawn may end this process any time
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
+def _stage(rank: int, archs, layout, out: str, die_at: int | None) -> None:
+    result = {}
+    for arch in archs:  # one process group for the three families: fewer processes to start
+        model = _model(arch)
+        try:
+            compiled = distributed.compile_stage(
+                model, layout, gpu_memory=1 << 20, device="cpu", max_seq_len=64, profile="model"
+            )
+            if die_at is not None and rank == 1:
+                sent = {"n": 0}
+                send = distributed.send
+
+                def dying(x, dst, sent=sent, send=send):
+                    sent["n"] += 1
+                    if sent["n"] == die_at:
+                        os._exit(3)  # the process dies mid-generate, without a word to the others
+                    send(x, dst)
+
+                distributed.send = dying
+            with torch.no_grad():
+                tokens = compiled.generate(_ids(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            result[arch] = {"tokens": tokens[0].tolist()}
+        except Exception as e:
+            result[arch] = {"error": f"{type(e).__name__}: {e}"}
+        path = os.path.join(
+            out, f"rank{rank}.json"
+        )  # whole or not at all: spawn may end this process any time
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)
 
 
 def _results(out, ranks):
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(ranks)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_stages_of_different_layer_counts_give_the_eager_tokens(arch, tmp_path):
+def _eager(arch: str) -> list[int]:
     with torch.no_grad():
-        ref = (
+        return (
             _model(arch).generate(_ids(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0].tolist()
         )
-    layout = [(0, 1), (1, 3), (3, 4)]  # one, two and one layers
-    distributed.spawn(_stage, 3, args=(arch, layout, str(tmp_path), None), timeout=60)
-    for r, got in enumerate(_results(tmp_path, 3)):
-        assert got.get("tokens") == ref, (r, got)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [(0, 1), (1, 3), (3, 4)],  # pipeline only: one, two and one layers
+        [(0, 4, 2)],  # tensor parallel only: each process half the heads and MLP width
+        [(0, 3, 2), (3, 4, 1)],  # asymmetric: three layers on TP 2, one on TP 1
+    ],
+    ids=["pipeline", "tensor-parallel", "asymmetric"],
+)
+def test_layouts_give_the_eager_tokens_in_every_process(layout, tmp_path):
+    ranks = sum(st[2] if len(st) > 2 else 1 for st in layout)
+    distributed.spawn(_stage, ranks, args=(ARCHS, layout, str(tmp_path), None), timeout=60)
+    for arch in ARCHS:
+        ref = _eager(arch)
+        for r, got in enumerate(_results(tmp_path, ranks)):
+            assert got[arch].get("tokens") == ref, (arch, r, got[arch])
 
 
 def test_a_process_that_dies_mid_generate_ends_the_others_with_a_clear_error(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(Exception, match="exit code 3|exited with exit code|terminated"):
-        distributed.spawn(_stage, 3, args=("llama", [(0, 1), (1, 3), (3, 4)], str(tmp_path), 2), timeout=20)
+        distributed.spawn(
+            _stage, 3, args=(("llama",), [(0, 1), (1, 3), (3, 4)], str(tmp_path), 2), timeout=20
+        )
     assert time.perf_counter() - t0 < 90
     for r in (0, 2):  # the others stopped with an error that says what happened
         path = tmp_path / f"rank{r}.json"
         if path.exists():  # spawn may have ended them first; then there is nothing to read
-            got = json.loads(path.read_text())
+            got = json.loads(path.read_text())["llama"]
             assert "stage transfer failed" in got.get("error", ""), got
 
 
@@ -94,19 +117,45 @@ def test_bad_layouts_are_clear_errors():
         distributed.even_layout(4, 5)
     with pytest.raises(ConfigError, match="torch.distributed initialised"):
         distributed.compile_stage(_model("llama"), [(0, 4)], device="cpu")
+    with pytest.raises(ConfigError, match=r"\(start, stop, tp\)"):
+        distributed.check_layout([(0, 2, 0), (2, 4)], 4)  # a TP degree of 0
+    with pytest.raises(ConfigError, match="TP 3 does not divide the model's 4 attention heads"):
+        distributed.check_tp(_model("llama"), 3)
+    with pytest.raises(ConfigError, match="TP 4 does not divide the model's 2 key/value heads"):
+        distributed.check_tp(_model("qwen2"), 4)
+    distributed.check_tp(_model("gpt2"), 4)
+    from hetegen_fx.config import Config
+
     with pytest.raises(ConfigError, match="pipeline_stage must be"):
-        from hetegen_fx.config import Config
-
         Config(pipeline_stage={"rank": 2, "ranks": 2, "layers": [0, 1]})
+    with pytest.raises(ConfigError, match="pipeline_stage must be"):
+        Config(pipeline_stage={"rank": 3, "layout": [[0, 2, 2], [2, 4, 1]]})  # 3 processes: ranks 0-2
+    Config(pipeline_stage={"rank": 2, "layout": [[0, 2, 2], [2, 4, 1]]})
 
 
-def _captured(arch: str):
-    """The decode graph dynamo captures of the tiny model (a DynamicCache, as stages decode with)."""
+def test_roles_pair_the_processes_of_neighbouring_stages():
+    r = [distributed.roles([(0, 2, 2), (2, 3, 1), (3, 4, 3)], rank) for rank in range(6)]
+    assert [x.stage for x in r] == [0, 0, 1, 2, 2, 2]
+    assert [x.tp_rank for x in r] == [0, 1, 0, 0, 1, 2]
+    assert [x.group for x in r] == [(0, 1), (0, 1), (2,), (3, 4, 5), (3, 4, 5), (3, 4, 5)]
+    # two processes to one: the second sends to none; one to three: each of the three hears from it
+    assert [x.send_to for x in r] == [(2,), (), (3, 4, 5), (), (), ()]
+    assert [x.recv_from for x in r] == [None, None, 0, 2, 2, 2]
+    assert {x.logits_from for x in r} == {3}
+
+
+def _captured(arch: str, bind: bool = False):
+    """The decode graph dynamo captures of the tiny model (a DynamicCache, as stages decode with); with
+    ``bind``, its parameters bound as the backend binds them."""
     import copy
+
+    from hetegen_fx.capture import bind_placeholder_params
 
     graphs = []
 
     def backend(gm, example_inputs):
+        if bind:
+            bind_placeholder_params(gm, example_inputs)
         graphs.append(gm)
         return gm.forward
 
@@ -137,3 +186,87 @@ def test_the_stage_split_keeps_its_layers_and_adds_one_transfer_each_way():
     assert (count(STAGE_RECV), count(STAGE_SEND), count(STAGE_BROADCAST)) == (1, 1, 1)
     assert linear_layers(g) == {1, 2}  # and no lm_head off the last stage
     assert len(list(g.find_nodes(op="placeholder"))) == placeholders  # the caller's signature is kept
+
+
+def _count(graph, op) -> int:
+    return sum(n.op == "call_function" and n.target is op for n in graph.nodes)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_shard_pass_halves_each_pair_and_sums_the_rows_once_per_block(arch):
+    from hetegen_fx.linear import find_linears
+    from hetegen_fx.ops import TP_ALL_REDUCE, TP_LOCAL, TP_WHOLE
+    from hetegen_fx.passes.shard import ShardPass
+
+    gm = _captured(arch, bind=True)
+    before = {s.name: tuple(s.weight.tensor.shape) for s in find_linears(gm)}
+    assert _count(gm.graph, TP_ALL_REDUCE) == 0
+    res = ShardPass(0, 4, tp_rank=1, tp=2, group=(0, 1))(gm)
+    g = res.graph_module.graph
+    # two blocks a layer (attention, MLP), one sum each; the decode graph's cache: keys and values a layer
+    assert _count(g, TP_ALL_REDUCE) == 8
+    assert _count(g, TP_LOCAL) == 8 and _count(g, TP_WHOLE) == 8
+    after = {s.name: tuple(s.weight.tensor.shape) for s in find_linears(res.graph_module)}
+    assert len(after) == len(before)
+    shared = {n.split("@")[0]: shape for n, shape in after.items() if "@tp1of2" in n}
+    assert len(shared) == len(before) - 1  # every Linear of the layers; lm_head stays whole
+    for name, shape in shared.items():
+        whole = before[name]
+        assert shape[0] * shape[1] * 2 == whole[0] * whole[1], (name, whole, shape)
+
+
+class _MLP(torch.nn.Module):
+    """A block of two Linears; ``mix`` subtracts the mean over the features between them."""
+
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.up, self.down, self.mix = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), mix
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        if self.mix:
+            h = h - h.mean(-1, keepdim=True)
+        return self.down(h)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.mlp = _MLP(mix)
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(mix)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def _toy_graph(mix: bool):
+    from hetegen_fx.capture import bind_placeholder_params
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        bind_placeholder_params(gm, example_inputs)
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(_Toy(mix), backend=backend)(torch.randn(2, 8))
+    return graphs[0]
+
+
+def test_an_op_that_mixes_the_shares_is_a_clear_error():
+    from hetegen_fx.errors import UnsupportedModelError
+    from hetegen_fx.ops import TP_ALL_REDUCE
+    from hetegen_fx.passes.shard import ShardPass
+
+    res = ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph(mix=False))
+    assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 1
+    with pytest.raises(UnsupportedModelError, match="cannot run on this process's share"):
+        ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph(mix=True))
