@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -337,11 +338,108 @@ def _stop_after(tokens: int):
     return StoppingCriteriaList([StopAfter()])
 
 
+def parse_layout(text: str) -> list[tuple[int, int, int]]:
+    """``--layout``: stages ``START-STOP`` (decoder layers) or ``START-STOPxTP``, comma-separated, e.g.
+    ``0-10x2,10-32``."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)-(\d+)(?:x(\d+))?\s*", part)
+        if not m:
+            raise ConfigError(
+                f"--layout {text!r}: give each stage as START-STOP (its decoder layers) or START-STOPxTP (and "
+                "its tensor-parallel degree), comma-separated, e.g. 0-10x2,10-32"
+            )
+        out.append((int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)))
+    return out
+
+
+def _generate_distributed(args: argparse.Namespace) -> int:
+    """``generate --devices``: one process per device, each compiling its part of ``--layout`` (default: one
+    stage per device, the layers split evenly) with the same flags; the answer and speeds from the first."""
+    import json
+
+    from . import distributed
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    layout = parse_layout(args.layout) if args.layout else None
+    need = sum(tp for _, _, tp in layout) if layout else len(devices)
+    if need != len(devices):
+        raise ConfigError(
+            f"--layout {args.layout} needs {need} processes (one per stage and TP rank), --devices names "
+            f"{len(devices)}: give one device per process"
+        )
+    for d in devices:  # each process's options, before any process starts
+        _preflight(argparse.Namespace(**{**vars(args), "device": d}), needs_tokenizer=True)
+    folder = tempfile.mkdtemp(prefix="hetegen-generate-")
+    _log(f"{len(devices)} processes on {', '.join(devices)}, layout {args.layout or 'even, one stage each'}")
+    try:
+        distributed.spawn(_distributed_rank, len(devices), args=(args, devices, layout, folder))
+    except Exception as e:  # a process failed: its own message, if it wrote one
+        errors = []
+        for r in range(len(devices)):
+            path = os.path.join(folder, f"rank{r}.json")
+            if os.path.exists(path):
+                got = json.load(open(path))
+                if "error" in got:
+                    errors.append(f"process {r} ({devices[r]}): {got['error']}")
+        raise HetegenError(
+            "; ".join(errors) or f"a process failed: {str(e).splitlines()[-1][:300]}"
+        ) from None
+    got = json.load(open(os.path.join(folder, "rank0.json")))
+    print(got["text"], flush=True)
+    _log(got["speeds"])
+    return 0
+
+
+def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], layout, folder: str) -> None:
+    """One process of ``generate --devices`` (see :func:`_generate_distributed`); writes its result (the
+    first process: the answer) or its error to ``folder``."""
+    import json
+
+    from . import distributed
+
+    path = os.path.join(folder, f"rank{rank}.json")
+    try:
+        args = argparse.Namespace(**{**vars(args), "device": devices[rank]})
+        model, tok = _load_model(args, progress=rank == 0)
+        if tok is None:
+            raise HetegenError(f"{args.model!r} has no tokenizer: generate needs a checkpoint with one")
+        compiled = distributed.compile_stage(model, layout, **compile_options(args))
+        ids = torch.tensor([_encode(tok, _messages(args.system, args.prompt), add_special_tokens=True)])
+        kw = generation_options(args)
+        kw["max_new_tokens"] = _fit_context(ids.shape[1], args.max_new_tokens, _context(compiled))
+        _seed(args)  # the same seed in every process: every process samples the same token
+        common = {"attention_mask": torch.ones_like(ids), "pad_token_id": _pad_id(tok)}
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = compiled.generate(ids, **common, **kw)
+            wall = time.perf_counter() - t0
+        new = out.shape[1] - ids.shape[1]
+        result = {
+            "text": tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True),
+            "tokens": out[0, ids.shape[1] :].tolist(),
+            "speeds": f"{new} tokens in {wall:.2f} s ({new / wall:.2f} tok/s, prompt {ids.shape[1]} tokens, "
+            "first call: includes compiling)",
+        }
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+        with open(path, "w") as f:
+            json.dump(result, f)
+        raise
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     import hetegen_fx
 
+    if getattr(args, "devices", None):
+        return _generate_distributed(args)
+    if getattr(args, "layout", None):
+        raise ConfigError("--layout spreads the model over the processes of --devices: give --devices too")
     _preflight(args, needs_tokenizer=True)
     if args.save_plan:
         _writable(args.save_plan, "--save-plan")
@@ -1042,6 +1140,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-warmup",
         action="store_true",
         help="skip the warm-up run: faster to the first token, but the speeds then include compiling",
+    )
+    d = g.add_argument_group("several processes (torch.distributed over gloo on this machine)")
+    d.add_argument(
+        "--devices",
+        default=None,
+        metavar="D1,D2,...",
+        help="one process per device (e.g. cuda:0,cuda:1 or cuda,cpu), each compiling its part of --layout with "
+        "the flags above (--gpu-memory is each process's budget); the same tokens as one process",
+    )
+    d.add_argument(
+        "--layout",
+        default=None,
+        metavar="STAGES",
+        help="stages START-STOP (decoder layers) or START-STOPxTP (tensor-parallel over TP processes), e.g. "
+        "0-10x2,10-32 (default: one stage per device, the layers split evenly)",
     )
     g.set_defaults(func=cmd_generate)
 

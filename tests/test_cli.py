@@ -421,3 +421,28 @@ def test_the_default_device_without_cuda_is_said(capsys):
 
     assert main(["plan", "--model", "tiny-llama", "--gpu-memory", "600KiB", "--prompt-len", "4"]) == 0
     assert "no CUDA device here: the GPU side runs emulated on the CPU" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# generate --devices
+
+
+def test_generate_over_several_processes_gives_the_one_process_answer(chat_model, capsys):
+    base = ["generate", "--model", chat_model, *CPU, "--prompt", "hello", "--quiet", "--max-new-tokens", "5"]
+    assert main(base) == 0
+    alone = capsys.readouterr().out
+    # two pipeline stages of one layer each, then one stage tensor-parallel over two processes
+    for layout in ("0-1,1-2", "0-2x2"):
+        assert main([*base, "--devices", "cpu,cpu", "--layout", layout]) == 0
+        out, err = capsys.readouterr()
+        assert out == alone, (layout, out, alone)
+        assert "2 processes on cpu, cpu" in err and "tok/s" in err
+    bad = {
+        ("--devices", "cpu,cpu", "--layout", "0-1x2,1-2"): "needs 3 processes",
+        ("--devices", "cpu,cpu", "--layout", "0:1,1:2"): "START-STOPxTP",
+        ("--layout", "0-1,1-2"): "give --devices too",
+    }
+    for flags, message in bad.items():
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
