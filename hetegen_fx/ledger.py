@@ -54,6 +54,10 @@ class ResidencyChange:
         return f"{stamp} {', '.join(moved) or 'no change'}: {self.reason}"
 
 
+#: the reason a residency change records when a step's device allocation failed (hetegen_fx.residency)
+ALLOCATION_FAILED = "a device allocation failed"
+
+
 @dataclass
 class Ledger:
     """The device memory of one model: ``reserves`` (bytes by category, the KV cache apart: it changes with
@@ -112,8 +116,19 @@ class Ledger:
         minimum = self.minimum(kv)
         if budget < minimum:
             parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in {"kv_cache": kv, **self.reserves}.items())
+            lowered = next(
+                (c for c in reversed(self.history) if c.reason == ALLOCATION_FAILED and c.budget == budget),
+                None,
+            )
+            why = ""
+            if lowered is not None:
+                stamp = time.strftime("%H:%M:%S", time.localtime(lowered.at))
+                why = (
+                    f" (the budget was lowered to what was left when {ALLOCATION_FAILED} at {stamp}: "
+                    "hetegen_fx.set_gpu_memory(compiled, ...) raises it again once device memory is free)"
+                )
             raise BudgetError(
-                f"gpu_memory {format_bytes(budget)} is below the minimum working set of {format_bytes(minimum)} "
+                f"gpu_memory {format_bytes(budget)}{why} is below the minimum working set of {format_bytes(minimum)} "
                 f"({minimum} bytes: {parts}, staging {format_bytes(self.staging({}))} for prefetch="
                 f"{self.prefetch}); raise gpu_memory to at least {format_bytes(minimum)}, or lower "
                 "max_seq_len / prefetch"

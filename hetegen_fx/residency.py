@@ -27,7 +27,7 @@ import torch
 
 from .config import format_bytes, parse_bytes
 from .errors import ConfigError
-from .ledger import ResidencyChange
+from .ledger import ALLOCATION_FAILED, ResidencyChange
 
 #: the smallest KV-cache size class, in tokens
 MIN_KV_CLASS = 256
@@ -252,7 +252,7 @@ class Runner:
         budget = ledger.total(residency)
         if ledger.budget is not None:
             budget = min(budget, ledger.budget)
-        change = apply(self.store, residency, "a device allocation failed", budget=budget)
+        change = apply(self.store, residency, ALLOCATION_FAILED, budget=budget)
         assert change is not None
         return change
 

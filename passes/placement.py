@@ -711,6 +711,10 @@ class PlacementPass(PassBase):
             ledger.residency = {lp.name: lp.resident for lp in layers}
             gm.meta[meta.LEDGER] = (ledger, model_reserved)
         gm.meta[meta.TENSORS] = self._tensors = _tensors(sites)
+        # with cpu_memory, the storage tier as for a placed model (its RAM rows are the CPU's share)
+        storage = self._storage_tier(gm, sites, layers)
+        if storage:
+            reserved["staging"] = self._staging(layers)
         return Plan(
             device=self.config.device,
             gpu_memory=given.gpu_memory if budget is None else budget,  # a given budget the plan fits
@@ -719,4 +723,5 @@ class PlacementPass(PassBase):
             reserved=reserved,
             source="plan",
             host_tables=tables,
+            storage=storage,
         )

@@ -193,6 +193,11 @@ def test_a_failed_allocation_mid_generate_is_survived_with_the_same_tokens(tiny_
         and ledger.history[-1].demoted
         and ledger.history[-1].reason == "a device allocation failed"
     )
+    # the budget is now what was left: a request for more says why it is low and how to raise it again
+    with pytest.raises(
+        BudgetError, match=r"lowered to what was left when a device allocation failed.*set_gpu"
+    ):
+        ledger.choose(kv=ledger.kv_cache + ledger.budget)
 
 
 @pytest.mark.parametrize(

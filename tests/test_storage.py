@@ -85,6 +85,22 @@ def test_three_tiers_give_eager_tokens_and_read_storage_every_step(saved, policy
     _generate(compiled, ids)  # the next request reads them all again (the reader runs a few parts ahead)
     again = reader.stats()
     assert again.passes == 2 * NEW and again.reads >= 2 * NEW * parts and again.restarts == 0
+    if policy == "balanced":  # a saved plan with cpu_memory: the same tiers, nothing measured
+        saved_plan = plan.to_dict()
+        del compiled, reader
+        again = hetegen_fx.load(
+            folder,
+            plan=saved_plan,
+            cpu_memory=cpu_memory,
+            storage_slots=slots,
+            device="cpu",
+            max_seq_len=64,
+            progress=False,
+        )
+        assert torch.equal(_generate(again, ids), ref)
+        replanned = hetegen_fx.explain(again).plan
+        assert replanned.source == "plan" and replanned.storage_bytes == plan.storage_bytes
+        assert [lp.tier for lp in replanned.layers] == [lp.tier for lp in plan.layers]
 
 
 def _layers(sizes: dict[str, int]) -> list[LayerPlan]:
