@@ -23,6 +23,7 @@ Must not: touch anything but the graph (the collectives run when the graph does)
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -30,7 +31,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx.errors import UnsupportedModelError
-from hetegen_fx.graph_utils import eliminate_dead_code, node_value
+from hetegen_fx.graph_utils import concrete, eliminate_dead_code, node_value
 from hetegen_fx.ops import STAGE_BROADCAST, STAGE_RECV, STAGE_SEND
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
@@ -45,6 +46,48 @@ def layer_of(node: fx.Node) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def _sizes(graph: fx.Graph, v: torch.Tensor) -> tuple:
+    """The sizes of ``v`` for a stand-in made in ``graph``: ints, and for a size that grows from call to call
+    (a KV cache's length) nodes that compute it from the graph's inputs, so the stand-in grows with it and
+    dynamo need not recompile the graph for every length. A size the inputs do not give is taken as it is."""
+    symbols: dict = {}  # a symbol of the inputs' shapes → (placeholder, dim)
+    for ph in graph.find_nodes(op="placeholder"):
+        pv = node_value(ph)
+        if isinstance(pv, torch.Tensor):
+            for d, size in enumerate(pv.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    symbols.setdefault(size.node.expr, (ph, d, size))
+
+    def build(expr):
+        if expr.is_Integer:
+            return int(expr), int(expr)
+        if expr.is_Symbol:
+            ph, d, size = symbols[expr]
+            n = graph.call_function(torch.ops.aten.sym_size.int, (ph, d))
+            n.meta["example_value"] = size
+            return n, size
+        if expr.is_Add or expr.is_Mul:
+            op = operator.add if expr.is_Add else operator.mul
+            node, value = build(expr.args[0])
+            for arg in expr.args[1:]:
+                other, other_value = build(arg)
+                node = graph.call_function(op, (node, other))
+                value = op(value, other_value)
+                node.meta["example_value"] = value
+            return node, value
+        raise KeyError(expr)
+
+    out = []
+    for size in v.shape:
+        if isinstance(size, torch.SymInt):
+            try:
+                size = build(size.node.expr)[0]
+            except KeyError:
+                size = concrete(size)
+        out.append(int(size) if not isinstance(size, fx.Node) else size)
+    return tuple(out)
 
 
 class StageSplitPass(PassBase):
@@ -141,7 +184,7 @@ class StageSplitPass(PassBase):
                 v = node_value(a)
                 with graph.inserting_before(out):
                     stand_in = graph.create_node(
-                        "call_function", torch.empty, (tuple(int(d) for d in v.shape),), {"dtype": v.dtype}
+                        "call_function", torch.empty, (_sizes(graph, v),), {"dtype": v.dtype}
                     )
                 stand_in.meta["example_value"] = v
                 new_flat.append(stand_in)
@@ -151,10 +194,7 @@ class StageSplitPass(PassBase):
                     src = a
                     if not last_stage:
                         src = graph.create_node(
-                            "call_function",
-                            torch.empty,
-                            (tuple(int(d) for d in v.shape),),
-                            {"dtype": v.dtype},
+                            "call_function", torch.empty, (_sizes(graph, v),), {"dtype": v.dtype}
                         )
                         src.meta["example_value"] = v
                     b = graph.create_node(
