@@ -293,6 +293,14 @@ class ClusterPlan:
 
     __str__ = table
 
+    def layout(self) -> list[tuple[int, int, int]]:
+        """The stages as :func:`hetegen_fx.distributed.compile_stage` takes them: ``(start, stop, tp)``."""
+        return [(s.start, s.stop, s.tp) for s in self.stages]
+
+    def processes(self) -> list[str]:
+        """The device of each process of :meth:`layout`, in rank order (a stage's devices, stage after stage)."""
+        return [d for s in self.stages for d in s.devices]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 

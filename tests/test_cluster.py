@@ -119,6 +119,19 @@ def test_a_plan_round_trips_through_json_prints_and_draws(tmp_path):
     assert (tmp_path / "layout.png").stat().st_size > 1000
     plan.save(tmp_path / "layout.json")
     assert ClusterPlan.from_json((tmp_path / "layout.json").read_text()) == plan
+    # what a run of it takes: stages as compile_stage reads them, one process per device in rank order
+    from hetegen_fx.distributed import check_layout, roles
+
+    layout = plan.layout()
+    assert check_layout(layout, SHAPE.layers) == layout
+    procs = plan.processes()
+    assert len(procs) == sum(tp for _, _, tp in layout)
+    for rank, device in enumerate(procs):
+        r = roles(layout, rank)
+        assert device in plan.stages[r.stage].devices and (r.layers, r.tp) == (
+            (plan.stages[r.stage].start, plan.stages[r.stage].stop),
+            plan.stages[r.stage].tp,
+        )
 
 
 def test_bad_input_is_a_clear_error():
