@@ -121,7 +121,9 @@ def run_tp_local(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
     local = unpark(x)
     if local is not None:
         return local
-    if x.dim() > dim and x.shape[dim] == 0:  # an empty cache: no heads to share
+    # on an accelerator the stand-in may have been swapped for its share already (runtime.to_device); an
+    # empty cache has no heads to share
+    if x.device.type != "cpu" or (x.dim() > dim and x.shape[dim] == 0):
         return x
     raise RuntimeError(
         f"a tensor-parallel stage was given a KV cache of shape {tuple(x.shape)} that it did not hand back: a "
