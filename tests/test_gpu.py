@@ -540,10 +540,11 @@ def test_compiled_stretches_give_the_all_gpu_tokens(cuda_graphs, monkeypatch):
             out = c.generate(ids, return_dict_in_generate=True, **kw)
             kept.append(out.past_key_values)  # alive: the next generate's cache is elsewhere
             outs.append(out.sequences[0, ids.shape[1] :].cpu())
-            spacer = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")  # the arena cannot grow in place
+            # the arena moves: a larger one is allocated while the old one is kept alive (the allocator cannot
+            # hand its block back at the same address when the model's next graph shrinks the arena again)
+            kept.append(rt._arena)
             rt.reserve(rt.staging_bytes() + (2 << 20))
             arenas.append(rt.arena_ptr())
-            kept.append(spacer)
     st = hetegen_fx.state(c)
     assert len(set(arenas)) == len(arenas), "the staging arena did not move"
     assert st.compiled_stretches["compiled"] > 0 and st.compiled_stretches["failed"] == 0, (
@@ -610,7 +611,7 @@ def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
     largest = max(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
     compiled = hetegen_fx.load(
         folder,
-        gpu_memory=_budget(model) // 2,
+        gpu_memory=int(_bytes(model) * 0.3) + _blas(),  # 30 % of the weights beside the cuBLAS workspace
         cpu_memory=other + 3 * largest + linear // 2,
         storage_slots=3,
         device="cuda",
