@@ -749,7 +749,7 @@ def _residency_scenarios(model, ids, args, device, ref: dict | None, summary: di
     ``summary["raise"]``, ``write()`` after each; a failure is logged, not raised. Where the run has no short
     reference (no gpu or stream variant), the long generate's reference gives one: its first tokens
     (``summary["reference_prefix"]``), as greedy decoding of the same prompt makes the same prefix."""
-    from .bench_residency import reference_tokens, run_grow, run_raise
+    from .bench_residency import divergence, reference_tokens, run_grow, run_raise
 
     variants = {v.strip() for v in args.variants.split(",")}
     short = ref["tokens"] if ref else None
@@ -761,7 +761,12 @@ def _residency_scenarios(model, ids, args, device, ref: dict | None, summary: di
             if short is None and reference is not None:
                 short = summary["reference_prefix"] = reference[: max(args.new_tokens, 3)]
             if "default" in variants:
-                summary["grow"] = run_grow(model, ids, args, device, reference)
+                summary["grow"] = grow = run_grow(model, ids, args, device, reference)
+                first = grow["first_difference"]
+                if first is not None:  # a near tie or an error: the all-GPU model's logits tell
+                    grow["divergence"] = divergence(
+                        model, ids, reference, first, grow["tokens"][first], device
+                    )
         except Exception as e:
             _log(f"grow FAILED: {type(e).__name__}: {str(e)[:2000]}")
             _free(device)

@@ -86,6 +86,48 @@ def reference_tokens(
     return tokens
 
 
+#: a gap between two tokens' logits within this many units of the dtype's resolution is a near tie
+TIE_ULPS = 8
+
+
+def divergence(
+    model, ids: torch.Tensor, reference: list[int], first: int, got: int, device: torch.device
+) -> dict | None:
+    """Where a variant's greedy tokens first leave the all-GPU reference's (at new token ``first``, ``got``
+    instead of ``reference[first]``): the all-GPU model's logits for both tokens after the prompt and the
+    reference's first ``first`` tokens, their gap, and whether the gap is within :data:`TIE_ULPS` units of
+    the dtype's resolution at their size (a near tie, which another order of the same sums may flip: not
+    an error). None when the model does not fit the device."""
+    from .bench import _free
+
+    if device.type == "cuda":
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if nbytes > torch.cuda.mem_get_info(device)[0] * 0.8:
+            return None
+    seq = torch.tensor([ids[0].tolist() + list(reference[:first])], device=device)
+    dtype = next(model.parameters()).dtype
+    model.to(device)
+    try:
+        with torch.no_grad():
+            logits = model(seq).logits[0, -1].float()
+    finally:
+        model.to("cpu")
+        _free(device)
+    ref_logit, got_logit = float(logits[reference[first]]), float(logits[got])
+    resolution = torch.finfo(dtype).eps * max(abs(ref_logit), abs(got_logit), 1e-6)
+    gap = ref_logit - got_logit
+    return {
+        "at": first,
+        "reference_token": int(reference[first]),
+        "variant_token": int(got),
+        "reference_logit": ref_logit,
+        "variant_logit": got_logit,
+        "gap": gap,
+        "resolution": resolution,
+        "near_tie": abs(gap) <= TIE_ULPS * resolution,
+    }
+
+
 def run_grow(model, ids: torch.Tensor, args, device: torch.device, reference: list[int] | None) -> dict:
     """One generate of the default variant from the prompt to ``args.grow`` tokens (see the module)."""
     import hetegen_fx
@@ -245,10 +287,19 @@ def format_rows(grow: dict | None, raised: dict | None) -> list[str]:
     rows: list[str] = []
     if grow:
         peak = grow["peak_gpu_bytes"]
+        tie = grow.get("divergence")
+        why = ""
+        if tie:
+            why = (
+                f"; the all-GPU model's logits there: {tie['reference_logit']:.4f} for its token, "
+                f"{tie['variant_logit']:.4f} for this one, "
+                + ("a near tie" if tie["near_tie"] else "not a near tie")
+                + f" (resolution {tie['resolution']:.4f})"
+            )
         match = {
             None: "no reference",
             True: "yes",
-            False: f"NO (first difference at {grow['first_difference']})",
+            False: f"NO (first difference at {grow['first_difference']}{why})",
         }
         rows += [
             "",

@@ -180,3 +180,13 @@ def test_bench_grow_and_raise_on_cpu(tmp_path):
     assert main(args[: args.index("--raise-to")] + args[args.index("--reference-cache") :]) == 0
     grow = json.loads((tmp_path / "bench.json").read_text())["grow"]
     assert grow["tokens_match_reference"] is False and grow["first_difference"] == 5
+    # where they part, the all-GPU model's logits say whether it is a near tie: here the cached token is not
+    # the model's greedy choice at all
+    div = grow["divergence"]
+    assert (div["at"], div["reference_token"], div["variant_token"]) == (
+        5,
+        data["tokens"][5],
+        grow["tokens"][5],
+    )
+    assert div["gap"] < 0 and not div["near_tie"], div
+    assert "not a near tie" in (tmp_path / "bench.md").read_text()
