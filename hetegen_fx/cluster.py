@@ -21,7 +21,8 @@ latency (a ring); a stage hands
 its hidden state to the next over the link between them. Where a stage's share of weights does not fit a
 device's memory (beside its KV cache and a reserve), the rest is offloaded the HeteGen way and read at the
 device's ``offload_rate`` (the CPU and PCIe together, as :mod:`hetegen_fx.bench` measures them), up to its
-host's memory. Latency is the sum of stage times and hand-offs; throughput (requests in flight fill the
+host's memory. The last stage also reads ``lm_head`` whole on each of its devices (:func:`head_time`).
+Latency is the sum of stage times and hand-offs; throughput (requests in flight fill the
 pipeline) is one over the slowest stage.
 
 **The scheduler** (:func:`schedule`) enumerates every way of putting the devices into groups (TP degrees that
@@ -252,6 +253,14 @@ def stage_time(
     return worst, offloaded
 
 
+def head_time(cluster: Cluster, shape: ModelShape, devices: tuple[str, ...], tokens: int = 1) -> float:
+    """The last stage's ``lm_head`` (not split: every device of the stage reads it whole, as
+    :mod:`hetegen_fx.passes.shard` leaves it), at the slowest device's memory bandwidth or matmul rate."""
+    read = shape.vocab * shape.hidden * shape.dtype_bytes
+    flops = 2 * shape.vocab * shape.hidden * tokens
+    return max(max(read / cluster.device(d).bandwidth, flops / cluster.device(d).flops) for d in devices)
+
+
 def hop_time(
     cluster: Cluster, shape: ModelShape, a: tuple[str, ...], b: tuple[str, ...], tokens: int = 1
 ) -> float:
@@ -388,9 +397,10 @@ def _groupings(cluster: Cluster, shape: ModelShape):
             yield [tuple(g) for g in part], [n for n in names if n not in used]
 
 
-def _layers_dp(times, hops, layers: int, objective: str):
+def _layers_dp(times, hops, layers: int, objective: str, head: float = 0.0):
     """Best split of ``layers`` over groups in order: ``times[g][n]`` = seconds of n layers on group g
-    (each group at least one layer), ``hops[g]`` = hand-off after group g. Returns (cost, counts)."""
+    (each group at least one layer), ``hops[g]`` = hand-off after group g, ``head`` = the last group's
+    ``lm_head``. Returns (cost, counts)."""
     k = len(times)
     if k > layers:
         return math.inf, None
@@ -403,7 +413,7 @@ def _layers_dp(times, hops, layers: int, objective: str):
                 t = times[g][n]
                 if t == math.inf:
                     break  # more layers only take more memory
-                hop = hops[g] if g < k - 1 else 0.0
+                hop = hops[g] if g < k - 1 else head
                 c = cost + t + hop if objective == "latency" else max(cost, t + hop)
                 key = done + n
                 if key not in nxt or c < nxt[key][0]:
@@ -439,7 +449,8 @@ def schedule(
         for order in itertools.permutations(groups) if len(groups) <= 4 else [groups]:
             times = [cache[g] for g in order]
             hops = [hop_time(cluster, shape, order[i], order[i + 1]) for i in range(len(order) - 1)]
-            cost, counts = _layers_dp(times, hops, shape.layers, objective)
+            head = head_time(cluster, shape, order[-1])
+            cost, counts = _layers_dp(times, hops, shape.layers, objective, head)
             if counts is None:
                 continue
             plan = _plan(cluster, shape, list(order), counts, objective, context, unused)
@@ -462,8 +473,10 @@ def schedule(
 
 def _plan(cluster, shape, groups, counts, objective, context, unused) -> ClusterPlan:
     stages, start = [], 0
-    for g, n in zip(groups, counts, strict=True):
+    for i, (g, n) in enumerate(zip(groups, counts, strict=True)):
         t, off = stage_time(cluster, shape, g, n, context)
+        if i == len(groups) - 1:
+            t += head_time(cluster, shape, g)
         stages.append(Stage(start, start + n, list(g), t, off))
         start += n
     hops = [
