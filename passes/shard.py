@@ -225,7 +225,6 @@ class ShardPass(PassBase):
                 if split.target in ("chunk", torch.chunk):
                     size = len(parts)
                 split.args = (split.args[0], size, *split.args[2:])
-        exempt: set[fx.Node] = set()
         for site in rows:
             wdim = 1 if site.layout == "out_in" else 0
             self._swap(
@@ -248,8 +247,7 @@ class ShardPass(PassBase):
             for u in list(site.node.users):
                 if u is not total:
                     u.replace_input_with(site.node, total)
-            exempt.add(site.node)
-        self._propagate(gm, shape, dims, exempt, {s.node for s in rows})
+        self._propagate(gm, shape, dims, {n for s in rows for n in (s.node, *s.absorbed)})
         self._outputs(gm, shape, dims)
         for n in shape:
             v = node_value(n)
@@ -276,20 +274,20 @@ class ShardPass(PassBase):
 
     # -- shapes -------------------------------------------------------------------------------------------
 
-    def _propagate(self, gm: fx.GraphModule, shape: dict, dims: dict, exempt: set, rows: set) -> None:
+    def _propagate(self, gm: fx.GraphModule, shape: dict, dims: dict, rows: set) -> None:
         """Every op downstream of a share runs on shares (see the module); constants rewritten where needed."""
         for node in list(gm.graph.nodes):
             if node in shape or node.op in ("placeholder", "get_attr", "output"):
                 continue
             if not any(i in shape for i in node.all_input_nodes):
                 continue
-            if node in rows:
-                x = next(i for i in node.all_input_nodes if i in shape)
-                if dims[x] != node_value(x).dim() - 1:
-                    raise UnsupportedModelError(
-                        f"tensor parallelism: row-parallel Linear {node.name} reads a share split along dim "
-                        f"{dims[x]}, not its input features"
-                    )
+            if node in rows:  # a row-parallel Linear (or a node of it): its result is a partial sum
+                for x in node.all_input_nodes:
+                    if x in shape and dims[x] != node_value(x).dim() - 1:
+                        raise UnsupportedModelError(
+                            f"tensor parallelism: row-parallel Linear {node.name} reads a share split along dim "
+                            f"{dims[x]}, not its input features"
+                        )
                 continue
             if node.op not in ("call_function", "call_method"):
                 raise UnsupportedModelError(f"tensor parallelism: {node.format_node()} reads a share")

@@ -221,21 +221,24 @@ def test_the_shard_pass_halves_each_pair_and_sums_the_rows_once_per_block(arch):
 
 
 class _MLP(torch.nn.Module):
-    """A block of two Linears; ``mix`` subtracts the mean over the features between them."""
+    """A block of two Linears; ``mix="mean"`` subtracts the mean over the features between them, ``"written
+    out"`` writes the second as ``h @ W.T + b``."""
 
-    def __init__(self, mix: bool):
+    def __init__(self, mix):
         super().__init__()
         self.up, self.down, self.mix = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), mix
 
     def forward(self, x):
         h = torch.relu(self.up(x))
-        if self.mix:
+        if self.mix == "mean":
             h = h - h.mean(-1, keepdim=True)
+        if self.mix == "written out":  # a Linear as some architectures write it: x @ W.T + b
+            return h @ self.down.weight.t() + self.down.bias
         return self.down(h)
 
 
 class _Layer(torch.nn.Module):
-    def __init__(self, mix: bool):
+    def __init__(self, mix):
         super().__init__()
         self.mlp = _MLP(mix)
 
@@ -244,7 +247,7 @@ class _Layer(torch.nn.Module):
 
 
 class _Toy(torch.nn.Module):
-    def __init__(self, mix: bool):
+    def __init__(self, mix):
         super().__init__()
         self.layers = torch.nn.ModuleList([_Layer(mix)])
 
@@ -252,17 +255,18 @@ class _Toy(torch.nn.Module):
         return self.layers[0](x)
 
 
-def _toy_graph(mix: bool):
+def _toy_graph(mix, model=None, x=None):
+    """The graph dynamo captures of ``model`` (default a new ``_Toy(mix)``) and its example inputs."""
     from hetegen_fx.capture import bind_placeholder_params
 
     graphs = []
 
     def backend(gm, example_inputs):
         bind_placeholder_params(gm, example_inputs)
-        graphs.append(gm)
+        graphs.append((gm, list(example_inputs)))
         return gm.forward
 
-    torch.compile(_Toy(mix), backend=backend)(torch.randn(2, 8))
+    torch.compile(model or _Toy(mix), backend=backend)(torch.randn(2, 8) if x is None else x)
     return graphs[0]
 
 
@@ -271,7 +275,29 @@ def test_an_op_that_mixes_the_shares_is_a_clear_error():
     from hetegen_fx.ops import TP_ALL_REDUCE
     from hetegen_fx.passes.shard import ShardPass
 
-    res = ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph(mix=False))
-    assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 1
+    for form in (None, "written out"):
+        res = ShardPass(0, 1, tp_rank=1, tp=2, group=(0, 1))(_toy_graph(form)[0])
+        assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 1, form
     with pytest.raises(UnsupportedModelError, match="cannot run on this process's share"):
-        ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph(mix=True))
+        ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph("mean")[0])
+
+
+@pytest.mark.parametrize("form", [None, "written out"])
+def test_the_shares_add_up_to_the_whole_block(form, monkeypatch):
+    """Each process's graph with the sum left out: the partial outputs of the row Linear (the bias in the
+    first only) add up to eager's, on fresh random inputs."""
+    from hetegen_fx import distributed
+    from hetegen_fx.passes.shard import ShardPass
+
+    monkeypatch.setattr(distributed, "all_reduce", lambda x, group: x)  # each process's partial sum alone
+    torch.manual_seed(11)
+    model = _Toy(form)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+        outs = []
+        for rank in (0, 1):
+            gm, inputs = _toy_graph(form, model, x)
+            outs.append(ShardPass(0, 1, tp_rank=rank, tp=2, group=(0, 1))(gm).graph_module(*inputs)[0])
+    # out_r = x + partial_r: the two partials sum to the block's output
+    torch.testing.assert_close(outs[0] + outs[1] - x, ref)
