@@ -356,7 +356,6 @@ def parse_layout(text: str) -> list[tuple[int, int, int]]:
 def _generate_distributed(args: argparse.Namespace) -> int:
     """``generate --devices``: one process per device, each compiling its part of ``--layout`` (default: one
     stage per device, the layers split evenly) with the same flags; the answer and speeds from the first."""
-    import json
 
     from . import distributed
 
@@ -368,34 +367,62 @@ def _generate_distributed(args: argparse.Namespace) -> int:
             f"--layout {args.layout} needs {need} processes (one per stage and TP rank), --devices names "
             f"{len(devices)}: give one device per process"
         )
+    for flag in ("save_plan", "show_plan"):
+        if getattr(args, flag, None):
+            raise ConfigError(f"--{flag.replace('_', '-')} is for one process: leave it out with --devices")
     for d in devices:  # each process's options, before any process starts
         _preflight(argparse.Namespace(**{**vars(args), "device": d}), needs_tokenizer=True)
+    # one seed for every process: each samples the same token from the same (broadcast) logits
+    args = argparse.Namespace(**{**vars(args), "seed": _seed(args)})
+    _log_sampling(args, args.seed)
     folder = tempfile.mkdtemp(prefix="hetegen-generate-")
     _log(f"{len(devices)} processes on {', '.join(devices)}, layout {args.layout or 'even, one stage each'}")
     try:
-        distributed.spawn(_distributed_rank, len(devices), args=(args, devices, layout, folder))
-    except Exception as e:  # a process failed: its own message, if it wrote one
-        errors = []
-        for r in range(len(devices)):
-            path = os.path.join(folder, f"rank{r}.json")
-            if os.path.exists(path):
-                got = json.load(open(path))
-                if "error" in got:
+        try:
+            distributed.spawn(_distributed_rank, len(devices), args=(args, devices, layout, folder))
+        except Exception as e:  # a process failed: its own message, if it wrote one
+            errors = []
+            for r in range(len(devices)):
+                got = _read_result(os.path.join(folder, f"rank{r}.json"))
+                if got and "error" in got:
                     errors.append(f"process {r} ({devices[r]}): {got['error']}")
-        raise HetegenError(
-            "; ".join(errors) or f"a process failed: {str(e).splitlines()[-1][:300]}"
-        ) from None
-    got = json.load(open(os.path.join(folder, "rank0.json")))
-    print(got["text"], flush=True)
-    _log(got["speeds"])
+            raise HetegenError(
+                "; ".join(errors) or f"a process failed: {str(e).splitlines()[-1][:300]}"
+            ) from None
+        got = _read_result(os.path.join(folder, "rank0.json"))
+        if not got or "text" not in got:
+            raise HetegenError("the first process ended without an answer")
+        print(got["text"], flush=True)
+        _log(got["speeds"])
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _read_result(path: str) -> dict | None:
+    """A process's result file (written whole, through a rename), or None."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_result(path: str, result: dict) -> None:
+    import json
+
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)  # whole or not at all: spawn may end this process any time
 
 
 def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], layout, folder: str) -> None:
     """One process of ``generate --devices`` (see :func:`_generate_distributed`); writes its result (the
     first process: the answer) or its error to ``folder``."""
-    import json
-
     from . import distributed
 
     path = os.path.join(folder, f"rank{rank}.json")
@@ -408,7 +435,8 @@ def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], l
         ids = torch.tensor([_encode(tok, _messages(args.system, args.prompt), add_special_tokens=True)])
         kw = generation_options(args)
         kw["max_new_tokens"] = _fit_context(ids.shape[1], args.max_new_tokens, _context(compiled))
-        _seed(args)  # the same seed in every process: every process samples the same token
+        if args.seed is not None:  # the parent's seed, the same in every process
+            torch.manual_seed(args.seed)
         common = {"attention_mask": torch.ones_like(ids), "pad_token_id": _pad_id(tok)}
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -422,13 +450,9 @@ def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], l
             "first call: includes compiling)",
         }
     except Exception as e:
-        result = {"error": f"{type(e).__name__}: {e}"}
-        with open(path, "w") as f:
-            json.dump(result, f)
+        _write_result(path, {"error": f"{type(e).__name__}: {e}"})
         raise
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
+    _write_result(path, result)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -437,7 +437,16 @@ def test_generate_over_several_processes_gives_the_one_process_answer(chat_model
         out, err = capsys.readouterr()
         assert out == alone, (layout, out, alone)
         assert "2 processes on cpu, cpu" in err and "tok/s" in err
+    # sampling: every process draws the same tokens (the parent picks one seed), so a TP stage stays in step
+    sampled = [*base, "--devices", "cpu,cpu", "--layout", "0-2x2", "--temperature", "1.0", "--top-k", "50"]
+    assert main(sampled) == 0
+    out, err = capsys.readouterr()
+    m = re.search(r"seed (\d+)", err)
+    assert m, err
+    assert main([*base, "--temperature", "1.0", "--top-k", "50", "--seed", m.group(1)]) == 0
+    assert capsys.readouterr().out == out  # one process with that seed gives the same text
     bad = {
+        ("--devices", "cpu,cpu", "--save-plan", "plan.json"): "leave it out with --devices",
         ("--devices", "cpu,cpu", "--layout", "0-1x2,1-2"): "needs 3 processes",
         ("--devices", "cpu,cpu", "--layout", "0:1,1:2"): "START-STOPxTP",
         ("--layout", "0-1,1-2"): "give --devices too",
