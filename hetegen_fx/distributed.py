@@ -113,10 +113,12 @@ def all_reduce(x: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
             "hetegen_fx.distributed.compile_stage, which creates them"
         )
     t = x.detach().to("cpu").contiguous()
+    if t.data_ptr() == x.data_ptr():  # the sum is made in place: never in the caller's tensor
+        t = t.clone()
     try:
         dist.all_reduce(t, group=_GROUPS[key])
     except RuntimeError as e:
-        raise _failed("summing a row-parallel Linear with", key[0], e) from None
+        raise _failed(f"summing a row-parallel Linear over ranks {list(key)} with", key[0], e) from None
     return t.to(x.device)
 
 
@@ -237,10 +239,16 @@ def check_tp(model: torch.nn.Module, tp: int) -> None:
     cfg = model.config
     cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    width = (
+        getattr(cfg, "intermediate_size", None)
+        or getattr(cfg, "ffn_dim", None)
+        or getattr(cfg, "n_inner", None)
+    )
     sizes = {
         "attention heads": heads,
         "key/value heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "MLP width": getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None),
+        "MLP width": width or (4 * hidden if hidden else None),  # GPT-2's n_inner None: 4 x n_embd
     }
     for what, n in sizes.items():
         if n and n % tp:
@@ -286,6 +294,7 @@ def _entry(rank: int, ranks: int, init: str, timeout: float, fn: Callable, args:
     try:
         fn(rank, *args)
     finally:
+        _GROUPS.clear()
         dist.destroy_process_group()
 
 

@@ -121,8 +121,8 @@ def run_tp_local(x: torch.Tensor, dim: int, parts: int) -> torch.Tensor:
     local = unpark(x)
     if local is not None:
         return local
-    # on an accelerator the stand-in may have been swapped for its share already (runtime.to_device); an
-    # empty cache has no heads to share
+    # on an accelerator the stand-in may have been swapped for its share already (runtime.to_device); a
+    # tensor empty along the shared dimension has nothing to share
     if x.device.type != "cpu" or (x.dim() > dim and x.shape[dim] == 0):
         return x
     raise RuntimeError(

@@ -49,6 +49,26 @@ from .stages import layer_of
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.([A-Za-z_][A-Za-z0-9_]*)")
 _VIEWS = {"view", "reshape", "_unsafe_view"}
 _SPLITS = {"split", "chunk"}
+#: ops that work along one dimension, given as ``dim``: wrong on a share when that is the shared one
+_ALONG_ONE_DIM = {
+    "split",
+    "chunk",
+    "narrow",
+    "unbind",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cummin",
+    "logcumsumexp",
+    "normalize",
+    "sort",
+    "argsort",
+    "topk",
+    "flip",
+    "roll",
+}
 
 
 def block_of(node: fx.Node) -> str | None:
@@ -59,6 +79,17 @@ def block_of(node: fx.Node) -> str | None:
         if m:
             return f"{m.group(1)}.{m.group(2)}"
     return None
+
+
+def _direct_linear(node: fx.Node, block: str) -> bool:
+    """Whether ``block`` (``"<layer>.<child>"``) is a Linear module itself (its node's innermost module)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return False
+    path, cls = stack[-1] if isinstance(stack[-1], tuple) else (str(stack[-1]), None)
+    name = getattr(cls, "__name__", str(cls))
+    flat = str(path).replace("[", ".").replace("]", "").replace("'", "")
+    return flat.endswith("." + block.split(".", 1)[1]) and ("Linear" in name or "Conv1D" in name)
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -87,12 +118,17 @@ class ShardPass(PassBase):
 
     def _pairs(self, gm: fx.GraphModule) -> tuple[list[LinearSite], list[LinearSite]]:
         """(column-parallel, row-parallel) Linears of the stage's layers."""
+        sites = [s for s in find_linears(gm) if layer_of(s.node) is not None]
+        # child modules of a layer that hold Linears (not Linears themselves): the blocks
+        self._blocks = {
+            b for s in sites if (b := block_of(s.node)) is not None and not _direct_linear(s.node, b)
+        }
         blocks: dict[str, list[LinearSite]] = {}
-        for site in find_linears(gm):
+        for site in sites:
             layer = layer_of(site.node)
-            if layer is None or not self.start <= layer < self.stop:
+            if not self.start <= layer < self.stop:
                 continue
-            block = block_of(site.node)
+            block = self._block(site.node)
             if block is None:
                 raise UnsupportedModelError(
                     f"tensor parallelism: Linear {site.name} sits in decoder layer {layer} outside any block "
@@ -118,13 +154,22 @@ class ShardPass(PassBase):
             )
         return cols, rows
 
-    @staticmethod
-    def _reads_linear(site: LinearSite, linears: dict, block: str) -> bool:
+    def _block(self, node: fx.Node) -> str | None:
+        """The block of ``node``: :func:`block_of` where that child module holds Linears, else ``"<layer>.*"``
+        (the layer's own nodes, its norms and activations, and Linears that are themselves children of the
+        layer: OPT's ``fc1`` and ``fc2`` form one block so)."""
+        layer = layer_of(node)
+        if layer is None:
+            return None
+        block = block_of(node)
+        return block if block in self._blocks else f"{layer}.*"
+
+    def _reads_linear(self, site: LinearSite, linears: dict, block: str) -> bool:
         """Whether ``site``'s input depends, inside ``block``, on another Linear of it."""
         seen, todo = set(), [site.x]
         while todo:
             n = todo.pop()
-            if not isinstance(n, fx.Node) or n in seen or block_of(n) != block:
+            if not isinstance(n, fx.Node) or n in seen or self._block(n) != block:
                 continue
             seen.add(n)
             if n in linears and n is not site.node:
@@ -141,7 +186,11 @@ class ShardPass(PassBase):
         while len(n.users) == 1:
             (u,) = n.users
             v = node_value(u)
-            if _is_view(u) and isinstance(v, torch.Tensor) and concrete(v.shape[-1]) == out:
+            same = isinstance(v, torch.Tensor) and concrete(v.shape[-1]) == out
+            # views that keep the features last, and elementwise ops of this value alone (a clamp, a scale)
+            tensors = [i for i in u.all_input_nodes if isinstance(node_value(i), torch.Tensor)]
+            pointwise = same and tensors == [n] and tuple(v.shape) == tuple(node_value(n).shape)
+            if same and (_is_view(u) or pointwise) and not _is_split(u):
                 n = u
                 continue
             if _is_split(u):
@@ -206,6 +255,7 @@ class ShardPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
+        self._splits: set[fx.Node] = set()  # the splits of fused outputs, cut part by part
         cols, rows = self._pairs(gm)
         shape: dict[fx.Node, object] = {}  # node → its share's shape (a list of them for a split's parts)
         dims: dict[fx.Node, object] = {}  # node → the dimension its share splits (a list for parts)
@@ -220,6 +270,7 @@ class ShardPass(PassBase):
             local[-1] //= self.tp
             shape[site.node], dims[site.node] = tuple(local), v.dim() - 1
             if split is not None:  # its sizes become the share's
+                self._splits.add(split)
                 sizes = [s // self.tp for s in parts]
                 size = sizes if isinstance(split.args[1], (list, tuple)) else sizes[0]
                 if split.target in ("chunk", torch.chunk):
@@ -283,7 +334,7 @@ class ShardPass(PassBase):
                 continue
             if node in rows:  # a row-parallel Linear (or a node of it): its result is a partial sum
                 for x in node.all_input_nodes:
-                    if x in shape and dims[x] != node_value(x).dim() - 1:
+                    if x in shape and isinstance(dims[x], int) and dims[x] != node_value(x).dim() - 1:
                         raise UnsupportedModelError(
                             f"tensor parallelism: row-parallel Linear {node.name} reads a share split along dim "
                             f"{dims[x]}, not its input features"
@@ -291,7 +342,33 @@ class ShardPass(PassBase):
                 continue
             if node.op not in ("call_function", "call_method"):
                 raise UnsupportedModelError(f"tensor parallelism: {node.format_node()} reads a share")
+            self._along_the_share(node, shape, dims)
             self._fit(gm, node, shape, dims)
+
+    def _along_the_share(self, node: fx.Node, shape: dict, dims: dict) -> None:
+        """Ops that work along one dimension (a split, a softmax, a cumulative sum, a sort) must not work along
+        the shared one: on a share they keep its shape and give another answer. A fused output's split, cut
+        part by part with the weights, is the exception."""
+        if node in self._splits:
+            return
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name not in _ALONG_ONE_DIM:
+            return
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or x not in shape or not isinstance(dims.get(x), int):
+            return
+        default = 0 if name in ("split", "chunk", "narrow", "unbind") else -1
+        if name in ("split", "chunk", "narrow"):
+            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else default)
+        else:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else default)
+        ndim = node_value(x).dim()
+        if isinstance(dim, int) and dim % ndim == dims[x]:
+            raise UnsupportedModelError(
+                f"tensor parallelism: {node.format_node()} (in layer {layer_of(node)}) works along the split "
+                f"heads or features (dim {dim}), which a share holds only part of: this model cannot be split "
+                "this way"
+            )
 
     def _fit(self, gm: fx.GraphModule, node: fx.Node, shape: dict, dims: dict) -> None:
         """Run ``node`` on shares; rewrite a constant or take a cache input as a share if it must."""
@@ -421,6 +498,8 @@ class ShardPass(PassBase):
                     else e
                     for e, ss in zip(v, s or [None] * len(v), strict=True)
                 )
+            if isinstance(s, tuple) and len(s) == 2 and s[0] == "value":
+                return s[1]
             if isinstance(v, torch.SymInt):
                 return concrete(v)
             if isinstance(v, (list, tuple, torch.Size)):
@@ -458,8 +537,8 @@ class ShardPass(PassBase):
             dims[node] = ds
             return True
         want = fake_value(full)
-        if got != want:
-            return f"{got!r} where the whole gives {want!r}"
+        if got != want:  # a size read off a share (the heads): later ops that take it get the share's
+            shape[node], dims[node] = ("value", got), None
         return True
 
     def _shrunk(self, full: torch.Tensor, got: torch.Tensor):
@@ -480,7 +559,7 @@ class ShardPass(PassBase):
         flat, spec = torch.utils._pytree.tree_flatten(out.args)
         new = []
         for a in flat:
-            if isinstance(a, fx.Node) and a in shape:
+            if isinstance(a, fx.Node) and a in shape and dims[a] is not None:
                 if not isinstance(dims[a], int):
                     raise UnsupportedModelError(f"tensor parallelism: output {a.name} is a list of shares")
                 with gm.graph.inserting_before(out):

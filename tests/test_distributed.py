@@ -20,11 +20,13 @@ from hetegen_fx.models import build_random
 NEW = 12  # past the recompiles of the first decode steps: a stand-in that did not grow would recompile each
 
 
-def _model(arch: str):
+def _model(arch: str, **config):
     kw = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 128}
-    if arch != "gpt2":
+    if arch == "opt":
+        kw.update(ffn_dim=128)
+    elif arch != "gpt2":
         kw.update(intermediate_size=128, num_key_value_heads=2)
-    return build_random(arch, seed=3, **kw)
+    return build_random(arch, seed=3, **kw, **config)
 
 
 def _ids():
@@ -149,7 +151,7 @@ def test_roles_pair_the_processes_of_neighbouring_stages():
     assert {x.logits_from for x in r} == {3}
 
 
-def _captured(arch: str, bind: bool = False):
+def _captured(arch: str, bind: bool = False, new: int = 2, **config):
     """The decode graph dynamo captures of the tiny model (a DynamicCache, as stages decode with); with
     ``bind``, its parameters bound as the backend binds them."""
     import copy
@@ -164,10 +166,10 @@ def _captured(arch: str, bind: bool = False):
         graphs.append(gm)
         return gm.forward
 
-    model = copy.copy(_model(arch))
+    model = copy.copy(_model(arch, **config))
     model.compile(backend=backend)
     with torch.no_grad():
-        model.generate(_ids(), max_new_tokens=2, do_sample=False, cache_implementation="dynamic")
+        model.generate(_ids(), max_new_tokens=new, do_sample=False, cache_implementation="dynamic")
     return graphs[-1]
 
 
@@ -226,12 +228,18 @@ class _MLP(torch.nn.Module):
 
     def __init__(self, mix):
         super().__init__()
-        self.up, self.down, self.mix = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), mix
+        self.up = torch.nn.Linear(8, 48 if mix == "fused" else 16)
+        self.down, self.mix = torch.nn.Linear(16, 8), mix
 
     def forward(self, x):
+        if self.mix == "fused":  # one Linear for three parts, clamped before the split (MPT's clip_qkv)
+            a, b, c = self.up(x).clamp(-0.5, 0.5).chunk(3, -1)
+            return self.down(torch.relu(a) * b + c)
         h = torch.relu(self.up(x))
         if self.mix == "mean":
             h = h - h.mean(-1, keepdim=True)
+        if self.mix == "softmax":
+            h = h.softmax(-1)
         if self.mix == "written out":  # a Linear as some architectures write it: x @ W.T + b
             return h @ self.down.weight.t() + self.down.bias
         return self.down(h)
@@ -280,9 +288,11 @@ def test_an_op_that_mixes_the_shares_is_a_clear_error():
         assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 1, form
     with pytest.raises(UnsupportedModelError, match="cannot run on this process's share"):
         ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph("mean")[0])
+    with pytest.raises(UnsupportedModelError, match="works along the split heads or features"):
+        ShardPass(0, 1, tp_rank=0, tp=2, group=(0, 1))(_toy_graph("softmax")[0])
 
 
-@pytest.mark.parametrize("form", [None, "written out"])
+@pytest.mark.parametrize("form", [None, "written out", "fused"])
 def test_the_shares_add_up_to_the_whole_block(form, monkeypatch):
     """Each process's graph with the sum left out: the partial outputs of the row Linear (the bias in the
     first only) add up to eager's, on fresh random inputs."""
@@ -301,3 +311,19 @@ def test_the_shares_add_up_to_the_whole_block(form, monkeypatch):
             outs.append(ShardPass(0, 1, tp_rank=rank, tp=2, group=(0, 1))(gm).graph_module(*inputs)[0])
     # out_r = x + partial_r: the two partials sum to the block's output
     torch.testing.assert_close(outs[0] + outs[1] - x, ref)
+
+
+def test_linears_directly_in_a_layer_and_eager_attention_with_grouped_heads_are_split():
+    """OPT's fc1 / fc2 sit in the decoder layer itself: one block. Eager attention with fewer key/value heads
+    repeats them by sizes read off the cache, which in a dynamic decode graph are the share's."""
+    from hetegen_fx.ops import TP_ALL_REDUCE
+    from hetegen_fx.passes.shard import ShardPass
+    from hetegen_fx.passes.stages import StageSplitPass
+
+    gm = _captured("opt", bind=True)
+    res = ShardPass(0, 4, tp_rank=0, tp=2, group=(0, 1))(gm)
+    assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 8
+    gm = _captured("llama", bind=True, new=5, attn_implementation="eager")
+    staged = StageSplitPass(0, 2, 0, 2, "cpu")(gm).graph_module
+    res = ShardPass(0, 2, tp_rank=1, tp=2, group=(0, 1))(staged)
+    assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 4
