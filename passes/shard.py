@@ -17,7 +17,8 @@ Between the two, every op runs on this process's share: the pass replays each op
 ``meta`` tensors of the share's shape and checks that exactly one dimension shrank by ``tp`` (the heads or
 features); a shape the graph holds as a constant (a ``view``'s head count, a ``split``'s size) is rewritten to
 the share's. An op that mixes the shares (a reduction or contraction over the split dimension) or a share with
-a whole tensor is an error that names it, never a silent wrong answer.
+a whole tensor, or an op that works along the split dimension (a softmax, a sort, a split other than a
+fused output's), is an error that names it.
 
 The KV cache this process keeps holds only its heads. HF's cache object, which the caller's model reads,
 gets a host stand-in of the whole shape instead (``hetegen::tp_whole``; its memory is never written); when it
