@@ -1240,8 +1240,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose a layout of a model over several GPUs of different sizes and speeds (HexGen)",
         description="Choose pipeline stages, each with its own tensor-parallel degree and layers, for a model "
         "on a list of devices, by the cost model of hetegen_fx.cluster; print it beside the homogeneous "
-        "layout (same TP everywhere, layers split evenly). A plan: its pipeline stages run with "
-        "hetegen_fx.distributed.compile_stage (tensor parallelism inside a stage is not built yet).",
+        "layout (same TP everywhere, layers split evenly). A plan: its layout (ClusterPlan.layout()) runs "
+        "with hetegen_fx.distributed.compile_stage, or hetegen generate --devices ... --layout ... on one "
+        "machine.",
     )
     k.add_argument(
         "--model", default="llama-2-70b", help="a preset name or a checkpoint folder (its config only)"
