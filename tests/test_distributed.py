@@ -44,17 +44,18 @@ def _stage(rank: int, archs, layout, out: str, die_at: int | None) -> None:
             compiled = distributed.compile_stage(
                 model, layout, gpu_memory=1 << 20, device="cpu", max_seq_len=64, profile="model"
             )
-            if die_at is not None and rank == 1:
-                sent = {"n": 0}
-                send = distributed.send
+            if die_at is not None and rank == 1:  # its die_at-th transfer or sum is never made
+                calls = {"n": 0}
+                for name in ("send", "all_reduce"):
+                    real = getattr(distributed, name)
 
-                def dying(x, dst, sent=sent, send=send):
-                    sent["n"] += 1
-                    if sent["n"] == die_at:
-                        os._exit(3)  # the process dies mid-generate, without a word to the others
-                    send(x, dst)
+                    def dying(*a, calls=calls, real=real):
+                        calls["n"] += 1
+                        if calls["n"] == die_at:
+                            os._exit(3)  # the process dies mid-generate, without a word to the others
+                        return real(*a)
 
-                distributed.send = dying
+                    setattr(distributed, name, dying)
             with torch.no_grad():
                 tokens = compiled.generate(_ids(), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
             import hetegen_fx
@@ -102,14 +103,16 @@ def test_layouts_give_the_eager_tokens_in_every_process(layout, tmp_path):
             assert got[arch]["graphs"] <= 3, (arch, r, got[arch])
 
 
-def test_a_process_that_dies_mid_generate_ends_the_others_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "others"), [([(0, 1), (1, 3), (3, 4)], (0, 2)), ([(0, 4, 2)], (0,))], ids=["pipeline", "tp"]
+)
+def test_a_process_that_dies_mid_generate_ends_the_others_with_a_clear_error(layout, others, tmp_path):
+    ranks = sum(st[2] if len(st) > 2 else 1 for st in layout)
     t0 = time.perf_counter()
     with pytest.raises(Exception, match="exit code 3|exited with exit code|terminated"):
-        distributed.spawn(
-            _stage, 3, args=(("llama",), [(0, 1), (1, 3), (3, 4)], str(tmp_path), 2), timeout=20
-        )
+        distributed.spawn(_stage, ranks, args=(("llama",), layout, str(tmp_path), 2), timeout=20)
     assert time.perf_counter() - t0 < 90
-    for r in (0, 2):  # the others stopped with an error that says what happened
+    for r in others:  # the others stopped with an error that says what happened
         path = tmp_path / f"rank{r}.json"
         if path.exists():  # spawn may have ended them first; then there is nothing to read
             got = json.loads(path.read_text())["llama"]
