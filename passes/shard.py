@@ -129,13 +129,7 @@ class ShardPass(PassBase):
             layer = layer_of(site.node)
             if not self.start <= layer < self.stop:
                 continue
-            block = self._block(site.node)
-            if block is None:
-                raise UnsupportedModelError(
-                    f"tensor parallelism: Linear {site.name} sits in decoder layer {layer} outside any block "
-                    "(attention, MLP) of it; only column-then-row pairs inside blocks are split"
-                )
-            blocks.setdefault(block, []).append(site)
+            blocks.setdefault(self._block(site.node), []).append(site)
         cols, rows = [], []
         for block, sites in blocks.items():
             nodes = {s.node: s for s in sites}
