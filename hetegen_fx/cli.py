@@ -574,7 +574,8 @@ class Chat:
     ``ids`` are every token the model has read or written, in order; a new message appends only the tokens the
     chat template adds for it (and to close the previous reply), and ``generate()`` gets the previous turn's
     cache back, so earlier turns are not computed again. When the tokens so far no longer read as the start
-    of the rendered conversation (a template that rewrites history), the conversation is computed anew."""
+    of the rendered conversation (a reply's special tokens, which the rendered reply drops, or a template that
+    rewrites history), the cache is cut back to the first token that differs and the rest is computed again."""
 
     def __init__(
         self,
@@ -606,11 +607,36 @@ class Chat:
         if full.startswith(seen):
             return list(tok(full[len(seen) :], add_special_tokens=False)["input_ids"])
         again = _encode(tok, messages, add_special_tokens=True)
-        if again[: len(self.ids)] == self.ids:
-            return again[len(self.ids) :]
-        _log("the chat template rewrote earlier turns: computing the conversation anew")
-        self.ids, self.cache = [], None
-        return again
+        keep = next(
+            (i for i, (a, b) in enumerate(zip(again, self.ids, strict=False)) if a != b),
+            min(len(again), len(self.ids)),
+        )
+        if keep == len(self.ids):
+            return again[keep:]
+        keep = self._crop(keep)
+        _log(
+            f"the conversation so far reads differently now (a reply's special tokens are dropped, or the chat "
+            f"template rewrote earlier turns): computing it again from token {keep} of {len(self.ids)}"
+        )
+        self.ids = self.ids[:keep]
+        return again[keep:]
+
+    def _crop(self, keep: int) -> int:
+        """Cut the KV cache back to its first ``keep`` tokens, where the conversation read anew first differs;
+        the number of tokens kept (0, and no cache, where the cache cannot be cut)."""
+        cache = self.cache
+        cached = 0 if cache is None else int(cache.get_seq_length())
+        keep = min(keep, cached)
+        if keep and cached > keep and getattr(cache, "is_croppable", True):
+            try:
+                cache.crop(keep - cached)  # a negative count: how many tokens to drop from the end
+                return keep
+            except (RuntimeError, ValueError, NotImplementedError):  # a cache kind that cannot be cut
+                pass
+        elif keep and cached == keep:
+            return keep
+        self.cache = None
+        return 0
 
     def say(self, text: str) -> Turn:
         from hetegen_fx.api import cache_argument

@@ -50,7 +50,7 @@ def chat_model(tmp_path_factory) -> str:
 
     specials = ["<pad>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: tiny-llama's pad, bos and eos
     vocab = {s: i for i, s in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: its order changes with PYTHONHASHSEED
         vocab[ch] = len(vocab)
     inner = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -306,23 +306,61 @@ def test_chat_keeps_the_kv_cache_between_turns(chat_model, monkeypatch, capsys):
     assert "4 replies" in err
 
 
-def test_chat_replies_as_if_the_conversation_were_computed_anew(chat_model):
+def _chat_turns(chat_model, generation):
+    """Three turns of a chat with the compiled ``chat_model``; per turn: the reply's ids, the tokens before it,
+    the tokens the chat held before the turn, the tokens it computed, and eager ``generate()`` on the whole
+    conversation from scratch."""
     from hetegen_fx.models import load
 
     model, tok = load(chat_model, progress=False)
     compiled = hetegen_fx.compile(model, device="cpu", gpu_memory="500KiB")
-    chat = cli.Chat(compiled, tok, {"max_new_tokens": 4, "do_sample": False}, system="be brief", context=256)
+    chat = cli.Chat(compiled, tok, generation, system="be brief", context=256)
+    turns = []
     for text in ("hello", "what is 2 + 2?", "and 3 + 3?"):
-        before = len(chat.ids)
+        held = list(chat.ids)
         turn = chat.say(text)
         prompt = chat.ids[: -len(turn.reply_ids)]
-        assert prompt[:before] == chat.ids[:before]  # earlier tokens are kept as they were
-        with torch.no_grad():  # eager, the whole conversation from scratch
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert ref[0, len(prompt) :].tolist() == turn.reply_ids
         assert turn.context_tokens == len(chat.ids)
-        assert turn.prompt_tokens == len(prompt) - max(before - 1, 0)  # the earlier turns came from the cache
+        with torch.no_grad():  # eager, the whole conversation from scratch
+            ref = model.generate(torch.tensor([prompt]), pad_token_id=0, **generation)
+        turns.append((turn, prompt, held, ref[0, len(prompt) :].tolist()))
     assert chat.messages[0] == {"role": "system", "content": "be brief"} and len(chat.messages) == 7
+    return turns
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_chat_replies_as_if_the_conversation_were_computed_anew(chat_model):
+    for turn, prompt, held, ref in _chat_turns(chat_model, {"max_new_tokens": 4, "do_sample": False}):
+        assert ref == turn.reply_ids
+        # the earlier turns came from the cache (all but the last token of the previous reply, never computed);
+        # where a reply held a special token, which its rendering drops, from the token before it
+        assert turn.prompt_tokens == len(prompt) - min(_agree(prompt, held), max(len(held) - 1, 0))
+
+
+def test_a_chat_reply_with_special_tokens_keeps_the_cache_up_to_them(chat_model):
+    """A reply with ``<pad>`` in it (forced here) reads differently once rendered: the cache is cut back to the
+    token before it, not thrown away, and the next reply is still eager's on the whole conversation."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PadAtEvenLengths(LogitsProcessor):
+        def __call__(self, ids, scores):
+            scores[:, 0] += 1e4 * (ids.shape[1] % 2 == 0)
+            return scores
+
+    generation = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "logits_processor": LogitsProcessorList([PadAtEvenLengths()]),
+    }
+    turns = _chat_turns(chat_model, generation)
+    assert all(0 in turn.reply_ids for turn, *_ in turns)
+    for turn, prompt, held, ref in turns[1:]:
+        keep = _agree(prompt, held)
+        assert 0 < keep < len(held) - 1  # the earlier turns' tokens up to the first <pad> were kept
+        assert ref == turn.reply_ids and turn.prompt_tokens == len(prompt) - keep
 
 
 def test_chat_from_a_pipe_in_a_subprocess(chat_model):
