@@ -36,8 +36,9 @@ VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
 #: static KV cache of its own for every generate, so that its decode steps repeat their shapes and addresses;
 #: "default" is hetegen as a user compiles it, naming no ``max_seq_len`` (the KV cache reserved by use,
 #: where the other variants name the workload's length); "compiled" is "graphs" with its stretches of device
-#: work compiled by inductor (``compile_stretches=True``), the graphs recorded from inductor's code
-EXTRA_VARIANTS = ("graphs", "default", "compiled")
+#: work compiled by inductor (``compile_stretches=True``), the graphs recorded from inductor's code; "blocks" is
+#: hetegen with each offloaded MLP as one CPU job (``block_jobs=True``)
+EXTRA_VARIANTS = ("graphs", "default", "compiled", "blocks")
 #: the variants that replay CUDA graphs, and so decode into one static KV cache of their own
 STATIC_CACHE = ("graphs", "compiled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -409,13 +410,15 @@ def at_budget(args: argparse.Namespace, gpu_memory) -> argparse.Namespace:
 
 
 def _compile(name: str, model, args, device: torch.device):
-    """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen, graphs, default or compiled)."""
+    """hetegen_fx's variant ``name`` of ``model`` (stream, cpu, hetegen, graphs, default, compiled or blocks)."""
     import hetegen_fx
 
     alpha = {"stream": 0.0, "cpu": 1.0}.get(name)
     graphs = {"cuda_graphs": True, "graph_memory": args.graph_memory} if name in STATIC_CACHE else {}
     if name == "compiled":
         graphs["compile_stretches"] = True
+    if name == "blocks":
+        graphs["block_jobs"] = True
     return hetegen_fx.compile(
         model,
         gpu_memory=args.gpu_memory,
@@ -428,12 +431,13 @@ def _compile(name: str, model, args, device: torch.device):
 
 
 #: the variants ``--interleave`` times side by side, and the ratios it reports (a's speed over b's)
-INTERLEAVED = ("stream", "cpu", "hetegen", "default", "compiled")
+INTERLEAVED = ("stream", "cpu", "hetegen", "default", "compiled", "blocks")
 INTERLEAVED_RATIOS = (
     ("hetegen", "cpu"),
     ("hetegen", "stream"),
     ("default", "hetegen"),
     ("compiled", "hetegen"),
+    ("blocks", "hetegen"),
 )
 
 
@@ -549,17 +553,13 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
         dec = min(plans, key=lambda p: p.tokens)
         result["offloaded_bytes"] = dec.offloaded_bytes
         result["resident_bytes"] = dec.resident_bytes
-        result["mean_alpha"] = statistics.fmean(
-            [lp.split / lp.out_features for lp in dec.layers if not lp.resident] or [0]
-        )
+        result["mean_alpha"] = statistics.fmean([lp.share for lp in dec.layers if not lp.resident] or [0])
         result["plan_table"] = dec.table()
         result["plans"] = [
             {
                 "label": p.label,
                 "tokens": p.tokens,
-                "mean_alpha": statistics.fmean(
-                    [lp.split / lp.out_features for lp in p.layers if not lp.resident] or [0]
-                ),
+                "mean_alpha": statistics.fmean([lp.share for lp in p.layers if not lp.resident] or [0]),
                 "predicted_linear_s": p.predicted_seconds,
             }
             for p in plans
@@ -785,6 +785,7 @@ _BOUND_RATE = {
     "hetegen": "combined",
     "default": "combined",
     "compiled": "combined",
+    "blocks": "combined",
     "cpu": "cpu_gemv",
     "stream": "h2d_pinned",
 }

@@ -79,7 +79,7 @@ def compile_options(args: argparse.Namespace) -> dict:
         options["cuda_graphs"] = True
         if args.graph_memory is not None:
             options["graph_memory"] = args.graph_memory
-    for flag in ("compile_stretches", "cudnn_attention"):  # on/off flags named as their options
+    for flag in ("compile_stretches", "cudnn_attention", "block_jobs"):  # on/off flags named as their options
         if getattr(args, flag, False):
             options[flag] = True
     return options
@@ -1059,6 +1059,12 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         action="store_true",
         help="balance every CPU job on its own: stream none into the segment of the job before it "
         "(stream_jobs=False)",
+    )
+    g.add_argument(
+        "--block-jobs",
+        action="store_true",
+        help="run each offloaded MLP as one CPU job, split by its intermediate features, where the lane model "
+        "says it pays (block_jobs=True)",
     )
     g.add_argument(
         "--prefetch",

@@ -80,6 +80,12 @@ class Config:
         before it, when the lane model says the step gets shorter, and raise that job's α to cover them
         (:meth:`hetegen_fx.passes.PlacementPass._stream_jobs`): fewer hand-offs between the device and the
         worker. ``False``: every job balanced on its own. Ignored when ``alpha`` is forced.
+    block_jobs: in decode graphs (at most 4 tokens), run each offloaded MLP (gate/up, an activation the worker
+        knows, down) as one CPU job where the lane model says the step gets no longer, or every one when
+        ``alpha`` is forced (:mod:`hetegen_fx.blocks`): the CPU computes its share of the intermediate
+        features from gate/up's rows to down's columns, a partial sum of the output, and the device the rest;
+        one hand-off instead of two, and no wait for the device inside the MLP. Down's host weight is kept a
+        second time, as its two column parts. Off until measured on a GPU host.
     prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
         staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
         ``None``: twice the largest part, which holds several of the usual smaller ones.
@@ -164,6 +170,7 @@ class Config:
     alpha: float | None = None
     job_overhead: float | None = None
     stream_jobs: bool = True
+    block_jobs: bool = False
     prefetch: int | None = None
     max_seq_len: int | None = None
     batch_size: int = 1
@@ -199,6 +206,7 @@ class Config:
             "cudnn_attention",
             "host_embeddings",
             "stream_jobs",
+            "block_jobs",
             "verbose",
         ):
             if not isinstance(getattr(self, flag), bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from . import meta, ops
 from .api import CompiledModule
+from .blocks import FUNCTIONS
 from .errors import ConfigError, HetegenError
 from .graph_utils import clone_graph_module, eliminate_dead_code
 from .plan import Plan
@@ -243,20 +245,30 @@ def _plain_lookup(graph: fx.Graph, node: fx.Node, for_onnx: bool, plan: Plan) ->
 
 
 def _inline_cpu_jobs(graph: fx.Graph) -> None:
-    """Replace each ``cpu_end(cpu_begin(x, weights, biases))`` by ``cat([linear(x, w, b), ...], -1)``: the
-    same function, as ops an ONNX runtime has. The new nodes keep the job's placement metadata."""
+    """Replace each ``cpu_end(cpu_begin(x, weights, biases))`` by ``cat([linear(x, w, b), ...], -1)`` (an MLP
+    block's job, :mod:`hetegen_fx.blocks`: its Linears, activation and product): the same function, as ops an
+    ONNX runtime has. The new nodes keep the job's placement metadata."""
     for end in [n for n in graph.nodes if n.op == "call_function" and ops.is_op(n.target, ops.CPU_END)]:
         begin = end.args[0]
         x, weights, biases = begin.args[0], begin.args[1], begin.args[2]
+        act = begin.args[4] if len(begin.args) > 4 else begin.kwargs.get("act", 0)
         placement = {k: v for k, v in begin.meta.items() if k in (meta.SIDE, meta.LAYER)}
+
+        def linear(h, i, w, b, name=begin.name, placement=placement):
+            part = graph.call_function(F.linear, (h, w, b), name=f"{name}_{i}")
+            part.meta.update(placement)
+            if w.meta.get(meta.LAYER):
+                part.meta[meta.LAYER] = w.meta[meta.LAYER]
+            return part
+
         with graph.inserting_before(end):
-            parts = []
-            for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-                part = graph.call_function(F.linear, (x, w, b), name=f"{begin.name}_{i}")
-                part.meta.update(placement)
-                if w.meta.get(meta.LAYER):
-                    part.meta[meta.LAYER] = w.meta[meta.LAYER]
-                parts.append(part)
+            n = len(weights) - 1 if act else len(weights)
+            parts = [linear(x, i, w, b) for i, (w, b) in enumerate(zip(weights[:n], biases[:n], strict=True))]
+            if act:
+                fn, kwargs = FUNCTIONS[act]
+                h = graph.call_function(fn, (parts[0],), kwargs)
+                h = h if n == 1 else graph.call_function(operator.mul, (h, parts[1]))
+                parts = [linear(h, n, weights[n], biases[n])]
             out = parts[0] if len(parts) == 1 else graph.call_function(torch.cat, (parts, -1))
             out.meta.update(placement)
         end.replace_all_uses_with(out)
@@ -275,9 +287,7 @@ def _placement(node: fx.Node, plan: Plan) -> dict[str, str]:
     if lp is not None:
         d[KEY + "layer"] = lp.name
         d[KEY + "resident"] = str(lp.resident).lower()
-        d[KEY + "alpha"] = (
-            "0" if lp.resident else repr(lp.split / lp.out_features if lp.out_features else 0.0)
-        )
+        d[KEY + "alpha"] = "0" if lp.resident else repr(lp.share)
         d[KEY + "split"] = str(lp.split)
     if meta.SLOT in node.meta:
         d[KEY + "slot"] = str(node.meta[meta.SLOT])

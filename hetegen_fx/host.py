@@ -73,13 +73,15 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels
+from .blocks import activate
 
 #: CU_STREAM_WAIT_VALUE_GEQ: ``(int32)(*addr - value) >= 0``, so the job counter may wrap around
 _WAIT_GEQ = 0
 #: job descriptors in the ring; the launching thread waits (GIL released) when all are unread
 _CAPACITY = 1024
-#: a descriptor: job number, site (weights) index, x buffer index, y buffer index, rows, x's columns
-_FIELDS = 6
+#: a descriptor: job number, site (weights) index, x buffer index, y buffer index, rows, x's columns, activation
+#: code of an MLP block's job (0: a plain job; :mod:`hetegen_fx.blocks`)
+_FIELDS = 7
 #: polls of an empty ring before the server leaves (tens of ms; the worker then sleeps in Python)
 _IDLE_SPINS = 100_000
 #: rows of job stamps kept while a timeline is recorded (:attr:`HostWorker.log`)
@@ -206,6 +208,16 @@ def _kernel_clock() -> int:
 _now = _no_clock
 
 
+def _run_linears(
+    x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None], out: torch.Tensor, together: bool
+) -> None:
+    """A job's Linears into the columns of ``out``: together (:data:`_cpu_linears`) or one by one."""
+    if together:
+        _cpu_linears(x, ws, bs, out)
+    else:
+        _each_linear(x, ws, bs, out)
+
+
 @torch.jit.ignore
 def _pause() -> None:
     """Give the GIL away for a moment (only the Python run of :func:`_job_server` calls this)."""
@@ -279,15 +291,28 @@ def _job_server(
         bs = sites_b[int(d[1].item())]
         rows = int(d[4].item())
         cols = int(d[5].item())
-        features = 0
-        for w in ws:
-            features += w.size(0)
+        act = int(d[6].item())
         x = xbufs[int(d[2].item())].narrow(0, 0, rows * cols).view(rows, cols)
-        out = ybufs[int(d[3].item())].narrow(0, 0, rows * features).view(rows, features)
-        if together:
-            _cpu_linears(x, ws, bs, out)
-        else:
-            _each_linear(x, ws, bs, out)
+        if act == 0:
+            features = 0
+            for w in ws:
+                features += w.size(0)
+            out = ybufs[int(d[3].item())].narrow(0, 0, rows * features).view(rows, features)
+            _run_linears(x, ws, bs, out, together)
+        else:  # an MLP block: its column Linears, the activation (and product), the row Linear's columns
+            n = len(ws) - 1
+            width = 0
+            for i in range(n):
+                width += ws[i].size(0)
+            mid = torch.empty([rows, width], dtype=x.dtype)
+            _run_linears(x, ws[:n], bs[:n], mid, together)
+            first = ws[0].size(0)
+            h = activate(mid.narrow(1, 0, first), act)
+            if n == 2:
+                h = h * mid.narrow(1, first, width - first)
+            features = ws[n].size(0)
+            out = ybufs[int(d[3].item())].narrow(0, 0, rows * features).view(rows, features)
+            _run_linears(h.contiguous(), ws[n:], bs[n:], out, together)
         if stamp:
             row = stamps[seq % stamps.size(0)]
             row[1].fill_(start)
@@ -458,8 +483,12 @@ class HostWorker:
         self._start()
         return self._memops is not None
 
-    def begin(self, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> int:
-        """Queue ``cat([linear(x, w, b) for w, b in zip(weights, biases)], -1)``; return the job's number."""
+    def begin(
+        self, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], act: int = 0
+    ) -> int:
+        """Queue ``cat([linear(x, w, b) for w, b in zip(weights, biases)], -1)``; return the job's number. With
+        an activation code ``act`` (:mod:`hetegen_fx.blocks`), an MLP block's share: the last weight's Linear
+        of ``act(y_1) * y_2`` (or ``act(y_1)``), the outputs of the Linears before it."""
         self._start()
         self._raise_pending()
         if x.dtype != weights[0].dtype:
@@ -469,7 +498,7 @@ class HostWorker:
             )
         site = self._site(weights, biases)
         rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-        features = sum(w.shape[0] for w in weights)
+        features = weights[-1].shape[0] if act else sum(w.shape[0] for w in weights)
         b = self._take(x.dtype, rows * cols, rows * features)
         bufs = self._buffers[b]
         xh = bufs.x[: rows * cols].view(x.shape)
@@ -492,7 +521,7 @@ class HostWorker:
             xh.copy_(x)
         with self._lock:
             self._pending[seq] = _Pending(b, out)
-        self._post(seq, site, b, b, rows, cols)
+        self._post(seq, site, b, b, rows, cols, act)
         return seq
 
     def end(self, seq: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -6,9 +6,10 @@
 * ``hetegen::wait_copy(staged!, slot)``: the compute stream waits for that event;
 * ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so later
   copies into any of the region's bytes wait for it;
-* ``hetegen::cpu_begin(x, weights, biases, device) -> ticket``: queue the CPU parts of the Linears that read
-  ``x`` (their host weight rows ``weights``) on the worker thread (:mod:`hetegen_fx.host`); the ticket is
-  a host int64 scalar holding the job's number;
+* ``hetegen::cpu_begin(x, weights, biases, device, act=0) -> ticket``: queue the CPU parts of the Linears that
+  read ``x`` (their host weight rows ``weights``) on the worker thread (:mod:`hetegen_fx.host`); with an
+  activation code ``act``, an MLP block's share (:mod:`hetegen_fx.blocks`); the ticket is a host int64
+  scalar holding the job's number;
 * ``hetegen::cpu_end(ticket, x, features, device) -> Tensor``: the job's result ``[..., features]`` on the
   device; on CUDA the compute stream waits for the worker on the device, the launching thread does not;
 * ``hetegen::cpu_wait(device)``: the launching thread waits until every CPU job queued so far has run (the
@@ -55,8 +56,8 @@ def run_release_slot(staged: torch.Tensor, slot: int) -> None:
     get_runtime(staged.device).release(slot, staged.numel() * staged.element_size())
 
 
-def run_cpu_begin(x: torch.Tensor, weights: list, biases: list, device: str) -> int:
-    return get_runtime(device).host.begin(x, weights, biases)
+def run_cpu_begin(x: torch.Tensor, weights: list, biases: list, device: str, act: int = 0) -> int:
+    return get_runtime(device).host.begin(x, weights, biases, act)
 
 
 def run_cpu_end(ticket: torch.Tensor | int, x: torch.Tensor, features: int, device: str) -> torch.Tensor:
@@ -182,14 +183,17 @@ def _release_slot_fake(staged: torch.Tensor, slot: int) -> None:
 
 @torch.library.custom_op("hetegen::cpu_begin", mutates_args=())
 def cpu_begin(
-    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str, act: int = 0
 ) -> torch.Tensor:
-    return torch.tensor(run_cpu_begin(x, weights, biases, device), dtype=torch.int64)
+    """Queue a CPU job: ``cat([linear(x, w, b) ...], -1)``; with an activation code ``act``
+    (:mod:`hetegen_fx.blocks`) an MLP block's share: the last weight reads ``act(first) * second`` (or
+    ``act(first)``) of the Linears before it."""
+    return torch.tensor(run_cpu_begin(x, weights, biases, device, act), dtype=torch.int64)
 
 
 @cpu_begin.register_fake
 def _cpu_begin_fake(
-    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], device: str, act: int = 0
 ) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64)
 

@@ -45,6 +45,25 @@ class LayerPlan:
     #: output features ``[out - storage_rows, out)`` stay in storage and are read at every step (the storage
     #: tier); the rows before them are in RAM, and the CPU computes exactly those (``split``)
     storage_rows: int = 0
+    #: the MLP block (:mod:`hetegen_fx.blocks`) whose one CPU job this Linear's CPU part is in, named by the
+    #: Linear its activation reads (gate); "" otherwise. The block's features ``[0, split)`` run on the CPU, gate/up's output
+    #: rows and down's input columns alike
+    block: str = ""
+    #: ``split`` counts input features (down's in a block: the CPU and the device each compute a partial sum of
+    #: the whole output), not output features
+    split_inputs: bool = False
+
+    @property
+    def features(self) -> int:
+        """The features ``split`` divides: input features with :attr:`split_inputs`, else output features."""
+        return self.in_features if self.split_inputs else self.out_features
+
+    @property
+    def share(self) -> float:
+        """The CPU's share of this Linear as planned (0 when resident)."""
+        if self.resident or not self.features:
+            return 0.0
+        return self.split / self.features
 
     @property
     def storage_bytes(self) -> int:
@@ -73,10 +92,16 @@ class LayerPlan:
         _expect(isinstance(self.resident, bool), "resident", self.resident, "true or false", where)
         _expect(_is_real(self.alpha, 0.0, 1.0), "alpha", self.alpha, "a CPU share in [0, 1]", where)
         _expect(
-            _is_int(self.split, 0) and self.split <= self.out_features,
+            isinstance(self.split_inputs, bool), "split_inputs", self.split_inputs, "true or false", where
+        )
+        side, what = (
+            ("in_features", "an input feature") if self.split_inputs is True else ("out_features", "a row")
+        )
+        _expect(
+            _is_int(self.split, 0) and self.split <= getattr(self, side),
             "split",
             self.split,
-            f"a row in [0, out_features = {self.out_features}]",
+            f"{what} in [0, {side} = {getattr(self, side)}]",
             where,
         )
         for f in ("t_cpu", "t_copy", "t_gpu", "t_cpu_fixed"):
@@ -85,6 +110,7 @@ class LayerPlan:
             )
         _expect(_is_int(self.slot, -1), "slot", self.slot, "a byte offset, or -1", where)
         _expect(isinstance(self.segment, str), "segment", self.segment, "a layer name or ''", where)
+        _expect(isinstance(self.block, str), "block", self.block, "a layer name or ''", where)
         _expect(
             _is_int(self.storage_rows, 0) and self.storage_rows <= self.out_features,
             "storage_rows",
@@ -97,18 +123,17 @@ class LayerPlan:
     @property
     def t_cpu_part(self) -> float:
         """Predicted seconds of the CPU part as planned (0 without one)."""
-        if self.resident or self.split == 0 or not self.out_features:
+        if self.resident or self.split == 0 or not self.features:
             return 0.0
         f = min(self.t_cpu_fixed, self.t_cpu)
-        return f + (self.split / self.out_features) * (self.t_cpu - f)
+        return f + self.share * (self.t_cpu - f)
 
     @property
     def t_pred(self) -> float:
         """Predicted seconds of this layer as planned (CPU part ∥ copy + GPU part)."""
         if self.resident:
             return self.t_gpu
-        a = self.split / self.out_features if self.out_features else 0.0
-        return max(self.t_cpu_part, (1 - a) * (self.t_copy + self.t_gpu))
+        return max(self.t_cpu_part, (1 - self.share) * (self.t_copy + self.t_gpu))
 
     @property
     def gpu_part_bytes(self) -> int:
@@ -116,10 +141,10 @@ class LayerPlan:
 
     @property
     def offloaded_gpu_bytes(self) -> int:
-        """Bytes of output features ``[split, out)``: the GPU part this Linear stages when offloaded."""
-        if self.out_features == 0:
+        """Bytes of features ``[split, features)``: the GPU part this Linear stages when offloaded."""
+        if self.features == 0:
             return 0
-        return self.bytes * (self.out_features - self.split) // self.out_features
+        return self.bytes * (self.features - self.split) // self.features
 
 
 @dataclass
@@ -171,10 +196,12 @@ class Plan:
         head = f"{'layer':<44} {'place':<9} {'alpha':>5} {'cpu ms':>8} {'copy ms':>8} {'gpu ms':>8} {'pred ms':>8} {'bytes':>11}"
         rows = [head, "-" * len(head)]
         for lp in self.layers:
-            place = "resident" if lp.resident else "segment" if lp.segment else "offload"
+            place = (
+                "resident" if lp.resident else "segment" if lp.segment else "block" if lp.block else "offload"
+            )
             if lp.storage_rows:
                 place = "storage" if lp.tier == "storage" else f"sto {lp.storage_rows / lp.out_features:.0%}"
-            alpha = "" if lp.resident else f"{lp.split / lp.out_features:.2f}"
+            alpha = "" if lp.resident else f"{lp.share:.2f}"
             name = lp.name if len(lp.name) <= 44 else "…" + lp.name[-43:]
             rows.append(
                 f"{name:<44} {place:<9} {alpha:>5} {lp.t_cpu * 1e3:8.3f} {lp.t_copy * 1e3:8.3f} "
@@ -185,6 +212,8 @@ class Plan:
         reserved = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.reserved.items())
         segments = sum(bool(lp.segment) for lp in self.layers)
         beside = f", {segments} of them streamed beside the CPU job before them" if segments else ""
+        blocks = len({lp.block for lp in self.layers if lp.block})
+        beside += f", {blocks} MLP block(s) as one CPU job each" if blocks else ""
         # a streamed Linear's row is its time alone; in the step its copy runs beside its head's CPU part
         alone = " (the sum of the rows: streamed Linears counted as if alone)" if segments else ""
         rows.append(

@@ -46,7 +46,7 @@ class Span(NamedTuple):
 
 def _regions(plan: Plan, prefetch: int | None) -> dict[str, tuple[int, int]]:
     """Staging region ``(start, end)`` of every offloaded Linear that has a GPU part."""
-    users = [lp for lp in plan.layers if not lp.resident and lp.split < lp.out_features]
+    users = [lp for lp in plan.layers if not lp.resident and lp.split < lp.features]
     if prefetch is None and all(lp.slot >= 0 for lp in users):  # as PartitionPass laid them out
         return {lp.name: (lp.slot, lp.slot + lp.gpu_part_bytes) for lp in users}
     if prefetch is not None and prefetch < 1:
@@ -86,14 +86,14 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
             gpu = ready = start + lp.t_gpu
             spans.append(Span("GPU", lp.name, start, gpu))
             continue
-        a = lp.split / lp.out_features if lp.out_features else 0.0
+        a = lp.share
         cpu_end = ready
         if lp.split > 0:
             start = max(cpu, ready)
             cpu = cpu_end = start + lp.t_cpu_part
             spans.append(Span("CPU", lp.name, start, cpu_end))
         gpu_end = ready
-        if lp.split < lp.out_features:
+        if lp.split < lp.features:
             a0, b0 = regions[lp.name]
             c0 = max([pcie] + [t for a1, b1, t in read if a1 < b0 and a0 < b1])
             pcie = c0 + (1 - a) * lp.t_copy
@@ -163,7 +163,7 @@ def plot_plan(
 
     # panel 1: α per Linear
     xs = list(range(n))
-    alphas = [0.0 if lp.resident else lp.split / lp.out_features for lp in plan.layers]
+    alphas = [lp.share for lp in plan.layers]
     res = [i for i, lp in enumerate(plan.layers) if lp.resident]
     off = [i for i, lp in enumerate(plan.layers) if not lp.resident]
     for i in res:  # resident: the whole layer on the GPU, no α

@@ -57,6 +57,8 @@ class WeightStore:
     stretch_compiler: object = None
     _device_copies: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _host_parts: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: (weight id, CPU side?) → (the input features' range, its copy): an MLP block's row Linear
+    _columns: dict[tuple, tuple] = field(default_factory=dict, repr=False)
     _pinned: set[int] = field(default_factory=set, repr=False)
     _reader: object = field(default=None, repr=False)  # the storage tier's StorageReader
     _reader_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -134,6 +136,24 @@ class WeightStore:
         if cached is None:
             cached = self._host_parts[key] = w.detach()[:, :stop].t().contiguous()
         return cached
+
+    def input_columns(self, w: torch.Tensor, layout: str, start: int, stop: int, pin: bool) -> torch.Tensor:
+        """Input features ``[start, stop)`` of host weight ``w`` as an ``[out, stop - start]`` weight that
+        ``F.linear`` takes (an MLP block's row Linear, :mod:`hetegen_fx.blocks`): a contiguous copy (in pinned
+        memory with ``pin`` on CUDA). One copy is kept per weight for the CPU's columns (``start == 0``) and
+        one for the device's; a new range replaces the old, which lives on only while a graph holds it."""
+        fill(w, w.shape[0])
+        key = (id(w), start == 0)
+        cached = self._columns.get(key)
+        if cached is not None and cached[0] == (start, stop):
+            return cached[1]
+        cols = w.detach()[:, start:stop] if layout == "out_in" else w.detach()[start:stop].t()
+        if pin and self.device.type == "cuda":  # page-locked by torch's host allocator, freed with the copy
+            part = torch.empty(cols.shape, dtype=cols.dtype, pin_memory=True).copy_(cols)
+        else:
+            part = cols.contiguous()
+        self._columns[key] = ((start, stop), part)
+        return part
 
     def _pin(self, t: torch.Tensor) -> None:
         """Page-lock the storage behind ``t`` in place (no copy of the weights); of a deferred weight only

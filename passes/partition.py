@@ -20,6 +20,15 @@ worker thread (:mod:`hetegen_fx.host`), queued before their GPU parts and collec
 α = 0 leaves only the copy + GPU part, α = 1 only the CPU part (no copy, no concat). A graph with CPU
 jobs ends with ``hetegen.cpu_wait(device)``: its jobs have all run before its outputs are handed back.
 
+An MLP block (``LayerPlan.block``, :mod:`hetegen_fx.blocks`) is one CPU job split by intermediate features
+``[0, k)`` (gate/up's output rows, down's input columns), its device share computed from copies of the rest::
+
+    ticket = hetegen.cpu_begin(x, [w_gate[:k], w_up[:k], w_down[:, :k]], [...], device, act)
+    y_gate, y_up = <copy, wait, linear, release> of rows [k, I) each
+    h_gpu  = act(y_gate) * y_up                                       # the graph's own nodes, copied
+    y_dev  = linear(h_gpu, <copy, wait> of w_down[:, k:], b_down)     # a partial sum; then release
+    y      = hetegen.cpu_end(ticket, x, out, device) + y_dev         # the CPU's partial sum
+
 A Linear with rows in storage (the storage tier, ``LayerPlan.storage_rows``) computes its RAM rows
 ``[0, k)`` on the CPU as above, and its storage rows ``[k, out)`` on the device from the reader's ring::
 
@@ -37,7 +46,9 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
+from hetegen_fx.blocks import find_blocks
 from hetegen_fx.config import Config
+from hetegen_fx.errors import ConfigError
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
 from hetegen_fx.linear import LinearSite, match_linear
 from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED, RELEASE, WAIT
@@ -58,10 +69,17 @@ class PartitionPass(PassBase):
         groups = self._cpu_groups(gm, nodes)
         self._offsets = self._lay_out_staging(gm, nodes, groups)
         done: dict[fx.Node, fx.Node] = {}  # Linears of a group already emitted with its first member
+        finished: set[fx.Node] = set()  # the Linears of MLP blocks emitted (and erased) with their first
         for node in nodes:
+            if node in finished:
+                continue
             site = match_linear(node, gm)  # re-matched: its input may be a Linear rewritten just before
             lp: LayerPlan = node.meta[meta.PLACEMENT]
             assert site is not None and site.name == lp.name, f"{node} no longer computes Linear {lp.name}"
+            if lp.block and not lp.resident and node in groups:
+                with gm.graph.inserting_before(node):
+                    finished.update(self._block_job(gm, groups[node]))
+                continue
             if node in done:
                 out = done.pop(node)
             else:
@@ -88,12 +106,13 @@ class PartitionPass(PassBase):
         return PassResult(gm, bool(nodes))
 
     def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
-        """Linear node → the split Linears (CPU part > 0) that read the same input, in graph order."""
-        by_input: dict[fx.Node, list[fx.Node]] = {}
+        """Linear node → the split Linears (CPU part > 0) of its CPU job, in graph order: those that read the
+        same input, or the Linears of one MLP block."""
+        by_input: dict[fx.Node | str, list[fx.Node]] = {}
         for node in nodes:
             lp: LayerPlan = node.meta[meta.PLACEMENT]
             if not lp.resident and lp.split > 0:
-                by_input.setdefault(match_linear(node, gm).x, []).append(node)
+                by_input.setdefault(lp.block or match_linear(node, gm).x, []).append(node)
         return {n: members for members in by_input.values() for n in members}
 
     def _lay_out_staging(
@@ -186,6 +205,106 @@ class PartitionPass(PassBase):
             offset += lp.split
             outs[member] = self._join(gm, site, y_cpu, y_gpu)
         return outs
+
+    def _block_job(self, gm: fx.GraphModule, members: list[fx.Node]) -> list[fx.Node]:
+        """Emit an MLP block as one CPU job and its device share (see the module docstring), route the row
+        Linear's readers to the sum, and erase the block's old nodes; returns its Linear nodes."""
+        sites = [match_linear(m, gm) for m in members]
+        block = next((b for b in find_blocks(gm, sites) if {s.node for s in b.sites} == set(members)), None)
+        head = members[0].meta[meta.PLACEMENT].block
+        if block is None:
+            raise ConfigError(
+                f"the plan runs the MLP of {head} as one CPU job (block), but this graph has no such block of "
+                f"{[m.meta[meta.PLACEMENT].name for m in members]}; compile without plan= to place it anew"
+            )
+        row, device, store = block.row, self.config.device, self.store
+        row_lp: LayerPlan = row.node.meta[meta.PLACEMENT]
+        k, whole = row_lp.split, row_lp.split == row_lp.in_features
+        weights, biases = [], []
+        for site in block.columns:
+            weights.append(
+                self._attach(
+                    gm,
+                    f"{site.name}__cpu_part",
+                    store.cpu_rows(site.weight.tensor, site.layout, k),
+                    "cpu",
+                    site.name,
+                )
+            )
+            b = None
+            if site.bias is not None:
+                b = self._attach(
+                    gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", site.name
+                )
+            biases.append(b)
+        cols = store.input_columns(row.weight.tensor, row.layout, 0, k, pin=False)
+        weights.append(self._attach(gm, f"{row.name}__cpu_cols", cols, "cpu", row.name))
+        b_row = (
+            row.bias if whole else None
+        )  # the bias once: with the device's partial sum, where there is one
+        biases.append(
+            None
+            if b_row is None
+            else self._attach(gm, f"{b_row.name}__cpu_part", b_row.tensor.detach(), "cpu", row.name)
+        )
+        label = _short(block.head) + "_block"
+        ticket = self._new(
+            gm,
+            CPU_BEGIN,
+            (block.columns[0].x, weights, biases, device, block.act),
+            f"{label}_cpu",
+            "cpu",
+            block.head,
+        )
+        y_dev = None
+        if not whole:
+            env = {
+                site.node: self._gpu_part(gm, site, site.node.meta[meta.PLACEMENT]) for site in block.columns
+            }
+            for n in block.between:  # the graph's own activation (and product), on the device's share
+                env[n] = copy = gm.graph.node_copy(n, lambda a: env.get(a, a))
+                copy.meta[meta.SIDE], copy.meta[meta.LAYER] = "gpu", row.name
+            y_dev = self._gpu_columns(gm, row, row_lp, env[block.between[-1]])
+        y_cpu = self._new(
+            gm,
+            CPU_END,
+            (ticket, block.columns[0].x, row.out_features, device),
+            f"{label}_cpu_out",
+            "move",
+            block.head,
+        )
+        out = (
+            y_cpu
+            if y_dev is None
+            else self._new(gm, torch.add, (y_cpu, y_dev), f"{_short(row.name)}_out", "gpu", row.name)
+        )
+        row.node.replace_all_uses_with(out)
+        for dead in (row.node, *row.absorbed, *reversed(block.between)):
+            if not dead.users:
+                gm.graph.erase_node(dead)
+        for site in block.columns:
+            for dead in (site.node, *site.absorbed):
+                if not dead.users:
+                    gm.graph.erase_node(dead)
+        return members
+
+    def _gpu_columns(self, gm: fx.GraphModule, row: LinearSite, lp: LayerPlan, h: fx.Node) -> fx.Node:
+        """An MLP block's row Linear on the device: copy → wait → ``linear(h, w[:, split:], b)`` → release."""
+        s, short = row.name, _short(row.name)
+        lp.slot = self._offsets[row.node]
+        region = (lp.slot, lp.gpu_part_bytes)
+        part = self.store.input_columns(row.weight.tensor, row.layout, lp.split, lp.in_features, pin=True)
+        w_host = self._attach(gm, f"{s}__gpu_cols_host", part, "copy", s)
+        staged = self._new(
+            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
+        )
+        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
+        b = None
+        if row.bias is not None:
+            b = self._attach(gm, f"{row.bias.name}__dev", self.store.on_device(row.bias.tensor), "gpu", s)
+        y = self._new(gm, F.linear, (h, staged) if b is None else (h, staged, b), f"{short}_gpu", "gpu", s)
+        self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, region)
+        return y
 
     def _split(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node:
         """A Linear without a CPU part (α = 0): the copy and the GPU part."""

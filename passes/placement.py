@@ -52,6 +52,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
+from hetegen_fx.blocks import find_blocks
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha, segment_time
 from hetegen_fx.errors import ConfigError
@@ -371,6 +372,7 @@ class PlacementPass(PassBase):
         reserved["kv_cache"] = ledger.kv_cache if ledger is not None else max(reserved.get("kv_cache", 0), kv)
         if ledger is not None:
             budget = ledger.budget
+        self._form_blocks(gm, sites, layers, reserved, budget)
         if cfg.alpha is None and cfg.stream_jobs:
             self._stream_jobs(sites, layers, reserved, budget)
         storage = self._storage_tier(gm, sites, layers)
@@ -502,6 +504,93 @@ class PlacementPass(PassBase):
             alphas.update((m.name, alpha if alpha >= MIN_ALPHA else 0.0) for m in members)
         return alphas
 
+    def _form_blocks(
+        self,
+        gm: fx.GraphModule,
+        sites: list[LinearSite],
+        layers: list[LayerPlan],
+        reserved: dict[str, int],
+        budget: int | None,
+    ) -> None:
+        """MLP blocks (``Config.block_jobs``, :mod:`hetegen_fx.blocks`), at GEMV shapes (a decode step): an MLP
+        whose Linears are all offloaded runs as one CPU job, at the α that balances the three Linears
+        together, where the lane model predicts it no slower than its two jobs apart (one job's overhead H
+        and one wait for the device fewer, since the CPU no longer waits for the device's gate/up share);
+        with ``alpha`` forced, every such MLP. Its column Linears must be the only offloaded readers of their
+        input, and the staging arena must stay within the budget's room. Not with the storage tier (its rows
+        are split by output rows), and not in a prefill, where the CPU parts are GEMMs the cost model is least
+        sure of (and a split of its own would keep down's columns on the host a second time)."""
+        cfg = self.config
+        if not cfg.block_jobs or cfg.cpu_memory is not None:
+            return
+        if max((lp.tokens for lp in layers), default=0) > GEMV_ROWS:
+            return
+        limit = self._staging_limit(layers, reserved, budget)
+        by_name = {lp.name: lp for lp in layers}
+        costs = {s.name: s.node.meta[meta.COST] for s in sites}
+        readers = Counter(s.x for s in sites if not by_name[s.name].resident)
+        overhead, gap = self.job_overhead, self.job_gap
+        for block in find_blocks(gm, sites):
+            members = [by_name[s.name] for s in block.sites]
+            if any(lp.resident for lp in members) or readers[block.columns[0].x] != len(block.columns):
+                continue
+            if cfg.alpha is not None:
+                alpha = float(cfg.alpha)
+            else:
+                alpha, t_block = segment_alpha([costs[lp.name] for lp in members], overhead)
+                apart = [members[:-1], members[-1:]]
+                t_apart = sum(
+                    segment_time([costs[lp.name] for lp in job], job[0].alpha, overhead) for job in apart
+                ) + gap * max(0, sum(any(lp.split > 0 for lp in job) for job in apart) - 1)
+                if t_block > t_apart * (1 + 1e-9):
+                    continue
+            if alpha < MIN_ALPHA:
+                continue
+            before = [(lp.alpha, lp.split) for lp in members]
+            for lp in members:
+                lp.block, lp.split_inputs, lp.alpha = block.head, lp is members[-1], alpha
+                lp.split = split_row(alpha, lp.features)
+            if self._staging(layers) > limit:  # a larger GPU part than the arena has room for: two jobs
+                for lp, (a, split) in zip(members, before, strict=True):
+                    lp.block, lp.split_inputs, lp.alpha, lp.split = "", False, a, split
+
+    def _check_given_blocks(
+        self, gm: fx.GraphModule, sites: list[LinearSite], layers: list[LayerPlan]
+    ) -> None:
+        """A saved plan's MLP blocks run as one job only where this graph has the block (a graph break may cut
+        one, an MLP called twice has none), with one split over its Linears, the row Linear's by its input
+        features, all of them offloaded (residency may have changed since), and no storage tier beside;
+        any other is run as two jobs at its α."""
+        found = {}
+        if self.config.cpu_memory is None:
+            found = {b.head: [s.name for s in b.sites] for b in find_blocks(gm, sites)}
+        groups: dict[str, list[LayerPlan]] = {}
+        for lp in layers:
+            if lp.block:
+                groups.setdefault(lp.block, []).append(lp)
+        for head, members in groups.items():
+            names = found.get(head)
+            ok = (
+                names is not None
+                and sorted(lp.name for lp in members) == sorted(names)
+                and not any(lp.resident for lp in members)
+                and len({lp.split for lp in members}) == 1
+                and [lp.name for lp in members if lp.split_inputs] == names[-1:]
+            )
+            if not ok:
+                for lp in members:
+                    lp.block, lp.split_inputs = "", False
+                    lp.split = 0 if lp.resident else split_row(lp.alpha, lp.out_features)
+
+    def _staging_limit(self, layers: list[LayerPlan], reserved: dict[str, int], budget: int | None) -> float:
+        """The most bytes the staging arena may grow to: the budget's room beside the other reserves and the
+        resident weights, or the arena as it is when that is already more."""
+        room = math.inf
+        if budget is not None:
+            resident = sum(self._held(lp.bytes) for lp in layers if lp.resident)
+            room = budget - sum(v for k, v in reserved.items() if k != "staging") - resident
+        return max(room, self._staging(layers))
+
     def _stream_jobs(
         self, sites: list[LinearSite], layers: list[LayerPlan], reserved: dict[str, int], budget: int | None
     ) -> None:
@@ -517,10 +606,11 @@ class PlacementPass(PassBase):
             return  # a prefill: the CPU parts are compute-bound GEMMs, where the cost model is least sure
         by_name = {lp.name: lp for lp in layers}
         costs = {s.name: s.node.meta[meta.COST] for s in sites}
-        jobs: dict[fx.Node, list[LayerPlan]] = {}
+        jobs: dict[fx.Node | str, list[LayerPlan]] = {}  # an MLP block is one job (_form_blocks)
         for s in sites:
-            if not by_name[s.name].resident:
-                jobs.setdefault(s.x, []).append(by_name[s.name])
+            lp = by_name[s.name]
+            if not lp.resident:
+                jobs.setdefault(lp.block or s.x, []).append(lp)
         overhead, gap = self.job_overhead, self.job_gap
 
         def device_lane(job: list[LayerPlan]) -> float:
@@ -536,13 +626,11 @@ class PlacementPass(PassBase):
 
         def share(job: list[LayerPlan], alpha: float, segment: str = "") -> None:
             for lp in job:
-                lp.alpha, lp.split, lp.segment = alpha, split_row(alpha, lp.out_features), segment
+                if alpha == 0.0:  # streamed: a block's Linears are streamed whole, each by its output rows
+                    lp.block, lp.split_inputs = "", False
+                lp.alpha, lp.split, lp.segment = alpha, split_row(alpha, lp.features), segment
 
-        room = math.inf
-        if budget is not None:
-            resident = sum(self._held(lp.bytes) for lp in layers if lp.resident)
-            room = budget - sum(v for k, v in reserved.items() if k != "staging") - resident
-        limit = max(room, self._staging(layers))
+        limit = self._staging_limit(layers, reserved, budget)
         head: list[LayerPlan] = []  # the current segment: its head, then the jobs streamed into it
         streamed, t_segment = 0.0, 0.0  # seconds of copies streamed after the head; the segment's time
         for job in jobs.values():
@@ -552,7 +640,7 @@ class PlacementPass(PassBase):
                 )
                 saved = gap if has_cpu_part(job) else 0.0
                 if alpha >= MIN_ALPHA and t_merged < t_segment + planned(job) + saved:
-                    before = [(lp.alpha, lp.split) for lp in head[0] + job]
+                    before = [(lp.alpha, lp.split, lp.block, lp.split_inputs) for lp in head[0] + job]
                     share(head[0], alpha)
                     share(job, 0.0, head[0][0].name)
                     parts = [lp for j in head for lp in j] + job
@@ -560,8 +648,14 @@ class PlacementPass(PassBase):
                         head.append(job)
                         streamed, t_segment = streamed + device_lane(job), t_merged
                         continue
-                    for lp, (a, split) in zip(head[0] + job, before, strict=True):
-                        lp.alpha, lp.split, lp.segment = a, split, ""
+                    for lp, (a, split, block, inputs) in zip(head[0] + job, before, strict=True):
+                        lp.alpha, lp.split, lp.segment, lp.block, lp.split_inputs = (
+                            a,
+                            split,
+                            "",
+                            block,
+                            inputs,
+                        )
             head = [job] if has_cpu_part(job) else []
             streamed, t_segment = 0.0, planned(job)
 
@@ -695,6 +789,7 @@ class PlacementPass(PassBase):
                 if resident and not lp.resident:
                     lp.alpha, lp.split = 0.0, 0
                 lp.resident = resident
+        self._check_given_blocks(gm, sites, layers)
         reserved = dict(given.reserved)
         tables = [t for t in given.host_tables if t in host_tables(gm.graph)]
         if tables and not self.config.host_embeddings:  # asked to keep them on the device: reserve them there

@@ -27,7 +27,7 @@ def test_bench_smoke_on_cpu(tmp_path):
             "--new-tokens",
             "4",
             "--variants",
-            "stream,cpu,hetegen,gpu,graphs",
+            "stream,cpu,hetegen,gpu,graphs,blocks",
             "--graph-memory",
             "16KiB",
             "--interleave",
@@ -39,7 +39,8 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert rc == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     by = {r["variant"]: r for r in report["results"]}
-    assert set(by) == {"stream", "cpu", "hetegen", "gpu", "graphs"}
+    assert set(by) == {"stream", "cpu", "hetegen", "gpu", "graphs", "blocks"}
+    assert "MLP block(s) as one CPU job each" in by["blocks"]["plan_table"]
     assert all(r["tokens_match_reference"] for r in by.values())
     assert by["stream"]["mean_alpha"] == 0.0 and by["cpu"]["mean_alpha"] == 1.0
     assert 0.0 < by["hetegen"]["mean_alpha"] < 1.0
@@ -53,10 +54,10 @@ def test_bench_smoke_on_cpu(tmp_path):
         steps = r["decode_step_s"]
         assert len(steps["all"]) == 6 and all(t > 0 for t in steps["all"])
         assert min(steps["all"]) <= steps["p10"] <= steps["median"] <= steps["p90"] <= max(steps["all"])
-    inter = report["interleaved"]  # stream, cpu and hetegen side by side, two round-robin rounds
-    assert inter["rounds"] == 2 and set(inter["round_step_s"]) == {"stream", "cpu", "hetegen"}
+    inter = report["interleaved"]  # stream, cpu, hetegen and blocks side by side, two round-robin rounds
+    assert inter["rounds"] == 2 and set(inter["round_step_s"]) == {"stream", "cpu", "hetegen", "blocks"}
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in inter["round_step_s"].values())
-    assert set(inter["speedup"]) == {"hetegen / cpu", "hetegen / stream"}
+    assert set(inter["speedup"]) == {"hetegen / cpu", "hetegen / stream", "blocks / hetegen"}
     for pair, r in inter["speedup"].items():
         a, b = pair.split(" / ")
         expect = [tb / ta for ta, tb in zip(inter["round_step_s"][a], inter["round_step_s"][b], strict=True)]

@@ -48,6 +48,16 @@ def _budget(model) -> int:
     return int(_bytes(model) * 0.6) + _blas()
 
 
+def _generate_with_peak(compiled, ids: torch.Tensor, **kw) -> tuple[torch.Tensor, int]:
+    """The new tokens of ``compiled.generate`` and the device memory it allocated at its peak, beyond what was
+    allocated before."""
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
 def _all_gpu_tokens(model, ids: torch.Tensor, **kw) -> torch.Tensor:
     """The new tokens of HF's own generate with the whole model on the GPU, eager (with a static cache HF
     compiles its forward with inductor, autotuned per process, whose greedy tokens flipped at near-ties of
@@ -114,6 +124,35 @@ def test_generate_parity_and_budget(stream_jobs):
     assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])
 
 
+@needs_cuda
+@pytest.mark.parametrize("alpha", [0.5, None])
+def test_block_jobs_give_the_all_gpu_tokens(alpha):
+    """MLP blocks as one CPU job (``block_jobs``) on CUDA: the worker's partial sum of each offloaded MLP and
+    the device's are added on the device; the all-GPU model's greedy tokens, within the budget. α forced
+    (every offloaded MLP a block) and profiled (the blocks the lane model keeps)."""
+    model = _small_llama()
+    ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(5))
+    kw = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    ref = _all_gpu_tokens(model, ids, **kw)
+    budget = int(_bytes(model) * 0.4) + _blas()
+    c = hetegen_fx.compile(
+        model,
+        gpu_memory=budget,
+        device="cuda",
+        max_seq_len=64,
+        alpha=alpha,
+        job_overhead=0.0,
+        block_jobs=True,
+    )
+    out, peak = _generate_with_peak(c, ids, **kw)
+    plans = hetegen_fx.explain(c).plans
+    if alpha is not None:
+        decode = [p for p in plans if p.tokens == 1]  # blocks form at decode shapes
+        assert decode and all(any(lp.block for lp in p.layers) for p in decode), [p.table() for p in plans]
+    assert peak <= budget, f"peak {peak} over budget {budget}"
+    assert out.tolist() == ref.tolist(), (out.tolist(), ref.tolist(), [p.label for p in plans])
+
+
 def _kernels(fn) -> list[str]:
     """Names of the CUDA kernels ``fn()`` runs."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -164,11 +203,7 @@ def test_static_cache_parity():
     c = hetegen_fx.compile(  # no job overhead, no segments: split Linears, as in test_generate_parity_and_budget
         model, gpu_memory=budget, device="cuda", max_seq_len=64, job_overhead=0.0, stream_jobs=False
     )
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        out = c.generate(ids, **kw)[0, 32:].cpu()
-    peak = torch.cuda.max_memory_allocated() - base
+    out, peak = _generate_with_peak(c, ids, **kw)
     plans = hetegen_fx.explain(c).plans
     assert any(0 < lp.split < lp.out_features for lp in plans[-1].layers)
     # a cache updated in place is reserved once (a DynamicCache twice): 4 layers, K and V, 512 fp32 a token

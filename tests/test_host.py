@@ -175,7 +175,7 @@ def test_the_scripted_server_waits_for_the_ready_word_without_the_gil(job_loop):
     ready = ctypes.c_uint32.from_address(words.data_ptr())
     x, ws, bs, ref = _job(torch.Generator().manual_seed(6))
     desc = torch.zeros(_CAPACITY, _FIELDS, dtype=torch.int64)
-    desc[0] = torch.tensor([7, 0, 0, 0, 3, 32])  # job 7: site 0, buffers 0, 3 rows of 32
+    desc[0] = torch.tensor([7, 0, 0, 0, 3, 32, 0])  # job 7: site 0, buffers 0, 3 rows of 32, a plain job
     counters = torch.tensor([1, 0, 0, 0])  # one descriptor posted, none read
     out = torch.zeros(64)
     progress, flipped = [0], []

@@ -137,7 +137,7 @@ def test_cli_turns_flags_into_compile_options_in_one_place():
     parser = build_parser()
     gen = parser.parse_args(
         "generate --prompt hi --device cpu --gpu-memory 1MiB --alpha 0.25 --no-stream-jobs --cuda-graphs "
-        "--graph-memory 64MiB --max-seq-len 128".split()
+        "--graph-memory 64MiB --max-seq-len 128 --block-jobs".split()
     )
     assert compile_options(gen) == {
         "gpu_memory": "1MiB",
@@ -148,6 +148,7 @@ def test_cli_turns_flags_into_compile_options_in_one_place():
         "stream_jobs": False,
         "cuda_graphs": True,
         "graph_memory": "64MiB",
+        "block_jobs": True,
     }
     plan = parser.parse_args("plan --device cpu --gpu-memory 2MiB --prefetch 2 --verbose".split())
     assert compile_options(plan) == {
