@@ -372,14 +372,21 @@ def _generate_distributed(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} is for one process: leave it out with --devices")
     for d in devices:  # each process's options, before any process starts
         _preflight(argparse.Namespace(**{**vars(args), "device": d}), needs_tokenizer=True)
+    if args.cores:
+        cores = distributed.parse_cores(args.cores, len(devices))
+    else:
+        cores = distributed.core_sets(devices, layout)
     # one seed for every process: each samples the same token from the same (broadcast) logits
     args = argparse.Namespace(**{**vars(args), "seed": _seed(args)})
     _log_sampling(args, args.seed)
     folder = tempfile.mkdtemp(prefix="hetegen-generate-")
-    _log(f"{len(devices)} processes on {', '.join(devices)}, layout {args.layout or 'even, one stage each'}")
+    _log(
+        f"{len(devices)} processes on {', '.join(devices)}, layout {args.layout or 'even, one stage each'}, "
+        f"cores {' / '.join(_ranges(c) for c in cores)}"
+    )
     try:
         try:
-            distributed.spawn(_distributed_rank, len(devices), args=(args, devices, layout, folder))
+            distributed.spawn(_distributed_rank, len(devices), args=(args, devices, layout, folder, cores))
         except Exception as e:  # a process failed: its own message, if it wrote one
             errors = []
             for r in range(len(devices)):
@@ -420,11 +427,25 @@ def _write_result(path: str, result: dict) -> None:
     os.replace(path + ".tmp", path)  # whole or not at all: spawn may end this process any time
 
 
-def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], layout, folder: str) -> None:
-    """One process of ``generate --devices`` (see :func:`_generate_distributed`); writes its result (the
-    first process: the answer) or its error to ``folder``."""
+def _ranges(cores: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
+    out: list[str] = []
+    for c in cores:
+        if out and c == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def _distributed_rank(
+    rank: int, args: argparse.Namespace, devices: list[str], layout, folder: str, cores: list[list[int]]
+) -> None:
+    """One process of ``generate --devices`` (see :func:`_generate_distributed`), on its own cores; writes its
+    result (the first process: the answer) or its error to ``folder``."""
     from . import distributed
 
+    distributed.pin_cores(cores[rank])  # first: the threads it starts run on these cores only
     path = os.path.join(folder, f"rank{rank}.json")
     try:
         args = argparse.Namespace(**{**vars(args), "device": devices[rank]})
@@ -448,6 +469,7 @@ def _distributed_rank(rank: int, args: argparse.Namespace, devices: list[str], l
             "tokens": out[0, ids.shape[1] :].tolist(),
             "speeds": f"{new} tokens in {wall:.2f} s ({new / wall:.2f} tok/s, prompt {ids.shape[1]} tokens, "
             "first call: includes compiling)",
+            "cores": sorted(os.sched_getaffinity(0)),
         }
     except Exception as e:
         _write_result(path, {"error": f"{type(e).__name__}: {e}"})
@@ -464,6 +486,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_distributed(args)
     if getattr(args, "layout", None):
         raise ConfigError("--layout spreads the model over the processes of --devices: give --devices too")
+    if getattr(args, "cores", None):
+        raise ConfigError("--cores divides the cores among the processes of --devices: give --devices too")
     _preflight(args, needs_tokenizer=True)
     if args.save_plan:
         _writable(args.save_plan, "--save-plan")
@@ -1204,6 +1228,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D1,D2,...",
         help="one process per device (e.g. cuda:0,cuda:1 or cuda,cpu), each compiling its part of --layout with "
         "the flags above (--gpu-memory is each process's budget); the same tokens as one process",
+    )
+    d.add_argument(
+        "--cores",
+        default=None,
+        metavar="SETS",
+        help="each process's cores, processes separated by '/', e.g. 0-8/9-15 (default: this machine's cores "
+        "divided among the processes by the layers whose weights each one's CPU reads; no core is shared)",
     )
     d.add_argument(
         "--layout",

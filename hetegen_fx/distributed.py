@@ -285,6 +285,106 @@ def compile_stage(model: torch.nn.Module, layout: Sequence[Sequence[int]] | None
     return compile_model(model, pipeline_stage=stage, **{**options, "kv_cache": "dynamic"})
 
 
+#: the share of its stage's layers whose weights an accelerator stage's CPU is taken to read each step, when
+#: the cores of one machine are divided among processes (:func:`core_sets`): about what a budget below the
+#: stage's weights gives it at α ≈ 0.5; not measured
+ACCELERATOR_CPU_SHARE = 0.5
+
+
+def core_sets(
+    devices: Sequence[str],
+    layout: Sequence[Sequence[int]] | None = None,
+    cores: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Disjoint sets of this machine's cores (``cores``, default the ones this process may run on), one per
+    process of a run on ``devices`` (process i on ``devices[i]``, the processes of ``layout`` in order), in
+    proportion to the decoder layers whose weights each process's CPU reads a step, at least one core each:
+    a process that runs its stage on the CPU, its stage's layers over its TP degree (equal shares without a
+    layout); a process of an accelerator stage, whose CPU worker computes the CPU parts of its offloaded
+    Linears, :data:`ACCELERATOR_CPU_SHARE` of that (a guess, not measured: what its CPU reads depends on the
+    budget and α). Processes that share cores slow each other down by far more than their share: on an H100 host
+    (2026-12-07, commit c655f4d) a CPU stage beside an offloading GPU stage, both using every core, took
+    325 ms a decode step against 12.8 ms predicted (docs/benchmarks.md)."""
+    avail = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    n = len(devices)
+    if len(avail) < n:
+        raise ConfigError(f"{n} processes need a core each, and this machine lets them run on {len(avail)}")
+    weights = [1.0] * n
+    if layout is not None:
+        weights = [(stop - start) / tp for start, stop, tp in _stages(layout) for _ in range(tp)]
+        if len(weights) != n:
+            raise ConfigError(f"the layout has {len(weights)} processes and {n} devices are named: one each")
+    weights = [
+        w * (1.0 if torch.device(d).type == "cpu" else ACCELERATOR_CPU_SHARE)
+        for w, d in zip(weights, devices, strict=True)
+    ]
+    counts = _shares(len(avail), weights)
+    out, at = [], 0
+    for c in counts:
+        out.append(avail[at : at + c])
+        at += c
+    return out
+
+
+def _stages(layout: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    return [(int(st[0]), int(st[1]), int(st[2]) if len(st) > 2 else 1) for st in layout]
+
+
+def _shares(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` items in proportion to ``weights``, at least one each (largest remainders)."""
+    n = len(weights)
+    rest = total - n
+    w = sum(weights) or 1.0
+    exact = [rest * x / w for x in weights]
+    counts = [1 + int(e) for e in exact]
+    by_remainder = sorted(range(n), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def parse_cores(text: str, processes: int) -> list[list[int]]:
+    """``--cores``: each process's cores, processes separated by ``/``, each a comma-separated list of cores
+    and ranges, e.g. ``0-11/12-15``; checked against this machine's cores and for overlaps."""
+    import re
+
+    sets = []
+    for part in text.split("/"):
+        cores: list[int] = []
+        for item in part.split(","):
+            m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", item)
+            if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+                raise ConfigError(
+                    f"--cores {text!r}: give each process's cores as a list of cores and ranges, processes "
+                    "separated by '/', e.g. 0-11/12-15"
+                )
+            cores.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        sets.append(cores)
+    if len(sets) != processes:
+        raise ConfigError(f"--cores {text!r} names {len(sets)} processes' cores, the run has {processes}")
+    avail = os.sched_getaffinity(0)
+    seen: set[int] = set()
+    for cores in sets:
+        unknown = sorted(set(cores) - avail)
+        if unknown:
+            raise ConfigError(
+                f"--cores {text!r}: core(s) {unknown} are not among this machine's {sorted(avail)}"
+            )
+        if seen & set(cores):
+            raise ConfigError(
+                f"--cores {text!r}: core(s) {sorted(seen & set(cores))} are given to two processes"
+            )
+        seen.update(cores)
+    return sets
+
+
+def pin_cores(cores: Sequence[int]) -> None:
+    """Run this process on ``cores`` only, with as many intra-op threads: call it first in a process, before
+    threads start (they inherit the calling thread's cores)."""
+    os.sched_setaffinity(0, set(cores))
+    torch.set_num_threads(len(cores))
+
+
 def _entry(rank: int, ranks: int, init: str, timeout: float, fn: Callable, args: tuple) -> None:
     import torch.distributed as dist
 

@@ -1,5 +1,7 @@
 """One-GPU host: a two-stage pipeline, stage 0 on the GPU with HeteGen offload under a budget, stage 1 on the
 CPU, over gloo; tokens against the one-device reference; measured stage times against cluster.stage_time.
+It runs twice: both processes on every core ("shared"), and each on its own cores (``distributed.core_sets``,
+"disjoint"), as ``hetegen generate --devices`` runs them.
 
     OUT=results python3 scripts/pipeline_gpu_cpu.py     # writes $OUT/pp.json and prints a table
 
@@ -42,7 +44,9 @@ def ids():
     return torch.randint(3, CFG["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
 
 
-def rank_main(rank, folder):
+def rank_main(rank, folder, mode, sets):
+    if sets:
+        distributed.pin_cores(sets[rank])
     waits = {"s": 0.0}
     for name in ("recv", "broadcast", "send"):
         real = getattr(distributed, name)
@@ -92,11 +96,12 @@ def rank_main(rank, folder):
         "decode_busy_ms": 1e3 * statistics.median(t - w for t, w in decode),
         "decode_step_ms": 1e3 * statistics.median(t for t, _ in decode),
         "offloaded_bytes": plan.offloaded_bytes if plan else None,
+        "cores": sorted(os.sched_getaffinity(0)),
         "resident_bytes": plan.resident_bytes
         if plan is not None and hasattr(plan, "resident_bytes")
         else None,
     }
-    json.dump(res, open(f"{folder}/pp{rank}.json", "w"))
+    json.dump(res, open(f"{folder}/pp-{mode}{rank}.json", "w"))
 
 
 if __name__ == "__main__":
@@ -125,8 +130,11 @@ if __name__ == "__main__":
     else:
         ceil.setdefault("hbm", 100e9)
         ceil.setdefault("combined", ceil["cpu_gemv"])
-    distributed.spawn(rank_main, 2, args=(OUT,), timeout=300)
-    got = [json.load(open(f"{OUT}/pp{r}.json")) for r in range(2)]
+    layout = [(0, SPLIT), (SPLIT, CFG["num_hidden_layers"])]
+    runs = {"shared": None, "disjoint": distributed.core_sets([GPU, "cpu"], layout)}
+    for mode, sets in runs.items():
+        distributed.spawn(rank_main, 2, args=(OUT, mode, sets), timeout=300)
+    by_mode = {mode: [json.load(open(f"{OUT}/pp-{mode}{r}.json")) for r in range(2)] for mode in runs}
     # the cost model, with this host's measured rates (CPU stage: torch's fp32 GEMV; its lm_head read added)
     cpu_rate = ceil.get("cpu_gemv_float32") or ceil["cpu_gemv"]
     devs = [
@@ -142,27 +150,33 @@ if __name__ == "__main__":
     summary = {
         "ceilings": ceil,
         "reference": ref,
-        "ranks": got,
-        "tokens_equal": all(g["tokens"] == ref for g in got),
-        "predicted_ms": {
+        "predicted_ms": {  # at the rates measured with every core
             "gpu_stage": p0 * 1e3,
             "gpu_offloaded_bytes": off0,
             "cpu_stage": p1 * 1e3,
             "cpu_stage_with_lm_head": (p1 + head) * 1e3,
         },
-        "measured_ms": {
-            "gpu_stage": got[0]["decode_busy_ms"],
-            "cpu_stage": got[1]["decode_busy_ms"],
-            "step": got[0]["decode_step_ms"],
+        "runs": {
+            mode: {
+                "ranks": got,
+                "cores": [g["cores"] for g in got],
+                "tokens_equal": all(g["tokens"] == ref for g in got),
+                "measured_ms": {
+                    "gpu_stage": got[0]["decode_busy_ms"],
+                    "cpu_stage": got[1]["decode_busy_ms"],
+                    "step": got[0]["decode_step_ms"],
+                },
+            }
+            for mode, got in by_mode.items()
         },
     }
     json.dump(summary, open(f"{OUT}/pp.json", "w"), indent=1)
-    print(f"tokens equal: {summary['tokens_equal']}")
-    print(f"{'stage':<10} {'measured ms':>12} {'predicted ms':>13}")
-    print(
-        f"{'gpu 0-11':<10} {got[0]['decode_busy_ms']:12.2f} {p0 * 1e3:13.2f}  (offloaded: plan {got[0]['offloaded_bytes']}, model {off0})"
-    )
-    print(
-        f"{'cpu 12-15':<10} {got[1]['decode_busy_ms']:12.2f} {(p1 + head) * 1e3:13.2f}  (layers {p1 * 1e3:.2f} + lm_head {head * 1e3:.2f})"
-    )
-    print(f"step {got[0]['decode_step_ms']:.2f} ms; wall {got[0]['wall_s']:.2f} s for {NEW} tokens")
+    print(f"predicted: gpu 0-11 {p0 * 1e3:.2f} ms (offloaded {off0}); cpu 12-15 {(p1 + head) * 1e3:.2f} ms")
+    print(f"{'run':<9} {'tokens':<7} {'gpu ms':>8} {'cpu ms':>8} {'step ms':>8}  cores")
+    for mode, run in summary["runs"].items():
+        ms = run["measured_ms"]
+        cores = " / ".join(f"{len(c)}" for c in run["cores"])
+        print(
+            f"{mode:<9} {str(run['tokens_equal']):<7} {ms['gpu_stage']:8.2f} {ms['cpu_stage']:8.2f} "
+            f"{ms['step']:8.2f}  {cores}"
+        )

@@ -475,6 +475,8 @@ def test_generate_over_several_processes_gives_the_one_process_answer(chat_model
         out, err = capsys.readouterr()
         assert out == alone, (layout, out, alone)
         assert "2 processes on cpu, cpu" in err and "tok/s" in err
+        cores = re.search(r"cores (\S+) / (\S+)", err)  # disjoint cores, one set a process
+        assert cores and not set(cores.group(1).split(",")) & set(cores.group(2).split(",")), err
     # sampling: every process draws the same tokens (the parent picks one seed), so a TP stage stays in step
     sampled = [*base, "--devices", "cpu,cpu", "--layout", "0-2x2", "--temperature", "1.0", "--top-k", "50"]
     assert main(sampled) == 0
@@ -488,6 +490,11 @@ def test_generate_over_several_processes_gives_the_one_process_answer(chat_model
         ("--devices", "cpu,cpu", "--layout", "0-1x2,1-2"): "needs 3 processes",
         ("--devices", "cpu,cpu", "--layout", "0:1,1:2"): "START-STOPxTP",
         ("--layout", "0-1,1-2"): "give --devices too",
+        ("--cores", "0/1"): "give --devices too",
+        ("--devices", "cpu,cpu", "--cores", "0"): "names 1 processes' cores, the run has 2",
+        ("--devices", "cpu,cpu", "--cores", "0/0"): "given to two processes",
+        ("--devices", "cpu,cpu", "--cores", "0/100000"): "not among this machine's",
+        ("--devices", "cpu,cpu", "--cores", "0/a"): "processes separated by '/'",
     }
     for flags, message in bad.items():
         assert main([*base, *flags]) == 2

@@ -330,3 +330,41 @@ def test_linears_directly_in_a_layer_and_eager_attention_with_grouped_heads_are_
     staged = StageSplitPass(0, 2, 0, 2, "cpu")(gm).graph_module
     res = ShardPass(0, 2, tp_rank=1, tp=2, group=(0, 1))(staged)
     assert _count(res.graph_module.graph, TP_ALL_REDUCE) == 4
+
+
+# -- cores of one machine ------------------------------------------------------------------------------------
+
+
+def test_the_cores_are_divided_among_the_processes_without_sharing():
+    """A CPU stage gets cores by its layers, an accelerator stage's process by the half of its layers its CPU
+    worker is taken to read; every process at least one core; no core twice; every core used."""
+    cores = range(16)
+    sets = distributed.core_sets(["cuda", "cpu"], [(0, 12), (12, 16)], cores)  # 6 : 4 layers' weights
+    assert [len(c) for c in sets] == [9, 7]
+    tp = distributed.core_sets(["cuda", "cpu", "cpu"], [(0, 12), (12, 16, 2)], cores)  # 6 : 2 : 2
+    assert [len(c) for c in tp] == [9, 4, 3]
+    assert [len(c) for c in distributed.core_sets(["cpu"] * 3, None, cores)] == [6, 5, 5]
+    assert [len(c) for c in distributed.core_sets(["cpu", "cpu"], [(0, 31), (31, 32)], range(4))] == [3, 1]
+    for got in (sets, tp):
+        flat = [c for s in got for c in s]
+        assert sorted(flat) == list(cores) and len(set(flat)) == len(flat)
+    with pytest.raises(ConfigError, match="3 processes need a core each"):
+        distributed.core_sets(["cpu"] * 3, None, range(2))
+    with pytest.raises(ConfigError, match="the layout has 3 processes and 2 devices"):
+        distributed.core_sets(["cpu", "cpu"], [(0, 1, 2), (1, 2)], cores)
+
+
+def _report_cores(rank: int, sets: list, folder: str) -> None:
+    distributed.pin_cores(sets[rank])
+    seen = {"affinity": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    with open(os.path.join(folder, f"cores{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_each_process_runs_on_its_own_cores(tmp_path):
+    sets = distributed.core_sets(["cpu", "cpu"], [(0, 1), (1, 2)])
+    distributed.spawn(_report_cores, 2, args=(sets, str(tmp_path)), folder=str(tmp_path))
+    for rank, cores in enumerate(sets):
+        seen = json.loads((tmp_path / f"cores{rank}.json").read_text())
+        assert seen == {"affinity": cores, "threads": len(cores)}
