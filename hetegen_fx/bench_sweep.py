@@ -39,7 +39,8 @@ from .errors import BudgetError, ConfigError
 from .plan import atomic_write
 
 #: the variants a point runs (in this order: the others are skipped where hetegen offloads nothing)
-SWEEP_VARIANTS = ("hetegen", "stream", "cpu", "compiled")  # compiled: hetegen with compile_stretches
+#: compiled: hetegen with compile_stretches; blocks: hetegen with block_jobs (each offloaded MLP one CPU job)
+SWEEP_VARIANTS = ("hetegen", "stream", "cpu", "compiled", "blocks")
 #: the budget that holds everything: hetegen_fx with no budget, llama.cpp with every layer and the output
 ALL = "all"
 #: llama-bench runs per budget while looking for the -ngl that fits it
@@ -250,7 +251,11 @@ def _point(label, nbytes, model, ids, args, device, out_dir, gpu, idle, variants
     pargs.out = str(folder)  # one decode step's timeline per budget
     for name in variants:
         hetegen = point["variants"].get("hetegen")
-        if name in ("stream", "cpu") and hetegen is not None and hetegen.get("offloaded_bytes") == 0:
+        if (
+            name in ("stream", "cpu", "blocks")
+            and hetegen is not None
+            and hetegen.get("offloaded_bytes") == 0
+        ):
             point["skipped"][name] = "nothing offloaded at this budget: it would run hetegen's plan"
             _log(f"{label}: {name} skipped ({point['skipped'][name]})")
             continue
@@ -449,15 +454,15 @@ def format_table(s: dict) -> str:
     rows = [
         head,
         "",
-        "| budget | hetegen tok/s | stream tok/s | cpu tok/s | compiled tok/s | llama.cpp tok/s (-ngl) "
+        "| budget | hetegen tok/s | stream tok/s | cpu tok/s | compiled tok/s | blocks tok/s | llama.cpp tok/s (-ngl) "
         "| hetegen / llama.cpp | hetegen % of bound | prefill s hetegen / llama.cpp "
         "| peak GPU hetegen torch / nvidia-smi | peak GPU llama.cpp nvidia-smi | tokens = ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in s["points"]:
         v = p["variants"]
         if not v:
-            rows.append(f"| {p['budget']} | skipped: {p.get('reason', '')[:160]} ||||||||||")
+            rows.append(f"| {p['budget']} | skipped: {p.get('reason', '')[:160]} |||||||||||")
             continue
         h = v.get("hetegen")
         lc = p.get("llama_cpp") or {}
@@ -482,7 +487,7 @@ def format_table(s: dict) -> str:
         )
         rows.append(
             f"| {p['budget']} | {_rate(h)} | {_rate(v.get('stream'))} | {_rate(v.get('cpu'))} | "
-            f"{_rate(v.get('compiled'))} | {lc_rate} | "
+            f"{_rate(v.get('compiled'))} | {_rate(v.get('blocks'))} | {lc_rate} | "
             f"{ratio} | {reached} | {prefill} | {peak} | {lc_peak} | {tokens} |"
         )
     rows += [
@@ -562,6 +567,7 @@ def chart(s: dict, path: Path) -> None:
         "stream": ("#a5a5a5", "s"),
         "cpu": ("#ed7d31", "^"),
         "compiled": ("#2e7d32", "D"),
+        "blocks": ("#7030a0", "v"),
     }
     rates: list[float] = []
     for name, (color, marker) in styles.items():
