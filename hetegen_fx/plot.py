@@ -70,7 +70,10 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
       have ended. The layer's output (the CPU part joined on the GPU) is ready when both parts have ended.
 
     A resident Linear takes ``t_gpu`` on the "GPU" lane. A layer's input is the previous layer's output
-    (a conservative chain: q/k/v projections that could overlap are serialised).
+    (a conservative chain: q/k/v projections that could overlap are serialised), except inside an MLP block
+    (``LayerPlan.block``): its Linears all start from the block's input, the CPU lane running their CPU parts
+    and the GPU lane their GPU parts back to back with no join between them; the block's output is ready
+    when both lanes have finished its last Linear.
 
     ``prefetch=None`` uses the regions PartitionPass wrote into the plan (``LayerPlan.slot``); a number lays
     the parts out again in an arena sized for that many, to ask "what if".
@@ -80,12 +83,18 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
     pcie = cpu = gpu = 0.0  # when each lane is free
     ready = 0.0  # when the current layer's input is ready
     read: list[tuple[int, int, float]] = []  # (start, end, when its GPU part ended) of each region so far
+    block_in: float | None = None  # the input of the MLP block being walked
     for lp in plan.layers:
         if lp.resident:
             start = max(gpu, ready)
             gpu = ready = start + lp.t_gpu
             spans.append(Span("GPU", lp.name, start, gpu))
             continue
+        if lp.block and block_in is None:
+            block_in = ready
+        inside = lp.block and not lp.split_inputs  # a block's column Linear: nothing waits for its join
+        if lp.block:
+            ready = block_in
         a = lp.share
         cpu_end = ready
         if lp.split > 0:
@@ -102,6 +111,9 @@ def predict_timeline(plan: Plan, prefetch: int | None = None) -> list[Span]:
             gpu_end = g0 + (1 - a) * lp.t_gpu
             spans.append(Span("GPU", lp.name, g0, gpu_end))
             read.append((a0, b0, gpu_end))
+        if inside:
+            continue
+        block_in = None
         ready = max(cpu_end, gpu_end)
         gpu = max(gpu, ready)  # the join (cat / move of the CPU result) happens on the GPU stream
     return spans

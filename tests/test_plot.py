@@ -63,6 +63,31 @@ def test_cpu_parts_run_in_order_and_wait_for_their_input():
     assert predict_timeline(_plan(a, b)) == [Span("CPU", "a", 0.0, 1.0), Span("CPU", "b", 1.0, 3.0)]
 
 
+def test_an_mlp_block_runs_its_cpu_and_gpu_parts_without_a_join_between():
+    """Gate/up and down as one block at α = 0.5: down's CPU part follows gate/up's on the CPU lane at once,
+    without waiting for their slower GPU parts; the block's output waits for both lanes."""
+    gate, up = (_lp(n, split=2, t_cpu=2.0, t_copy=4.0, t_gpu=2.0) for n in ("gate", "up"))
+    down = _lp("down", split=4, t_cpu=2.0, t_copy=4.0, t_gpu=2.0)  # 8 input features, 4 on the CPU
+    for lp in (gate, up, down):
+        lp.block = "gate"
+    down.split_inputs = True
+    after = _lp("after", resident=True, t_gpu=1.0)
+    spans = predict_timeline(_plan(gate, up, down, after), prefetch=3)
+    cpu = [s for s in spans if s.lane == "CPU"]
+    assert [(s.name, s.start, s.end) for s in cpu] == [
+        ("gate", 0.0, 1.0),
+        ("up", 1.0, 2.0),
+        ("down", 2.0, 3.0),
+    ]
+    gpu = [s for s in spans if s.lane == "GPU"]
+    assert [s.name for s in gpu] == ["gate", "up", "down", "after"]
+    assert gpu[-1].start == max(cpu[-1].end, gpu[-2].end)  # the block's output joins both lanes
+    apart = predict_timeline(
+        _plan(*(_lp(n, split=2, t_cpu=2.0, t_copy=4.0, t_gpu=2.0) for n in ("g", "u", "d"))), prefetch=3
+    )
+    assert [s.start for s in apart if s.lane == "CPU"][1] > 1.0  # without the block each waits for the join
+
+
 def test_plan_slots_are_used_unless_prefetch_is_given():
     layers = [_lp(n, t_copy=1.0, t_gpu=1.0, slot=0) for n in "abc"]  # as PartitionPass with prefetch=1
     own = predict_timeline(_plan(*layers))
