@@ -392,3 +392,25 @@ def test_a_saved_block_that_no_longer_holds_runs_as_two_jobs(hf_models, tmp_path
     assert sorted(_blocks_of_plan(applied.plan)) == heads[1:]
     jobs = count_ops(applied.graph_module)["hetegen.cpu_begin"]
     assert jobs == count_ops(graph.graph_module)["hetegen.cpu_begin"] + 1
+
+
+def test_with_block_jobs_residency_offloads_whole_mlps(hf_models):
+    """g counts a job's overhead per Linear of the job: without blocks a lone down projection weighs more
+    and stays resident while gate/up and q are offloaded; with ``block_jobs`` the MLP is one job, so whole
+    MLPs are offloaded (and run as blocks) before anything else. Same budget, same bytes to place."""
+    model = hf_models("llama")
+    ids = torch.randint(3, 100, (1, 1), generator=torch.Generator().manual_seed(2))
+    opts = {**TIGHT, "gpu_memory": "250KiB", "job_overhead": 1e-6}  # α > 0 for these small Linears
+
+    def offloaded(**kw) -> tuple[set[str], int]:
+        c = hetegen_fx.compile(model, **opts, **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(c(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        (graph,) = hetegen_fx.state(c).graphs
+        names = {lp.name.split(".", 3)[-1] for lp in graph.plan.layers if not lp.resident}
+        return names, len(_blocks_of_plan(graph.plan))
+
+    apart, none = offloaded()
+    assert none == 0 and "mlp.down_proj.weight" not in apart and "self_attn.q_proj.weight" in apart
+    whole, blocks = offloaded(block_jobs=True)
+    assert whole == {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"} and blocks == 2
