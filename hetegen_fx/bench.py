@@ -39,6 +39,9 @@ VARIANTS = ("accelerate", "stream", "cpu", "hetegen", "gpu")
 #: work compiled by inductor (``compile_stretches=True``), the graphs recorded from inductor's code; "blocks" is
 #: hetegen with each offloaded MLP as one CPU job (``block_jobs=True``)
 EXTRA_VARIANTS = ("graphs", "default", "compiled", "blocks")
+#: the variants whose decode step is recorded as a timeline, and the stem of its files (JSON, PNG): hetegen's,
+#: and with ``block_jobs`` the same step with each offloaded MLP one CPU job (before and after)
+TIMELINES = {"hetegen": "trace_decode", "blocks": "trace_decode_blocks"}
 #: the variants that replay CUDA graphs, and so decode into one static KV cache of their own
 STATIC_CACHE = ("graphs", "compiled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -575,16 +578,20 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             result["cuda_graphs"] = st.cuda_graphs
         if st.compiled_stretches is not None:  # inductor: shapes compiled, refused, seconds spent compiling
             result["compiled_stretches"] = st.compiled_stretches
-    if name == "hetegen":  # a measured timeline of one decode step: the picture of the overlap
+    if name in TIMELINES:  # a measured timeline of one decode step: the picture of the overlap
         from hetegen_fx.trace import record
 
         with torch.no_grad(), record() as timelines:
             runner.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
         step = timelines[-1]
         out_dir = Path(args.out)
-        step.save(out_dir / "trace_decode.json")
+        stem = TIMELINES[name]
+        step.save(out_dir / f"{stem}.json")
         try:
-            step.plot(out_dir / "trace_decode.png", title=f"one decode step of {args.model or args.preset}")
+            what = f"one decode step of {args.model or args.preset}" + (
+                "" if name == "hetegen" else f" ({name})"
+            )
+            step.plot(out_dir / f"{stem}.png", title=what)
         except Exception as e:  # matplotlib missing: the JSON is still there
             _log(f"no timeline picture: {e}")
         result["trace"] = {
@@ -593,6 +600,7 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
             "cpu_busy_s": step.busy("CPU"),
             "gpu_busy_s": step.busy("GPU"),
             "copy_cpu_overlap_s": step.overlap("PCIe", "CPU"),
+            "cpu_jobs": sum(e.lane == "CPU" for e in step.events),
         }
     del runner, model
     _free(device)

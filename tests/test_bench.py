@@ -64,6 +64,9 @@ def test_bench_smoke_on_cpu(tmp_path):
         assert r["per_round"] == expect and r["min"] <= r["median"] <= r["max"]
     trace = json.loads((tmp_path / "trace_decode.json").read_text())
     assert any(e.get("cat") == "PCIe" for e in trace["traceEvents"])
+    # the blocks variant's step too, with fewer CPU jobs than hetegen's (one per offloaded MLP, not two)
+    assert (tmp_path / "trace_decode_blocks.json").stat().st_size > 0
+    assert 0 < by["blocks"]["trace"]["cpu_jobs"] < by["hetegen"]["trace"]["cpu_jobs"]
     table = (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| hetegen |" in table
     assert "interleaved, 2 round-robin rounds" in table and "- hetegen / cpu: " in table
