@@ -414,3 +414,21 @@ def test_with_block_jobs_residency_offloads_whole_mlps(hf_models):
     assert none == 0 and "mlp.down_proj.weight" not in apart and "self_attn.q_proj.weight" in apart
     whole, blocks = offloaded(block_jobs=True)
     assert whole == {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"} and blocks == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_worker_runs_a_half_precision_block(dtype):
+    """fp16 and bf16 weights, as offloaded models have them: the block's activation and product run on the
+    CPU in that dtype; within a few units of the dtype's resolution of float32's result."""
+    host = HostWorker(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 64, generator=gen)
+    ws = [torch.randn(24, 64, generator=gen) * 0.1 for _ in range(2)] + [
+        torch.randn(64, 24, generator=gen) * 0.1
+    ]
+    for act in (blocks.SILU, blocks.GELU, blocks.GELU_TANH, blocks.RELU):
+        seq = host.begin(x.to(dtype), [w.to(dtype) for w in ws], [None] * 3, act)
+        y = host.end(seq, (1, 64), dtype)
+        ref = _reference(x, [w.to(dtype).float() for w in ws], [None] * 3, act, gated=True)
+        torch.testing.assert_close(y.float(), ref, atol=8e-3, rtol=2e-2)
+    host.free()
