@@ -376,6 +376,8 @@ def _generate_distributed(args: argparse.Namespace) -> int:
         cores = distributed.parse_cores(args.cores, len(devices))
     else:
         cores = distributed.core_sets(devices, layout)
+        if len(cores) > 1 and cores[0] == cores[1]:
+            _log(f"{len(devices)} processes and {len(cores[0])} cores: the processes share them")
     # one seed for every process: each samples the same token from the same (broadcast) logits
     args = argparse.Namespace(**{**vars(args), "seed": _seed(args)})
     _log_sampling(args, args.seed)
@@ -445,9 +447,9 @@ def _distributed_rank(
     result (the first process: the answer) or its error to ``folder``."""
     from . import distributed
 
-    distributed.pin_cores(cores[rank])  # first: the threads it starts run on these cores only
     path = os.path.join(folder, f"rank{rank}.json")
     try:
+        distributed.pin_cores(cores[rank])  # first: the threads it starts run on these cores only
         args = argparse.Namespace(**{**vars(args), "device": devices[rank]})
         model, tok = _load_model(args, progress=rank == 0)
         if tok is None:
@@ -1234,7 +1236,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SETS",
         help="each process's cores, processes separated by '/', e.g. 0-8/9-15 (default: this machine's cores "
-        "divided among the processes by the layers whose weights each one's CPU reads; no core is shared)",
+        "divided among the processes by the layers whose weights each one's CPU reads, none shared where there "
+        "are enough)",
     )
     d.add_argument(
         "--layout",

@@ -24,6 +24,7 @@ dies or stops answering ends the others' transfers with :class:`StageError` with
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -296,29 +297,41 @@ def core_sets(
     layout: Sequence[Sequence[int]] | None = None,
     cores: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Disjoint sets of this machine's cores (``cores``, default the ones this process may run on), one per
-    process of a run on ``devices`` (process i on ``devices[i]``, the processes of ``layout`` in order), in
-    proportion to the decoder layers whose weights each process's CPU reads a step, at least one core each:
-    a process that runs its stage on the CPU, its stage's layers over its TP degree (equal shares without a
-    layout); a process of an accelerator stage, whose CPU worker computes the CPU parts of its offloaded
-    Linears, :data:`ACCELERATOR_CPU_SHARE` of that (a guess, not measured: what its CPU reads depends on the
-    budget and α). Processes that share cores slow each other down by far more than their share: on an H100 host
-    (2026-12-07, commit c655f4d) a CPU stage beside an offloading GPU stage, both using every core, took
-    325 ms a decode step against 12.8 ms predicted (docs/benchmarks.md)."""
-    avail = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    """Sets of this machine's cores (``cores``, default the ones this process may run on), one per process
+    of a run on ``devices`` (process i on ``devices[i]``, the processes of ``layout`` in order), disjoint
+    where there are enough: a process of an accelerator stage first gets one core for the thread that
+    launches its device work (where the cores allow), then every process a share of the rest in proportion to
+    the decoder layers whose weights its CPU reads a step, at least one core each: a process that runs its
+    stage on the CPU, its stage's layers over its TP degree (equal shares without a layout); a process of an
+    accelerator stage, whose CPU worker computes the CPU parts of its offloaded Linears,
+    :data:`ACCELERATOR_CPU_SHARE` of that (a guess, not measured: what its CPU reads depends on the budget
+    and α). With fewer cores than processes, every process gets them all (shared). Why: on an H100 host
+    (2026-12-07, commit c655f4d) a CPU stage beside an offloading GPU stage, both on every core, took 325 ms
+    a decode step against 12.8 ms predicted; sharing the cores is the likely cause, not yet measured
+    (docs/benchmarks.md)."""
+    avail = sorted(set(cores if cores is not None else os.sched_getaffinity(0)))
     n = len(devices)
-    if len(avail) < n:
-        raise ConfigError(f"{n} processes need a core each, and this machine lets them run on {len(avail)}")
     weights = [1.0] * n
     if layout is not None:
-        weights = [(stop - start) / tp for start, stop, tp in _stages(layout) for _ in range(tp)]
+        stages = _stages(layout)
+        bad = [st for st in stages if st[1] <= st[0] or st[2] < 1]
+        if bad:
+            raise ConfigError(
+                f"layout stage {bad[0]}: a stage is (start, stop[, tp]) with stop > start and tp >= 1"
+            )
+        weights = [(stop - start) / tp for start, stop, tp in stages for _ in range(tp)]
         if len(weights) != n:
             raise ConfigError(f"the layout has {len(weights)} processes and {n} devices are named: one each")
+    if len(avail) < n:
+        return [list(avail) for _ in range(n)]
+    accelerators = [torch.device(d).type != "cpu" for d in devices]
     weights = [
-        w * (1.0 if torch.device(d).type == "cpu" else ACCELERATOR_CPU_SHARE)
-        for w, d in zip(weights, devices, strict=True)
+        w * (ACCELERATOR_CPU_SHARE if acc else 1.0) for w, acc in zip(weights, accelerators, strict=True)
     ]
-    counts = _shares(len(avail), weights)
+    launchers = [int(acc) for acc in accelerators] if len(avail) >= n + sum(accelerators) else [0] * n
+    counts = [
+        c + extra for c, extra in zip(_shares(len(avail) - sum(launchers), weights), launchers, strict=True)
+    ]
     out, at = [], 0
     for c in counts:
         out.append(avail[at : at + c])
@@ -331,15 +344,23 @@ def _stages(layout: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
 
 
 def _shares(total: int, weights: Sequence[float]) -> list[int]:
-    """``total`` items in proportion to ``weights``, at least one each (largest remainders)."""
+    """``total`` items (at least one a weight) in proportion to ``weights`` (finite, at least 0; equal shares
+    where they are all 0), at least one each, by largest remainders; they add up to ``total``."""
     n = len(weights)
-    rest = total - n
-    w = sum(weights) or 1.0
-    exact = [rest * x / w for x in weights]
+    if total < n:
+        raise ValueError(f"{total} items cannot give {n} shares at least one each")
+    weights = [w if math.isfinite(w) and w > 0 else 0.0 for w in weights]
+    if not sum(weights):
+        weights = [1.0] * n
+    scale = max(weights)
+    weights = [w / scale for w in weights]  # no overflow in the sum
+    rest, whole = total - n, sum(weights)
+    exact = [rest * x / whole for x in weights]
     counts = [1 + int(e) for e in exact]
     by_remainder = sorted(range(n), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    for i in by_remainder[: total - sum(counts)]:
+    for i in by_remainder[: max(0, total - sum(counts))]:
         counts[i] += 1
+    assert sum(counts) == total, (total, weights, counts)
     return counts
 
 
@@ -348,9 +369,10 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
     and ranges, e.g. ``0-11/12-15``; checked against this machine's cores and for overlaps."""
     import re
 
+    avail = os.sched_getaffinity(0)
     sets = []
     for part in text.split("/"):
-        cores: list[int] = []
+        cores: set[int] = set()
         for item in part.split(","):
             m = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", item)
             if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
@@ -358,17 +380,19 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
                     f"--cores {text!r}: give each process's cores as a list of cores and ranges, processes "
                     "separated by '/', e.g. 0-11/12-15"
                 )
-            cores.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-        sets.append(cores)
+            first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+            if last > max(avail):  # before expanding: a range may be absurdly long
+                raise ConfigError(f"--cores {text!r}: core {last} is not among this machine's {_span(avail)}")
+            cores.update(range(first, last + 1))
+        sets.append(sorted(cores))
     if len(sets) != processes:
         raise ConfigError(f"--cores {text!r} names {len(sets)} processes' cores, the run has {processes}")
-    avail = os.sched_getaffinity(0)
     seen: set[int] = set()
     for cores in sets:
         unknown = sorted(set(cores) - avail)
         if unknown:
             raise ConfigError(
-                f"--cores {text!r}: core(s) {unknown} are not among this machine's {sorted(avail)}"
+                f"--cores {text!r}: core(s) {unknown} are not among this machine's {_span(avail)}"
             )
         if seen & set(cores):
             raise ConfigError(
@@ -378,10 +402,21 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
     return sets
 
 
+def _span(cores) -> str:
+    cores = sorted(cores)
+    return f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else str(cores)
+
+
 def pin_cores(cores: Sequence[int]) -> None:
-    """Run this process on ``cores`` only, with as many intra-op threads: call it first in a process, before
-    threads start (they inherit the calling thread's cores)."""
-    os.sched_setaffinity(0, set(cores))
+    """Run this process on ``cores`` only, with as many intra-op threads: every thread it has now (e.g.
+    torch.distributed's, started before) and every thread it starts later (they inherit the caller's)."""
+    cores = set(cores)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            pass
+    os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
 
 

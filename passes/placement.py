@@ -674,10 +674,10 @@ class PlacementPass(PassBase):
         overhead per byte (see the module docstring). With ``block_jobs``, the Linears of an MLP block share
         one job (:meth:`_form_blocks`): a down projection is then not a job of its own, and the whole MLP is
         offloaded before a lone Linear elsewhere is."""
-        job = {s.name: s.x for s in sites}  # Linears that read the same input share one CPU job
+        job = {s.node: s.x for s in sites}  # Linears that read the same input share one CPU job
         if gm is not None and self.config.block_jobs and self.config.cpu_memory is None:
-            for block in find_blocks(gm, sites):
-                job.update((s.name, block.head) for s in block.sites)
+            for block in find_blocks(gm, sites):  # may still run as two jobs: _form_blocks decides
+                job.update((s.node, block.head) for s in block.sites)
         sharing = Counter(job.values())
         decode = {s.name: s.node.meta.get(meta.DECODE_COST) or s.node.meta[meta.COST] for s in sites}
         alphas = self._alphas(sites, decode)
@@ -690,7 +690,7 @@ class PlacementPass(PassBase):
         for s in sites:
             t, nbytes = pooled[s.weight.tensor.dtype]
             overhead = (
-                self.job_overhead / sharing[job[s.name]]
+                self.job_overhead / sharing[job[s.node]]
                 if split_row(alphas[s.name], s.out_features) > 0
                 else 0.0
             )

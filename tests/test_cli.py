@@ -465,6 +465,15 @@ def test_the_default_device_without_cuda_is_said(capsys):
 # generate --devices
 
 
+def _cores(text: str) -> set[int]:
+    """``"0-2,5"`` → ``{0, 1, 2, 5}``."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
 def test_generate_over_several_processes_gives_the_one_process_answer(chat_model, capsys):
     base = ["generate", "--model", chat_model, *CPU, "--prompt", "hello", "--quiet", "--max-new-tokens", "5"]
     assert main(base) == 0
@@ -476,7 +485,7 @@ def test_generate_over_several_processes_gives_the_one_process_answer(chat_model
         assert out == alone, (layout, out, alone)
         assert "2 processes on cpu, cpu" in err and "tok/s" in err
         cores = re.search(r"cores (\S+) / (\S+)", err)  # disjoint cores, one set a process
-        assert cores and not set(cores.group(1).split(",")) & set(cores.group(2).split(",")), err
+        assert cores and not _cores(cores.group(1)) & _cores(cores.group(2)), err
     # sampling: every process draws the same tokens (the parent picks one seed), so a TP stage stays in step
     sampled = [*base, "--devices", "cpu,cpu", "--layout", "0-2x2", "--temperature", "1.0", "--top-k", "50"]
     assert main(sampled) == 0
@@ -495,6 +504,7 @@ def test_generate_over_several_processes_gives_the_one_process_answer(chat_model
         ("--devices", "cpu,cpu", "--cores", "0/0"): "given to two processes",
         ("--devices", "cpu,cpu", "--cores", "0/100000"): "not among this machine's",
         ("--devices", "cpu,cpu", "--cores", "0/a"): "processes separated by '/'",
+        ("--devices", "cpu,cpu", "--cores", "0/1-999999999999"): "not among this machine's",
     }
     for flags, message in bad.items():
         assert main([*base, *flags]) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -336,27 +337,40 @@ def test_linears_directly_in_a_layer_and_eager_attention_with_grouped_heads_are_
 
 
 def test_the_cores_are_divided_among_the_processes_without_sharing():
-    """A CPU stage gets cores by its layers, an accelerator stage's process by the half of its layers its CPU
-    worker is taken to read; every process at least one core; no core twice; every core used."""
+    """An accelerator stage's process gets a core for its launching thread, then every process a share of
+    the rest by the layers whose weights its CPU reads (a CPU stage's layers, half an accelerator stage's);
+    every process at least one core; no core twice; every core used; with fewer cores than processes,
+    all of them shared."""
     cores = range(16)
-    sets = distributed.core_sets(["cuda", "cpu"], [(0, 12), (12, 16)], cores)  # 6 : 4 layers' weights
-    assert [len(c) for c in sets] == [9, 7]
-    tp = distributed.core_sets(["cuda", "cpu", "cpu"], [(0, 12), (12, 16, 2)], cores)  # 6 : 2 : 2
+    sets = distributed.core_sets(["cuda", "cpu"], [(0, 12), (12, 16)], cores)  # 1 + (6 : 4 of 15)
+    assert [len(c) for c in sets] == [10, 6]
+    tp = distributed.core_sets(["cuda", "cpu", "cpu"], [(0, 12), (12, 16, 2)], cores)  # 1 + (6 : 2 : 2 of 15)
     assert [len(c) for c in tp] == [9, 4, 3]
+    assert [len(c) for c in distributed.core_sets(["cuda", "cpu"], [(0, 2), (2, 32)], cores)] == [2, 14]
     assert [len(c) for c in distributed.core_sets(["cpu"] * 3, None, cores)] == [6, 5, 5]
     assert [len(c) for c in distributed.core_sets(["cpu", "cpu"], [(0, 31), (31, 32)], range(4))] == [3, 1]
+    assert distributed.core_sets(["cuda", "cpu"], None, range(2)) == [[0], [1]]  # no core to spare
     for got in (sets, tp):
         flat = [c for s in got for c in s]
         assert sorted(flat) == list(cores) and len(set(flat)) == len(flat)
-    with pytest.raises(ConfigError, match="3 processes need a core each"):
-        distributed.core_sets(["cpu"] * 3, None, range(2))
+    assert distributed.core_sets(["cpu"] * 3, None, range(2)) == [[0, 1]] * 3
     with pytest.raises(ConfigError, match="the layout has 3 processes and 2 devices"):
         distributed.core_sets(["cpu", "cpu"], [(0, 1, 2), (1, 2)], cores)
+    with pytest.raises(ConfigError, match="stop > start"):
+        distributed.core_sets(["cpu", "cpu"], [(4, 0), (0, 4)], cores)
 
 
 def _report_cores(rank: int, sets: list, folder: str) -> None:
-    distributed.pin_cores(sets[rank])
-    seen = {"affinity": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    distributed.pin_cores(sets[rank])  # after torch.distributed started its threads
+    threading.Thread(target=time.sleep, args=(0,)).start()
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    affinity = set()
+    for tid in tasks:
+        try:
+            affinity.add(tuple(sorted(os.sched_getaffinity(tid))))
+        except ProcessLookupError:
+            pass
+    seen = {"affinity": sorted(affinity), "threads": torch.get_num_threads(), "tasks": len(tasks)}
     with open(os.path.join(folder, f"cores{rank}.json"), "w") as f:
         json.dump(seen, f)
 
@@ -367,4 +381,5 @@ def test_each_process_runs_on_its_own_cores(tmp_path):
     distributed.spawn(_report_cores, 2, args=(sets, str(tmp_path)), folder=str(tmp_path))
     for rank, cores in enumerate(sets):
         seen = json.loads((tmp_path / f"cores{rank}.json").read_text())
-        assert seen == {"affinity": cores, "threads": len(cores)}
+        assert seen["tasks"] > 1 and seen["affinity"] == [cores], seen  # every thread, gloo's included
+        assert seen["threads"] == len(cores)

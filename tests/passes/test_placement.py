@@ -783,3 +783,28 @@ def test_a_plan_with_streamed_jobs_runs_like_eager_with_fewer_cpu_jobs(count):
             outs[stream] = compiled(x)
             torch.testing.assert_close(outs[stream], model(x), rtol=1e-5, atol=1e-5)
     assert (jobs[True], jobs[False]) == (3, 4)
+
+
+@pytest.mark.parametrize("block_jobs", [False, True])
+def test_a_weight_used_twice_shares_each_job_it_is_in(block_jobs):
+    """``c`` shares its CPU job with the first use of ``a`` (both read ``x``): half the job overhead each, with
+    or without ``block_jobs`` (no MLP block here: ``a``'s weight is used twice)."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(32, 32, bias=False)
+            self.c = torch.nn.Linear(32, 32, bias=False)
+
+        def forward(self, x):
+            return self.a(torch.relu(self.c(x) + self.a(x)))
+
+    h, t = 150e-6, 1e-3
+    gm = _profiled(Twice(), {"a.weight": t, "c.weight": t})
+    sites = [n.meta[meta.LINEAR] for n in gm.graph.nodes if meta.LINEAR in n.meta]
+    placement = PlacementPass(
+        _config(alpha=0.5, job_overhead=h, block_jobs=block_jobs), WeightStore(torch.device("cpu"))
+    )
+    g = placement._priority(sites, gm)
+    nbytes = 32 * 32 * 4
+    assert g["c.weight"] == pytest.approx(t / nbytes + h / 2 / nbytes)
