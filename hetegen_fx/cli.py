@@ -384,7 +384,7 @@ def _generate_distributed(args: argparse.Namespace) -> int:
     folder = tempfile.mkdtemp(prefix="hetegen-generate-")
     _log(
         f"{len(devices)} processes on {', '.join(devices)}, layout {args.layout or 'even, one stage each'}, "
-        f"cores {' / '.join(_ranges(c) for c in cores)}"
+        f"cores {' / '.join(distributed.format_cores(c) for c in cores)}"
     )
     try:
         try:
@@ -427,17 +427,6 @@ def _write_result(path: str, result: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(path + ".tmp", path)  # whole or not at all: spawn may end this process any time
-
-
-def _ranges(cores: list[int]) -> str:
-    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
-    out: list[str] = []
-    for c in cores:
-        if out and c == int(out[-1].split("-")[-1]) + 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
-        else:
-            out.append(str(c))
-    return ",".join(out)
 
 
 def _distributed_rank(

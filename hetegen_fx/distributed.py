@@ -382,7 +382,9 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
                 )
             first, last = int(m.group(1)), int(m.group(2) or m.group(1))
             if last > max(avail):  # before expanding: a range may be absurdly long
-                raise ConfigError(f"--cores {text!r}: core {last} is not among this machine's {_span(avail)}")
+                raise ConfigError(
+                    f"--cores {text!r}: core {last} is not among this machine's {format_cores(avail)}"
+                )
             cores.update(range(first, last + 1))
         sets.append(sorted(cores))
     if len(sets) != processes:
@@ -392,7 +394,7 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
         unknown = sorted(set(cores) - avail)
         if unknown:
             raise ConfigError(
-                f"--cores {text!r}: core(s) {unknown} are not among this machine's {_span(avail)}"
+                f"--cores {text!r}: core(s) {unknown} are not among this machine's {format_cores(avail)}"
             )
         if seen & set(cores):
             raise ConfigError(
@@ -402,9 +404,15 @@ def parse_cores(text: str, processes: int) -> list[list[int]]:
     return sets
 
 
-def _span(cores) -> str:
-    cores = sorted(cores)
-    return f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else str(cores)
+def format_cores(cores) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"`` (as ``--cores`` takes them)."""
+    out: list[list[int]] = []
+    for c in sorted(set(cores)):
+        if out and c == out[-1][1] + 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def pin_cores(cores: Sequence[int]) -> None:

@@ -175,15 +175,13 @@ class PartitionPass(PassBase):
         sites = [match_linear(m, gm) for m in members]
         plans: list[LayerPlan] = [m.meta[meta.PLACEMENT] for m in members]
         x, device = sites[0].x, self.config.device
-        weights, biases = [], []
-        for site, lp in zip(sites, plans, strict=True):
-            s, k = site.name, lp.split
-            part = self.store.cpu_rows(site.weight.tensor, site.layout, k)  # [k, in], as F.linear takes it
-            weights.append(self._attach(gm, f"{s}__cpu_part", part, "cpu", s))
-            b = None
-            if site.bias is not None:
-                b = self._attach(gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", s)
-            biases.append(b)
+        weights, biases = map(
+            list,
+            zip(
+                *(self._cpu_rows(gm, site, lp.split) for site, lp in zip(sites, plans, strict=True)),
+                strict=True,
+            ),
+        )
         label = _short(sites[0].name) + (f"_and_{len(sites) - 1}" if len(sites) > 1 else "")
         first = plans[0].name
         ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
@@ -206,6 +204,18 @@ class PartitionPass(PassBase):
             outs[member] = self._join(gm, site, y_cpu, y_gpu)
         return outs
 
+    def _cpu_rows(self, gm: fx.GraphModule, site: LinearSite, k: int) -> tuple[fx.Node, fx.Node | None]:
+        """The CPU part of Linear ``site``: its output rows ``[0, k)`` as ``[k, in]`` (as F.linear takes them)
+        and its bias's, attached to ``gm``."""
+        s = site.name
+        w = self._attach(
+            gm, f"{s}__cpu_part", self.store.cpu_rows(site.weight.tensor, site.layout, k), "cpu", s
+        )
+        b = None
+        if site.bias is not None:
+            b = self._attach(gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", s)
+        return w, b
+
     def _block_job(self, gm: fx.GraphModule, members: list[fx.Node]) -> list[fx.Node]:
         """Emit an MLP block as one CPU job and its device share (see the module docstring), route the row
         Linear's readers to the sum, and erase the block's old nodes; returns its Linear nodes."""
@@ -220,33 +230,15 @@ class PartitionPass(PassBase):
         row, device, store = block.row, self.config.device, self.store
         row_lp: LayerPlan = row.node.meta[meta.PLACEMENT]
         k, whole = row_lp.split, row_lp.split == row_lp.in_features
-        weights, biases = [], []
-        for site in block.columns:
-            weights.append(
-                self._attach(
-                    gm,
-                    f"{site.name}__cpu_part",
-                    store.cpu_rows(site.weight.tensor, site.layout, k),
-                    "cpu",
-                    site.name,
-                )
-            )
-            b = None
-            if site.bias is not None:
-                b = self._attach(
-                    gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", site.name
-                )
-            biases.append(b)
+        weights, biases = map(
+            list, zip(*(self._cpu_rows(gm, site, k) for site in block.columns), strict=True)
+        )
         cols = store.input_columns(row.weight.tensor, row.layout, 0, k, pin=False)
         weights.append(self._attach(gm, f"{row.name}__cpu_cols", cols, "cpu", row.name))
-        b_row = (
-            row.bias if whole else None
-        )  # the bias once: with the device's partial sum, where there is one
-        biases.append(
-            None
-            if b_row is None
-            else self._attach(gm, f"{b_row.name}__cpu_part", b_row.tensor.detach(), "cpu", row.name)
-        )
+        b_row = None  # the bias once: with the device's partial sum, where there is one
+        if whole and row.bias is not None:
+            b_row = self._attach(gm, f"{row.bias.name}__cpu_part", row.bias.tensor.detach(), "cpu", row.name)
+        biases.append(b_row)
         label = _short(block.head) + "_block"
         ticket = self._new(
             gm,
@@ -291,14 +283,8 @@ class PartitionPass(PassBase):
     def _gpu_columns(self, gm: fx.GraphModule, row: LinearSite, lp: LayerPlan, h: fx.Node) -> fx.Node:
         """An MLP block's row Linear on the device: copy → wait → ``linear(h, w[:, split:], b)`` → release."""
         s, short = row.name, _short(row.name)
-        lp.slot = self._offsets[row.node]
-        region = (lp.slot, lp.gpu_part_bytes)
         part = self.store.input_columns(row.weight.tensor, row.layout, lp.split, lp.in_features, pin=True)
-        w_host = self._attach(gm, f"{s}__gpu_cols_host", part, "copy", s)
-        staged = self._new(
-            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
-        )
-        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
+        staged, region = self._staged(gm, row, lp, self._attach(gm, f"{s}__gpu_cols_host", part, "copy", s))
         b = None
         if row.bias is not None:
             b = self._attach(gm, f"{row.bias.name}__dev", self.store.on_device(row.bias.tensor), "gpu", s)
@@ -321,23 +307,18 @@ class PartitionPass(PassBase):
         if k == out:
             lp.slot = -1
             return None
-        lp.slot = self._offsets[site.node]
-        region = (lp.slot, lp.gpu_part_bytes)
         w = site.weight.tensor
+        fetched = None
         if lp.storage_rows:  # the storage tier: rows [k, out) read into the reader's ring at every step
             token = token_of(self.store)
             fetch_args = (token, s, k, out - k, site.in_features, w.dtype)
             w_host = self._new(gm, FETCH, fetch_args, f"{short}_fetch", "host", s)
+            fetched = (token, s, k)  # the ring slot may be read into again once the copy has landed
         else:
             w_host = self._attach(
                 gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
             )
-        staged = self._new(
-            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
-        )
-        if lp.storage_rows:  # the slot may be read into again once the copy has landed
-            self._new(gm, FETCHED, (staged, token, s, k), f"{short}_fetched", "copy", s)
-        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
+        staged, region = self._staged(gm, site, lp, w_host, fetched)
         b_gpu = None
         if site.bias is not None:
             b_gpu = self._attach(
@@ -350,6 +331,28 @@ class PartitionPass(PassBase):
         y_gpu = self._linear(gm, site, site.x, staged, b_gpu, f"{short}_gpu", "gpu")
         self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, region)
         return y_gpu
+
+    def _staged(
+        self,
+        gm: fx.GraphModule,
+        site: LinearSite,
+        lp: LayerPlan,
+        w_host: fx.Node,
+        fetched: tuple | None = None,
+    ) -> tuple[fx.Node, tuple[int, int]]:
+        """copy → (fetched) → wait of a GPU part's host weight ``w_host`` into the Linear's staging region (set
+        on ``lp.slot``); the staged weight and the region. ``fetched``: the storage reader's ``(token, name,
+        ram_rows)``, whose ring slot is given back once the copy has landed."""
+        s, short = site.name, _short(site.name)
+        lp.slot = self._offsets[site.node]
+        region = (lp.slot, lp.gpu_part_bytes)
+        staged = self._new(
+            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
+        )
+        if fetched is not None:
+            self._new(gm, FETCHED, (staged, *fetched), f"{short}_fetched", "copy", s)
+        self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
+        return staged, region
 
 
 def _short(name: str) -> str:
