@@ -11,7 +11,10 @@ split, between the CPU and the device).
 
 Owns: recognising such a block in a captured graph (:func:`find_blocks`: column Linears that read one input,
 an activation the CPU worker knows, and a row Linear that reads only their product), the activation codes
-the worker and PartitionPass share, and the worker's activation (:func:`activate`). Must not: decide
+the worker and PartitionPass share, and the worker's activation (:func:`activate`). An activation written
+as a formula of pointwise ops (GPT-2's ``gelu_new``: ``0.5 * x * (1 + tanh(...))``) is known by what it
+computes: evaluated in float64 on a probe, it must match one of the worker's activations (:func:`_formula`);
+the device's share still runs the graph's own nodes. Must not: decide
 whether a block runs as one job (PlacementPass does, by the lane model) or emit nodes (PartitionPass).
 """
 
@@ -34,6 +37,22 @@ _SILU = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
 _GELU = (F.gelu, torch.ops.aten.gelu.default, torch.ops.aten.gelu)
 _RELU = (F.relu, torch.relu, torch.ops.aten.relu.default, torch.ops.aten.relu)
 _MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul)
+_aten = torch.ops.aten
+#: the pointwise ops an activation written as a formula may use (functions, aten ops and tensor methods)
+_POINTWISE = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid, torch.erf,
+    torch.exp, F.sigmoid, F.tanh,
+    _aten.mul.Tensor, _aten.mul.Scalar, _aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor,
+    _aten.sub.Scalar, _aten.rsub.Scalar, _aten.div.Tensor, _aten.div.Scalar, _aten.neg.default,
+    _aten.pow.Tensor_Scalar, _aten.tanh.default, _aten.sigmoid.default, _aten.erf.default, _aten.exp.default,
+}  # fmt: skip
+_POINTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "erf", "exp"}
+#: the most nodes a formula may have (gelu_new has 8)
+FORMULA_NODES = 16
+#: where a formula is compared with the worker's activations (float64; within 1e-6, far below fp32's and far
+#: above the tanh GELU's distance from the exact one, 1e-4 to 1e-3 here)
+_PROBE = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -147,19 +166,79 @@ def _gated(gm, h: fx.Node, by_node: dict) -> tuple | None:
     for act_node, up_node in (h.args, reversed(h.args)):
         if not isinstance(act_node, fx.Node) or not isinstance(up_node, fx.Node):
             continue
-        code = activation_code(act_node, gm)
-        gate = by_node.get(act_node.args[0]) if code else None
+        found = _activation(gm, act_node, by_node)
         up = by_node.get(up_node)
-        if gate is None or up is None or gate is up:
+        if found is None or up is None or found[0] is up:
             continue
-        if set(act_node.users) == {h} and set(gate.node.users) == {act_node} and set(up.node.users) == {h}:
-            return (gate, up), code, (act_node, h)
+        gate, code, region = found
+        if set(act_node.users) == {h} and set(up.node.users) == {h}:
+            return (gate, up), code, (*region, h)
     return None
 
 
 def _plain(gm, h: fx.Node, by_node: dict) -> tuple | None:
-    code = activation_code(h, gm)
-    fc = by_node.get(h.args[0]) if code else None
-    if fc is None or set(fc.node.users) != {h}:
+    found = _activation(gm, h, by_node)
+    if found is None:
         return None
-    return (fc,), code, (h,)
+    fc, code, region = found
+    return (fc,), code, region
+
+
+def _activation(gm, out: fx.Node, by_node: dict) -> tuple | None:
+    """``(site, code, nodes)`` when ``out`` is an activation the worker knows of the Linear ``site``'s output
+    alone, read by nothing else: one node (:func:`activation_code`) or a formula (:func:`_formula`)."""
+    code = activation_code(out, gm)
+    if code:
+        site = by_node.get(out.args[0])
+        if site is None or set(site.node.users) != {out}:
+            return None
+        return site, code, (out,)
+    return _formula(out, by_node)
+
+
+def _pointwise(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _POINTWISE_METHODS
+    return node.op == "call_function" and node.target in _POINTWISE
+
+
+def _formula(out: fx.Node, by_node: dict) -> tuple | None:
+    """``(site, code, nodes)`` when ``out`` is the last node of pointwise ops (:data:`_POINTWISE`) whose only
+    tensor is the Linear ``site``'s output, with no reader outside them (but ``out``'s), and they compute an
+    activation of :data:`FUNCTIONS` (compared in float64 on :data:`_PROBE`); else None."""
+    region: set[fx.Node] = set()
+    sources: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in region or n in sources:
+            continue
+        if n in by_node:
+            sources.add(n)
+            continue
+        if not _pointwise(n) or len(region) >= FORMULA_NODES:
+            return None
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    if len(sources) != 1 or not region:
+        return None
+    (src,) = sources
+    if any(not set(n.users) <= region for n in region - {out}) or not set(src.users) <= region:
+        return None
+    nodes = tuple(n for n in out.graph.nodes if n in region)  # graph order
+    env: dict[fx.Node, object] = {src: _PROBE}
+    try:
+        for n in nodes:
+            args = fx.map_arg(n.args, env.__getitem__)
+            kwargs = fx.map_arg(n.kwargs, env.__getitem__)
+            fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target
+            env[n] = fn(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    y = env[out]
+    if not isinstance(y, torch.Tensor) or y.shape != _PROBE.shape:
+        return None
+    for code, (fn, kwargs) in FUNCTIONS.items():
+        if torch.allclose(y, fn(_PROBE, **kwargs), rtol=1e-6, atol=1e-9):
+            return by_node[src], code, nodes
+    return None

@@ -7,6 +7,7 @@ plans with blocks saved and applied; the ONNX export of a block."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -98,11 +99,30 @@ class LeakyGate(GatedMLP):
 
 
 class Unknown(GatedMLP):
-    """An activation the worker does not know (a formula): not a block."""
+    """A formula that is no activation the worker knows (``x * sigmoid(1.5 x)``): not a block."""
 
     def forward(self, x):
         g = self.gate(x)
         return self.down(g * torch.sigmoid(1.5 * g) * self.up(x))
+
+
+class Formula(nn.Module):
+    """GPT-2's ``gelu_new`` written out, as transformers' ``NewGELUActivation`` does (Phi, GPT-J, CodeGen)."""
+
+    def forward(self, h):
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+class LeakyFormula(PlainMLP):
+    """A formula one of whose steps is read outside it: not a block."""
+
+    def __init__(self) -> None:
+        super().__init__(Formula())
+
+    def forward(self, x):
+        h = self.fc(x)
+        inner = torch.tanh(0.7978845608028654 * (h + 0.044715 * torch.pow(h, 3.0)))
+        return self.proj(0.5 * h * (1.0 + inner)), inner
 
 
 class UpFirst(GatedMLP):
@@ -141,6 +161,9 @@ CASES = {
     "plain ReLU": (PlainMLP(nn.ReLU()), 1, 1),
     "plain F.gelu": (PlainMLP(lambda h: F.gelu(h)), 1, 1),
     "a chain of two MLPs": (Chain(), 1, 2),
+    "gated gelu_new formula": (GatedMLP(Formula(), bias=True), 1, 1),
+    "plain gelu_new formula": (PlainMLP(Formula()), 1, 1),
+    "a formula read outside it": (LeakyFormula(), 0, 2),
     "gate read twice": (LeakyGate(), 0, 2),
     "unknown activation": (Unknown(), 0, 2),
     "an MLP called twice": (Twice(), 0, 4),
