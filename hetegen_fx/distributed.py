@@ -292,10 +292,35 @@ def compile_stage(model: torch.nn.Module, layout: Sequence[Sequence[int]] | None
 ACCELERATOR_CPU_SHARE = 0.5
 
 
+#: where Linux describes its CPUs' topology (which logical CPUs are threads of one physical core)
+CPU_TOPOLOGY = "/sys/devices/system/cpu"
+
+
+def physical_cores(cpus: Sequence[int], topology: str | os.PathLike | None = CPU_TOPOLOGY) -> list[list[int]]:
+    """``cpus`` grouped by physical core (the threads of one core together: SMT siblings), groups in the order
+    of their first CPU; a CPU whose topology cannot be read under ``topology`` (or with ``topology`` None) is
+    a core of its own."""
+    groups: dict[tuple, list[int]] = {}
+    for c in sorted(set(cpus)):
+        key: tuple = ("cpu", c)
+        if topology is not None:
+            try:
+                folder = os.path.join(topology, f"cpu{c}", "topology")
+                with open(os.path.join(folder, "physical_package_id")) as f:
+                    package = int(f.read())
+                with open(os.path.join(folder, "core_id")) as f:
+                    key = (package, int(f.read()))
+            except (OSError, ValueError):
+                pass
+        groups.setdefault(key, []).append(c)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
 def core_sets(
     devices: Sequence[str],
     layout: Sequence[Sequence[int]] | None = None,
     cores: Sequence[int] | None = None,
+    topology: str | os.PathLike | None = CPU_TOPOLOGY,
 ) -> list[list[int]]:
     """Sets of this machine's cores (``cores``, default the ones this process may run on), one per process
     of a run on ``devices`` (process i on ``devices[i]``, the processes of ``layout`` in order), disjoint
@@ -305,7 +330,9 @@ def core_sets(
     stage on the CPU, its stage's layers over its TP degree (equal shares without a layout); a process of an
     accelerator stage, whose CPU worker computes the CPU parts of its offloaded Linears,
     :data:`ACCELERATOR_CPU_SHARE` of that (a guess, not measured: what its CPU reads depends on the budget
-    and α). With fewer cores than processes, every process gets them all (shared). Why: on an H100 host
+    and α). Cores are divided as physical cores (:func:`physical_cores`: a core's threads go to one process)
+    where there are at least as many as processes, else as logical CPUs. With fewer logical CPUs than
+    processes, every process gets them all (shared). Why: on an H100 host
     (2026-12-07, commit c655f4d) a CPU stage beside an offloading GPU stage, both on every core, took 325 ms
     a decode step against 12.8 ms predicted; sharing the cores is the likely cause, not yet measured
     (docs/benchmarks.md)."""
@@ -324,17 +351,20 @@ def core_sets(
             raise ConfigError(f"the layout has {len(weights)} processes and {n} devices are named: one each")
     if len(avail) < n:
         return [list(avail) for _ in range(n)]
+    units = physical_cores(avail, topology)
+    if len(units) < n:  # fewer physical cores than processes: threads of one core in two processes
+        units = [[c] for c in avail]
     accelerators = [torch.device(d).type != "cpu" for d in devices]
     weights = [
         w * (ACCELERATOR_CPU_SHARE if acc else 1.0) for w, acc in zip(weights, accelerators, strict=True)
     ]
-    launchers = [int(acc) for acc in accelerators] if len(avail) >= n + sum(accelerators) else [0] * n
+    launchers = [int(acc) for acc in accelerators] if len(units) >= n + sum(accelerators) else [0] * n
     counts = [
-        c + extra for c, extra in zip(_shares(len(avail) - sum(launchers), weights), launchers, strict=True)
+        c + extra for c, extra in zip(_shares(len(units) - sum(launchers), weights), launchers, strict=True)
     ]
     out, at = [], 0
     for c in counts:
-        out.append(avail[at : at + c])
+        out.append(sorted(cpu for unit in units[at : at + c] for cpu in unit))
         at += c
     return out
 

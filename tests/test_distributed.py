@@ -342,22 +342,58 @@ def test_the_cores_are_divided_among_the_processes_without_sharing():
     every process at least one core; no core twice; every core used; with fewer cores than processes,
     all of them shared."""
     cores = range(16)
-    sets = distributed.core_sets(["cuda", "cpu"], [(0, 12), (12, 16)], cores)  # 1 + (6 : 4 of 15)
+    sets = distributed.core_sets(
+        ["cuda", "cpu"], [(0, 12), (12, 16)], cores, topology=None
+    )  # 1 + (6 : 4 of 15)
     assert [len(c) for c in sets] == [10, 6]
-    tp = distributed.core_sets(["cuda", "cpu", "cpu"], [(0, 12), (12, 16, 2)], cores)  # 1 + (6 : 2 : 2 of 15)
+    tp = distributed.core_sets(
+        ["cuda", "cpu", "cpu"], [(0, 12), (12, 16, 2)], cores, topology=None
+    )  # 1 + (6 : 2 : 2 of 15)
     assert [len(c) for c in tp] == [9, 4, 3]
-    assert [len(c) for c in distributed.core_sets(["cuda", "cpu"], [(0, 2), (2, 32)], cores)] == [2, 14]
-    assert [len(c) for c in distributed.core_sets(["cpu"] * 3, None, cores)] == [6, 5, 5]
-    assert [len(c) for c in distributed.core_sets(["cpu", "cpu"], [(0, 31), (31, 32)], range(4))] == [3, 1]
-    assert distributed.core_sets(["cuda", "cpu"], None, range(2)) == [[0], [1]]  # no core to spare
+    assert [
+        len(c) for c in distributed.core_sets(["cuda", "cpu"], [(0, 2), (2, 32)], cores, topology=None)
+    ] == [2, 14]
+    assert [len(c) for c in distributed.core_sets(["cpu"] * 3, None, cores, topology=None)] == [6, 5, 5]
+    assert [
+        len(c) for c in distributed.core_sets(["cpu", "cpu"], [(0, 31), (31, 32)], range(4), topology=None)
+    ] == [3, 1]
+    assert distributed.core_sets(["cuda", "cpu"], None, range(2), topology=None) == [
+        [0],
+        [1],
+    ]  # no core to spare
     for got in (sets, tp):
         flat = [c for s in got for c in s]
         assert sorted(flat) == list(cores) and len(set(flat)) == len(flat)
-    assert distributed.core_sets(["cpu"] * 3, None, range(2)) == [[0, 1]] * 3
+    assert distributed.core_sets(["cpu"] * 3, None, range(2), topology=None) == [[0, 1]] * 3
     with pytest.raises(ConfigError, match="the layout has 3 processes and 2 devices"):
-        distributed.core_sets(["cpu", "cpu"], [(0, 1, 2), (1, 2)], cores)
+        distributed.core_sets(["cpu", "cpu"], [(0, 1, 2), (1, 2)], cores, topology=None)
     with pytest.raises(ConfigError, match="stop > start"):
-        distributed.core_sets(["cpu", "cpu"], [(4, 0), (0, 4)], cores)
+        distributed.core_sets(["cpu", "cpu"], [(4, 0), (0, 4)], cores, topology=None)
+
+
+def _fake_topology(root, siblings: list[list[int]]) -> str:
+    for core, cpus in enumerate(siblings):
+        for cpu in cpus:
+            folder = root / f"cpu{cpu}" / "topology"
+            folder.mkdir(parents=True)
+            (folder / "physical_package_id").write_text("0\n")
+            (folder / "core_id").write_text(f"{core}\n")
+    return str(root)
+
+
+def test_the_threads_of_one_core_go_to_one_process(tmp_path):
+    """8 logical CPUs as 4 cores of two threads, numbered as Linux does (siblings 0/4, 1/5, 2/6, 3/7): a
+    GPU stage's and a CPU stage's processes get whole cores; with more processes than cores, logical CPUs."""
+    topo = _fake_topology(tmp_path, [[0, 4], [1, 5], [2, 6], [3, 7]])
+    assert distributed.physical_cores(range(8), topo) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert distributed.physical_cores([0, 1, 9], topo) == [[0], [1], [9]]  # 9: no topology, its own core
+    sets = distributed.core_sets(["cuda", "cpu"], [(0, 12), (12, 16)], range(8), topology=topo)
+    assert sets == [[0, 1, 2, 4, 5, 6], [3, 7]]  # 1 launcher core + (6 : 4 of 3 cores: 2 : 1)
+    for s in sets:
+        assert all({a % 4 for a in s} & {b % 4 for b in t} == set() for t in sets if t is not s)
+    many = distributed.core_sets(["cpu"] * 6, None, range(8), topology=topo)
+    assert sorted(c for s in many for c in s) == list(range(8)) and all(many)
+    assert distributed.core_sets(["cpu", "cpu"], None, [0, 4], topology=topo) == [[0], [4]]  # one core, two
 
 
 def _report_cores(rank: int, sets: list, folder: str) -> None:
