@@ -48,6 +48,10 @@ _POINTWISE = {
     _aten.pow.Tensor_Scalar, _aten.tanh.default, _aten.sigmoid.default, _aten.erf.default, _aten.exp.default,
 }  # fmt: skip
 _POINTWISE_METHODS = {"mul", "add", "sub", "div", "neg", "pow", "tanh", "sigmoid", "erf", "exp"}
+#: reshapes that a block may hold where they keep the features last (GPT-2's Conv1D flattens its input and
+#: unflattens its output around ``addmm``)
+_RESHAPE = (torch.reshape, _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+_RESHAPE_METHODS = {"view", "reshape"}
 #: the most nodes a formula may have (gelu_new has 8)
 FORMULA_NODES = 16
 #: where a formula is compared with the worker's activations (float64; within 1e-6, far below fp32's and far
@@ -139,10 +143,16 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
         h = row.x
         if not isinstance(h, fx.Node) or not _only_read_by(h, row):
             continue
+        flat = ()
+        if keeps_features(h, row.in_features):  # the row reads the product reshaped (Conv1D's flattening)
+            flat, h = (h,), h.args[0]
+            if not isinstance(h, fx.Node) or set(h.users) != {flat[0]}:
+                continue
         found = _gated(gm, h, by_node) or _plain(gm, h, by_node)
         if found is None:
             continue
         columns, act, between = found
+        between = (*between, *flat)
         dtype = row.weight.tensor.dtype
         if len({c.x for c in columns}) != 1 or any(
             c.out_features != row.in_features or c.weight.tensor.dtype != dtype for c in columns
@@ -184,15 +194,55 @@ def _plain(gm, h: fx.Node, by_node: dict) -> tuple | None:
     return (fc,), code, region
 
 
+def keeps_features(node: fx.Node, features: int) -> bool:
+    """Whether ``node`` reshapes its input to a shape whose last size is ``features`` (given as a number):
+    where its input has them last too, only the leading sizes change."""
+    if node.op == "call_method":
+        if node.target not in _RESHAPE_METHODS:
+            return False
+    elif node.op != "call_function" or node.target not in _RESHAPE:
+        return False
+    if node.kwargs or len(node.args) < 2:
+        return False
+    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return len(shape) > 0 and type(shape[-1]) is int and shape[-1] == features
+
+
+def with_features(args: tuple, features: int) -> tuple:
+    """A reshape's arguments (:func:`keeps_features`) with ``features`` as its last size: the same reshape of
+    a share of the features (the device's part of a block)."""
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        return (args[0], type(args[1])([*args[1][:-1], features]))
+    return (*args[:-1], features)
+
+
+def _source(node, by_node: dict) -> tuple | None:
+    """``(site, nodes)``: the Linear whose output ``node`` is, directly (``nodes`` empty) or through one
+    reshape that keeps its features last and is its only reader (``nodes``: that reshape); else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node in by_node:
+        return by_node[node], ()
+    inner = node.args[0] if node.args else None
+    site = by_node.get(inner) if isinstance(inner, fx.Node) else None
+    if site is None or not keeps_features(node, site.out_features) or set(site.node.users) != {node}:
+        return None
+    return site, (node,)
+
+
 def _activation(gm, out: fx.Node, by_node: dict) -> tuple | None:
     """``(site, code, nodes)`` when ``out`` is an activation the worker knows of the Linear ``site``'s output
-    alone, read by nothing else: one node (:func:`activation_code`) or a formula (:func:`_formula`)."""
+    alone (or of it reshaped, :func:`_source`), read by nothing else: one node (:func:`activation_code`) or a
+    formula (:func:`_formula`)."""
     code = activation_code(out, gm)
     if code:
-        site = by_node.get(out.args[0])
-        if site is None or set(site.node.users) != {out}:
+        found = _source(out.args[0], by_node)
+        if found is None:
             return None
-        return site, code, (out,)
+        site, via = found
+        if set((via[0] if via else site.node).users) != {out}:
+            return None
+        return site, code, (*via, out)
     return _formula(out, by_node)
 
 
@@ -216,6 +266,11 @@ def _formula(out: fx.Node, by_node: dict) -> tuple | None:
         if n in by_node:
             sources.add(n)
             continue
+        found = _source(n, by_node)
+        if found is not None and found[1]:  # the Linear's output reshaped: the region's first node
+            region.add(n)
+            sources.add(found[0].node)
+            continue
         if not _pointwise(n) or len(region) >= FORMULA_NODES:
             return None
         region.add(n)
@@ -229,6 +284,9 @@ def _formula(out: fx.Node, by_node: dict) -> tuple | None:
     env: dict[fx.Node, object] = {src: _PROBE}
     try:
         for n in nodes:
+            if not _pointwise(n):  # the reshape of the source (:func:`_source`): values unchanged
+                env[n] = env[n.args[0]]
+                continue
             args = fx.map_arg(n.args, env.__getitem__)
             kwargs = fx.map_arg(n.kwargs, env.__getitem__)
             fn = getattr(torch.Tensor, n.target) if n.op == "call_method" else n.target

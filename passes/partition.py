@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
-from hetegen_fx.blocks import find_blocks
+from hetegen_fx.blocks import find_blocks, keeps_features, with_features
 from hetegen_fx.config import Config
 from hetegen_fx.errors import ConfigError
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
@@ -256,6 +256,8 @@ class PartitionPass(PassBase):
             for n in block.between:  # the graph's own activation (and product), on the device's share
                 env[n] = copy = gm.graph.node_copy(n, lambda a: env.get(a, a))
                 copy.meta[meta.SIDE], copy.meta[meta.LAYER] = "gpu", row.name
+                if keeps_features(n, row.in_features):  # a reshape (Conv1D's): of the share's features
+                    copy.args = with_features(copy.args, row.in_features - k)
             y_dev = self._gpu_columns(gm, row, row_lp, env[block.between[-1]])
         y_cpu = self._new(
             gm,

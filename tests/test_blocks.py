@@ -27,7 +27,9 @@ from hetegen_fx.testing import count_ops
 TIGHT = {"device": "cpu", "max_seq_len": 32, "activation_reserve": 4096}
 #: a budget that offloads every Linear of the MLPs below
 SMALL = "40KiB"
-BUDGET = {"llama": "150KiB", "qwen2": "150KiB", "mistral": "150KiB", "opt": "240KiB"}
+BUDGET = {"llama": "150KiB", "qwen2": "150KiB", "mistral": "150KiB", "opt": "240KiB", "gpt2": "150KiB"}
+#: architectures whose MLP has no gate (two Linears a block)
+PLAIN = ("opt", "gpt2")
 
 
 def _reference(x, ws, bs, act, gated):
@@ -125,6 +127,19 @@ class LeakyFormula(PlainMLP):
         return self.proj(0.5 * h * (1.0 + inner)), inner
 
 
+class Conv1DMLP(nn.Module):
+    """GPT-2's MLP: transformers' Conv1D (``addmm`` between two reshapes) around ``gelu_new``."""
+
+    def __init__(self, dim: int = 48, inner: int = 96) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc, self.c_proj, self.act = Conv1D(inner, dim), Conv1D(dim, inner), Formula()
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
 class UpFirst(GatedMLP):
     """``down(up(x) * silu(gate(x)))``: the product's arguments and the Linears in the other order."""
 
@@ -202,6 +217,23 @@ def test_which_mlps_run_as_one_job(case, frontend):
     assert count_ops(graph.graph_module)["hetegen.cpu_begin"] == jobs
 
 
+@pytest.mark.parametrize("frontend, expected", [("dynamo", 1), ("export", 1), ("fx", 0)])
+def test_a_conv1d_mlp_is_a_block_where_its_reshapes_are_known(frontend, expected):
+    """GPT-2's MLP (Conv1D: ``addmm`` between reshapes) is a block where the capture writes its reshapes'
+    sizes out (dynamo, torch.export); torch.fx.symbolic_trace computes them from ``size()`` nodes, which
+    read the product too: two jobs there. The same outputs either way."""
+    torch.manual_seed(0)
+    module = Conv1DMLP().eval()
+    c = _compile_mlp(module, torch.randn(1, 3, 48), frontend)
+    for seed in (1, 2):
+        x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), module(x), atol=1e-5, rtol=1e-5)
+    (graph,) = hetegen_fx.state(c).graphs
+    assert len(_blocks_of_plan(graph.plan)) == expected
+    assert count_ops(graph.graph_module)["hetegen.cpu_begin"] == 2 - expected
+
+
 def test_partition_op_counts_with_blocks():
     """Per block: one CPU job instead of two, no gather of gate/up or down, the activation (and product)
     copied for the device's share and their old nodes gone, one sum of the two partial outputs."""
@@ -237,13 +269,22 @@ def hf_models() -> dict:
 
 @pytest.mark.parametrize(
     "arch, alpha",
-    [("llama", None), ("qwen2", 0.5), ("mistral", None), ("opt", None), ("opt", 1.0), ("llama", 1.0)],
+    [
+        ("llama", None),
+        ("qwen2", 0.5),
+        ("mistral", None),
+        ("opt", None),
+        ("opt", 1.0),
+        ("llama", 1.0),
+        ("gpt2", None),
+        ("gpt2", 0.5),
+    ],
 )
 def test_hf_models_give_eager_tokens_with_blocks(hf_models, arch, alpha):
     """In the decode graphs, every MLP that is offloaded whole runs as one job (the lane model finds it no
     slower on the emulated device, where a job costs nothing beyond its GEMVs), in the prefill none; α = 1
-    puts every block on the CPU (the row Linear's bias with it). Logits against eager on fresh random ids,
-    and 12 greedy tokens."""
+    puts every block on the CPU (the row Linear's bias with it). GPT-2: Conv1D's reshapes and ``gelu_new``
+    written as a formula inside the block. Logits against eager on fresh random ids, and 12 greedy tokens."""
     model = hf_models(arch)
     c = hetegen_fx.compile(model, gpu_memory=BUDGET[arch], block_jobs=True, alpha=alpha, **TIGHT)
     gen = torch.Generator().manual_seed(7)
@@ -260,7 +301,7 @@ def test_hf_models_give_eager_tokens_with_blocks(hf_models, arch, alpha):
         by_name = {lp.name: lp for lp in p.layers}
         for head in _blocks_of_plan(p):
             members = [lp for lp in p.layers if lp.block == head]
-            assert len(members) == (2 if arch == "opt" else 3) and by_name[head] is members[0]
+            assert len(members) == (2 if arch in PLAIN else 3) and by_name[head] is members[0]
             assert [lp.split_inputs for lp in members] == [False] * (len(members) - 1) + [True]
             assert len({lp.split for lp in members}) == 1 and all(not lp.resident for lp in members)
             if alpha == 1.0:
