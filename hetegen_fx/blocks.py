@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .graph_utils import concrete, node_value
 from .linear import LinearSite
 
 #: activation codes in a CPU job's descriptor (0: a plain job of Linears)
@@ -153,6 +154,8 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
             continue
         columns, act, between = found
         between = (*between, *flat)
+        if not _reshapes_hold(gm, columns, row, between):
+            continue
         dtype = row.weight.tensor.dtype
         if len({c.x for c in columns}) != 1 or any(
             c.out_features != row.in_features or c.weight.tensor.dtype != dtype for c in columns
@@ -164,6 +167,24 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
         taken.update(s.node for s in block.sites)
         blocks.append(block)
     return blocks
+
+
+def _reshapes_hold(gm: fx.GraphModule, columns, row: LinearSite, between) -> bool:
+    """Whether a block's reshapes (:func:`keeps_features`) can run on a share of its features: the row Linear's
+    input has the leading shape of the columns' input (the CPU job's output takes that shape), and every
+    size given as a node is computed before the block's first Linear (the device's copies are emitted
+    before the nodes that follow it). True for a block without reshapes."""
+    reshapes = [n for n in between if not _pointwise(n) and not activation_code(n, gm)]
+    if not reshapes:
+        return True
+    x, h = node_value(columns[0].x), node_value(row.x)
+    if not isinstance(x, torch.Tensor) or not isinstance(h, torch.Tensor) or x.dim() != h.dim():
+        return False
+    if any(concrete(a) != concrete(b) for a, b in zip(x.shape[:-1], h.shape[:-1], strict=True)):
+        return False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[c.node] for c in columns)
+    return all(order[a] < first for n in reshapes for a in n.all_input_nodes[1:])
 
 
 def _only_read_by(node: fx.Node, site: LinearSite) -> bool:
@@ -246,7 +267,13 @@ def _activation(gm, out: fx.Node, by_node: dict) -> tuple | None:
     return _formula(out, by_node)
 
 
+#: the keyword arguments a formula's op may have (``out=`` would write into its input)
+_POINTWISE_KWARGS = {"alpha", "rounding_mode"}
+
+
 def _pointwise(node: fx.Node) -> bool:
+    if not set(node.kwargs) <= _POINTWISE_KWARGS:
+        return False
     if node.op == "call_method":
         return node.target in _POINTWISE_METHODS
     return node.op == "call_function" and node.target in _POINTWISE
@@ -281,7 +308,7 @@ def _formula(out: fx.Node, by_node: dict) -> tuple | None:
     if any(not set(n.users) <= region for n in region - {out}) or not set(src.users) <= region:
         return None
     nodes = tuple(n for n in out.graph.nodes if n in region)  # graph order
-    env: dict[fx.Node, object] = {src: _PROBE}
+    env: dict[fx.Node, object] = {src: _PROBE.clone()}
     try:
         for n in nodes:
             if not _pointwise(n):  # the reshape of the source (:func:`_source`): values unchanged

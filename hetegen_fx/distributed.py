@@ -298,20 +298,29 @@ CPU_TOPOLOGY = "/sys/devices/system/cpu"
 
 def physical_cores(cpus: Sequence[int], topology: str | os.PathLike | None = CPU_TOPOLOGY) -> list[list[int]]:
     """``cpus`` grouped by physical core (the threads of one core together: SMT siblings), groups in the order
-    of their first CPU; a CPU whose topology cannot be read under ``topology`` (or with ``topology`` None) is
-    a core of its own."""
+    of their first CPU. A CPU's core is the list of its siblings (``topology/core_cpus_list``, or
+    ``thread_siblings_list`` on older kernels), else its package and core id; a CPU whose topology cannot be
+    read under ``topology`` (or with ``topology`` None) is a core of its own."""
     groups: dict[tuple, list[int]] = {}
     for c in sorted(set(cpus)):
         key: tuple = ("cpu", c)
-        if topology is not None:
+        folder = os.path.join(topology, f"cpu{c}", "topology") if topology is not None else None
+        for name in ("core_cpus_list", "thread_siblings_list") if folder else ():
             try:
-                folder = os.path.join(topology, f"cpu{c}", "topology")
-                with open(os.path.join(folder, "physical_package_id")) as f:
-                    package = int(f.read())
-                with open(os.path.join(folder, "core_id")) as f:
-                    key = (package, int(f.read()))
-            except (OSError, ValueError):
-                pass
+                with open(os.path.join(folder, name)) as f:
+                    key = ("siblings", f.read().strip())
+                break
+            except OSError:
+                continue
+        else:
+            if folder is not None:
+                try:
+                    with open(os.path.join(folder, "physical_package_id")) as f:
+                        package = int(f.read())
+                    with open(os.path.join(folder, "core_id")) as f:
+                        key = (package, int(f.read()))
+                except (OSError, ValueError):
+                    pass
         groups.setdefault(key, []).append(c)
     return sorted(groups.values(), key=lambda g: g[0])
 
@@ -352,8 +361,8 @@ def core_sets(
     if len(avail) < n:
         return [list(avail) for _ in range(n)]
     units = physical_cores(avail, topology)
-    if len(units) < n:  # fewer physical cores than processes: threads of one core in two processes
-        units = [[c] for c in avail]
+    if len(units) < n:  # fewer physical cores than processes: logical CPUs, a core's threads side by side
+        units = [[c] for unit in units for c in unit]
     accelerators = [torch.device(d).type != "cpu" for d in devices]
     weights = [
         w * (ACCELERATOR_CPU_SHARE if acc else 1.0) for w, acc in zip(weights, accelerators, strict=True)

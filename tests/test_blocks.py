@@ -127,6 +127,27 @@ class LeakyFormula(PlainMLP):
         return self.proj(0.5 * h * (1.0 + inner)), inner
 
 
+class FlatRow(PlainMLP):
+    """The row Linear reads the product flattened: its output's leading shape is not its input's: not a block."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.GELU())
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)).view(-1, 96))
+
+
+class LateSizes(PlainMLP):
+    """A reshape whose sizes are read from the input after the first Linear (fx computes them there)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.GELU())
+
+    def forward(self, x):
+        h = self.fc(x.view(-1, 48)).view(x.shape[0], x.shape[1], 96)
+        return self.proj(self.act(h))
+
+
 class Conv1DMLP(nn.Module):
     """GPT-2's MLP: transformers' Conv1D (``addmm`` between two reshapes) around ``gelu_new``."""
 
@@ -179,6 +200,8 @@ CASES = {
     "gated gelu_new formula": (GatedMLP(Formula(), bias=True), 1, 1),
     "plain gelu_new formula": (PlainMLP(Formula()), 1, 1),
     "a formula read outside it": (LeakyFormula(), 0, 2),
+    "the row reads the product flattened": (FlatRow(), 0, 2),
+    "reshape sizes read late": (LateSizes(), 0, 2),
     "gate read twice": (LeakyGate(), 0, 2),
     "unknown activation": (Unknown(), 0, 2),
     "an MLP called twice": (Twice(), 0, 4),
@@ -232,6 +255,26 @@ def test_a_conv1d_mlp_is_a_block_where_its_reshapes_are_known(frontend, expected
     (graph,) = hetegen_fx.state(c).graphs
     assert len(_blocks_of_plan(graph.plan)) == expected
     assert count_ops(graph.graph_module)["hetegen.cpu_begin"] == 2 - expected
+
+
+def test_a_formula_that_writes_into_its_input_is_no_block():
+    """``mul(h, 0.0, out=h)`` is not evaluated on the probe (it would write into it): two jobs, eager's
+    output, and a formula compiled afterwards is still told apart from SiLU."""
+
+    class OutKwarg(PlainMLP):
+        def forward(self, x):
+            h = self.fc(x)
+            return self.proj(torch.mul(h, 0.0, out=h))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 48)
+    for module, jobs in ((OutKwarg(nn.SiLU()), 2), (PlainMLP(lambda h: h * 2.0), 2), (PlainMLP(F.silu), 1)):
+        module = module.eval()
+        c = _compile_mlp(module, x, "fx")
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), module(x), atol=1e-5, rtol=1e-5)
+        (graph,) = hetegen_fx.state(c).graphs
+        assert count_ops(graph.graph_module)["hetegen.cpu_begin"] == jobs
 
 
 def test_partition_op_counts_with_blocks():

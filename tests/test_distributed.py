@@ -371,13 +371,17 @@ def test_the_cores_are_divided_among_the_processes_without_sharing():
         distributed.core_sets(["cpu", "cpu"], [(4, 0), (0, 4)], cores, topology=None)
 
 
-def _fake_topology(root, siblings: list[list[int]]) -> str:
+def _fake_topology(root, siblings: list[list[int]], lists: bool = True) -> str:
+    """sysfs's topology files for ``siblings`` (one list of logical CPUs per core); ``lists=False``: only the
+    package and core ids (older kernels)."""
     for core, cpus in enumerate(siblings):
         for cpu in cpus:
             folder = root / f"cpu{cpu}" / "topology"
             folder.mkdir(parents=True)
             (folder / "physical_package_id").write_text("0\n")
             (folder / "core_id").write_text(f"{core}\n")
+            if lists:
+                (folder / "thread_siblings_list").write_text(",".join(map(str, cpus)) + "\n")
     return str(root)
 
 
@@ -394,6 +398,10 @@ def test_the_threads_of_one_core_go_to_one_process(tmp_path):
     many = distributed.core_sets(["cpu"] * 6, None, range(8), topology=topo)
     assert sorted(c for s in many for c in s) == list(range(8)) and all(many)
     assert distributed.core_sets(["cpu", "cpu"], None, [0, 4], topology=topo) == [[0], [4]]  # one core, two
+    three = distributed.core_sets(["cpu"] * 3, None, [0, 1, 4, 5], topology=topo)  # 2 cores, 3 processes
+    assert three == [[0, 4], [1], [5]]  # logical CPUs, a core's threads side by side
+    ids_only = _fake_topology(tmp_path / "old", [[0, 4], [1, 5], [2, 6], [3, 7]], lists=False)
+    assert distributed.physical_cores(range(8), ids_only) == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
 def _report_cores(rank: int, sets: list, folder: str) -> None:
