@@ -133,7 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sweep",
         default=None,
         metavar="BUDGETS",
-        help="instead of the table at --gpu-memory: the hetegen, stream and cpu variants (of --variants) at each "
+        help="instead of the table at --gpu-memory: the hetegen, stream, cpu, compiled, blocks and graphs variants "
+        "(those of --variants) at each "
         "of these comma-separated budgets, e.g. 2GiB,4GiB,8GiB,all (all: everything resident), beside llama.cpp "
         "at the -ngl that fits each budget; sweep.json, sweep.png and the table under --out "
         "(hetegen_fx.bench_sweep)",

@@ -38,9 +38,12 @@ from .config import format_bytes, parse_bytes
 from .errors import BudgetError, ConfigError
 from .plan import atomic_write
 
-#: the variants a point runs (in this order: the others are skipped where hetegen offloads nothing)
-#: compiled: hetegen with compile_stretches; blocks: hetegen with block_jobs (each offloaded MLP one CPU job)
-SWEEP_VARIANTS = ("hetegen", "stream", "cpu", "compiled", "blocks")
+#: the variants a point runs (in this order: stream, cpu and blocks are skipped where hetegen offloads nothing)
+#: compiled: hetegen with compile_stretches; blocks: hetegen with block_jobs (each offloaded MLP one CPU job);
+#: graphs: hetegen with CUDA graphs over a static cache (where little is offloaded, launches pace the step)
+SWEEP_VARIANTS = ("hetegen", "stream", "cpu", "compiled", "blocks", "graphs")
+#: the table's columns beside hetegen's
+_OTHERS = SWEEP_VARIANTS[1:]
 #: the budget that holds everything: hetegen_fx with no budget, llama.cpp with every layer and the output
 ALL = "all"
 #: llama-bench runs per budget while looking for the -ngl that fits it
@@ -454,15 +457,18 @@ def format_table(s: dict) -> str:
     rows = [
         head,
         "",
-        "| budget | hetegen tok/s | stream tok/s | cpu tok/s | compiled tok/s | blocks tok/s | llama.cpp tok/s (-ngl) "
-        "| hetegen / llama.cpp | hetegen % of bound | prefill s hetegen / llama.cpp "
+        "| budget | hetegen tok/s | "
+        + "".join(f"{n} tok/s | " for n in _OTHERS)
+        + "llama.cpp tok/s (-ngl) | hetegen / llama.cpp | hetegen % of bound | prefill s hetegen / llama.cpp "
         "| peak GPU hetegen torch / nvidia-smi | peak GPU llama.cpp nvidia-smi | tokens = ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * (9 + len(_OTHERS)) + "|",
     ]
     for p in s["points"]:
         v = p["variants"]
         if not v:
-            rows.append(f"| {p['budget']} | skipped: {p.get('reason', '')[:160]} |||||||||||")
+            rows.append(
+                f"| {p['budget']} | skipped: {p.get('reason', '')[:160]} |" + "|" * (7 + len(_OTHERS))
+            )
             continue
         h = v.get("hetegen")
         lc = p.get("llama_cpp") or {}
@@ -486,9 +492,9 @@ def format_table(s: dict) -> str:
             "-" if all(m is None for m in matches) else ("yes" if not differ else "NO: " + ", ".join(differ))
         )
         rows.append(
-            f"| {p['budget']} | {_rate(h)} | {_rate(v.get('stream'))} | {_rate(v.get('cpu'))} | "
-            f"{_rate(v.get('compiled'))} | {_rate(v.get('blocks'))} | {lc_rate} | "
-            f"{ratio} | {reached} | {prefill} | {peak} | {lc_peak} | {tokens} |"
+            f"| {p['budget']} | {_rate(h)} | "
+            + "".join(f"{_rate(v.get(n))} | " for n in _OTHERS)
+            + f"{lc_rate} | {ratio} | {reached} | {prefill} | {peak} | {lc_peak} | {tokens} |"
         )
     rows += [
         "",
@@ -568,6 +574,7 @@ def chart(s: dict, path: Path) -> None:
         "cpu": ("#ed7d31", "^"),
         "compiled": ("#2e7d32", "D"),
         "blocks": ("#7030a0", "v"),
+        "graphs": ("#c00000", "P"),
     }
     rates: list[float] = []
     for name, (color, marker) in styles.items():

@@ -519,3 +519,26 @@ def test_without_the_gguf_package_llama_cpps_own_gguf_py_serves(tmp_path, monkey
         llamacpp.import_gguf(tmp_path / "elsewhere")
     assert llamacpp.import_gguf(binary).FROM_THE_TREE
     monkeypatch.delitem(sys.modules, "gguf")  # the stand-in goes; monkeypatch brings the real one back
+
+
+def test_the_table_has_a_column_for_every_sweep_variant_and_rows_of_its_width():
+    """Every variant the sweep runs (``graphs`` too) has its column; a skipped budget's row has as many cells."""
+    from hetegen_fx.bench_sweep import SWEEP_VARIANTS, format_table
+
+    run = {"decode_tok_s": 10.0, "decode_s_per_token": 0.1, "prefill_s": 0.5, "tokens_match_reference": True}
+    summary = {
+        "model": "tiny-llama", "dtype": "float32", "model_bytes": 1 << 20, "prompt_len": 8, "new_tokens": 4,
+        "device": "cpu", "date": "2026-12-07", "torch": torch.__version__, "cpu_threads": 2, "llama_cpp": None,
+        "points": [
+            {"budget": "1MiB", "budget_bytes": 1 << 20, "variants": {"hetegen": run, "graphs": {**run, "decode_tok_s": 25.0}}, "skipped": {}, "errors": {}},
+            {"budget": "2KiB", "budget_bytes": 2048, "variants": {}, "reason": "below the minimum working set", "skipped": {"hetegen": "below the minimum working set"}, "errors": {}},
+        ],
+    }  # fmt: skip
+    lines = format_table(summary).splitlines()
+    header = next(line for line in lines if line.startswith("| budget"))
+    assert all(f"| {name} tok/s |" in header for name in SWEEP_VARIANTS if name != "hetegen")
+    rows = [line for line in lines if line.startswith("| 1MiB") or line.startswith("| 2KiB")]
+    widths = {line.count("|") for line in (header, *rows)}
+    assert widths == {header.count("|")}, (header, rows)
+    graphs_at = header.split("|").index(" graphs tok/s ")
+    assert rows[0].split("|")[graphs_at].strip() == "25.00"
