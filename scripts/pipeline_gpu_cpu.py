@@ -7,7 +7,10 @@ It runs twice: both processes on every core ("shared"), and each on its own core
 
 Without CUDA it runs a tiny model with both stages on the CPU (a check of the script, not a measurement).
 A stage's time is the median of its decode calls less the time they spent in transfers (waiting for the
-other stage). docs/benchmarks.md ("One-GPU host: a GPU stage and a CPU stage") records a run.
+other stage). Each run's prediction uses the rates its processes measure on their own cores, one process
+after the other (the GPU stage's copies and CPU GEMV together, the CPU stage's fp32 GEMV), beside the
+prediction at the rates of every core. docs/benchmarks.md ("One-GPU host: a GPU stage and a CPU stage")
+records a run.
 """
 
 import json
@@ -44,9 +47,28 @@ def ids():
     return torch.randint(3, CFG["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
 
 
+def own_rates(rank: int) -> dict:
+    """The rates this process gets on its cores, measured while the other process waits (a barrier each side):
+    the GPU stage's ceilings (copies, CPU GEMV, both together, HBM), the CPU stage's fp32 GEMV."""
+    import torch.distributed as dist
+
+    from hetegen_fx.bench import cpu_gemv_by_dtype, measure_ceilings
+
+    rates: dict = {}
+    for turn in range(2):
+        if turn == rank:
+            if rank == 0:
+                rates = measure_ceilings(torch.device(GPU), torch.float32)
+            else:
+                rates = {"cpu_gemv_float32": cpu_gemv_by_dtype(11008, 4096)["cpu_gemv_float32"]}
+        dist.barrier()
+    return rates
+
+
 def rank_main(rank, folder, mode, sets):
     if sets:
         distributed.pin_cores(sets[rank])
+    rates = own_rates(rank)
     waits = {"s": 0.0}
     for name in ("recv", "broadcast", "send"):
         real = getattr(distributed, name)
@@ -97,6 +119,8 @@ def rank_main(rank, folder, mode, sets):
         "decode_step_ms": 1e3 * statistics.median(t for t, _ in decode),
         "offloaded_bytes": plan.offloaded_bytes if plan else None,
         "cores": sorted(os.sched_getaffinity(0)),
+        "threads": torch.get_num_threads(),
+        "rates": rates,
         "resident_bytes": plan.resident_bytes
         if plan is not None and hasattr(plan, "resident_bytes")
         else None,
@@ -135,27 +159,37 @@ if __name__ == "__main__":
     for mode, sets in runs.items():
         distributed.spawn(rank_main, 2, args=(OUT, mode, sets), timeout=300)
     by_mode = {mode: [json.load(open(f"{OUT}/pp-{mode}{r}.json")) for r in range(2)] for mode in runs}
-    # the cost model, with this host's measured rates (CPU stage: torch's fp32 GEMV; its lm_head read added)
-    cpu_rate = ceil.get("cpu_gemv_float32") or ceil["cpu_gemv"]
-    devs = [
-        cluster.DeviceSpec(
-            "gpu", BUDGET, ceil["hbm"], 50e12, offload_rate=ceil["combined"], host_memory=100 << 30
-        ),
-        cluster.DeviceSpec("cpu", 100 << 30, cpu_rate, 2e12),
-    ]
-    cl = cluster.Cluster(devs, reserve=256 << 20)
-    p0, off0 = cluster.stage_time(cl, shape, ("gpu",), SPLIT, PROMPT + NEW // 2)
-    p1, _ = cluster.stage_time(cl, shape, ("cpu",), CFG["num_hidden_layers"] - SPLIT, PROMPT + NEW // 2)
-    head = shape.vocab * shape.hidden * 4 / cpu_rate
-    summary = {
-        "ceilings": ceil,
-        "reference": ref,
-        "predicted_ms": {  # at the rates measured with every core
+
+    def predict(gpu_rates: dict, cpu_rate: float) -> dict:
+        """The cost model's stage times (ms) at these rates (CPU stage: torch's fp32 GEMV, its lm_head read
+        added)."""
+        devs = [
+            cluster.DeviceSpec(
+                "gpu",
+                BUDGET,
+                gpu_rates.get("hbm", ceil["hbm"]),
+                50e12,
+                offload_rate=gpu_rates.get("combined", gpu_rates["cpu_gemv"]),
+                host_memory=100 << 30,
+            ),
+            cluster.DeviceSpec("cpu", 100 << 30, cpu_rate, 2e12),
+        ]
+        cl = cluster.Cluster(devs, reserve=(256 if GPU == "cuda" else 1) << 20)
+        p0, off0 = cluster.stage_time(cl, shape, ("gpu",), SPLIT, PROMPT + NEW // 2)
+        p1, _ = cluster.stage_time(cl, shape, ("cpu",), CFG["num_hidden_layers"] - SPLIT, PROMPT + NEW // 2)
+        head = shape.vocab * shape.hidden * 4 / cpu_rate
+        return {
             "gpu_stage": p0 * 1e3,
             "gpu_offloaded_bytes": off0,
             "cpu_stage": p1 * 1e3,
             "cpu_stage_with_lm_head": (p1 + head) * 1e3,
-        },
+        }
+
+    every_core = predict(ceil, ceil.get("cpu_gemv_float32") or ceil["cpu_gemv"])
+    summary = {
+        "ceilings": ceil,
+        "reference": ref,
+        "predicted_ms": every_core,  # at the rates measured with every core
         "runs": {
             mode: {
                 "ranks": got,
@@ -166,17 +200,22 @@ if __name__ == "__main__":
                     "cpu_stage": got[1]["decode_busy_ms"],
                     "step": got[0]["decode_step_ms"],
                 },
+                # at the rates each process measured on its own cores
+                "predicted_ms": predict(got[0]["rates"], got[1]["rates"]["cpu_gemv_float32"]),
             }
             for mode, got in by_mode.items()
         },
     }
     json.dump(summary, open(f"{OUT}/pp.json", "w"), indent=1)
-    print(f"predicted: gpu 0-11 {p0 * 1e3:.2f} ms (offloaded {off0}); cpu 12-15 {(p1 + head) * 1e3:.2f} ms")
-    print(f"{'run':<9} {'tokens':<7} {'gpu ms':>8} {'cpu ms':>8} {'step ms':>8}  cores")
+    print(
+        f"predicted at every core's rates: gpu 0-11 {every_core['gpu_stage']:.2f} ms (offloaded "
+        f"{every_core['gpu_offloaded_bytes']}); cpu 12-15 {every_core['cpu_stage_with_lm_head']:.2f} ms"
+    )
+    print(f"{'run':<9} {'tokens':<7} {'gpu ms (pred)':>16} {'cpu ms (pred)':>16} {'step ms':>8}  cores")
     for mode, run in summary["runs"].items():
-        ms = run["measured_ms"]
+        ms, pred = run["measured_ms"], run["predicted_ms"]
         cores = " / ".join(f"{len(c)}" for c in run["cores"])
         print(
-            f"{mode:<9} {str(run['tokens_equal']):<7} {ms['gpu_stage']:8.2f} {ms['cpu_stage']:8.2f} "
-            f"{ms['step']:8.2f}  {cores}"
+            f"{mode:<9} {str(run['tokens_equal']):<7} {ms['gpu_stage']:7.2f} ({pred['gpu_stage']:6.2f}) "
+            f"{ms['cpu_stage']:7.2f} ({pred['cpu_stage_with_lm_head']:6.2f}) {ms['step']:8.2f}  {cores}"
         )
