@@ -85,7 +85,8 @@ class Config:
         ``alpha`` is forced (:mod:`hetegen_fx.blocks`): the CPU computes its share of the intermediate
         features from gate/up's rows to down's columns, a partial sum of the output, and the device the rest;
         one hand-off instead of two, and no wait for the device inside the MLP. Down's host weight is kept a
-        second time, as its two column parts. Off until measured on a GPU host.
+        second time, as its two column parts. Off by default: one run on an H100 host (2026-12-07) gave
+        12.54 against 12.09 tok/s on a 7B at 6 GiB, within noise.
     prefetch: how far copies run ahead of the compute. The GPU parts of offloaded Linears are copied into a
         staging arena on the device, one after the other; a number sizes it for that many consecutive parts.
         ``None``: twice the largest part, which holds several of the usual smaller ones.
