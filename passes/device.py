@@ -255,10 +255,13 @@ def input_device(x: Any, default: str) -> torch.device:
 
 
 def _from_last_linear(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes computed from the graph's last Linear (e.g. the logits of an LM); all nodes if it has none."""
+    """Nodes computed from the graph's last Linear (e.g. the logits of an LM); all nodes if it has none. The
+    Linear's last node that something reads: not the bookkeeping PartitionPass emits after it (a staging slot
+    released, a storage slot given back), which nothing reads. (Taking a streamed ``lm_head``'s slot release
+    for it parked the logits: the caller got a host stand-in never written.)"""
     last = None
     for n in graph.nodes:
-        if meta.LAYER in n.meta and n.op == "call_function":
+        if meta.LAYER in n.meta and n.op == "call_function" and n.users:
             last = n
     if last is None:
         return set(graph.nodes)

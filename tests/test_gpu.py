@@ -513,7 +513,13 @@ def test_residency_follows_the_cache_and_the_budget_on_the_gpu():
 
 
 @needs_cuda
-def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
+@pytest.mark.parametrize("alpha", [None, 0.0])
+def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch, alpha):
+    """An allocation failure inside a decode step demotes every resident Linear and runs the step again,
+    with the all-GPU tokens. α = 0 streams every demoted Linear, ``lm_head`` too: its last node, the staging
+    slot's release, had been taken for the Linear and the logits parked (a host stand-in never written: one
+    constant wrong token from the step run again on, on H100 and H200 hosts, 2026-12-07, wherever the
+    profile streamed the head)."""
     from hetegen_fx import residency
     from hetegen_fx.introspect import store_of
 
@@ -521,7 +527,9 @@ def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
     ids = torch.randint(3, 4096, (1, 16), generator=torch.Generator().manual_seed(4))
     kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
     ref = _all_gpu_tokens(model, ids, **kw)
-    compiled = hetegen_fx.compile(model, gpu_memory=_bytes(model) * 3, device="cuda", max_seq_len=256)
+    compiled = hetegen_fx.compile(
+        model, gpu_memory=_bytes(model) * 3, device="cuda", max_seq_len=256, alpha=alpha
+    )
     with torch.no_grad():
         compiled.generate(ids, max_new_tokens=2, do_sample=False)
     calls = {"n": 0}
@@ -544,6 +552,9 @@ def test_a_failed_device_allocation_is_survived_on_the_gpu(monkeypatch):
         out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()
     assert out.tolist() == ref.tolist()
     assert store_of(compiled).ledger.history[-1].demoted
+    if alpha == 0.0:
+        head = [lp for lp in hetegen_fx.explain(compiled).plans[-1].layers if lp.name == "lm_head.weight"]
+        assert [(lp.resident, lp.split) for lp in head] == [(False, 0)]
 
 
 @needs_cuda

@@ -127,6 +127,36 @@ def test_accelerator_structure_on_meta():
     assert out.target is to_device and out.args[1] == "cpu"
 
 
+class Head(nn.Module):
+    """A decoder's end: a hidden state (returned too, like a KV cache) and the logits of the last Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 64, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.lm_head(h), h * 2
+
+
+def test_the_last_linears_output_goes_back_whatever_its_split():
+    """output_device="auto": what the last Linear computes (the logits) goes back to the caller, the rest is
+    parked on the device, at any α of that Linear. Streamed (α = 0), its last node is the staging slot's
+    release, which nothing reads; that release taken for the Linear parked the logits (a host stand-in never
+    written: wrong tokens on CUDA after a residency change that streamed an LM's head)."""
+    for alpha in (0.0, 0.5, 1.0):
+        gm = capture_fx(Head())
+        _run(gm, device="meta", example_inputs=[torch.randn(3, 32)], alpha=alpha, gpu_memory=9000,
+             prefetch=1, activation_reserve=0, output_device="auto")  # fmt: skip
+        plan = gm.meta[meta.PLAN]
+        head = next(lp for lp in plan.layers if lp.name == "lm_head.weight")
+        assert not head.resident and head.split == round(alpha * 64), (alpha, head)
+        logits, hidden = gm.graph.output_node().args[0]
+        assert logits.target is to_device and logits.args[1] == "cpu", (alpha, logits.target)
+        assert hidden.target is park, alpha
+
+
 class Counts(nn.Module):
     """Changes two of its inputs in place (one through a view) and returns nothing computed from them."""
 
