@@ -3,6 +3,7 @@
 * every test starts with a fresh dynamo cache and fixed seeds;
 * ``tiny_hf(arch)`` builds tiny random Hugging Face models (configs from ``hetegen_fx.models.tiny_config``);
 * ``mlp()``, ``dynamo_capture(...)`` and ``count(...)`` build and inspect small graphs;
+* ``smollm2`` is the real default model, loaded once for the whole run;
 * tests marked ``gpu`` are skipped without CUDA.
 """
 
@@ -30,6 +31,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the default model, SmolLM2-135M in fp32, loaded once for the run (15-20 s of GGUF
+    dequantization on 2 cores). A test that compiles it leaves it as it found it (eager, no store)."""
+    from hetegen_fx.models import load
+
+    return load(None, dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import hetegen_fx
-from hetegen_fx.models import chat_prompt, load
+from hetegen_fx.models import chat_prompt
 from hetegen_fx.store import forget
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load(None, dtype=torch.float32, progress=False)
 
 
 def test_smollm2_same_text_as_eager(smollm2):

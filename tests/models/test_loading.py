@@ -14,12 +14,6 @@ from hetegen_fx.models import (
 )
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The default model, loaded once for the module (~20 s: GGUF dequantization)."""
-    return load(progress=False)
-
-
 def test_default_gguf_path_exists() -> None:
     path = default_gguf_path()
     assert path.is_file() and path.suffix == ".gguf"
