@@ -139,6 +139,7 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
     by_node = {s.node: s for s in sites}
     uses = Counter(s.name for s in sites)
     taken: set[fx.Node] = set()
+    order: dict[fx.Node, int] = {}  # graph positions, filled at the first block with reshapes
     blocks = []
     for row in sites:
         h = row.x
@@ -154,7 +155,7 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
             continue
         columns, act, between = found
         between = (*between, *flat)
-        if not _reshapes_hold(gm, columns, row, between):
+        if not _reshapes_hold(gm, columns, row, between, order):
             continue
         dtype = row.weight.tensor.dtype
         if len({c.x for c in columns}) != 1 or any(
@@ -169,11 +170,12 @@ def find_blocks(gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
     return blocks
 
 
-def _reshapes_hold(gm: fx.GraphModule, columns, row: LinearSite, between) -> bool:
+def _reshapes_hold(gm: fx.GraphModule, columns, row: LinearSite, between, order: dict) -> bool:
     """Whether a block's reshapes (:func:`keeps_features`) can run on a share of its features: the row Linear's
     input has the leading shape of the columns' input (the CPU job's output takes that shape), and every
     size given as a node is computed before the block's first Linear (the device's copies are emitted
-    before the nodes that follow it). True for a block without reshapes."""
+    before the nodes that follow it). True for a block without reshapes. ``order``: the graph's node
+    positions, filled here when empty."""
     reshapes = [n for n in between if not _pointwise(n) and not activation_code(n, gm)]
     if not reshapes:
         return True
@@ -182,7 +184,8 @@ def _reshapes_hold(gm: fx.GraphModule, columns, row: LinearSite, between) -> boo
         return False
     if any(concrete(a) != concrete(b) for a, b in zip(x.shape[:-1], h.shape[:-1], strict=True)):
         return False
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if not order:
+        order.update((n, i) for i, n in enumerate(gm.graph.nodes))
     first = min(order[c.node] for c in columns)
     return all(order[a] < first for n in reshapes for a in n.all_input_nodes[1:])
 

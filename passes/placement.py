@@ -46,14 +46,14 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
-from hetegen_fx.blocks import find_blocks
+from hetegen_fx.blocks import MLPBlock, find_blocks
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha, segment_time
 from hetegen_fx.errors import ConfigError
@@ -336,6 +336,7 @@ class PlacementPass(PassBase):
 
         kv = kv_at(store.ledger.kv_floor if store.ledger is not None else MIN_KV_CLASS)
         gm.meta[meta.TENSORS] = self._tensors = _tensors(sites)
+        blocks = self._blocks(gm, sites)
         # the model's residency and reserves: the store's, or, for its first graph, a new ledger's (which the
         # pipeline gives to the store once the whole pipeline succeeded)
         ledger, residency, model_reserved = store.ledger, store.residency, store.reserved
@@ -353,7 +354,7 @@ class PlacementPass(PassBase):
             graphs = graph_reserve(cfg, budget)
             if graphs:
                 reserved["cuda_graphs"] = graphs
-            ledger = self._ledger(layers, reserved, budget, self._priority(sites, gm))
+            ledger = self._ledger(layers, reserved, budget, self._priority(sites, blocks))
             # a budget too small for the first size class (a small model's cache is large beside its
             # weights): smaller classes, down to 16 tokens, before giving up
             while budget is not None and ledger.kv_floor > 16 and ledger.minimum() > budget:
@@ -373,7 +374,7 @@ class PlacementPass(PassBase):
         reserved["kv_cache"] = ledger.kv_cache if ledger is not None else max(reserved.get("kv_cache", 0), kv)
         if ledger is not None:
             budget = ledger.budget
-        self._form_blocks(gm, sites, layers, reserved, budget)
+        self._form_blocks(blocks, sites, layers, reserved, budget)
         if cfg.alpha is None and cfg.stream_jobs:
             self._stream_jobs(sites, layers, reserved, budget)
         storage = self._storage_tier(gm, sites, layers)
@@ -505,9 +506,15 @@ class PlacementPass(PassBase):
             alphas.update((m.name, alpha if alpha >= MIN_ALPHA else 0.0) for m in members)
         return alphas
 
+    def _blocks(self, gm: fx.GraphModule, sites: list[LinearSite]) -> list[MLPBlock]:
+        """The graph's MLP blocks where ``block_jobs`` may run them as one job (not beside a storage tier,
+        whose rows are split by output rows): :func:`~hetegen_fx.blocks.find_blocks`, else none."""
+        cfg = self.config
+        return find_blocks(gm, sites) if cfg.block_jobs and cfg.cpu_memory is None else []
+
     def _form_blocks(
         self,
-        gm: fx.GraphModule,
+        blocks: list[MLPBlock],
         sites: list[LinearSite],
         layers: list[LayerPlan],
         reserved: dict[str, int],
@@ -522,16 +529,14 @@ class PlacementPass(PassBase):
         are split by output rows), and not in a prefill, where the CPU parts are GEMMs the cost model is least
         sure of (and a split of its own would keep down's columns on the host a second time)."""
         cfg = self.config
-        if not cfg.block_jobs or cfg.cpu_memory is not None:
-            return
-        if max((lp.tokens for lp in layers), default=0) > GEMV_ROWS:
+        if not blocks or max((lp.tokens for lp in layers), default=0) > GEMV_ROWS:
             return
         limit = self._staging_limit(layers, reserved, budget)
         by_name = {lp.name: lp for lp in layers}
         costs = {s.name: s.node.meta[meta.COST] for s in sites}
         readers = Counter(s.x for s in sites if not by_name[s.name].resident)
         overhead, gap = self.job_overhead, self.job_gap
-        for block in find_blocks(gm, sites):
+        for block in blocks:
             members = [by_name[s.name] for s in block.sites]
             if any(lp.resident for lp in members) or readers[block.columns[0].x] != len(block.columns):
                 continue
@@ -547,13 +552,12 @@ class PlacementPass(PassBase):
                     continue
             if alpha < MIN_ALPHA:
                 continue
-            before = [(lp.alpha, lp.split) for lp in members]
+            before = _saved(members)
             for lp in members:
                 lp.block, lp.split_inputs, lp.alpha = block.head, lp is members[-1], alpha
                 lp.split = split_row(alpha, lp.features)
             if self._staging(layers) > limit:  # a larger GPU part than the arena has room for: two jobs
-                for lp, (a, split) in zip(members, before, strict=True):
-                    lp.block, lp.split_inputs, lp.alpha, lp.split = "", False, a, split
+                _restore(members, before)
 
     def _check_given_blocks(
         self, gm: fx.GraphModule, sites: list[LinearSite], layers: list[LayerPlan]
@@ -641,7 +645,7 @@ class PlacementPass(PassBase):
                 )
                 saved = gap if has_cpu_part(job) else 0.0
                 if alpha >= MIN_ALPHA and t_merged < t_segment + planned(job) + saved:
-                    before = [(lp.alpha, lp.split, lp.block, lp.split_inputs) for lp in head[0] + job]
+                    before = _saved(head[0] + job)
                     share(head[0], alpha)
                     share(job, 0.0, head[0][0].name)
                     parts = [lp for j in head for lp in j] + job
@@ -649,14 +653,7 @@ class PlacementPass(PassBase):
                         head.append(job)
                         streamed, t_segment = streamed + device_lane(job), t_merged
                         continue
-                    for lp, (a, split, block, inputs) in zip(head[0] + job, before, strict=True):
-                        lp.alpha, lp.split, lp.segment, lp.block, lp.split_inputs = (
-                            a,
-                            split,
-                            "",
-                            block,
-                            inputs,
-                        )
+                    _restore(head[0] + job, before)
             head = [job] if has_cpu_part(job) else []
             streamed, t_segment = 0.0, planned(job)
 
@@ -669,15 +666,14 @@ class PlacementPass(PassBase):
             return len(sizes) <= self.config.prefetch
         return sum(sizes) <= self._staging(layers)
 
-    def _priority(self, sites: list[LinearSite], gm: fx.GraphModule | None = None) -> dict[str, float]:
+    def _priority(self, sites: list[LinearSite], blocks: Sequence[MLPBlock] = ()) -> dict[str, float]:
         """g of every Linear: its dtype's pooled CPU time per byte at one token, plus its share of its job's
-        overhead per byte (see the module docstring). With ``block_jobs``, the Linears of an MLP block share
-        one job (:meth:`_form_blocks`): a down projection is then not a job of its own, and the whole MLP is
-        offloaded before a lone Linear elsewhere is."""
+        overhead per byte (see the module docstring). The Linears of an MLP block (``blocks``, with
+        ``block_jobs``: :meth:`_blocks`) share one job (:meth:`_form_blocks`): a down projection is then not a
+        job of its own, and the whole MLP is offloaded before a lone Linear elsewhere is."""
         job = {s.node: s.x for s in sites}  # Linears that read the same input share one CPU job
-        if gm is not None and self.config.block_jobs and self.config.cpu_memory is None:
-            for block in find_blocks(gm, sites):  # may still run as two jobs: _form_blocks decides
-                job.update((s.node, block.head) for s in block.sites)
+        for block in blocks:  # may still run as two jobs: _form_blocks decides
+            job.update((s.node, block.head) for s in block.sites)
         sharing = Counter(job.values())
         decode = {s.name: s.node.meta.get(meta.DECODE_COST) or s.node.meta[meta.COST] for s in sites}
         alphas = self._alphas(sites, decode)
@@ -829,3 +825,18 @@ class PlacementPass(PassBase):
             host_tables=tables,
             storage=storage,
         )
+
+
+#: what PlacementPass._form_blocks and _stream_jobs change of a Linear's plan, and put back where the change
+#: does not fit the staging arena
+_SPLIT_FIELDS = ("alpha", "split", "segment", "block", "split_inputs")
+
+
+def _saved(layers: list[LayerPlan]) -> list[tuple]:
+    return [tuple(getattr(lp, f) for f in _SPLIT_FIELDS) for lp in layers]
+
+
+def _restore(layers: list[LayerPlan], saved: list[tuple]) -> None:
+    for lp, values in zip(layers, saved, strict=True):
+        for f, v in zip(_SPLIT_FIELDS, values, strict=True):
+            setattr(lp, f, v)

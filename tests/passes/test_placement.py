@@ -805,6 +805,6 @@ def test_a_weight_used_twice_shares_each_job_it_is_in(block_jobs):
     placement = PlacementPass(
         _config(alpha=0.5, job_overhead=h, block_jobs=block_jobs), WeightStore(torch.device("cpu"))
     )
-    g = placement._priority(sites, gm)
+    g = placement._priority(sites, placement._blocks(gm, sites))
     nbytes = 32 * 32 * 4
     assert g["c.weight"] == pytest.approx(t / nbytes + h / 2 / nbytes)
