@@ -413,7 +413,14 @@ def test_plan_picture_is_titled_with_the_model_budget_and_graph(tmp_path, capsys
 # the real default model
 
 
-def test_generate_with_cuda_graphs_replays_and_answers(capsys):
+def test_generate_with_cuda_graphs_replays_and_answers(smollm2, monkeypatch, capsys):
+    import hetegen_fx.models
+
+    def load(name, dtype, progress):  # the run's loaded default model, not a second GGUF dequantization
+        assert name is None and dtype == torch.float32
+        return smollm2
+
+    monkeypatch.setattr(hetegen_fx.models, "load", load)
     argv = [
         "generate",
         "--device", "cpu",
