@@ -35,7 +35,10 @@ What a replay needs, and how a Stretch provides it:
   new memory pool, since graphs sharing one are only safe replayed in the order they were recorded
   (:meth:`GraphPool.record`). Recording stops once the pools have grown by the ``graph_memory`` budget
   (PlacementPass reserves it), and a key whose copied inputs and outputs exceed :data:`GRAPH_IO_BYTES` (a
-  prefill) is never recorded. A graph recorded again (its in-place inputs moved) keeps the old one until
+  prefill) is never recorded, nor one whose recording would keep more than the pool's budget (a recorded
+  body keeps every value it makes, :func:`kept_bytes`): a whole resident step returns one token's logits
+  at any prompt length, and a 7B's at a 512-token prompt, recorded, took 6 GB of a pool of 128 MiB on the
+  H100 host (2026-12-07); nothing was recorded after it. A graph recorded again (its in-place inputs moved) keeps the old one until
   the pool goes (:meth:`GraphPool.retire` says why), so recording for a new KV cache at every generate
   call fills the budget after a few calls.
 
@@ -60,7 +63,7 @@ import torch
 import torch.fx as fx
 
 from . import meta, ops
-from .graph_utils import _is_view
+from .graph_utils import _is_view, _writes_first, concrete, node_value
 from .inductor import COMPILE_AFTER, StretchCompiler
 from .runtime import clear_blas_workspaces, embed_on_host, park, to_device, write_back
 
@@ -175,6 +178,7 @@ def fuse_stretches(
     for i, run in enumerate(stretches):
         members = set(run)
         body, inputs, outputs = _extract(run, members)
+        ordering = [u for n in run for u in n.users if u.target is write_back and u not in members]
         escaping = tuple(_escapes(o, in_any) for o in outputs)
         name = f"stretch_{i}"
         keep = _keep_all(body)
@@ -195,6 +199,8 @@ def fuse_stretches(
                     item = gm.graph.call_function(operator.getitem, (call, len(outputs) - 1 - k))
                     item.meta.update(o.meta)
                     o.replace_all_uses_with(item)
+            for wb in dict.fromkeys(ordering):  # write-backs that ran after a writer inside: after the call
+                wb.args = (*wb.args[:2], *dict.fromkeys(call if a in members else a for a in wb.args[2:]))
         for node in reversed(run):
             gm.graph.erase_node(node)
         calls.append(call)
@@ -211,7 +217,7 @@ def _extract(run: list[fx.Node], members: set[fx.Node]) -> tuple[fx.Graph, list[
         for a in node.all_input_nodes:
             if a not in members and a.op != "get_attr" and a not in inputs:
                 inputs.append(a)
-    outputs = [n for n in run if any(u not in members for u in n.users)]
+    outputs = [n for n in run if any(u not in members and not _orders_only(u, n) for u in n.users)]
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {a: body.placeholder(a.name) for a in inputs}
 
@@ -224,6 +230,47 @@ def _extract(run: list[fx.Node], members: set[fx.Node]) -> tuple[fx.Graph, list[
         env[node] = body.node_copy(node, arg)
     body.output(tuple(env[o] for o in outputs))
     return body, inputs, outputs
+
+
+def kept_bytes(body: fx.GraphModule) -> int:
+    """What a graph recorded from ``body``'s :func:`_keep_all` form holds: the bytes of every value its calls
+    make (views and in-place results excluded), at the shapes the graph was captured with. A lower bound: a
+    call without a recorded value counts only if it is a Linear. A whole resident 7B step keeps gigabytes at
+    a 512-token prompt (every layer's activations), megabytes at one token."""
+    total = 0
+    for node in body.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if node.target is operator.getitem or _is_view(node) or _writes_first(node):
+            continue
+        values = node_value(node)
+        if values is None and node.target is torch.nn.functional.linear:
+            values = _linear_value(body, node)
+        for v in values if isinstance(values, (tuple, list)) else (values,):
+            if isinstance(v, torch.Tensor):
+                total += v.element_size() * functools.reduce(operator.mul, map(concrete, v.shape), 1)
+    return total
+
+
+def _linear_value(body: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """A meta tensor of the shape a ``linear`` call (PartitionPass writes them without values) returns."""
+    x, w = node_value(node.args[0]), node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        w = getattr(body, w.target, None)
+    else:
+        w = node_value(w)
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return None
+    return torch.empty((*map(concrete, x.shape[:-1]), w.shape[0]), dtype=x.dtype, device="meta")
+
+
+def _orders_only(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` takes ``node`` only to run after it: a :func:`write_back` that copies an input back to
+    the host after ``node`` changed it in place. The stretch's call orders it as well, so ``node`` need not be
+    an output; as an output it would alias that input, which a recording then reads in place, and the input is
+    a fresh copy on the device at every call (an HF StaticCache's length counter), so a graph holding it
+    would be recorded again at every generate."""
+    return user.target is write_back and node not in user.args[:2] and node not in user.kwargs.values()
 
 
 def _keep_all(body: fx.Graph) -> fx.Graph:
@@ -530,6 +577,8 @@ class Stretch(torch.nn.Module):
             1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
         )
         self.inputs = [n.name for n in body.graph.nodes if n.op == "placeholder"]
+        #: what a recording of the body itself (not inductor's code) keeps
+        self.kept = kept_bytes(body)
         self._keys: dict[tuple, _Key] = {}
         #: its place in the step: stretches are made in graph order, and each runs once a step
         self.order = -1
@@ -669,7 +718,11 @@ class Stretch(torch.nn.Module):
         if state.recordings >= MAX_RECORDINGS:
             state.eager = "pinned inputs kept moving"
             return program(*args)
-        if not pool.room(state.out_bytes + copied_bytes):
+        kept = self.kept if program is self.body and self.recording is not None else 0  # inductor's code:
+        if pool.limit is not None and kept > pool.limit:  # its outputs and the temporaries of its kernels
+            state.eager = "the values it keeps exceed the pool"
+            return program(*args)
+        if not pool.room(state.out_bytes + copied_bytes + kept):
             return program(*args)
         own: list = [None if m == PIN else a for a, m in zip(args, state.modes, strict=True)]
         for i in copied:

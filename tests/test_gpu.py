@@ -326,6 +326,44 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
         assert out.tolist() == ref.tolist(), f"generate {i + 1} of 3; {st}"
 
 
+@needs_cuda
+@pytest.mark.parametrize("compile_stretches", [False, True])
+def test_one_static_cache_across_generates_is_recorded_once(compile_stretches):
+    """Everything resident, one StaticCache reset and reused by every generate (as `hetegen bench` does): the
+    step's graphs are recorded once and replayed in every later generate. The cache's length counters are
+    written back to the host after each step and reset by each generate, so their device copies are new
+    tensors then; read in place (as an alias of a stretch output), they had every generate record the whole
+    step again, and after a few the pool was full and steps ran unrecorded (7B all resident, H100 host,
+    2026-12-07: 3 and 6 replays in 192 decode steps)."""
+    from transformers import StaticCache
+
+    from hetegen_fx.api import cache_argument
+
+    model = _small_llama(torch.float16)
+    ids = torch.randint(3, 4096, (1, 24), generator=torch.Generator().manual_seed(10))
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    ref = _all_gpu_tokens(model, ids, cache_implementation="static", **kw)
+    c = hetegen_fx.compile(
+        model,
+        device="cuda",
+        max_seq_len=64,
+        cuda_graphs=True,
+        graph_memory="64MiB",
+        compile_stretches=compile_stretches,
+    )
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    outs = []
+    with torch.no_grad():
+        for _ in range(4):
+            cache.reset()
+            outs.append(c.generate(ids, **{cache_argument(): cache}, **kw)[0, 24:].cpu())
+    st = hetegen_fx.state(c).cuda_graphs
+    assert not st["pinned_inputs_moved"] and st["failed"] == 0 and not st["full"], st
+    assert st["recorded"] == st["graphs_kept"] >= 1, st  # once: no graph recorded again
+    assert st["replays"] >= 3 * 10, st  # the decode steps of the last three generates at least
+    assert [o.tolist() for o in outs] == [ref.tolist()] * 4
+
+
 def _pinned_stretch(x, big):
     y = big * 2
     y = y + x.sum()

@@ -25,6 +25,7 @@ from hetegen_fx.graphs import (
     fuse_stretches,
     reserve,
 )
+from hetegen_fx.runtime import to_device, write_back
 
 
 def _calls(gm: fx.GraphModule) -> int:
@@ -71,6 +72,41 @@ def test_replays_match_eager_and_copy_changed_inputs_back():
     assert pool.recorded == 1 and pool.replays == 3  # warm-up, then recorded and replayed, then replayed
     for out, copy in outs:
         assert torch.equal(out, copy), "a later replay changed an output already handed out"
+
+
+torch.fx.wrap("to_device")  # traced as calls, as DevicePass writes them
+torch.fx.wrap("write_back")
+
+
+def _written_back_fn(x, host_counter):
+    counter = to_device(host_counter, "cpu")
+    a = x * 2
+    b = a + 1
+    changed = counter.add_(1)
+    c = b * counter
+    write_back(host_counter, counter, changed)
+    return c.relu()
+
+
+@torch.no_grad()
+def test_a_counter_written_back_is_no_output_and_its_copies_replay():
+    """An input the stretch changes in place and DevicePass writes back to the host (an HF StaticCache's
+    length counter): the write-back runs after the stretch's call, not after an output aliasing the input,
+    so the input is copied in and back out. On CUDA it is a new device copy at every generate; read in
+    place, as an alias of an output is, each generate recorded every graph again until the pool was full
+    (H100 host, 2026-12-07: 6 replays in 64 decode steps)."""
+    gm, pool = _fused(_written_back_fn)
+    (call,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    (wb,) = gm.graph.find_nodes(op="call_function", target=write_back)
+    assert wb.args[2:] == (call,)
+    assert sum(u.target is operator.getitem for u in call.users) == 1  # one output: the result
+    counter, ref = torch.zeros(()), torch.zeros(())
+    for _ in range(5):
+        counter = counter.clone()  # another tensor at every call, as a copy to the device is
+        x = torch.randn(3, 5)
+        torch.testing.assert_close(gm(x, counter), _written_back_fn(x.clone(), ref))
+        assert torch.equal(counter, ref)
+    assert pool.recorded == 1 and pool.replays == 4 and not pool.moved
 
 
 def _big_fn(x, big):
@@ -164,6 +200,45 @@ def test_keys_with_large_inputs_and_outputs_are_not_recorded():
         torch.testing.assert_close(gm(x), _large_out_fn(x))
     assert pool.recorded == 0
     assert pool.stats()["eager_keys"] == {"inputs and outputs too large": 1}
+
+
+def _wide_inside_fn(x):
+    y = x.repeat(1, 1024)  # large inside ...
+    y = y * 2
+    y = y.relu()
+    return y.sum(-1, keepdim=True)  # ... small out, as a whole resident step at a long prompt
+
+
+def _shaped(fn, example: torch.Tensor, limit: int | None = None) -> tuple[fx.GraphModule, GraphPool]:
+    """``fn`` traced with its values recorded at ``example``'s shape (as dynamo records them), fused."""
+    from hetegen_fx.graph_utils import propagate_shapes
+
+    gm = fx.symbolic_trace(fn)
+    propagate_shapes(gm, [example])
+    pool = GraphPool(torch.device("cpu"), limit)
+    fuse_stretches(gm, pool, 3)
+    return gm, pool
+
+
+@torch.no_grad()
+def test_a_body_that_would_keep_more_than_the_pool_is_not_recorded():
+    """Recorded from the body, a graph keeps every value the body makes (so that no later recording reuses
+    their memory). A whole resident step returns one token's logits whatever the prompt's length, so its
+    inputs and outputs do not tell a prefill; what it would keep does (a 7B's, recorded at a 512-token prompt,
+    took 6 GB of a 128 MiB pool on the H100 host, 2026-12-07). The same function captured at a decode's
+    shape is recorded."""
+    wide = torch.randn(4, 256)  # 4 MiB after the repeat: three such values and a sum
+    gm, pool = _shaped(_wide_inside_fn, wide, limit=8 << 20)
+    (stretch,) = pool.stretches
+    assert stretch.kept == 3 * (4 << 20) + 4 * 4
+    for _ in range(3):
+        torch.testing.assert_close(gm(wide), _wide_inside_fn(wide))
+    assert pool.recorded == 0 and pool.stats()["eager_keys"] == {"the values it keeps exceed the pool": 1}
+    narrow = torch.randn(4, 8)
+    gm, pool = _shaped(_wide_inside_fn, narrow, limit=8 << 20)
+    for _ in range(3):
+        torch.testing.assert_close(gm(narrow), _wide_inside_fn(narrow))
+    assert pool.recorded == 1 and pool.replays == 2
 
 
 def _view_written_fn(x, state):
