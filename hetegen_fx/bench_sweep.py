@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -578,12 +579,10 @@ def chart(s: dict, path: Path) -> None:
     }
     rates: list[float] = []
     for name, (color, marker) in styles.items():
-        pts = [
-            (xs[p["budget"]], p["variants"][name]["decode_tok_s"]) for p in points if name in p["variants"]
-        ]
-        if pts:
-            ax[0].plot(*zip(*pts, strict=True), marker=marker, color=color, label=name)
-            rates += [y for _, y in pts]
+        ys = [p["variants"][name]["decode_tok_s"] if name in p["variants"] else math.nan for p in points]
+        if any(not math.isnan(y) for y in ys):  # a gap where a budget did not run it: no line across
+            ax[0].plot([xs[p["budget"]] for p in points], ys, marker=marker, color=color, label=name)
+            rates += [y for y in ys if not math.isnan(y)]
     lc = [(xs[p["budget"]], p["llama_cpp"]) for p in points if "decode_tok_s" in (p.get("llama_cpp") or {})]
     if lc:
         ax[0].plot(
