@@ -116,7 +116,8 @@ class Config:
         ``torch.compile`` (:mod:`hetegen_fx.inductor`): each shape at its second call, so decode steps run
         fused kernels and a prompt length seen once runs op by op; with ``cuda_graphs`` the graphs record
         inductor's code. Compiled code is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``). Off by
-        default.
+        default: the first calls compile for about a minute. On the H100 host (7B fp16, 2026-12-07, commit
+        4483601), with ``cuda_graphs``, it decoded at 71.0 tok/s fully resident against 29.6 op by op.
     cudnn_attention: let ``scaled_dot_product_attention`` pick its cuDNN backend inside the compiled graphs.
         Off by default: cuDNN builds an execution plan for every new shape, and a decode step with a growing
         KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
