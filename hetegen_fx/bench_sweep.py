@@ -526,9 +526,35 @@ def format_table(s: dict) -> str:
     ]
     if skipped or errors:
         rows += ["", *skipped, *errors]
+    graphs = _graph_lines(s)
+    if graphs:
+        rows += [
+            "",
+            "CUDA graphs (recorded, replays; why keys ran unrecorded; pinned inputs that moved):",
+            *graphs,
+        ]
     if lc_info and lc_info["runs"]:
         rows += ["", "llama.cpp runs: " + ", ".join(_run_line(n, r) for n, r in lc_info["runs"].items())]
     return "\n".join(rows)
+
+
+def _graph_lines(s: dict) -> list[str]:
+    """One line per variant that recorded CUDA graphs: how many it recorded and replayed, and why it did not
+    more (a variant whose decode steps were not replayed ran its kernels launched one by one)."""
+    lines = []
+    for p in s["points"]:
+        for name, r in p["variants"].items():
+            g = r.get("cuda_graphs")
+            if not g:
+                continue
+            why = ", ".join(f"{k} {n}" for k, n in g.get("eager_keys", {}).items()) or "none"
+            moved = sum(g.get("pinned_inputs_moved", {}).values())
+            lines.append(
+                f"- {p['budget']} {name}: {g['recorded']} recorded, {g['replays']} replays of {g['stretches']} "
+                f"stretches; unrecorded keys: {why}; moved: {moved}"
+                + ("; pool full" if g.get("full") else "")
+            )
+    return lines
 
 
 def _run_line(n: str, r: dict) -> str:

@@ -522,15 +522,24 @@ def test_without_the_gguf_package_llama_cpps_own_gguf_py_serves(tmp_path, monkey
 
 
 def test_the_table_has_a_column_for_every_sweep_variant_and_rows_of_its_width():
-    """Every variant the sweep runs (``graphs`` too) has its column; a skipped budget's row has as many cells."""
+    """Every variant the sweep runs (``graphs`` too) has its column; a skipped budget's row has as many cells;
+    a line says how often each variant's CUDA graphs replayed."""
     from hetegen_fx.bench_sweep import SWEEP_VARIANTS, format_table
 
     run = {"decode_tok_s": 10.0, "decode_s_per_token": 0.1, "prefill_s": 0.5, "tokens_match_reference": True}
+    graphs = {
+        "recorded": 2,
+        "replays": 3,
+        "stretches": 3,
+        "eager_keys": {},
+        "pinned_inputs_moved": {"c": 2},
+        "full": True,
+    }
     summary = {
         "model": "tiny-llama", "dtype": "float32", "model_bytes": 1 << 20, "prompt_len": 8, "new_tokens": 4,
         "device": "cpu", "date": "2026-12-07", "torch": torch.__version__, "cpu_threads": 2, "llama_cpp": None,
         "points": [
-            {"budget": "1MiB", "budget_bytes": 1 << 20, "variants": {"hetegen": run, "graphs": {**run, "decode_tok_s": 25.0}}, "skipped": {}, "errors": {}},
+            {"budget": "1MiB", "budget_bytes": 1 << 20, "variants": {"hetegen": run, "graphs": {**run, "decode_tok_s": 25.0, "cuda_graphs": graphs}}, "skipped": {}, "errors": {}},
             {"budget": "2KiB", "budget_bytes": 2048, "variants": {}, "reason": "below the minimum working set", "skipped": {"hetegen": "below the minimum working set"}, "errors": {}},
         ],
     }  # fmt: skip
@@ -542,3 +551,8 @@ def test_the_table_has_a_column_for_every_sweep_variant_and_rows_of_its_width():
     assert widths == {header.count("|")}, (header, rows)
     graphs_at = header.split("|").index(" graphs tok/s ")
     assert rows[0].split("|")[graphs_at].strip() == "25.00"
+    # how often the graphs replayed: a variant that barely did ran its kernels one launch at a time
+    assert (
+        "- 1MiB graphs: 2 recorded, 3 replays of 3 stretches; unrecorded keys: none; moved: 2; pool full"
+        in lines
+    )
