@@ -199,8 +199,8 @@ def fuse_stretches(
                     item = gm.graph.call_function(operator.getitem, (call, len(outputs) - 1 - k))
                     item.meta.update(o.meta)
                     o.replace_all_uses_with(item)
-            for wb in dict.fromkeys(ordering):  # write-backs that ran after a writer inside: after the call
-                wb.args = (*wb.args[:2], *dict.fromkeys(call if a in members else a for a in wb.args[2:]))
+            for wb in dict.fromkeys(ordering):  # after a writer inside, so after the call: in graph order
+                wb.args = (*wb.args[:2], *(a for a in wb.args[2:] if a not in members))
         for node in reversed(run):
             gm.graph.erase_node(node)
         calls.append(call)
@@ -232,29 +232,71 @@ def _extract(run: list[fx.Node], members: set[fx.Node]) -> tuple[fx.Graph, list[
     return body, inputs, outputs
 
 
-def kept_bytes(body: fx.GraphModule) -> int:
+def kept_bytes(body: fx.GraphModule, args: tuple | None = None) -> int:
     """What a graph recorded from ``body``'s :func:`_keep_all` form holds: the bytes of every value its calls
-    make (views and in-place results excluded), at the shapes the graph was captured with. A lower bound: a
-    call without a recorded value counts only if it is a Linear. A whole resident 7B step keeps gigabytes at
-    a 512-token prompt (every layer's activations), megabytes at one token."""
+    make (views and in-place results excluded). Given ``args`` (a key's arguments), the body is run on fake
+    tensors of their shapes, without memory; else, or where that fails, the shapes recorded when the graph
+    was captured are read (a lower bound: a call without a recorded value counts only if it is a Linear). A
+    whole resident 7B step keeps gigabytes at a 512-token prompt (every layer's activations), about 10 MiB
+    at one token."""
+    if args is not None:
+        try:
+            return _kept_at(body, args)
+        except Exception:  # noqa: BLE001  (an op without a fake kernel: the recorded shapes instead)
+            pass
     total = 0
     for node in body.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
-            continue
-        if node.target is operator.getitem or _is_view(node) or _writes_first(node):
-            continue
-        values = node_value(node)
-        if values is None and node.target is torch.nn.functional.linear:
-            values = _linear_value(body, node)
-        for v in values if isinstance(values, (tuple, list)) else (values,):
-            if isinstance(v, torch.Tensor):
-                total += v.element_size() * functools.reduce(operator.mul, map(concrete, v.shape), 1)
+        if _new_value(node):
+            values = node_value(node)
+            if values is None and node.target is torch.nn.functional.linear:
+                values = _linear_value(body, node)
+            total += _nbytes(values)
+    return total
+
+
+def _new_value(node: fx.Node) -> bool:
+    """Whether ``node`` is a call whose result is memory of its own (not a view, an item or an in-place write)."""
+    return (
+        node.op in ("call_function", "call_method", "call_module")
+        and node.target is not operator.getitem
+        and not _is_view(node)
+        and not _writes_first(node)
+    )
+
+
+def _nbytes(values) -> int:
+    return sum(
+        v.element_size() * functools.reduce(operator.mul, map(concrete, v.shape), 1)
+        for v in (values if isinstance(values, (tuple, list)) else (values,))
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def _kept_at(body: fx.GraphModule, args: tuple) -> int:
+    """:func:`kept_bytes` of ``body`` called with ``args``, counted while it runs on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    total = 0
+
+    class Count(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            nonlocal total
+            out = super().run_node(n)
+            if _new_value(n):
+                total += _nbytes(out)
+            return out
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode, torch.no_grad():
+        Count(body).run(*fake)
     return total
 
 
 def _linear_value(body: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     """A meta tensor of the shape a ``linear`` call (PartitionPass writes them without values) returns."""
-    x, w = node_value(node.args[0]), node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    x = node_value(node.args[0] if node.args else node.kwargs.get("input"))
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     if isinstance(w, fx.Node) and w.op == "get_attr":
         w = getattr(body, w.target, None)
     else:
@@ -266,10 +308,13 @@ def _linear_value(body: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
 
 def _orders_only(user: fx.Node, node: fx.Node) -> bool:
     """Whether ``user`` takes ``node`` only to run after it: a :func:`write_back` that copies an input back to
-    the host after ``node`` changed it in place. The stretch's call orders it as well, so ``node`` need not be
-    an output; as an output it would alias that input, which a recording then reads in place, and the input is
-    a fresh copy on the device at every call (an HF StaticCache's length counter), so a graph holding it
-    would be recorded again at every generate."""
+    the host after ``node`` changed it in place. Nothing moves a stretched graph's nodes any more, and the
+    write-back comes after the stretch's call, so ``node`` is dropped from its arguments rather than made an
+    output. As an output it would alias that input, which a recording then reads in place; the input is a
+    new device copy whenever the host's tensor changed (an HF StaticCache's length counter, reset by each
+    generate), so every generate recorded the graph again. (Nor does the write-back take the call itself:
+    that would keep all of the stretch's outputs alive until the end of the graph, a layer's activations
+    at a prefill.)"""
     return user.target is write_back and node not in user.args[:2] and node not in user.kwargs.values()
 
 
@@ -528,10 +573,12 @@ class _Key:
         "seen",
         "program",
         "program_ran",
+        "kept",
     )
 
     def __init__(self) -> None:
         self.warm = False  # run eagerly once with the current inputs' addresses: record at the next call
+        self.kept: int | None = None  # what a recording of the body would keep (kept_bytes), once asked
         self.modes: list[int | None] = []  # per input: COPY, COPY_BACK, PIN, or None (not a tensor)
         self.out_bytes = 0
         self.graph: _Graph | None = None
@@ -577,8 +624,6 @@ class Stretch(torch.nn.Module):
             1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
         )
         self.inputs = [n.name for n in body.graph.nodes if n.op == "placeholder"]
-        #: what a recording of the body itself (not inductor's code) keeps
-        self.kept = kept_bytes(body)
         self._keys: dict[tuple, _Key] = {}
         #: its place in the step: stretches are made in graph order, and each runs once a step
         self.order = -1
@@ -718,8 +763,14 @@ class Stretch(torch.nn.Module):
         if state.recordings >= MAX_RECORDINGS:
             state.eager = "pinned inputs kept moving"
             return program(*args)
-        kept = self.kept if program is self.body and self.recording is not None else 0  # inductor's code:
-        if pool.limit is not None and kept > pool.limit:  # its outputs and the temporaries of its kernels
+        kept = (
+            0  # inductor's code keeps its outputs and the temporaries of its kernels; the body, every value
+        )
+        if program is self.body and self.recording is not None:
+            if state.kept is None:
+                state.kept = kept_bytes(self.body, args)
+            kept = state.kept
+        if pool.limit is not None and kept > pool.limit:
             state.eager = "the values it keeps exceed the pool"
             return program(*args)
         if not pool.room(state.out_bytes + copied_bytes + kept):

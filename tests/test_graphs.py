@@ -23,6 +23,7 @@ from hetegen_fx.graphs import (
     Stretch,
     find_stretches,
     fuse_stretches,
+    kept_bytes,
     reserve,
 )
 from hetegen_fx.runtime import to_device, write_back
@@ -91,14 +92,15 @@ def _written_back_fn(x, host_counter):
 @torch.no_grad()
 def test_a_counter_written_back_is_no_output_and_its_copies_replay():
     """An input the stretch changes in place and DevicePass writes back to the host (an HF StaticCache's
-    length counter): the write-back runs after the stretch's call, not after an output aliasing the input,
-    so the input is copied in and back out. On CUDA it is a new device copy at every generate; read in
-    place, as an alias of an output is, each generate recorded every graph again until the pool was full
-    (H100 host, 2026-12-07: 6 replays in 64 decode steps)."""
+    length counter): the write-back runs after the stretch's call by graph order, not after an output
+    aliasing the input, so the input is copied in and back out. On CUDA it is a new device copy at every
+    generate; read in place, as an alias of an output is, each generate recorded every graph again until
+    the pool was full (H100 host, 2026-12-07: 6 replays in about 190 decode steps)."""
     gm, pool = _fused(_written_back_fn)
     (call,) = [n for n in gm.graph.nodes if n.op == "call_module"]
     (wb,) = gm.graph.find_nodes(op="call_function", target=write_back)
-    assert wb.args[2:] == (call,)
+    order = list(gm.graph.nodes)
+    assert wb.args[2:] == () and order.index(wb) > order.index(call)  # after the call, by graph order
     assert sum(u.target is operator.getitem for u in call.users) == 1  # one output: the result
     counter, ref = torch.zeros(()), torch.zeros(())
     for _ in range(5):
@@ -230,7 +232,8 @@ def test_a_body_that_would_keep_more_than_the_pool_is_not_recorded():
     wide = torch.randn(4, 256)  # 4 MiB after the repeat: three such values and a sum
     gm, pool = _shaped(_wide_inside_fn, wide, limit=8 << 20)
     (stretch,) = pool.stretches
-    assert stretch.kept == 3 * (4 << 20) + 4 * 4
+    assert kept_bytes(stretch.body) == kept_bytes(stretch.body, (wide,)) == 3 * (4 << 20) + 4 * 4
+    assert kept_bytes(stretch.body, (torch.randn(4, 8),)) == 3 * (4 * 8 * 1024 * 4) + 4 * 4  # per key
     for _ in range(3):
         torch.testing.assert_close(gm(wide), _wide_inside_fn(wide))
     assert pool.recorded == 0 and pool.stats()["eager_keys"] == {"the values it keeps exceed the pool": 1}
@@ -239,6 +242,9 @@ def test_a_body_that_would_keep_more_than_the_pool_is_not_recorded():
     for _ in range(3):
         torch.testing.assert_close(gm(narrow), _wide_inside_fn(narrow))
     assert pool.recorded == 1 and pool.replays == 2
+    for _ in range(3):  # captured at the decode's shape, called at the prefill's (a graph with dynamic shapes)
+        torch.testing.assert_close(gm(wide), _wide_inside_fn(wide))
+    assert pool.recorded == 1 and pool.stats()["eager_keys"] == {"the values it keeps exceed the pool": 1}
 
 
 def _view_written_fn(x, state):
