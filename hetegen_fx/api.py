@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import functools
 import itertools
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,7 +210,10 @@ def _static_cache_by_default(
     to a size class (:func:`hetegen_fx.residency.kv_class`, ``max_seq_len`` the limit), so calls of one class
     share its shape and compiled graphs (HF would size it per call and recompile for each longer one), and the
     ledger makes room for it before the call; a call that needs more than ``max_seq_len`` gets HF's own
-    (``cache_implementation="static"``)."""
+    (``cache_implementation="static"``). The cache goes on to the next call of its class and batch
+    (:class:`_HeldCache`)."""
+
+    held = _HeldCache()
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
@@ -234,13 +239,73 @@ def _static_cache_by_default(
                 # calls of one class share a cache shape, so their graphs are compiled once
                 ledger = store.ledger
                 size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else floor)
-                kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=size)
+                key = _reuse_key(args, kwargs, gen or model.generation_config, size)
+                cache = held.take(key, lambda: StaticCache(config=cfg, max_cache_len=size))
+                kwargs[cache_argument()] = cache
+                try:
+                    return generate(*args, **kwargs)
+                finally:
+                    held.give_back(cache)
             else:
                 kwargs["cache_implementation"] = "static"
         return generate(*args, **kwargs)
 
     wrapper.hetegen_static_cache = True
+    wrapper.hetegen_held_cache = held
     return wrapper
+
+
+class _HeldCache:
+    """The static KV cache of a model's latest generate call that named none, handed (reset) to the next such
+    call of the same size class and batch, so that the device tensors stay where they are and the CUDA graphs
+    recorded over them replay in every request (a new cache per call moved them, and each call recorded its
+    graphs again until their pool was full). Not handed on while a call uses it (calls from two threads) or
+    while anything but this holder refers to it (a caller that kept ``past_key_values`` to go on from it;
+    dynamo, until its next compile, where a call compiled a graph)."""
+
+    #: references to the held cache when only the holder has it: its attribute, a local, getrefcount's argument
+    ALONE = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cache = None
+        self.key = None
+        self.busy = False
+        self.reused = 0  # calls that got the held cache
+
+    def take(self, key, make):
+        """The cache for a call of ``key`` (None: a call whose cache is not kept): the held one, reset, when free
+        and alike; else ``make()``, which becomes the held one where nothing is in use."""
+        with self._lock:
+            cache = self.cache
+            if key is not None and cache is not None and not self.busy and self.key == key:
+                if sys.getrefcount(cache) <= self.ALONE:
+                    self.busy = True
+                    self.reused += 1
+                    cache.reset()
+                    return cache
+            cache = make()
+            if key is not None and not self.busy:  # the held one is dropped (its memory freed with it)
+                self.cache, self.key, self.busy = cache, key, True
+            return cache
+
+    def give_back(self, cache) -> None:
+        with self._lock:
+            if cache is self.cache:
+                self.busy = False
+
+
+def _reuse_key(args: tuple, kwargs: dict, gen, size: int) -> tuple | None:
+    """What a kept static cache must match to serve a generate call: its size class and the call's batch of
+    token ids; None where one call's cache cannot serve another (beams, several sequences per prompt, prompts
+    given as embeddings)."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    for name in ("num_beams", "num_return_sequences"):
+        if (kwargs.get(name) or getattr(gen, name, None) or 1) != 1:
+            return None
+    return (size, ids.shape[0])
 
 
 @functools.cache

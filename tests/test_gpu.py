@@ -364,6 +364,28 @@ def test_one_static_cache_across_generates_is_recorded_once(compile_stretches):
     assert [o.tolist() for o in outs] == [ref.tolist()] * 4
 
 
+@needs_cuda
+def test_generate_without_a_cache_settles_to_replaying_its_graphs():
+    """Everything resident, generates that name no cache: hetegen_fx hands each one's static cache on to the
+    next, so after the first calls (a fresh cache, then the first call handed one) nothing is recorded
+    again, and every generate gives the all-GPU tokens."""
+    model = _small_llama(torch.float16)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 4096, (1, 24), generator=gen) for _ in range(6)]
+    kw = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    refs = [_all_gpu_tokens(model, ids, cache_implementation="static", **kw) for ids in prompts]
+    c = hetegen_fx.compile(model, device="cuda", max_seq_len=64, cuda_graphs=True, graph_memory="64MiB")
+    outs, recorded = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            outs.append(c.generate(ids, **kw)[0, 24:].cpu())
+            recorded.append(hetegen_fx.state(c).cuda_graphs["recorded"])
+    st = hetegen_fx.state(c).cuda_graphs
+    assert c.generate.hetegen_held_cache.reused >= 3, c.generate.hetegen_held_cache.reused
+    assert recorded[-1] == recorded[-3] and not st["full"], (recorded, st)
+    assert [o.tolist() for o in outs] == [r.tolist() for r in refs]
+
+
 def _pinned_stretch(x, big):
     y = big * 2
     y = y + x.sum()

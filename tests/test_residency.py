@@ -278,6 +278,35 @@ def test_short_calls_after_a_long_one_settle_with_the_default_static_cache(tiny_
     assert ledger.kv_cache == _per_token(model) * 256 * 2  # the 256-token class, 2 sequences
 
 
+def test_generate_hands_its_static_cache_to_the_next_call_once_nothing_else_holds_it(tiny_hf):
+    """Calls that name no cache get the previous call's static cache (reset) where nothing else holds it, so
+    its device tensors stay put and the CUDA graphs recorded over them replay in every request; a cache the
+    caller kept (``past_key_values``, to go on from it) is left alone, and another size class or batch gets
+    its own. Every call gives eager's tokens."""
+    model = tiny_hf("llama")
+    compiled = hetegen_fx.compile(model, gpu_memory=_nbytes(model) * 3, device="cpu", max_seq_len=64)
+    held = compiled.generate.hetegen_held_cache
+    gen = torch.Generator().manual_seed(3)
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    caches = []
+    with torch.no_grad():
+        for _ in range(5):  # new prompts of one shape
+            ids = torch.randint(3, 128, (1, 7), generator=gen)
+            assert torch.equal(compiled.generate(ids, **kw), model.generate(ids, **kw))
+            caches.append(id(held.cache))
+        assert held.reused >= 2 and len(set(caches[-2:])) == 1, (held.reused, caches)
+        out = compiled.generate(ids, return_dict_in_generate=True, **kw)
+        kept = out.past_key_values
+        length, keys = int(kept.get_seq_length()), kept.layers[0].keys.clone()
+        other = torch.randint(3, 128, (1, 7), generator=gen)
+        assert torch.equal(compiled.generate(other, **kw), model.generate(other, **kw))
+        assert held.cache is not kept and int(kept.get_seq_length()) == length
+        assert torch.equal(kept.layers[0].keys, keys)  # the caller's cache was not reset or written
+        pair = torch.randint(3, 128, (2, 7), generator=gen)  # another batch: a cache of its own
+        assert torch.equal(compiled.generate(pair, **kw), model.generate(pair, **kw))
+        assert held.key[1] == 2
+
+
 def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_path):
     """set_gpu_memory between two recorded generates: the first recorded call after it carries the change
     and the graph's compile for it (as text, as instant events of its Chrome trace and in its picture), the
@@ -290,19 +319,22 @@ def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_pat
 
     model = tiny_hf("llama")
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
-    kw = {"max_new_tokens": 3, "do_sample": False}
+    # each call's outputs kept, its cache with them: every call a cache of its own (none handed on), so the
+    # same graphs run before and after the change
+    kw = {"max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True}
+    kept = []
     compiled = hetegen_fx.compile(model, gpu_memory=int(_nbytes(model) * 0.5), device="cpu", max_seq_len=64)
     other = hetegen_fx.compile(tiny_hf("llama"), gpu_memory=int(_nbytes(model) * 0.5), device="cpu")
     with torch.no_grad(), trace.record() as timelines:
-        compiled.generate(ids, **kw)
-        other.generate(ids, **kw)
+        kept.append(compiled.generate(ids, **kw))
+        kept.append(other.generate(ids, **kw))
         assert timelines and not any(t.changes for t in timelines)
         change = hetegen_fx.set_gpu_memory(compiled, _nbytes(model) * 4)
         first = len(timelines)
         other.generate(ids, **kw)  # another model's calls do not carry this model's change
         assert len(timelines) > first and not any(t.changes for t in timelines[first:])
         first = len(timelines)
-        compiled.generate(ids, **kw)
+        kept.append(compiled.generate(ids, **kw))
     after = timelines[first:]
     assert change.promoted and after[0].changes[0] == str(change)
     assert "compiled again for the new residency" in after[0].changes[1]
@@ -321,7 +353,7 @@ def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_pat
     ):  # a change with no call recorded after it is not carried to a later record
         hetegen_fx.set_gpu_memory(compiled, int(_nbytes(model) * 0.5))
     with torch.no_grad(), trace.record() as later:
-        compiled.generate(ids, **kw)
+        kept.append(compiled.generate(ids, **kw))
     assert not outside and not any("gpu_memory set" in c for t in later for c in t.changes)
 
 
