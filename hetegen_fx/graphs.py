@@ -38,9 +38,10 @@ What a replay needs, and how a Stretch provides it:
   prefill) is never recorded, nor one whose recording would keep more than the pool's budget (a recorded
   body keeps every value it makes, :func:`kept_bytes`): a whole resident step returns one token's logits
   at any prompt length, and a 7B's at a 512-token prompt, recorded, took 6 GB of a pool of 128 MiB on the
-  H100 host (2026-12-07); nothing was recorded after it. A graph recorded again (its in-place inputs moved) keeps the old one until
-  the pool goes (:meth:`GraphPool.retire` says why), so recording for a new KV cache at every generate
-  call fills the budget after a few calls.
+  H100 host (2026-12-07); nothing was recorded after it. A graph recorded again (its in-place inputs
+  moved) keeps the old one until the pool goes (:meth:`GraphPool.retire` says why), so recording for a new
+  KV cache at every generate call fills the budget after a few calls (``generate()`` of a compiled model
+  hands its cache on to the next call, :class:`hetegen_fx.api._HeldCache`, unless the caller keeps it).
 
 With ``Config.compile_stretches``, a stretch's key is compiled by inductor at its second call
 (:mod:`hetegen_fx.inductor`), with or without CUDA graphs; a graph then records inductor's code, after it
@@ -763,10 +764,8 @@ class Stretch(torch.nn.Module):
         if state.recordings >= MAX_RECORDINGS:
             state.eager = "pinned inputs kept moving"
             return program(*args)
-        kept = (
-            0  # inductor's code keeps its outputs and the temporaries of its kernels; the body, every value
-        )
-        if program is self.body and self.recording is not None:
+        kept = 0  # inductor's code keeps its outputs and its kernels' temporaries
+        if program is self.body and self.recording is not None:  # the body keeps every value it makes
             if state.kept is None:
                 state.kept = kept_bytes(self.body, args)
             kept = state.kept
