@@ -282,7 +282,7 @@ class _HeldCache:
                 if sys.getrefcount(cache) <= self.ALONE:
                     self.busy = True
                     self.reused += 1
-                    cache.reset()
+                    reset_cache(cache)
                     return cache
             cache = make()
             if key is not None and not self.busy:  # the held one is dropped (its memory freed with it)
@@ -293,6 +293,27 @@ class _HeldCache:
         with self._lock:
             if cache is self.cache:
                 self.busy = False
+
+
+def reset_cache(cache) -> None:
+    """``cache.reset()`` (an HF cache) with its parked layers zeroed where they are: on the device, not through
+    their host stand-ins, whose memory :func:`hetegen_fx.runtime.park` never writes (zeroed there, every page
+    of a KV cache's size would be touched on the host, and the device's values would stay as they were)."""
+    from .runtime import unpark
+
+    swapped = []
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            device = unpark(t) if isinstance(t, torch.Tensor) else None
+            if device is not None:
+                setattr(layer, name, device)
+                swapped.append((layer, name, t))
+    try:
+        cache.reset()
+    finally:
+        for layer, name, t in swapped:
+            setattr(layer, name, t)
 
 
 def _reuse_key(args: tuple, kwargs: dict, gen, size: int) -> tuple | None:

@@ -394,8 +394,9 @@ def _cache_kw(cache) -> dict:
     """generate() arguments that start from ``cache`` (an HF StaticCache, reset), or none."""
     if cache is None:
         return {}
-    cache.reset()
-    from hetegen_fx.api import cache_argument
+    from hetegen_fx.api import cache_argument, reset_cache
+
+    reset_cache(cache)
 
     return {cache_argument(): cache}
 

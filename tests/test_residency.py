@@ -307,6 +307,35 @@ def test_generate_hands_its_static_cache_to_the_next_call_once_nothing_else_hold
         assert held.key[1] == 2
 
 
+def test_a_handed_on_cache_is_zeroed_on_the_device_not_through_its_host_stand_ins(tiny_hf):
+    """A parked layer (its keys and values on the device behind host stand-ins whose memory is never written)
+    is reset where its values are; the stand-ins stay untouched and in place, the length counter is zeroed."""
+    from transformers import StaticCache
+
+    from hetegen_fx.api import reset_cache
+    from hetegen_fx.runtime import stand_in, unpark
+
+    model = tiny_hf("llama")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 3, 16)
+    layer.lazy_initialization(k, k)
+    layer.update(k, k)
+    device_keys, device_values = layer.keys, layer.values  # stand for the device's tensors
+    layer.keys, layer.values = (
+        stand_in(device_keys, device_keys.shape),
+        stand_in(device_values, device_values.shape),
+    )
+    shadows = (layer.keys, layer.values)
+    versions = [t._version for t in shadows]
+    assert int(cache.get_seq_length()) == 3
+    reset_cache(cache)
+    assert layer.keys is shadows[0] and layer.values is shadows[1]
+    assert [t._version for t in shadows] == versions
+    assert unpark(layer.keys) is device_keys and not device_keys.any() and not device_values.any()
+    assert int(cache.get_seq_length()) == 0
+
+
 def test_a_promotion_shows_in_the_timeline_and_the_plan_picture(tiny_hf, tmp_path):
     """set_gpu_memory between two recorded generates: the first recorded call after it carries the change
     and the graph's compile for it (as text, as instant events of its Chrome trace and in its picture), the
