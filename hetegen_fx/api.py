@@ -149,7 +149,7 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
         compiled.generate = _static_cache_by_default(
-            compiled.generate, model, config.max_seq_len, store, floor
+            compiled.generate, model, config.max_seq_len, store, floor, hand_on=config.cuda_graphs
         )
     if hasattr(model, "generate") and not config.is_cpu_emulation and config.output_device == "auto":
         compiled.generate = _refuse_host_cache_edits(compiled.generate, compiled)
@@ -200,7 +200,12 @@ def _kv_cache(model: torch.nn.Module, config: Config) -> bool:
 
 
 def _static_cache_by_default(
-    generate, model: torch.nn.Module, max_seq_len: int | None, store=None, floor: int = MIN_KV_CLASS
+    generate,
+    model: torch.nn.Module,
+    max_seq_len: int | None,
+    store=None,
+    floor: int = MIN_KV_CLASS,
+    hand_on: bool = False,
 ):
     """``generate`` (``model``'s bound HF ``generate``), giving a static KV cache to calls that name no cache:
     no ``past_key_values``, ``cache_implementation``, ``use_cache=False`` or a ``generation_config`` naming one
@@ -210,10 +215,11 @@ def _static_cache_by_default(
     to a size class (:func:`hetegen_fx.residency.kv_class`, ``max_seq_len`` the limit), so calls of one class
     share its shape and compiled graphs (HF would size it per call and recompile for each longer one), and the
     ledger makes room for it before the call; a call that needs more than ``max_seq_len`` gets HF's own
-    (``cache_implementation="static"``). The cache goes on to the next call of its class and batch
-    (:class:`_HeldCache`)."""
+    (``cache_implementation="static"``). With ``hand_on`` (a model that records CUDA graphs), the cache goes
+    on to the next call of its class and batch (:class:`_HeldCache`); without, each call makes its own (the
+    first call handed a used cache compiles one more graph, which pays only where graphs replay over it)."""
 
-    held = _HeldCache()
+    held = _HeldCache() if hand_on else None
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
@@ -239,6 +245,9 @@ def _static_cache_by_default(
                 # calls of one class share a cache shape, so their graphs are compiled once
                 ledger = store.ledger
                 size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else floor)
+                if held is None:
+                    kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=size)
+                    return generate(*args, **kwargs)
                 key = _reuse_key(args, kwargs, gen or model.generation_config, size)
                 cache = held.take(key, lambda: StaticCache(config=cfg, max_cache_len=size))
                 kwargs[cache_argument()] = cache

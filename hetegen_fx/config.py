@@ -136,8 +136,9 @@ class Config:
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     kv_cache: the KV cache ``generate()`` of a compiled Hugging Face model uses when the call names none.
-        "static": HF's StaticCache of the call's size class (``max_seq_len`` the limit; handed on, reset, to
-        the next call of that class and batch unless the caller kept it; a call that needs more gets
+        "static": HF's StaticCache of the call's size class (``max_seq_len`` the limit; with ``cuda_graphs``
+        handed on, reset, to the next call of that class and batch unless the caller kept it; a call that
+        needs more gets
         ``cache_implementation="static"``), written in place, so the budget reserves one copy of it and the
         compiled graphs serve every call; "dynamic": HF's default DynamicCache, extended by concatenation, so a step
         holds the cache it was given and the one it returns and the reserve is twice as large. "auto"

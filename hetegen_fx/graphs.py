@@ -40,8 +40,9 @@ What a replay needs, and how a Stretch provides it:
   at any prompt length, and a 7B's at a 512-token prompt, recorded, took 6 GB of a pool of 128 MiB on the
   H100 host (2026-12-07); nothing was recorded after it. A graph recorded again (its in-place inputs
   moved) keeps the old one until the pool goes (:meth:`GraphPool.retire` says why), so recording for a new
-  KV cache at every generate call fills the budget after a few calls (``generate()`` of a compiled model
-  hands its cache on to the next call, :class:`hetegen_fx.api._HeldCache`, unless the caller keeps it).
+  KV cache at every generate call fills the budget after a few calls (with CUDA graphs, ``generate()`` of a
+  compiled model hands its cache on to the next call, :class:`hetegen_fx.api._HeldCache`, unless the caller
+  keeps it).
 
 With ``Config.compile_stretches``, a stretch's key is compiled by inductor at its second call
 (:mod:`hetegen_fx.inductor`), with or without CUDA graphs; a graph then records inductor's code, after it

@@ -242,7 +242,8 @@ def test_a_body_that_would_keep_more_than_the_pool_is_not_recorded():
     for _ in range(3):
         torch.testing.assert_close(gm(narrow), _wide_inside_fn(narrow))
     assert pool.recorded == 1 and pool.replays == 2
-    for _ in range(3):  # captured at the decode's shape, called at the prefill's (a graph with dynamic shapes)
+    # captured at the decode's shape, called at the prefill's (a graph with dynamic shapes)
+    for _ in range(3):
         torch.testing.assert_close(gm(wide), _wide_inside_fn(wide))
     assert pool.recorded == 1 and pool.stats()["eager_keys"] == {"the values it keeps exceed the pool": 1}
 

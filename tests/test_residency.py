@@ -279,12 +279,14 @@ def test_short_calls_after_a_long_one_settle_with_the_default_static_cache(tiny_
 
 
 def test_generate_hands_its_static_cache_to_the_next_call_once_nothing_else_holds_it(tiny_hf):
-    """Calls that name no cache get the previous call's static cache (reset) where nothing else holds it, so
-    its device tensors stay put and the CUDA graphs recorded over them replay in every request; a cache the
+    """With CUDA graphs, calls that name no cache get the previous call's static cache (reset) where nothing
+    else holds it, so its device tensors stay put and the graphs recorded over them replay in every request; a cache the
     caller kept (``past_key_values``, to go on from it) is left alone, and another size class or batch gets
     its own. Every call gives eager's tokens."""
     model = tiny_hf("llama")
-    compiled = hetegen_fx.compile(model, gpu_memory=_nbytes(model) * 3, device="cpu", max_seq_len=64)
+    compiled = hetegen_fx.compile(
+        model, gpu_memory=_nbytes(model) * 3, device="cpu", max_seq_len=64, cuda_graphs=True
+    )
     held = compiled.generate.hetegen_held_cache
     gen = torch.Generator().manual_seed(3)
     kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
