@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,8 +106,12 @@ def test_two_threads_generating_with_one_compiled_hf_copy(tiny_hf):
 
 _CHILD = textwrap.dedent(
     """
-    import sys, time, torch, hetegen_fx
+    import signal, sys, time, torch, hetegen_fx
     from torch import nn
+    # Ctrl-C as a program started from a shell gets it: Python raises KeyboardInterrupt only where SIGINT was
+    # not ignored when it started, and this process inherits its disposition from the test run's
+    print("SIGINT at start:", signal.getsignal(signal.SIGINT), file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512)).eval()
     compiled = hetegen_fx.compile(model, gpu_memory="2MiB", device="cpu", prefetch=1)
@@ -149,7 +154,12 @@ def _interrupted(mode: str, signals: int) -> tuple[int, str, str]:
             if p.poll() is not None:
                 break
             p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=90)
+        try:
+            out, err = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"the interrupted process did not end within 90 s:\n{out[-1000:]}\n{err[-2000:]}")
     finally:
         if p.poll() is None:
             p.kill()
