@@ -219,7 +219,7 @@ def _static_cache_by_default(
     on to the next call of its class and batch (:class:`_HeldCache`); without, each call makes its own (the
     first call handed a used cache compiles one more graph, which pays only where graphs replay over it)."""
 
-    held = _HeldCache() if hand_on else None
+    held = _HeldCache()
 
     @functools.wraps(generate)
     def wrapper(*args, **kwargs):
@@ -245,10 +245,7 @@ def _static_cache_by_default(
                 # calls of one class share a cache shape, so their graphs are compiled once
                 ledger = store.ledger
                 size = kv_class(need, max_seq_len, ledger.kv_floor if ledger is not None else floor)
-                if held is None:
-                    kwargs[cache_argument()] = StaticCache(config=cfg, max_cache_len=size)
-                    return generate(*args, **kwargs)
-                key = _reuse_key(args, kwargs, gen or model.generation_config, size)
+                key = _reuse_key(args, kwargs, gen or model.generation_config, size) if hand_on else None
                 cache = held.take(key, lambda: StaticCache(config=cfg, max_cache_len=size))
                 kwargs[cache_argument()] = cache
                 try:
