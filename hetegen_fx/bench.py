@@ -340,9 +340,13 @@ def _time_generate(
 ) -> tuple[float, float, list[int], list[float]]:
     """(prefill seconds, decode seconds per token, tokens, every decode step's seconds) with a warm model.
 
-    The decode time is the median over ``reps`` generates of ``new_tokens`` (the GPU hosts drift by tens of
-    percent within a minute); the steps are those of every rep, so their spread shows that drift. With a
-    ``cache`` (an HF StaticCache), every generate starts from it, reset.
+    The prefill time is the median of three generates of one token. The decode time is the median over
+    ``reps`` generates of ``new_tokens`` of the time from the first token's logits to the last one's over
+    the steps between them, so it is measured inside one call and owes nothing to the prefill's (a prefill
+    slower in the one-token calls than in the long ones, say a CUDA graph recorded there, once made the
+    difference of the two calls' totals meaningless); the steps are those of every rep, so their spread shows
+    the hosts' drift (tens of percent within a minute). With a ``cache`` (an HF StaticCache), every generate
+    starts from it, reset.
     """
     from transformers import LogitsProcessorList
 
@@ -362,13 +366,16 @@ def _time_generate(
     steps: list[float] = []
     with torch.no_grad():
         prefill = statistics.median(timed(1) for _ in range(3))
-        totals = []
+        spans = []
         for _ in range(max(1, reps)):
             clock.stamps.clear()
-            totals.append(timed(new_tokens, LogitsProcessorList([clock])))
-            steps += clock.steps()
+            total = timed(new_tokens, LogitsProcessorList([clock]))
+            gaps = clock.steps()
+            steps += gaps
+            # one new token has no step between logits: its decode time is the call's less the prefill's
+            spans.append(sum(gaps) / len(gaps) if gaps else max(total - prefill, 1e-9))
     out = result["out"]
-    decode = max(statistics.median(totals) - prefill, 1e-9) / max(new_tokens - 1, 1)
+    decode = max(statistics.median(spans), 1e-9)
     return prefill, decode, out[0, ids.shape[1] :].tolist(), steps
 
 
@@ -538,6 +545,10 @@ def run_variant(name: str, model, ids: torch.Tensor, args, device: torch.device)
     with torch.no_grad():  # warm-up: compiles the prefill and decode graphs (and the stretches, from their
         for _ in range(_warmups(name)):  # COMPILE_AFTER-th call)
             runner.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, **_cache_kw(cache))
+        # a one-token generate (the timed prefill) is a graph of its own: compiled, and its stretches
+        # recorded, here rather than in its timed calls
+        for _ in range(_warmups(name) + (name in STATIC_CACHE)):
+            runner.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, **_cache_kw(cache))
     result["first_call_s"] = time.perf_counter() - t0
     _log(f"{name}: set up, compiled and warmed up in {result['first_call_s']:.1f} s")
     prefill, decode, tokens, steps = _time_generate(runner, ids, new_tokens, device, args.reps, cache)

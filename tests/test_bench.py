@@ -194,3 +194,30 @@ def test_bench_grow_and_raise_on_cpu(tmp_path):
     )
     assert div["gap"] < 0 and not div["near_tie"], div
     assert "not a near tie" in (tmp_path / "bench.md").read_text()
+
+
+def test_decode_time_is_measured_inside_the_long_generate_not_against_the_one_token_calls():
+    """A one-token generate slower than a long one's prefill (a CUDA graph recorded in it) must not leak into
+    the decode time: on an H200 (2026-12-07, tree 31a73c2) the `graphs` variant's one-token calls took 0.68 s
+    against 0.035 s, and the decode speed came out as 520 tok/s for steps of 12 ms."""
+    import time
+
+    from hetegen_fx.bench import _time_generate
+
+    class Model:  # a generate that spends `step` seconds per new token, and 0.2 s more in a one-token call
+        step = 0.004
+
+        def generate(self, ids, max_new_tokens, logits_processor=None, **kw):
+            time.sleep(0.2 if max_new_tokens == 1 else 0.0)
+            for _ in range(max_new_tokens):
+                time.sleep(self.step)
+                for p in logits_processor or ():
+                    p(ids, None)
+            return torch.cat([ids, torch.arange(max_new_tokens)[None]], dim=1)
+
+    ids = torch.tensor([[5, 6, 7]])
+    prefill, decode, tokens, steps = _time_generate(Model(), ids, 6, torch.device("cpu"), reps=2)
+    assert tokens == [0, 1, 2, 3, 4, 5]
+    assert len(steps) == 2 * 5
+    assert prefill >= 0.2
+    assert Model.step * 0.9 <= decode < 0.1  # the steps' time, not (call - prefill) / 5 (which is below zero)
