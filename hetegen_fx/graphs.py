@@ -317,7 +317,10 @@ def _orders_only(user: fx.Node, node: fx.Node) -> bool:
     generate), so every generate recorded the graph again. (Nor does the write-back take the call itself:
     that would keep all of the stretch's outputs alive until the end of the graph, a layer's activations
     at a prefill.)"""
-    return user.target is write_back and node not in user.args[:2] and node not in user.kwargs.values()
+    if user.target is not write_back:
+        return False
+    written = [a for arg in user.args[:2] for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+    return node not in written and node not in user.kwargs.values()
 
 
 def _keep_all(body: fx.Graph) -> fx.Graph:
@@ -568,6 +571,8 @@ class _Key:
         "args",
         "copied",
         "back",
+        "copied_own",
+        "back_own",
         "pinned",
         "recordings",
         "replays",
@@ -587,6 +592,8 @@ class _Key:
         self.args: list = []  # the graph's inputs: its own buffers (None where an input is pinned)
         self.copied: list[int] = []  # indices of inputs copied in (COPY and COPY_BACK)
         self.back: list[int] = []  # indices of inputs copied back out (COPY_BACK)
+        self.copied_own: list = []  # the graph's buffers of the inputs copied in, and of those copied back
+        self.back_own: list = []
         self.pinned: list[tuple[int, int]] = []  # (index, data pointer) of inputs read in place
         self.recordings = 0  # since the graph last replayed STABLE_REPLAYS times in a row
         self.replays = 0  # since the last recording
@@ -690,12 +697,11 @@ class Stretch(torch.nn.Module):
                     name = self.inputs[i]
                     moved[name] = moved.get(name, 0) + 1
                     return self._warm(state, args)
-            own = state.args
-            for i in state.copied:
-                own[i].copy_(args[i])
+            if state.copied:  # one multi-tensor kernel each way, not a copy per input (32 counters of a 7B)
+                torch._foreach_copy_(state.copied_own, [args[i] for i in state.copied])
             out = self._replay(graph, args)
-            for i in state.back:
-                args[i].copy_(own[i])
+            if state.back:
+                torch._foreach_copy_([args[i] for i in state.back], state.back_own)
             state.replays += 1
             if state.replays == STABLE_REPLAYS:  # the pinned inputs stayed put: moves may start over
                 state.recordings = 0
@@ -808,12 +814,14 @@ class Stretch(torch.nn.Module):
         graph.pinned = {args[i].untyped_storage().data_ptr() for i, m in enumerate(state.modes) if m == PIN}
         state.graph, state.args, state.copied = graph, own, copied
         state.back = [i for i, m in enumerate(state.modes) if m == COPY_BACK]
+        state.copied_own = [own[i] for i in copied]
+        state.back_own = [own[i] for i in state.back]
         state.pinned = [(i, args[i].data_ptr()) for i, m in enumerate(state.modes) if m == PIN]
         state.replays = 0
         pool.recorded += 1
         out = self._replay(graph, args)
-        for i in state.back:
-            args[i].copy_(own[i])
+        if state.back:
+            torch._foreach_copy_([args[i] for i in state.back], state.back_own)
         pool.note_outputs(graph.outputs)
         return out
 

@@ -107,14 +107,19 @@ class DevicePass(PassBase):
                         node.args, node.kwargs = new_args, new_kwargs
                         modified = True
         # inputs changed in place (an HF StaticCache's length counter): the caller's tensors get the new values
-        for ph, moved in changed:
-            writers = writers_of(moved)
-            if writers:
-                with graph.inserting_before(graph.output_node()):
-                    node = graph.create_node(
-                        "call_function", write_back, (ph, moved, *writers), name=f"{ph.name}_written_back"
-                    )
-                node.meta[meta.SIDE] = "move"
+        # (all in one call, which gathers the small ones into one copy)
+        written = [(ph, moved, writers_of(moved)) for ph, moved in changed]
+        written = [w for w in written if w[2]]
+        if written:
+            writers = dict.fromkeys(n for _, _, ws in written for n in ws)
+            with graph.inserting_before(graph.output_node()):
+                node = graph.create_node(
+                    "call_function",
+                    write_back,
+                    (tuple(w[0] for w in written), tuple(w[1] for w in written), *writers),
+                    name="inputs_written_back",
+                )
+            node.meta[meta.SIDE] = "move"
         # outputs back to the inputs' device, or parked on the accelerator
         back: torch.device | fx.Node | None = next((d for d in host_devices if d != self.device), None)
         if back is None and not host_devices and unknown and self.config.output_device != "accelerator":

@@ -365,6 +365,43 @@ def test_one_static_cache_across_generates_is_recorded_once(compile_stretches):
 
 
 @needs_cuda
+def test_a_replayed_decode_step_copies_the_cache_counters_in_one_go():
+    """Everything resident, CUDA graphs over one StaticCache: a decode step's length counters (one per
+    layer) go into the graph's buffers and back in one multi-tensor kernel each way, and to the host in one
+    copy, not a copy each (an H200 host, 2026-12-07, tree 62d3d1b: 106 copies a step, 33 of them to the
+    host, each waiting for the device). The tokens stay the all-GPU model's."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    from hetegen_fx.api import cache_argument
+
+    model = _small_llama(torch.float16)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 4096, (1, 24), generator=torch.Generator().manual_seed(12))
+    kw = {"do_sample": False, "pad_token_id": 0}
+    ref = _all_gpu_tokens(model, ids, cache_implementation="static", max_new_tokens=9, min_new_tokens=9, **kw)
+    c = hetegen_fx.compile(model, device="cuda", max_seq_len=64, cuda_graphs=True, graph_memory="64MiB")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    copies = {}
+    with torch.no_grad():
+        for n in (1, 9, 1, 9):  # warm and record both calls' graphs, then count each
+            cache.reset()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out = c.generate(ids, **{cache_argument(): cache}, max_new_tokens=n, min_new_tokens=n, **kw)
+                torch.cuda.synchronize()
+            copies[n] = {
+                kind: sum(e.count for e in prof.key_averages() if e.key.startswith(f"Memcpy {kind}"))
+                for kind in ("DtoH", "DtoD")
+            }
+    assert out[0, 24:].cpu().tolist() == ref.tolist()
+    st = hetegen_fx.state(c).cuda_graphs
+    assert st["replays"] >= 8, st
+    per_step = {k: (copies[9][k] - copies[1][k]) / 8 for k in ("DtoH", "DtoD")}
+    assert per_step["DtoH"] <= 3, (per_step, copies)  # the counters, the next token (not one per layer)
+    assert per_step["DtoD"] < 2 * layers, (per_step, copies)  # was two per layer (in and back) and more
+
+
+@needs_cuda
 def test_generate_without_a_cache_settles_to_replaying_its_graphs():
     """Everything resident, generates that name no cache: hetegen_fx hands each one's static cache on to the
     next, so after the first calls (a fresh cache, then the first call handed one) nothing is recorded

@@ -114,6 +114,30 @@ def test_write_back_copies_only_when_the_graph_worked_on_a_copy():
     write_back(5, moved)  # not a tensor: nothing to do
 
 
+def test_several_inputs_written_back_in_one_call_each_get_their_own_values():
+    """DevicePass writes a graph's changed inputs back in one call, which gathers the small ones of one dtype
+    into one copy (an HF StaticCache's 32 length counters were 32 device-to-host copies a step): each host
+    tensor gets its own values, whatever its shape and strides, and the large or odd ones are copied alone."""
+    counters = [torch.zeros((), dtype=torch.int64) for _ in range(4)]
+    moved_counters = [torch.tensor(7 * i + 3) for i in range(4)]
+    grid = torch.zeros(4, 3).t()  # not contiguous
+    moved_grid = torch.randn(3, 4)
+    half = torch.zeros(5, dtype=torch.float16)
+    moved_half = torch.randn(5).half()
+    big = torch.zeros(2048)  # over the twin size: alone
+    moved_big = torch.randn(2048)
+    same = torch.zeros(2)
+    hosts = (*counters, grid, 5, half, big, same)
+    moved = (*moved_counters, moved_grid, 6, moved_half, moved_big, same)
+    write_back(hosts, moved, None)
+    assert [c.item() for c in counters] == [3, 10, 17, 24]
+    assert torch.equal(grid, moved_grid) and not grid.is_contiguous()
+    assert torch.equal(half, moved_half) and torch.equal(big, moved_big)
+    assert same.tolist() == [0, 0]
+    with pytest.raises(ValueError):  # a host tensor without its moved twin is a bug in the caller
+        write_back(hosts, moved[:-1])
+
+
 def test_a_small_input_written_back_keeps_a_device_twin_until_it_changes():
     """An HF StaticCache's length counter comes back to the host at every step; its next copy in is skipped
     while the host tensor is unchanged (its version counter), and handed over once per write-back."""
