@@ -65,7 +65,7 @@ import torch
 import torch.fx as fx
 
 from . import meta, ops
-from .graph_utils import _is_view, _writes_first, concrete, node_value
+from .graph_utils import _is_view, _writes_first, concrete, node_value, writers_of
 from .inductor import COMPILE_AFTER, StretchCompiler
 from .runtime import clear_blas_workspaces, embed_on_host, park, to_device, write_back
 
@@ -527,10 +527,11 @@ class _EmulatedGraph(_Graph):
             self._views = [
                 isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in inputs for o in new
             ]
-            self.outputs = tuple(
-                o.clone() if isinstance(o, torch.Tensor) and not view else o
-                for o, view in zip(new, self._views, strict=True)
-            )
+            with torch.inference_mode(False):  # a CUDA graph writes its outputs in and out of inference mode
+                self.outputs = tuple(
+                    o.clone() if isinstance(o, torch.Tensor) and not view else o
+                    for o, view in zip(new, self._views, strict=True)
+                )
             return
         for mine, o, view in zip(self.outputs, new, self._views, strict=True):
             if isinstance(mine, torch.Tensor) and not view:
@@ -632,7 +633,11 @@ class Stretch(torch.nn.Module):
         self.calls = sum(
             1 for n in body.graph.nodes if n.op in ("call_function", "call_method", "call_module")
         )
-        self.inputs = [n.name for n in body.graph.nodes if n.op == "placeholder"]
+        placeholders = list(body.graph.find_nodes(op="placeholder"))
+        self.inputs = [n.name for n in placeholders]
+        #: inputs the body changes in place (directly or through a view), by its own ops: what is copied back
+        #: where the inputs keep no version counter (inference tensors)
+        self.mutated = frozenset(i for i, n in enumerate(placeholders) if writers_of(n))
         self._keys: dict[tuple, _Key] = {}
         #: its place in the step: stretches are made in graph order, and each runs once a step
         self.order = -1
@@ -726,7 +731,7 @@ class Stretch(torch.nn.Module):
         tensors = [a if isinstance(a, torch.Tensor) else None for a in args]
         try:
             versions = [None if t is None else t._version for t in tensors]
-        except RuntimeError:  # inference tensors keep no version: every input read in place
+        except RuntimeError:  # inference tensors keep no version: the body's own writes say what changes
             versions = None
         out = self._program(state, args)(*args)
         if any(isinstance(o, (tuple, list)) for o in out):
@@ -748,8 +753,7 @@ class Stretch(torch.nn.Module):
             if t is None:
                 modes.append(None)
             elif (
-                versions is None
-                or storage[i] in viewed
+                storage[i] in viewed
                 or storage[i] in shared
                 or t.numel() * t.element_size() > COPY_BYTES
                 or _overlapping(t)
@@ -757,7 +761,8 @@ class Stretch(torch.nn.Module):
             ):
                 modes.append(PIN)
             else:
-                modes.append(COPY_BACK if t._version != versions[i] else COPY)
+                changed = i in self.mutated if versions is None else t._version != versions[i]
+                modes.append(COPY_BACK if changed else COPY)
         state.modes = modes
         return out
 
@@ -784,7 +789,8 @@ class Stretch(torch.nn.Module):
         own: list = [None if m == PIN else a for a, m in zip(args, state.modes, strict=True)]
         for i in copied:
             a = args[i]
-            own[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+            with torch.inference_mode(False):  # a plain tensor: written in and out of inference mode alike
+                own[i] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
             own[i].copy_(a)
         pool.used += copied_bytes if pool.is_cuda else 0
         state.recordings += 1

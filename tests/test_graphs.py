@@ -111,6 +111,26 @@ def test_a_counter_written_back_is_no_output_and_its_copies_replay():
     assert pool.recorded == 1 and pool.replays == 4 and not pool.moved
 
 
+def test_under_inference_mode_an_input_changed_in_place_is_still_copied_in_and_back():
+    """Inference tensors keep no version counter, so a stretch cannot see its input change by it; it used to
+    read every input of such a call in place. An HF StaticCache's length counter is a new device tensor at
+    every generate (and, in inference mode, at every step: no device twin is kept for it), so every call
+    recorded the graph again until the key gave up ("pinned inputs kept moving"). The body's own in-place
+    writes say which inputs to copy back; its buffers are plain tensors, so calls outside inference mode
+    replay the same graph."""
+    gm, pool = _fused(_written_back_fn)
+    ref = torch.zeros(())
+    for i in range(6):
+        mode = torch.inference_mode() if i < 4 else torch.no_grad()  # the last two outside inference mode
+        with mode:
+            counter = ref.clone()  # another tensor at every call, as a copy to the device is
+            x = torch.randn(3, 5)
+            want = _written_back_fn(x.clone(), ref)
+            torch.testing.assert_close(gm(x, counter), want)
+            assert torch.equal(counter, ref), i
+    assert (pool.recorded, pool.replays, pool.moved) == (1, 5, {})  # a recording replays once too
+
+
 def _big_fn(x, big):
     y = big * 2
     y = y + x.sum()
