@@ -327,14 +327,19 @@ def test_cuda_graphs_replay_the_static_cache_decode(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("compile_stretches", [False, True])
-def test_one_static_cache_across_generates_is_recorded_once(compile_stretches):
+@pytest.mark.parametrize(
+    ("compile_stretches", "inference"),
+    [(False, False), (True, False), (False, True)],
+    ids=["eager", "compiled", "inference_mode"],
+)
+def test_one_static_cache_across_generates_is_recorded_once(compile_stretches, inference):
     """Everything resident, one StaticCache reset and reused by every generate (as `hetegen bench` does): the
     step's graphs are recorded once and replayed in every later generate. The cache's length counters are
     written back to the host after each step and reset by each generate, so their device copies are new
     tensors then; read in place (as an alias of a stretch output), they had every generate record the whole
     step again, and after a few the pool was full and steps ran unrecorded (7B all resident, H100 host,
-    2026-12-07: 3 and 6 replays in 192 decode steps)."""
+    2026-12-07: 3 and 6 replays in 192 decode steps). Under torch.inference_mode the counters keep no version
+    counter and no device twin, so they are new device tensors at every step (1b569f2)."""
     from transformers import StaticCache
 
     from hetegen_fx.api import cache_argument
@@ -353,7 +358,7 @@ def test_one_static_cache_across_generates_is_recorded_once(compile_stretches):
     )
     cache = StaticCache(config=model.config, max_cache_len=64)
     outs = []
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
         for _ in range(4):
             cache.reset()
             outs.append(c.generate(ids, **{cache_argument(): cache}, **kw)[0, 24:].cpu())
