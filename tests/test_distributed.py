@@ -83,21 +83,61 @@ def _eager(arch: str) -> list[int]:
         )
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        [(0, 1), (1, 3), (3, 4)],  # pipeline only: one, two and one layers
-        [(0, 4, 2)],  # tensor parallel only: each process half the heads and MLP width
-        [(0, 3, 2), (3, 4, 1)],  # asymmetric: three layers on TP 2, one on TP 1
-    ],
-    ids=["pipeline", "tensor-parallel", "asymmetric"],
-)
-def test_layouts_give_the_eager_tokens_in_every_process(layout, tmp_path):
-    ranks = sum(st[2] if len(st) > 2 else 1 for st in layout)
-    distributed.spawn(_stage, ranks, args=(ARCHS, layout, str(tmp_path), None), timeout=60)
+LAYOUTS = {
+    "pipeline": [(0, 1), (1, 3), (3, 4)],  # pipeline only: one, two and one layers
+    "tensor-parallel": [(0, 4, 2)],  # tensor parallel only: each process half the heads and MLP width
+    "asymmetric": [(0, 3, 2), (3, 4, 1)],  # asymmetric: three layers on TP 2, one on TP 1
+}
+
+
+def _ranks(layout) -> int:
+    return sum(st[2] if len(st) > 2 else 1 for st in layout)
+
+
+def _stages(rank: int, layouts, out: str) -> None:
+    """:func:`_stage` for each of ``layouts`` in turn (in ``out/<i>``), each from a fresh dynamo cache."""
+    for i, layout in enumerate(layouts):
+        torch._dynamo.reset()
+        _stage(rank, ARCHS, layout, os.path.join(out, str(i)), None)
+
+
+@pytest.fixture(scope="module")
+def layout_results(request, tmp_path_factory):
+    """``layout_results(name)`` → every process's results for ``LAYOUTS[name]``. The selected layouts of as many
+    processes run in one spawn, one after the other: the processes start and import once for them (pipeline
+    and asymmetric are both three)."""
+    selected = {
+        item.callspec.id
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_layouts_give_the_eager_tokens_in_every_process"
+    }
+    done: dict[str, list] = {}
+
+    def get(name: str) -> list:
+        if name not in done:
+            ranks = _ranks(LAYOUTS[name])
+            names = [
+                n
+                for n, lay in LAYOUTS.items()
+                if _ranks(lay) == ranks and n not in done and n in {*selected, name}
+            ]
+            out = tmp_path_factory.mktemp(f"layouts-of-{ranks}")
+            for i in range(len(names)):
+                (out / str(i)).mkdir()
+            distributed.spawn(_stages, ranks, args=([LAYOUTS[n] for n in names], str(out)), timeout=60)
+            for i, n in enumerate(names):
+                done[n] = _results(out / str(i), ranks)
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_give_the_eager_tokens_in_every_process(name, layout_results):
+    results = layout_results(name)
     for arch in ARCHS:
         ref = _eager(arch)
-        for r, got in enumerate(_results(tmp_path, ranks)):
+        for r, got in enumerate(results):
             assert got[arch].get("tokens") == ref, (arch, r, got[arch])
             # a prefill and a decode graph, and the decode graph again once the cache's length is dynamic: the
             # stand-ins of other stages' caches grow with it rather than recompile the graph at every length
