@@ -569,7 +569,6 @@ class _Key:
         "modes",
         "out_bytes",
         "graph",
-        "args",
         "copied",
         "back",
         "copied_own",
@@ -590,7 +589,6 @@ class _Key:
         self.modes: list[int | None] = []  # per input: COPY, COPY_BACK, PIN, or None (not a tensor)
         self.out_bytes = 0
         self.graph: _Graph | None = None
-        self.args: list = []  # the graph's inputs: its own buffers (None where an input is pinned)
         self.copied: list[int] = []  # indices of inputs copied in (COPY and COPY_BACK)
         self.back: list[int] = []  # indices of inputs copied back out (COPY_BACK)
         self.copied_own: list = []  # the graph's buffers of the inputs copied in, and of those copied back
@@ -818,7 +816,7 @@ class Stretch(torch.nn.Module):
             )
             return program(*args)
         graph.pinned = {args[i].untyped_storage().data_ptr() for i, m in enumerate(state.modes) if m == PIN}
-        state.graph, state.args, state.copied = graph, own, copied
+        state.graph, state.copied = graph, copied
         state.back = [i for i, m in enumerate(state.modes) if m == COPY_BACK]
         state.copied_own = [own[i] for i in copied]
         state.back_own = [own[i] for i in state.back]
