@@ -79,9 +79,11 @@ def compile_options(args: argparse.Namespace) -> dict:
         options["cuda_graphs"] = True
         if args.graph_memory is not None:
             options["graph_memory"] = args.graph_memory
-    for flag in ("compile_stretches", "cudnn_attention", "block_jobs"):  # on/off flags named as their options
+    for flag in ("compile_stretches", "block_jobs"):  # on/off flags named as their options
         if getattr(args, flag, False):
             options[flag] = True
+    if getattr(args, "cudnn_attention", None) is not None:
+        options["cudnn_attention"] = args.cudnn_attention
     return options
 
 
@@ -1107,10 +1109,22 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         help="the CUDA graphs' memory pool, e.g. 256MiB (needs --cuda-graphs; default: 1/16 of the budget, "
         "at most 128 MiB)",
     )
-    g.add_argument(
+    cudnn = g.add_mutually_exclusive_group()
+    cudnn.add_argument(
         "--cudnn-attention",
-        action="store_true",
-        help="let attention use cuDNN (off by default: it plans every new KV length anew, tens of ms a token)",
+        dest="cudnn_attention",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let attention use cuDNN in every graph (default: only in graphs whose attention shapes never "
+        "change, e.g. decode steps over a static cache; cuDNN plans every new shape anew, tens of ms each)",
+    )
+    cudnn.add_argument(
+        "--no-cudnn-attention",
+        dest="cudnn_attention",
+        action="store_const",
+        const=False,
+        help="keep attention off cuDNN in every graph (cudnn_attention=False)",
     )
     g.add_argument(
         "--verbose", action="store_true", help="progress of long steps, and each compiled graph's plan table"

@@ -118,14 +118,20 @@ class Config:
         inductor's code. Compiled code is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``). Off by
         default: the first calls compile for about a minute. On the H100 host (7B fp16, 2026-12-07, commit
         4483601), with ``cuda_graphs``, it decoded at 71.0 tok/s fully resident against 29.6 op by op.
-    cudnn_attention: let ``scaled_dot_product_attention`` pick its cuDNN backend inside the compiled graphs.
-        Off by default: cuDNN builds an execution plan for every new shape, and a decode step with a growing
-        KV cache (HF's default DynamicCache) has a new shape every token. On the H100 host (torch 2.11) that
-        took 36-57 ms of the launching thread's time per new length, against 0.1 ms for the flash kernel
-        torch picks without it (docs/benchmarks-history.md, 2026-11-22, commit 450b82b). The graphs switch it off while they run
-        and restore the caller's setting after. The setting is torch's, for the whole process: another
-        thread's attention running meanwhile sees it off too, and two threads running compiled graphs at
-        once may leave it on for part of one's call (a matter of speed only).
+    cudnn_attention: whether ``scaled_dot_product_attention`` may pick its cuDNN backend inside the compiled
+        graphs. cuDNN builds an execution plan for every new shape: with a growing KV cache (HF's
+        DynamicCache) that is every decode token, 36-57 ms of the launching thread's time per new length on
+        the H100 host (torch 2.11), against 0.1 ms for the flash kernel torch picks without it
+        (docs/benchmarks-history.md, 2026-11-22, commit 450b82b). Over a static cache a graph's shapes
+        never change, the plan is built once, and cuDNN's kernel is the fast one: a masked decode step's
+        attention took 11.2 µs a layer against the memory-efficient kernel's 29.0 over 584 slots, 13.1
+        against 44.7 over 1024 and 28.6 against 167.1 over 4096 (H100 host, 2026-12-07, fp16, 32 heads of
+        128, in a CUDA graph). "auto" (default): allowed in the graphs whose attention reads a static cache
+        with fixed shapes (:func:`hetegen_fx.graph_utils.attention_shapes_repeat`), off in the others;
+        ``True``: allowed everywhere; ``False``: off everywhere. Where it is off the graphs switch it off
+        while they run and restore the caller's setting after. The setting is torch's, for the whole
+        process: another thread's attention running meanwhile sees it off too, and two threads running
+        compiled graphs at once may leave it on for part of one's call (a matter of speed only).
     host_embeddings: keep embedding tables (an LM's token embedding) in host memory and look the tokens up on
         the CPU: only the looked-up rows cross to the device, and the table's bytes go to resident weights
         instead (250 MiB for a Llama-2-7B). A table tied to ``lm_head`` counts once, as that Linear's
@@ -184,7 +190,7 @@ class Config:
     output_device: str = "input"
     cuda_graphs: bool = False
     compile_stretches: bool = False
-    cudnn_attention: bool = False
+    cudnn_attention: bool | str = "auto"
     host_embeddings: bool = True
     graph_memory: int | None = None
     kv_cache: str = "auto"
@@ -207,7 +213,6 @@ class Config:
         for flag in (
             "cuda_graphs",
             "compile_stretches",
-            "cudnn_attention",
             "host_embeddings",
             "stream_jobs",
             "block_jobs",
@@ -219,6 +224,8 @@ class Config:
         _check_choice("profile", self.profile, ("auto", "measure", "model"))
         _check_choice("output_device", self.output_device, ("input", "accelerator", "auto"))
         _check_choice("kv_cache", self.kv_cache, ("auto", "static", "dynamic"))
+        if self.cudnn_attention not in (True, False, "auto") or type(self.cudnn_attention) not in (bool, str):
+            raise ConfigError(f"cudnn_attention must be True, False or 'auto', got {self.cudnn_attention!r}")
         _check_choice("storage_policy", self.storage_policy, ("balanced", "layered"))
         _check_int("storage_slots", self.storage_slots, 1, "a count of ring slots of at least 1, or None")
         _check_stage(self.pipeline_stage)

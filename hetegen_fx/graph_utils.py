@@ -231,6 +231,23 @@ def writers_of(node: fx.Node) -> list[fx.Node]:
     return writers
 
 
+def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
+    """Whether every call of ``gm`` gives its attention ops (``scaled_dot_product_attention``) the shapes
+    they were captured with: each query, keys and values carries dynamo's example value (dynamo guards a
+    graph's shapes, so a call of other shapes runs another graph) and none of its sizes is symbolic. So a
+    decode step over a static cache (whose keys span the cache's fixed capacity) is; a step over a cache
+    grown by concatenation, once dynamo made its length symbolic, and any graph traced without dynamo's
+    values are not. A backend that plans per shape (cuDNN's attention) plans once per such graph."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
+            continue
+        for arg in node.args[:3]:
+            value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+            if not isinstance(value, torch.Tensor) or any(isinstance(d, torch.SymInt) for d in value.shape):
+                return False
+    return True
+
+
 def schema_writes(node: fx.Node) -> list[fx.Node]:
     """The arguments an op overload declares it writes (``Tensor(a!)``), given by position or by name."""
     t = node.target

@@ -6,7 +6,8 @@ and that callable (:func:`launcher`): the *direct*
 program (the ``hetegen::`` custom ops called as plain functions, :func:`direct`), its stretches of device
 work compiled by inductor (``compile_stretches``, :mod:`hetegen_fx.inductor`) and replayed as CUDA graphs of
 the model's pool (``cuda_graphs``, :mod:`hetegen_fx.graphs`; :func:`pool_for`), one call at a time per device
-(:attr:`hetegen_fx.runtime.DeviceRuntime.lock`), cuDNN attention off while it runs, a timeline recorded node
+(:attr:`hetegen_fx.runtime.DeviceRuntime.lock`), cuDNN attention off while it runs where its shapes vary
+(``cudnn_attention``), a timeline recorded node
 by node inside :func:`hetegen_fx.trace.record`, and the refusal of HF's host-side cache edits when the graph
 parks state on the device. Must not: place, reorder or change what a graph computes; the transformed graph
 (with its custom ops) stays the one to inspect, export and trace.
@@ -23,7 +24,7 @@ import torch.fx as fx
 
 from . import ops, trace
 from .decoding import refuse_cache_edits
-from .graph_utils import clone_graph_module
+from .graph_utils import attention_shapes_repeat, clone_graph_module
 from .graphs import GraphPool, fuse_stretches
 from .host import default_threads
 from .inductor import StretchCompiler
@@ -75,7 +76,10 @@ def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:
     compiler = compiler_for(store, config) if store is not None else None
     label = getattr(plan, "label", "") or type(gm).__name__
     fast = direct(gm, pool, compiler, label)
-    no_cudnn = not config.cudnn_attention and torch.device(device).type == "cuda"
+    no_cudnn = torch.device(device).type == "cuda" and (
+        config.cudnn_attention is False
+        or (config.cudnn_attention == "auto" and not attention_shapes_repeat(gm))
+    )
     lock = get_runtime(device).lock
 
     def run(*args: Any) -> Any:

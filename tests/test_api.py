@@ -217,7 +217,8 @@ def test_unknown_options_list_the_known_ones():
         ({"gpu_memory": "lots"}, "cannot read 'lots'"),
         ({"gpu_memory": -1}, "must be a finite, non-negative"),
         ({"batch_size": 0}, "batch_size"),
-        ({"cudnn_attention": "yes"}, "cudnn_attention must be True or False"),
+        ({"cudnn_attention": "yes"}, "cudnn_attention must be True, False or 'auto'"),
+        ({"cudnn_attention": 1}, "cudnn_attention must be True, False or 'auto'"),
     ],
 )
 def test_bad_option_values(kw, match):

@@ -122,6 +122,19 @@ def test_generate_chat_and_plan_share_the_compile_defaults():
     assert hetegen_fx.Config.from_options(compile_options(threads)).cpu_threads == 3
 
 
+def test_cudnn_flags_choose_the_attention_setting_and_exclude_each_other(capsys):
+    parser = build_parser()
+    common = ["plan", "--gpu-memory", "1MiB", *CPU]
+    settings = [
+        hetegen_fx.Config.from_options(compile_options(parser.parse_args([*common, *flag]))).cudnn_attention
+        for flag in ([], ["--cudnn-attention"], ["--no-cudnn-attention"])
+    ]
+    assert settings == ["auto", True, False]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--cudnn-attention", "--no-cudnn-attention"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_sampling_flags_become_generate_options():
     parser = build_parser()
     greedy = parser.parse_args(["generate", "--prompt", "hi"])

@@ -6,7 +6,9 @@ split Linears' numerics on the real device (copy stream, events, pinned memory).
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,31 +169,53 @@ def _kernels(fn) -> list[str]:
 
 @needs_cuda
 @torch.no_grad()
-def test_decode_attention_runs_without_cudnn_and_the_setting_is_restored():
-    """cuDNN's attention builds a plan per new shape, i.e. per token with HF's growing cache: the compiled
-    graphs run attention on another backend and leave the caller's setting as it was (token parity is the
-    other tests'; here fp16, where torch picks cuDNN)."""
+@pytest.mark.parametrize("cache, setting", [("dynamic", "auto"), ("static", "auto"), ("static", False)])
+def test_decode_attention_uses_cudnn_only_where_its_shapes_repeat_and_the_setting_is_restored(cache, setting):
+    """cuDNN's attention builds a plan per new shape, i.e. per token with HF's growing cache, and is the
+    fastest kernel over a static one (a plan per graph). By default the graphs whose attention shapes are
+    fixed use it (every step over a StaticCache; over a DynamicCache the prefill and the first step, before
+    dynamo makes the length symbolic), the others run another backend, and ``cudnn_attention=False`` keeps
+    it off everywhere; the caller's setting is left as it was. fp16, where torch picks cuDNN."""
     model = _small_llama(torch.float16)
     ids = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(7))
-    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         gpu = model.cuda()
+        ref = gpu.generate(ids.cuda(), **kw)
         eager = _kernels(lambda: gpu.generate(ids.cuda(), **kw))
         model.cpu()
         torch.cuda.empty_cache()
-        c = hetegen_fx.compile(model, gpu_memory=_budget(model), device="cuda", max_seq_len=64)
+        c = hetegen_fx.compile(
+            model,
+            gpu_memory=_budget(model),
+            device="cuda",
+            max_seq_len=64,
+            kv_cache=cache,
+            cudnn_attention=setting,
+        )
         c.generate(ids, **kw)  # compile the prefill and decode graphs
+        out = c.generate(ids, **kw)
         ours = _kernels(lambda: c.generate(ids, **kw))
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
-    if not any("cudnn" in k.lower() for k in eager):
-        pytest.skip("torch does not pick cuDNN's attention for this model here: nothing to switch off")
+    in_eager = sum("cudnn" in k.lower() for k in eager)
+    if not in_eager:
+        pytest.skip("torch does not pick cuDNN's attention for this model here: nothing to decide")
+    in_ours = sum("cudnn" in k.lower() for k in ours)
     attention = [k for k in ours if "flash" in k.lower() or "fmha" in k.lower() or "attention" in k.lower()]
     assert attention, sorted(set(ours))[:40]
-    assert not [k for k in ours if "cudnn" in k.lower()], sorted({k for k in ours if "cudnn" in k.lower()})
+    if setting is False:
+        assert in_ours == 0, sorted({k for k in ours if "cudnn" in k.lower()})
+    elif cache == "static":
+        assert in_ours > 0, sorted(set(ours))[:40]
+        assert out.cpu().tolist() == ref.cpu().tolist()
+    else:
+        assert 0 < in_ours < in_eager, (in_ours, in_eager)
 
 
 @needs_cuda
@@ -790,3 +814,29 @@ def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
         if lp.storage_rows:
             w = dict(compiled.named_parameters())[lp.name]
             assert source_of(w).filled == lp.out_features - lp.storage_rows, lp.name  # never read further
+
+
+@needs_cuda
+def test_the_decode_attention_script_times_every_backend(tmp_path):
+    """scripts/decode_attention.py (the measurement behind ``cudnn_attention="auto"``): every variant either
+    timed and close to the default's output, or reported as unavailable."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "decode_attention.py"
+    spec = importlib.util.spec_from_file_location("decode_attention", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--slots", "96", "--reps", "3", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "decode_attention.json").read_text())["us_per_call"]["96"]
+    assert set(row) == {
+        "sdpa_default",
+        "sdpa_efficient",
+        "sdpa_cudnn",
+        "sdpa_math",
+        "matmuls",
+        "inductor_matmuls",
+    }
+    timed = {n: r for n, r in row.items() if "us_per_call" in r}
+    assert "sdpa_default" in timed and "matmuls" in timed, row
+    for r in timed.values():
+        assert r["us_per_call"] > 0 and r["max_abs_diff"] < 1e-2, row

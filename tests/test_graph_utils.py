@@ -1,5 +1,5 @@
 """graph_utils: which nodes change a tensor in place (so dead-code elimination keeps them and DevicePass
-writes changed inputs back), and runtime.write_back."""
+writes changed inputs back), whether a graph's attention shapes repeat, and runtime.write_back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from hetegen_fx.graph_utils import eliminate_dead_code, mutates, writers_of
+from hetegen_fx.graph_utils import attention_shapes_repeat, eliminate_dead_code, mutates, writers_of
 from hetegen_fx.runtime import park, unpark, write_back
 
 
@@ -174,3 +174,36 @@ def test_a_small_input_written_back_keeps_a_device_twin_until_it_changes():
     del host
     gc.collect()
     assert key not in runtime._TWINS  # the entry goes with the host tensor
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_attention_shapes_repeat_in_dynamo_graphs_over_a_static_cache_not_over_a_grown_one(tiny_hf, cache):
+    """The graphs dynamo captures of an HF decoder's generate: over a StaticCache every graph's attention has
+    fixed shapes (keys span the cache's capacity); over a DynamicCache the graph dynamo makes once the length
+    varies has a symbolic one, and a graph traced without dynamo's values is never taken to repeat."""
+    model = tiny_hf("llama")
+    graphs: list[fx.GraphModule] = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=keep)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    ids = torch.randint(3, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.generate(ids, **kw)
+    torch._dynamo.reset()
+    decides = [attention_shapes_repeat(gm) for gm in graphs]
+    assert len(graphs) >= 2, decides
+    assert all(any("scaled_dot_product_attention" in str(n.target) for n in gm.graph.nodes) for gm in graphs)
+    if cache == "static":
+        assert all(decides), decides  # the prefill and the decode step
+    else:
+        assert decides[0] and not decides[-1], decides  # the prefill; the decode step of a symbolic length
+    assert not attention_shapes_repeat(
+        fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    )

@@ -96,20 +96,41 @@ class _Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(_cudnn_flag(q), k, v)
 
 
-def test_graphs_run_on_cuda_without_cudnn_attention_and_restore_the_setting():
+def _with_example_values(gm: torch.fx.GraphModule, values) -> torch.fx.GraphModule:
+    """``gm`` with dynamo's example values on its inputs, as a graph dynamo captured carries them."""
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), values, strict=True):
+        node.meta["example_value"] = value
+    for node in gm.graph.find_nodes(op="call_function", target=_cudnn_flag):  # returns its input
+        node.meta["example_value"] = node.args[0].meta["example_value"]
+    return gm
+
+
+def test_graphs_run_on_cuda_without_cudnn_attention_where_shapes_vary_and_restore_the_setting():
     """cuDNN's attention builds a plan per new shape (tens of ms per decode token with a growing cache): a
-    graph runs with it off on CUDA, unless asked for, and leaves the caller's setting as it was. (The
-    graph's ops run on the CPU here; only the setting is checked.)"""
-    gm = torch.fx.symbolic_trace(_Attention())
+    graph runs with it off on CUDA unless its attention shapes are dynamo's and fixed (then it plans once)
+    or it is asked for, and leaves the caller's setting as it was. (The graph's ops run on the CPU here;
+    only the setting is checked.)"""
     q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    traced = torch.fx.symbolic_trace(_Attention())  # no shapes known
+    fixed = _with_example_values(torch.fx.symbolic_trace(_Attention()), (q, k, v))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with (mode := FakeTensorMode(shape_env=ShapeEnv())):  # keys of a symbolic length, as dynamo records them
+        grown = torch.empty(1, 2, mode.shape_env.create_unbacked_symint(), 8)
+    symbolic = _with_example_values(torch.fx.symbolic_trace(_Attention()), (q, grown, v))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
-        for user, cudnn_attention, device, during in [
-            (True, False, "cuda", False),  # switched off while the graph runs
-            (True, True, "cuda", True),  # asked for
-            (True, False, "cpu", True),  # not a CUDA graph: left alone
-            (False, False, "cuda", False),  # already off: stays off
+        for gm, user, cudnn_attention, device, during in [
+            (traced, True, "auto", "cuda", False),  # shapes unknown: switched off while the graph runs
+            (symbolic, True, "auto", "cuda", False),  # a symbolic length: off
+            (fixed, True, "auto", "cuda", True),  # fixed shapes: left on
+            (fixed, True, False, "cuda", False),  # asked off
+            (traced, True, True, "cuda", True),  # asked for
+            (traced, True, "auto", "cpu", True),  # not a CUDA graph: left alone
+            (traced, False, "auto", "cuda", False),  # already off: stays off
+            (fixed, False, "auto", "cuda", False),  # nor switched on
         ]:
             torch.backends.cuda.enable_cudnn_sdp(user)
             _SEEN.clear()
