@@ -87,3 +87,24 @@ def test_directory_without_config_and_non_gguf_file(tmp_path: Path) -> None:
     weights.write_bytes(b"")
     with pytest.raises(ValueError, match="gguf"):
         load(weights, progress=False)
+
+
+def test_a_gguf_is_parsed_once_per_load_and_gguf_is_left_as_it_was() -> None:
+    """transformers opens the GGUF three times for one model (config, tokenizer, weights): within a load one
+    reader serves all three and each tensor-name map is built once; gguf's own functions come back after,
+    also when the load fails."""
+    import gguf
+
+    path = default_gguf_path()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with loading._gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # the same file, however named
+        assert first.fields and len(first.tensors) > 0
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+        assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    with pytest.raises(RuntimeError, match="inside"), loading._gguf_parsed_once():
+        raise RuntimeError("a load failing inside")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
