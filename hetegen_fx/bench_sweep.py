@@ -447,6 +447,19 @@ def _bytes(n) -> str:
     return format_bytes(n) if isinstance(n, (int, float)) else "-"
 
 
+#: hetegen_fx's own ways of running a model (``stream`` and ``cpu`` are the baselines it is measured against)
+BEST_OF = ("hetegen", "compiled", "blocks", "graphs")
+
+
+def best_variant(variants: dict) -> tuple[str | None, dict | None]:
+    """``(name, result)`` of the fastest of :data:`BEST_OF` among a point's ``variants`` that decoded, hetegen on
+    a tie; ``(None, None)`` if none did."""
+    ran = [(n, variants[n]) for n in BEST_OF if "decode_tok_s" in variants.get(n, {})]
+    if not ran:
+        return None, None
+    return max(ran, key=lambda nr: nr[1]["decode_tok_s"])
+
+
 def format_table(s: dict) -> str:
     """The sweep as markdown: one row per budget."""
     lc_info = s.get("llama_cpp")
@@ -460,8 +473,8 @@ def format_table(s: dict) -> str:
         "",
         "| budget | hetegen tok/s | "
         + "".join(f"{n} tok/s | " for n in _OTHERS)
-        + "llama.cpp tok/s (-ngl) | hetegen / llama.cpp | hetegen % of bound | prefill s hetegen / llama.cpp "
-        "| peak GPU hetegen torch / nvidia-smi | peak GPU llama.cpp nvidia-smi | tokens = ref |",
+        + "llama.cpp tok/s (-ngl) | best / llama.cpp | hetegen % of bound | prefill s best / llama.cpp "
+        "| peak GPU best torch / nvidia-smi | peak GPU llama.cpp nvidia-smi | tokens = ref |",
         "|---" * (9 + len(_OTHERS)) + "|",
     ]
     for p in s["points"]:
@@ -478,12 +491,16 @@ def format_table(s: dict) -> str:
             lc_rate = "does not fit"
         elif lc.get("error"):
             lc_rate = "FAILED"
-        ratio = f"{h['decode_tok_s'] / lc['decode_tok_s']:.2f}x" if h and lc.get("decode_tok_s") else "-"
+        name, b = best_variant(v)
+        mark = f" ({name})" if name not in (None, "hetegen") else ""
+        ratio = (
+            f"{b['decode_tok_s'] / lc['decode_tok_s']:.2f}x{mark}" if b and lc.get("decode_tok_s") else "-"
+        )
         bound = (p.get("bounds_decode_s") or {}).get("hetegen")
         reached = f"{bound / h['decode_s_per_token'] * 100:.0f}%" if bound and h else "-"
-        prefill = f"{h['prefill_s']:.3f} / " if h else "- / "
+        prefill = f"{b['prefill_s']:.3f} / " if b else "- / "
         prefill += f"{lc['prompt_s']:.3f}" if "prompt_s" in lc else "-"
-        peak = f"{_bytes(h.get('peak_gpu_bytes'))} / {_bytes(h.get('smi_process_bytes'))}" if h else "-"
+        peak = f"{_bytes(b.get('peak_gpu_bytes'))} / {_bytes(b.get('smi_process_bytes'))}" if b else "-"
         lc_peak = _bytes(lc.get("gpu_delta_bytes"))
         if lc_peak != "-" and lc.get("fits_by") == "estimate":
             lc_peak += " (est.)"
@@ -499,7 +516,10 @@ def format_table(s: dict) -> str:
         )
     rows += [
         "",
-        "peak GPU: hetegen's torch peak (max_memory_allocated) and its process on the GPU by nvidia-smi (CUDA "
+        "best: hetegen_fx's fastest variant at that budget (of "
+        + ", ".join(BEST_OF)
+        + "; named where it is not hetegen), whose prefill and memory the row gives; "
+        "peak GPU: its torch peak (max_memory_allocated) and its process on the GPU by nvidia-smi (CUDA "
         "context included); llama.cpp's process by nvidia-smi, at the largest -ngl whose process holds at most "
         "the budget plus this process's CUDA context"
         + (f" ({format_bytes(s['process_context_bytes'])})" if s.get("process_context_bytes") else "")
@@ -577,8 +597,9 @@ def _x(points: list[dict]) -> dict[str, float]:
 
 
 def chart(s: dict, path: Path) -> None:
-    """Decode tokens/s against the budget (hetegen, stream, cpu, llama.cpp, hetegen's bound dashed), and
-    beside it each system's measured GPU memory against the budget."""
+    """Decode tokens/s against the budget (each variant, llama.cpp, hetegen's bound dashed), and beside it
+    each system's measured GPU memory against the budget (hetegen_fx's at its fastest variant,
+    :func:`best_variant`)."""
     from .bench import _log
 
     try:
@@ -638,17 +659,10 @@ def chart(s: dict, path: Path) -> None:
         ax[0].set_yscale("log")
     ax[0].set_ylabel("decode tokens/s")
     ax[0].legend(fontsize=8)
+    best = [(xs[p["budget"]], best_variant(p["variants"])[1]) for p in points]
     mem = {
-        "hetegen (nvidia-smi)": [
-            (xs[p["budget"]], p["variants"]["hetegen"].get("smi_process_bytes"))
-            for p in points
-            if "hetegen" in p["variants"]
-        ],
-        "hetegen (torch peak)": [
-            (xs[p["budget"]], p["variants"]["hetegen"].get("peak_gpu_bytes"))
-            for p in points
-            if "hetegen" in p["variants"]
-        ],
+        "hetegen_fx, best variant (nvidia-smi)": [(x, b.get("smi_process_bytes")) for x, b in best if b],
+        "hetegen_fx, best variant (torch peak)": [(x, b.get("peak_gpu_bytes")) for x, b in best if b],
         "llama.cpp (nvidia-smi)": [(x, r.get("gpu_delta_bytes")) for x, r in lc],
     }
     for (label, pts), color in zip(mem.items(), ("#4472c4", "#9dc3e6", "#70ad47"), strict=True):

@@ -556,3 +556,39 @@ def test_the_table_has_a_column_for_every_sweep_variant_and_rows_of_its_width():
         "- 1MiB graphs: 2 recorded, 3 replays of 3 stretches; unrecorded keys: none; moved: 2; pool full"
         in lines
     )
+
+
+def test_the_ratio_to_llama_cpp_is_the_fastest_hetegen_fx_variant_named_where_not_hetegen():
+    """A budget where only `compiled` ran (all resident, say) still gets its ratio, prefill and memory; where
+    several ran, the fastest of hetegen_fx's own variants counts (stream and cpu are baselines)."""
+    from hetegen_fx.bench_sweep import best_variant, format_table
+
+    def run(rate, prefill, peak):
+        return {
+            "decode_tok_s": rate, "decode_s_per_token": 1 / rate, "prefill_s": prefill, "peak_gpu_bytes": peak,
+            "smi_process_bytes": peak + (512 << 20), "tokens_match_reference": True,
+        }  # fmt: skip
+
+    lc = {"decode_tok_s": 50.0, "ngl": 30, "prompt_s": 0.18, "gpu_delta_bytes": 12 << 30}
+    summary = {
+        "model": "llama-2-7b", "dtype": "float16", "model_bytes": 13 << 30, "prompt_len": 512, "new_tokens": 64,
+        "device": "cuda", "date": "2026-12-07", "torch": torch.__version__, "cpu_threads": 16, "llama_cpp": None,
+        "points": [
+            {"budget": "8GiB", "budget_bytes": 8 << 30, "llama_cpp": lc, "skipped": {}, "errors": {},
+             "variants": {"hetegen": run(60.0, 0.10, 7 << 30), "compiled": run(55.0, 0.11, 7 << 30), "stream": run(90.0, 0.2, 1 << 30)}},
+            {"budget": "all", "budget_bytes": None, "llama_cpp": lc, "skipped": {}, "errors": {},
+             "variants": {"compiled": run(48.0, 0.033, 12 << 30)}},
+        ],
+    }  # fmt: skip
+    assert best_variant(summary["points"][0]["variants"])[0] == "hetegen"  # not the stream baseline
+    assert best_variant({"stream": run(1.0, 1.0, 1)}) == (None, None)
+    lines = format_table(summary).splitlines()
+    header = next(line for line in lines if line.startswith("| budget")).split("|")
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith(("| 8GiB", "| all"))
+    }
+    ratio, prefill, peak = (header.index(f" {c} ") for c in ("best / llama.cpp", "prefill s best / llama.cpp", "peak GPU best torch / nvidia-smi"))  # fmt: skip
+    assert rows["8GiB"][ratio].strip() == "1.20x"
+    assert rows["all"][ratio].strip() == "0.96x (compiled)"
+    assert rows["all"][prefill].strip() == "0.033 / 0.180"
+    assert rows["all"][peak].strip() == "12.00 GiB / 12.50 GiB"
