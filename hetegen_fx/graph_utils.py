@@ -231,18 +231,42 @@ def writers_of(node: fx.Node) -> list[fx.Node]:
     return writers
 
 
+#: ``scaled_dot_product_attention``'s tensor arguments, by position and name
+_ATTENTION_INPUTS = ("query", "key", "value")
+#: graph functions that hand on their first argument's tensor on another device (DevicePass's moves), so
+#: its shape is the argument's
+_MOVES = frozenset({"to_device", "park", "unpark"})
+
+
+def _captured_value(arg: Any) -> Any:
+    """Dynamo's example value of ``arg``, looked up through the device moves DevicePass puts in front of a
+    graph's inputs (they carry none of their own)."""
+    for _ in range(4):
+        if not isinstance(arg, fx.Node):
+            return None
+        if "example_value" in arg.meta:
+            return arg.meta["example_value"]
+        if arg.op != "call_function" or _name(arg) not in _MOVES or not arg.args:
+            return None
+        arg = arg.args[0]
+    return None
+
+
 def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
-    """Whether every call of ``gm`` gives its attention ops (``scaled_dot_product_attention``) the shapes
-    they were captured with: each query, keys and values carries dynamo's example value (dynamo guards a
-    graph's shapes, so a call of other shapes runs another graph) and none of its sizes is symbolic. So a
-    decode step over a static cache (whose keys span the cache's fixed capacity) is; a step over a cache
-    grown by concatenation, once dynamo made its length symbolic, and any graph traced without dynamo's
-    values are not. A backend that plans per shape (cuDNN's attention) plans once per such graph."""
+    """Whether every call of ``gm`` gives its attention ops (``scaled_dot_product_attention`` and aten's
+    variants of it) the shapes they were captured with: each query, keys and values (given by position or
+    by name) carries dynamo's example value, directly or through a device move, and none of its sizes is
+    symbolic. Dynamo guards a graph's shapes, so a call of other shapes runs another graph. So a decode step
+    over a static cache of one capacity and a prefill of one length are; a step over a cache grown by
+    concatenation, and a prefill or a cache size class once dynamo has seen a second one (it makes that
+    size symbolic), are not, nor is any graph traced without dynamo's values. A backend that plans per
+    shape (cuDNN's attention) plans once per such graph. True for a graph without attention."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
+        if node.op != "call_function" or "scaled_dot_product" not in str(node.target):
             continue
-        for arg in node.args[:3]:
-            value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+        for i, name in enumerate(_ATTENTION_INPUTS):
+            arg = node.args[i] if i < len(node.args) else node.kwargs.get(name)
+            value = _captured_value(arg)
             if not isinstance(value, torch.Tensor) or any(isinstance(d, torch.SymInt) for d in value.shape):
                 return False
     return True

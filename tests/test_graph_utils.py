@@ -207,3 +207,47 @@ def test_attention_shapes_repeat_in_dynamo_graphs_over_a_static_cache_not_over_a
     assert not attention_shapes_repeat(
         fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
     )
+
+
+def test_attention_shapes_repeat_in_the_transformed_graphs_of_a_compiled_decoder():
+    """Through hetegen_fx.compile, where DevicePass moves the cache's tensors onto the device in front of the
+    attention (a model with as many key/value heads as query heads reads them without a view): the prefill
+    and decode graphs over the default static cache repeat their shapes; a second prompt length gives a
+    prefill graph of a symbolic length, which does not."""
+    import hetegen_fx
+    from hetegen_fx.models import build_random
+
+    model = build_random(
+        "llama", seed=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256,
+    )  # fmt: skip
+    assert model.config.num_key_value_heads == model.config.num_attention_heads
+    c = hetegen_fx.compile(model, device="cpu", max_seq_len=64, kv_cache="static")
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for length in (7, 7):
+            c.generate(torch.randint(3, model.config.vocab_size, (1, length), generator=gen), **kw)
+        graphs = hetegen_fx.explain(c).graph_modules
+        assert len(graphs) >= 2 and all(attention_shapes_repeat(gm) for gm in graphs)
+        moved = [n for gm in graphs for n in gm.graph.nodes if n.name.endswith("_dev")]
+        assert moved, "the cache's tensors are moved onto the device in front of the attention"
+        c.generate(torch.randint(3, model.config.vocab_size, (1, 11), generator=gen), **kw)
+        later = hetegen_fx.explain(c).graph_modules[len(graphs) :]
+    assert later and not all(attention_shapes_repeat(gm) for gm in later)
+
+
+def test_attention_inputs_given_by_name_are_checked_too():
+    """SDPA called with query=, key=, value=: a symbolic length there counts as much as by position."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    gm = fx.symbolic_trace(lambda q, k, v: F.scaled_dot_product_attention(query=q, key=k, value=v))
+    q = torch.randn(1, 2, 3, 8)
+    with (mode := FakeTensorMode(shape_env=ShapeEnv())):
+        grown = torch.empty(1, 2, mode.shape_env.create_unbacked_symint(), 8)
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), (q, grown, q), strict=True):
+        node.meta["example_value"] = value
+    assert not attention_shapes_repeat(gm)
+    gm.graph.find_nodes(op="placeholder")[1].meta["example_value"] = q
+    assert attention_shapes_repeat(gm)
