@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -80,26 +81,32 @@ def _gguf_parsed_once() -> Iterator[None]:
     except ImportError:  # transformers then says that it needs the package
         yield
         return
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple, Any] = {}
-    maps: dict[tuple, Any] = {}
+    with _GGUF_PATCH_LOCK:  # one load at a time swaps them, so each puts back gguf's own
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple, Any] = {}
+        maps: dict[tuple, Any] = {}
 
-    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
-        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = real_reader(path, *args, **kwargs)
-        return readers[key]
+        def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+            key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+            if key not in readers:
+                readers[key] = real_reader(path, *args, **kwargs)
+            return readers[key]
 
-    def tensor_name_map(*args: Any) -> Any:
-        if args not in maps:
-            maps[args] = real_map(*args)
-        return maps[args]
+        def tensor_name_map(*args: Any, **kwargs: Any) -> Any:
+            key = (args, tuple(sorted(kwargs.items())))
+            if key not in maps:
+                maps[key] = real_map(*args, **kwargs)
+            return maps[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
+#: held while a load has gguf's functions swapped (:func:`_gguf_parsed_once`)
+_GGUF_PATCH_LOCK = threading.RLock()
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
