@@ -453,8 +453,12 @@ BEST_OF = ("hetegen", "compiled", "blocks", "graphs")
 
 def best_variant(variants: dict) -> tuple[str | None, dict | None]:
     """``(name, result)`` of the fastest of :data:`BEST_OF` among a point's ``variants`` that decoded, hetegen on
-    a tie; ``(None, None)`` if none did."""
-    ran = [(n, variants[n]) for n in BEST_OF if "decode_tok_s" in variants.get(n, {})]
+    a tie, leaving out any whose tokens differ from the reference; ``(None, None)`` if none is left."""
+    ran = [
+        (n, variants[n])
+        for n in BEST_OF
+        if "decode_tok_s" in variants.get(n, {}) and variants[n].get("tokens_match_reference") is not False
+    ]
     if not ran:
         return None, None
     return max(ran, key=lambda nr: nr[1]["decode_tok_s"])

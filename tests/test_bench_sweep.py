@@ -582,6 +582,8 @@ def test_the_ratio_to_llama_cpp_is_the_fastest_hetegen_fx_variant_named_where_no
     }  # fmt: skip
     assert best_variant(summary["points"][0]["variants"])[0] == "hetegen"  # not the stream baseline
     assert best_variant({"stream": run(1.0, 1.0, 1)}) == (None, None)
+    wrong = {**run(99.0, 0.1, 1), "tokens_match_reference": False}  # fast, but not the reference's tokens
+    assert best_variant({"hetegen": run(10.0, 0.1, 1), "graphs": wrong})[0] == "hetegen"
     lines = format_table(summary).splitlines()
     header = next(line for line in lines if line.startswith("| budget")).split("|")
     rows = {
