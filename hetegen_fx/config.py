@@ -127,9 +127,10 @@ class Config:
         attention took 11.2 µs a layer against the memory-efficient kernel's 29.0 over 584 slots, 13.1
         against 44.7 over 1024 and 28.6 against 167.1 over 4096 (H100 host, 2026-12-07, fp16, 32 heads of
         128, in a CUDA graph). "auto" (default): allowed in the graphs whose attention shapes dynamo fixed
-        (:func:`hetegen_fx.graph_utils.attention_shapes_repeat`: the decode step over a static cache of one
-        size class, a prefill of the first prompt length), off in the others (a length dynamo made
-        symbolic after seeing a second one, a graph traced without dynamo);
+        (:func:`hetegen_fx.graph_utils.attention_shapes_repeat`: the decode steps over a static cache, one
+        graph per size class, and a prefill of the first prompt length), off in the others (a prompt length
+        dynamo made symbolic after seeing a second one, a cache grown by concatenation, a graph traced
+        without dynamo);
         ``True``: allowed everywhere; ``False``: off everywhere. Where it is off the graphs switch it off
         while they run and restore the caller's setting after. The setting is torch's, for the whole
         process: another thread's attention running meanwhile sees it off too, and two threads running

@@ -272,6 +272,40 @@ def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
     return True
 
 
+#: how a graph allocates a KV-cache buffer itself (HF's StaticCache, initialised lazily at its first update)
+_CACHE_ALLOCATORS = frozenset({"zeros", "empty", "full"})
+
+
+def allocated_cache_outputs(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Positions of ``gm``'s outputs that are KV-cache buffers the graph allocates itself and writes in place:
+    HF's StaticCache made in its first step (``zeros`` filled by ``index_copy_``), handed back (directly or
+    through DevicePass's moves) for the cache object to keep."""
+    out = next(iter(gm.graph.find_nodes(op="output")), None)
+    values = out.args[0] if out is not None and out.args else None
+    if not isinstance(values, (tuple, list)):
+        return ()
+    found = []
+    for i, node in enumerate(values):
+        for _ in range(4):
+            if (
+                isinstance(node, fx.Node)
+                and node.op == "call_function"
+                and _name(node) in _MOVES
+                and node.args
+            ):
+                node = node.args[0]
+        if (
+            isinstance(node, fx.Node)
+            and node.op == "call_function"
+            and _name(node) in _CACHE_ALLOCATORS
+            and isinstance(node_value(node), torch.Tensor)
+            and node_value(node).dim() == 4
+            and writers_of(node)
+        ):
+            found.append(i)
+    return tuple(found)
+
+
 def schema_writes(node: fx.Node) -> list[fx.Node]:
     """The arguments an op overload declares it writes (``Tensor(a!)``), given by position or by name."""
     t = node.target

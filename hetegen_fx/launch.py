@@ -7,7 +7,8 @@ program (the ``hetegen::`` custom ops called as plain functions, :func:`direct`)
 work compiled by inductor (``compile_stretches``, :mod:`hetegen_fx.inductor`) and replayed as CUDA graphs of
 the model's pool (``cuda_graphs``, :mod:`hetegen_fx.graphs`; :func:`pool_for`), one call at a time per device
 (:attr:`hetegen_fx.runtime.DeviceRuntime.lock`), cuDNN attention off while it runs where its shapes vary
-(``cudnn_attention``), a timeline recorded node
+(``cudnn_attention``), the KV-cache buffers a prefill makes marked static for dynamo (one graph per size
+class), a timeline recorded node
 by node inside :func:`hetegen_fx.trace.record`, and the refusal of HF's host-side cache edits when the graph
 parks state on the device. Must not: place, reorder or change what a graph computes; the transformed graph
 (with its custom ops) stays the one to inspect, export and trace.
@@ -24,7 +25,7 @@ import torch.fx as fx
 
 from . import ops, trace
 from .decoding import refuse_cache_edits
-from .graph_utils import attention_shapes_repeat, clone_graph_module
+from .graph_utils import allocated_cache_outputs, attention_shapes_repeat, clone_graph_module
 from .graphs import GraphPool, fuse_stretches
 from .host import default_threads
 from .inductor import StretchCompiler
@@ -82,10 +83,17 @@ def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:
     )
     lock = get_runtime(device).lock
 
+    cache_outputs = allocated_cache_outputs(gm)
+
     def run(*args: Any) -> Any:
         if trace.recording():  # inside trace.record(): node by node, timed, no CUDA graphs
-            return trace.run_recorded(gm, device, args, store)
-        return fast(*args)
+            out = trace.run_recorded(gm, device, args, store)
+        else:
+            out = fast(*args)
+        for i in cache_outputs:  # a static cache made in this call: its size stays a constant of the graphs
+            if isinstance(out[i], torch.Tensor):  # that read it, one per size class, never a symbolic one
+                torch._dynamo.mark_static(out[i])
+        return out
 
     def call(*args: Any) -> Any:
         with lock:

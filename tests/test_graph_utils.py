@@ -209,12 +209,25 @@ def test_attention_shapes_repeat_in_dynamo_graphs_over_a_static_cache_not_over_a
     )
 
 
+def _query_length(gm: fx.GraphModule) -> int | None:
+    for node in gm.graph.nodes:
+        if "scaled_dot_product" in str(node.target):
+            return (
+                int(node.args[0].meta["example_value"].shape[2])
+                if "example_value" in node.args[0].meta
+                else None
+            )
+    return None
+
+
 def test_attention_shapes_repeat_in_the_transformed_graphs_of_a_compiled_decoder():
     """Through hetegen_fx.compile, where DevicePass moves the cache's tensors onto the device in front of the
     attention (a model with as many key/value heads as query heads reads them without a view): the prefill
     and decode graphs over the default static cache repeat their shapes; a second prompt length gives a
-    prefill graph of a symbolic length, which does not."""
+    prefill graph of a symbolic length, which does not; a request of the next size class gets a decode graph
+    of its own size, not a symbolic one (the prefill marks the cache it makes static), with eager's tokens."""
     import hetegen_fx
+    from hetegen_fx.graph_utils import allocated_cache_outputs
     from hetegen_fx.models import build_random
 
     model = build_random(
@@ -222,7 +235,7 @@ def test_attention_shapes_repeat_in_the_transformed_graphs_of_a_compiled_decoder
         num_key_value_heads=4, vocab_size=256,
     )  # fmt: skip
     assert model.config.num_key_value_heads == model.config.num_attention_heads
-    c = hetegen_fx.compile(model, device="cpu", max_seq_len=64, kv_cache="static")
+    c = hetegen_fx.compile(model, device="cpu", max_seq_len=1024, kv_cache="static")
     kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -232,9 +245,19 @@ def test_attention_shapes_repeat_in_the_transformed_graphs_of_a_compiled_decoder
         assert len(graphs) >= 2 and all(attention_shapes_repeat(gm) for gm in graphs)
         moved = [n for gm in graphs for n in gm.graph.nodes if n.name.endswith("_dev")]
         assert moved, "the cache's tensors are moved onto the device in front of the attention"
+        prefill, decode = graphs[0], graphs[1]
+        assert _query_length(decode) == 1
+        assert len(allocated_cache_outputs(prefill)) == 2 * model.config.num_hidden_layers  # keys and values
+        assert allocated_cache_outputs(decode) == ()
         c.generate(torch.randint(3, model.config.vocab_size, (1, 11), generator=gen), **kw)
         later = hetegen_fx.explain(c).graph_modules[len(graphs) :]
-    assert later and not all(attention_shapes_repeat(gm) for gm in later)
+        assert later and not all(attention_shapes_repeat(gm) for gm in later)  # a symbolic prompt length
+        ids = torch.randint(3, model.config.vocab_size, (1, 300), generator=gen)  # class 512, not 256
+        out = c.generate(ids, **kw)
+        ref = model.generate(ids, **kw)
+    steps = [gm for gm in hetegen_fx.explain(c).graph_modules if _query_length(gm) == 1]
+    assert len(steps) == 2 and all(attention_shapes_repeat(gm) for gm in steps)
+    assert out.tolist() == ref.tolist()
 
 
 def test_attention_inputs_given_by_name_are_checked_too():
