@@ -238,18 +238,20 @@ _ATTENTION_INPUTS = ("query", "key", "value")
 _MOVES = frozenset({"to_device", "park", "unpark"})
 
 
+def _through_moves(arg: Any) -> Any:
+    """What ``arg`` is behind the device moves DevicePass puts around a graph's inputs and outputs (itself if
+    it is none)."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and _name(arg) in _MOVES and arg.args:
+        arg = arg.args[0]
+    return arg
+
+
 def _captured_value(arg: Any) -> Any:
     """Dynamo's example value of ``arg``, looked up through the device moves DevicePass puts in front of a
     graph's inputs (they carry none of their own)."""
-    for _ in range(4):
-        if not isinstance(arg, fx.Node):
-            return None
-        if "example_value" in arg.meta:
-            return arg.meta["example_value"]
-        if arg.op != "call_function" or _name(arg) not in _MOVES or not arg.args:
-            return None
-        arg = arg.args[0]
-    return None
+    if isinstance(arg, fx.Node) and "example_value" not in arg.meta:
+        arg = _through_moves(arg)
+    return arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
 
 
 def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
@@ -257,10 +259,11 @@ def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
     variants of it) the shapes they were captured with: each query, keys and values (given by position or
     by name) carries dynamo's example value, directly or through a device move, and none of its sizes is
     symbolic. Dynamo guards a graph's shapes, so a call of other shapes runs another graph. So a decode step
-    over a static cache of one capacity and a prefill of one length are; a step over a cache grown by
-    concatenation, and a prefill or a cache size class once dynamo has seen a second one (it makes that
-    size symbolic), are not, nor is any graph traced without dynamo's values. A backend that plans per
-    shape (cuDNN's attention) plans once per such graph. True for a graph without attention."""
+    over a static cache (one graph per size class, :func:`allocated_cache_outputs`) and a prefill of one
+    length are; a step over a cache grown by concatenation and a prefill once dynamo has seen a second
+    prompt length (it makes that length symbolic) are not, nor is any graph traced without dynamo's values.
+    A backend that plans per shape (cuDNN's attention) plans once per such graph. True for a graph without
+    attention."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or "scaled_dot_product" not in str(node.target):
             continue
@@ -273,7 +276,7 @@ def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
 
 
 #: how a graph allocates a KV-cache buffer itself (HF's StaticCache, initialised lazily at its first update)
-_CACHE_ALLOCATORS = frozenset({"zeros", "empty", "full"})
+CACHE_ALLOCATORS = frozenset({"zeros", "empty", "full"})
 
 
 def allocated_cache_outputs(gm: fx.GraphModule) -> tuple[int, ...]:
@@ -286,18 +289,11 @@ def allocated_cache_outputs(gm: fx.GraphModule) -> tuple[int, ...]:
         return ()
     found = []
     for i, node in enumerate(values):
-        for _ in range(4):
-            if (
-                isinstance(node, fx.Node)
-                and node.op == "call_function"
-                and _name(node) in _MOVES
-                and node.args
-            ):
-                node = node.args[0]
+        node = _through_moves(node)
         if (
             isinstance(node, fx.Node)
             and node.op == "call_function"
-            and _name(node) in _CACHE_ALLOCATORS
+            and _name(node) in CACHE_ALLOCATORS
             and isinstance(node_value(node), torch.Tensor)
             and node_value(node).dim() == 4
             and writers_of(node)

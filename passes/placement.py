@@ -57,7 +57,7 @@ from hetegen_fx.blocks import MLPBlock, find_blocks
 from hetegen_fx.config import Config, format_bytes
 from hetegen_fx.costs import LinearCost, default_model, job_alpha, segment_alpha, segment_time
 from hetegen_fx.errors import ConfigError
-from hetegen_fx.graph_utils import _is_view, _name, concrete, node_value, writers_of
+from hetegen_fx.graph_utils import CACHE_ALLOCATORS, _is_view, _name, concrete, node_value, writers_of
 from hetegen_fx.graphs import reserve as graph_reserve
 from hetegen_fx.kernels import GEMV_ROWS
 from hetegen_fx.ledger import Ledger, LedgerLayer
@@ -89,10 +89,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-#: how a graph allocates a cache buffer itself (HF's StaticCache, initialised lazily at its first update)
-_CACHE_BUFFERS = frozenset({"zeros", "empty", "full"})
-
-
 def _through_views(node: fx.Node) -> fx.Node:
     """The node whose memory ``node`` views (itself if it is no view): a cache behind GQA's expand/reshape."""
     while node.op != "placeholder" and node.args and _is_view(node) and isinstance(node.args[0], fx.Node):
@@ -113,7 +109,7 @@ def kv_cache_copies(gm: fx.GraphModule) -> int:
         if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
             for kv in node.args[1:3]:
                 kv = _through_views(kv) if isinstance(kv, fx.Node) else kv
-                buffer = isinstance(kv, fx.Node) and (kv.op == "placeholder" or _name(kv) in _CACHE_BUFFERS)
+                buffer = isinstance(kv, fx.Node) and (kv.op == "placeholder" or _name(kv) in CACHE_ALLOCATORS)
                 if not buffer or not writers_of(kv):
                     copies = 2
     return copies
@@ -139,7 +135,7 @@ def _is_4d(value) -> bool:
 
 
 #: what keys read through views may be stored in: a buffer the graph allocates, or a concatenation
-_STORED = _CACHE_BUFFERS | {"cat"}
+_STORED = CACHE_ALLOCATORS | {"cat"}
 
 
 def _returned(node: fx.Node) -> bool:
@@ -203,7 +199,7 @@ def kv_use(gm: fx.GraphModule) -> KVUse | None:
             part = _through_views(part) if isinstance(part, fx.Node) else part
             if isinstance(part, fx.Node) and part.op == "placeholder" and part in index:
                 inputs.add(index[part])
-        if _name(base) in _CACHE_BUFFERS and _is_4d(node_value(base)):
+        if _name(base) in CACHE_ALLOCATORS and _is_4d(node_value(base)):
             length = node_value(base).shape[2]
             symbol = str(length) if isinstance(length, torch.SymInt) else None
             given = next(  # a capacity dynamo made an input (the cache's size varies from call to call)
