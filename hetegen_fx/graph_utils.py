@@ -279,27 +279,31 @@ def attention_shapes_repeat(gm: fx.GraphModule) -> bool:
 CACHE_ALLOCATORS = frozenset({"zeros", "empty", "full"})
 
 
+def allocated_cache_buffer(node: Any) -> bool:
+    """Whether ``node`` (looked up through DevicePass's moves) is a KV-cache buffer its graph allocates itself
+    and writes in place: HF's StaticCache made in its first step (``zeros`` filled by ``index_copy_``). Its
+    size is fixed for the cache's life, unlike a cache grown by concatenation."""
+    node = _through_moves(node)
+    value = node_value(node) if isinstance(node, fx.Node) else None
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and _name(node) in CACHE_ALLOCATORS
+        and isinstance(value, torch.Tensor)
+        and value.dim() == 4
+        and bool(writers_of(node))
+    )
+
+
 def allocated_cache_outputs(gm: fx.GraphModule) -> tuple[int, ...]:
-    """Positions of ``gm``'s outputs that are KV-cache buffers the graph allocates itself and writes in place:
-    HF's StaticCache made in its first step (``zeros`` filled by ``index_copy_``), handed back (directly or
-    through DevicePass's moves) for the cache object to keep."""
+    """Positions of ``gm``'s outputs that are KV-cache buffers the graph allocates itself
+    (:func:`allocated_cache_buffer`), handed back (directly or through DevicePass's moves) for the cache
+    object to keep."""
     out = next(iter(gm.graph.find_nodes(op="output")), None)
     values = out.args[0] if out is not None and out.args else None
     if not isinstance(values, (tuple, list)):
         return ()
-    found = []
-    for i, node in enumerate(values):
-        node = _through_moves(node)
-        if (
-            isinstance(node, fx.Node)
-            and node.op == "call_function"
-            and _name(node) in CACHE_ALLOCATORS
-            and isinstance(node_value(node), torch.Tensor)
-            and node_value(node).dim() == 4
-            and writers_of(node)
-        ):
-            found.append(i)
-    return tuple(found)
+    return tuple(i for i, node in enumerate(values) if allocated_cache_buffer(node))
 
 
 def schema_writes(node: fx.Node) -> list[fx.Node]:

@@ -248,7 +248,7 @@ def _entry(table: dict, x: torch.Tensor) -> list | None:
     return hit if hit is not None and hit[0]() is x else None
 
 
-def park(t: torch.Tensor) -> torch.Tensor:
+def park(t: torch.Tensor, grows: bool = True) -> torch.Tensor:
     """Keep device tensor ``t`` on its device and hand back a host *stand-in* of the same shape and strides.
 
     State a model carries between calls (an HF KV cache) stays on the accelerator while the user's model,
@@ -257,22 +257,30 @@ def park(t: torch.Tensor) -> torch.Tensor:
     swaps the device tensor in without a copy. Its values are garbage on the host: DevicePass does not park
     an output that is the caller's own input moved onto the device (an HF StaticCache's length counter,
     which HF reads on the host), and the compiled ``generate`` refuses decoding that edits the cache there.
+    ``grows=False`` for state of a fixed size (a StaticCache's buffers): see :func:`stand_in`.
     """
     if not isinstance(t, torch.Tensor) or t.device.type == "cpu":
         return t
-    return stand_in(t, t.shape, t.stride())
+    return stand_in(t, t.shape, t.stride(), grows=grows)
 
 
-def stand_in(t: torch.Tensor, shape, stride=None) -> torch.Tensor:
+def stand_in(t: torch.Tensor, shape, stride=None, grows: bool = True) -> torch.Tensor:
     """A host tensor of ``shape`` (and ``stride``, default contiguous) whose memory is never written, standing
     for ``t`` (:func:`unpark` gives ``t`` back; :func:`to_device` swaps ``t`` in for it on ``t``'s device): a
     parked device tensor (same shape), or one process's share of a tensor-parallel KV cache standing in as the
-    whole (:mod:`hetegen_fx.passes.shard`), so that the caller's model sees the shapes it was written for."""
+    whole (:mod:`hetegen_fx.passes.shard`), so that the caller's model sees the shapes it was written for.
+
+    State that ``grows`` (a cache grown by concatenation) has its sizes but the last marked dynamic for
+    dynamo, so graphs reading it are traced once, not per length. A fixed-size one (``grows=False``, a
+    StaticCache's buffers) is left unmarked: dynamo gives a weak dynamic mark precedence over
+    ``torch._dynamo.mark_static``, so a marked StaticCache buffer was read with a symbolic length, and
+    the decode graphs over it kept cuDNN's attention off (``cudnn_attention="auto"``; seen on an H100
+    host, 2026-12-08, tree c34c970: a length of ``s40`` over a 64-slot cache)."""
     if stride is None:
         shadow = torch.empty(tuple(shape), dtype=t.dtype, device="cpu")
     else:
         shadow = torch.empty_strided(tuple(shape), tuple(stride), dtype=t.dtype, device="cpu")
-    for dim in range(shadow.dim() - 1):  # state grows (a KV cache's sequence): trace it once, not per length
+    for dim in range(shadow.dim() - 1 if grows else 0):  # trace growing state once, not per length
         torch._dynamo.maybe_mark_dynamic(shadow, dim)
     _remember(_PARKED, shadow, t)
     return shadow

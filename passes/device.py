@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from hetegen_fx import meta
 from hetegen_fx.config import Config
-from hetegen_fx.graph_utils import attach, node_value, writers_of
+from hetegen_fx.graph_utils import allocated_cache_buffer, attach, node_value, writers_of
 from hetegen_fx.linear import match_embedding, param_of, reshapes
 from hetegen_fx.runtime import embed_on_host, park, resolve_device, to_device, write_back
 from hetegen_fx.store import WeightStore
@@ -189,7 +189,9 @@ class DevicePass(PassBase):
         if src is not None:  # the caller's own tensor, as eager returns it (write_back keeps it current)
             return src
         if returned is not None and n not in returned:
-            node = graph.create_node("call_function", park, (n,), name=f"{n.name}_parked")
+            # a StaticCache's buffers keep their size: parked without dynamo's marks of growing state
+            kwargs = {} if not allocated_cache_buffer(n) else {"grows": False}
+            node = graph.create_node("call_function", park, (n,), kwargs, name=f"{n.name}_parked")
         else:
             dev = device if isinstance(device, fx.Node) else str(device)
             node = graph.create_node("call_function", to_device, (n, dev), name=f"{n.name}_out")

@@ -274,3 +274,26 @@ def test_attention_inputs_given_by_name_are_checked_too():
     assert not attention_shapes_repeat(gm)
     gm.graph.find_nodes(op="placeholder")[1].meta["example_value"] = q
     assert attention_shapes_repeat(gm)
+
+
+@pytest.mark.parametrize("grows", [True, False])
+def test_a_parked_static_cache_buffer_keeps_its_size_for_dynamo(grows):
+    """State parked on the accelerator comes back as a host stand-in. A grown cache's stand-in is marked
+    dynamic, so its graphs are traced once, not per length; a StaticCache buffer's (``grows=False``) is not,
+    so the launcher's ``mark_static`` holds (a weak dynamic mark beats it) and the decode graphs read a fixed
+    length, which keeps cuDNN's attention on (an H100 host, 2026-12-08, tree c34c970: ``s40`` slots, cuDNN
+    off, where eager ran it every step). A "meta" tensor stands for the device's."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        values = [ph.meta["example_value"] for ph in gm.graph.find_nodes(op="placeholder")]
+        seen.append([v.shape for v in values if isinstance(v, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    shadow = park(torch.zeros(1, 2, 8, 4, device="meta"), grows=grows)
+    torch._dynamo.mark_static(shadow)  # what the launcher does to the buffers a prefill allocates
+    torch.compile(lambda k: k * 2, backend=backend, fullgraph=True)(shadow)
+    assert len(seen) == 1
+    assert any(isinstance(d, torch.SymInt) for d in seen[0][0]) is grows
+    assert unpark(shadow).device.type == "meta"
