@@ -1,6 +1,7 @@
 """Where a fully resident decode step goes: the bench's model (random weights, built fast) compiled with every
-weight on the device, in up to four variants (eager; CUDA graphs; inductor-compiled stretches; both), each
-decoding three generates into one reused StaticCache as ``hetegen bench`` does. Per variant: the median
+weight on the device, in up to five variants (eager; CUDA graphs; inductor-compiled stretches; both; both
+with cuDNN's attention off, to weigh it on the same machine), each decoding three generates into one
+reused StaticCache as ``hetegen bench`` does. Per variant: the median
 decode step (a sync per token), the CUDA-graph and inductor counts, then a one-token and a nine-token
 generate under torch.profiler, whose difference over the 8 extra steps gives a step's kernels, the device
 time of the top kernels and the host time of the top host calls (``cudaMemcpyAsync`` includes the waits of
@@ -32,6 +33,9 @@ VARIANTS = {
     "graphs": {"cuda_graphs": True},
     "compiled": {"compile_stretches": True},
     "compiled_graphs": {"compile_stretches": True, "cuda_graphs": True},
+    # cuDNN's attention kept off, as in every graph before cudnn_attention="auto" (and, in the decode
+    # graphs over a parked static cache, up to 3562b0c): the same machine's measure of what cuDNN gives
+    "compiled_graphs_no_cudnn": {"compile_stretches": True, "cuda_graphs": True, "cudnn_attention": False},
 }
 NEW_TOKENS = 64
 

@@ -139,3 +139,24 @@ def test_compiled_stretches_give_eager_tokens_and_only_device_work_goes_to_induc
     assert any(n.target in handoffs for n in fast.graph.nodes)
     for call in stretch_calls:
         assert not any(n.target in handoffs for n in fast.get_submodule(call.target).body.graph.nodes)
+
+
+def test_the_resident_step_profile_runs_on_the_emulated_device(tmp_path):
+    """scripts/profile_resident_step.py as its docstring's dry run (a tiny Llama on the CPU, whose timings mean
+    nothing): each variant decodes the eager variant's tokens, the compiled one through inductor's stretches,
+    and the report is written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_resident_step.py"
+    spec = importlib.util.spec_from_file_location("profile_resident_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--device", "cpu", "--preset", "tiny-llama", "--prompt-len", "16", "--out", str(tmp_path)]
+    assert script.main([*args, "--variants", "eager,compiled_graphs_no_cudnn"]) == 0
+    res = json.loads((tmp_path / "profile_resident_step.json").read_text())
+    eager, compiled = res["eager"], res["compiled_graphs_no_cudnn"]
+    assert len(eager["tokens"]) == script.NEW_TOKENS and compiled["tokens"] == eager["tokens"]
+    assert compiled["compiled_stretches"]["compiled"] > 0 and eager["compiled_stretches"] is None
+    assert compiled["median_step_ms"] > 0
