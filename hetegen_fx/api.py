@@ -451,7 +451,8 @@ def _check_budget_floor(model: torch.nn.Module, config: Config) -> int:
         for m in model.modules()
         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
     }
-    if config.host_embeddings:  # looked up on the host, unless tied to a Linear (then counted there)
+    # looked up on the host (True, or "auto" where the budget is short), unless tied to a Linear (counted there)
+    if config.host_embeddings is not False:
         linear_weights |= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen: set[int] = set()
     other = 0

@@ -74,6 +74,9 @@ class Ledger:
     kv_floor: int = 256
     residency: dict[str, bool] = field(default_factory=dict)
     history: list[ResidencyChange] = field(default_factory=list)
+    #: whether the embedding tables the graphs only look up stay on the host (``host_embeddings``; with
+    #: "auto" the first placement's choice, which the model's later graphs keep)
+    host_tables: bool = True
 
     def staging(self, residency: dict[str, bool]) -> int:
         """Bytes of the staging arena for the GPU parts of the Linears ``residency`` offloads."""

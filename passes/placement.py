@@ -319,7 +319,12 @@ class PlacementPass(PassBase):
             )
         budget = self._budget()
         store = self.store
-        tables = sorted(host_tables(gm.graph)) if cfg.host_embeddings else []
+        # the tables looked up on the host: all (True), none (False), or with "auto" the first graph's choice
+        # (the ledger's), host unless the whole model fits with them on the device (below)
+        on_host = cfg.host_embeddings is True or (
+            cfg.host_embeddings == "auto" and (store.ledger is None or store.ledger.host_tables)
+        )
+        tables = sorted(host_tables(gm.graph)) if on_host else []
         other = other_param_bytes(gm, sites, tables)
         use = kv_use(gm)
         gm.meta[meta.KV_USE] = use
@@ -356,6 +361,9 @@ class PlacementPass(PassBase):
             while budget is not None and ledger.kv_floor > 16 and ledger.minimum() > budget:
                 ledger.kv_floor //= 2
                 ledger.kv_cache = reserved["kv_cache"] = kv_at(ledger.kv_floor)
+            if tables and cfg.host_embeddings == "auto":
+                other = self._tables_on_device(gm, sites, ledger, reserved, other)
+                tables = tables if ledger.host_tables else []
             ledger.residency = ledger.choose()
             residency, model_reserved = dict(ledger.residency), reserved
             gm.meta[meta.LEDGER] = (ledger, reserved)
@@ -387,6 +395,22 @@ class PlacementPass(PassBase):
             host_tables=tables,
             storage=storage,
         )
+
+    def _tables_on_device(
+        self, gm: fx.GraphModule, sites: list[LinearSite], ledger, reserved: dict[str, int], other: int
+    ) -> int:
+        """``host_embeddings="auto"`` for a model's first graph: its embedding tables go to the device where
+        the budget holds every Linear resident with them there (no weight would make room for them, and a
+        step then makes no host lookup and no copy of its rows); else they stay on the host, their bytes
+        left to weights. Records the choice in ``ledger`` (``host_tables``, the other-parameter reserve) for
+        the model's later graphs, and returns the other-parameter bytes it reserves."""
+        with_tables = other_param_bytes(gm, sites)
+        everything = {lp.name: True for lp in ledger.layers}
+        if ledger.budget is None or ledger.total(everything) + with_tables - other <= ledger.budget:
+            ledger.host_tables = False
+            ledger.reserves["other_params"] = reserved["other_params"] = with_tables
+            return with_tables
+        return other
 
     def _storage_tier(self, gm: fx.GraphModule, sites: list[LinearSite], layers: list[LayerPlan]) -> dict:
         """With ``cpu_memory``: the rows of each offloaded Linear kept in RAM (the model's first graph

@@ -193,6 +193,23 @@ def test_two_compiled_variants_of_one_model_keep_their_own_plans(tiny_hf):
         assert plans and {lp.alpha for p in plans for lp in p.layers if not lp.resident} == {alpha}
 
 
+@pytest.mark.parametrize("share, on_host", [(None, False), (0.6, True)])
+def test_every_graph_of_a_model_keeps_its_token_table_where_the_first_placed_it(tiny_hf, share, on_host):
+    """``host_embeddings="auto"``: with room for everything the token table is on the device in every graph
+    (prefill and decode), with 60 % of the model's bytes it is looked up on the host in every graph; the
+    tokens are eager's either way."""
+    model = tiny_hf("llama")
+    ids = _prompt()
+    ref = _generate(model, ids)
+    budget = None if share is None else int(_nbytes(model) * share)
+    c = hetegen_fx.compile(model, gpu_memory=budget, device="cpu", max_seq_len=64, profile="model")
+    assert torch.equal(_generate(c, ids), ref)
+    plans = hetegen_fx.explain(c).plans
+    assert len(plans) >= 2, plans
+    table = ["model.embed_tokens.weight"] if on_host else []
+    assert all(p.host_tables == table for p in plans), [p.host_tables for p in plans]
+
+
 def test_decoding_that_edits_the_cache_on_the_host_is_refused_before_it_runs(tiny_hf):
     """On an accelerator the KV cache stays there behind host stand-ins whose bytes are never written; beam
     search (which reorders the cache on the host) and assisted decoding (which crops it) would compute on

@@ -347,7 +347,7 @@ def test_embedding_table_stays_on_the_host(count):
     gm = capture_fx(model)
     assert count(gm, F.embedding) == 1
     ids = torch.randint(0, 50, (2, 7))
-    _, store = _run(gm, example_inputs=[ids])
+    _, store = _run(gm, example_inputs=[ids], host_embeddings=True)
     plan = gm.meta[meta.PLAN]
     assert plan.host_tables == ["emb.weight"]
     assert plan.reserved["other_params"] == 2 * 16 * 4  # the norm only
@@ -365,7 +365,13 @@ def test_embedding_table_stays_on_the_host(count):
 
 def test_embedding_table_on_the_accelerator_structure():
     gm = capture_fx(Embed())
-    _run(gm, device="meta", example_inputs=[torch.randint(0, 50, (1, 3))], gpu_memory=10_000)
+    _run(
+        gm,
+        device="meta",
+        example_inputs=[torch.randint(0, 50, (1, 3))],
+        gpu_memory=10_000,
+        host_embeddings=True,
+    )
     (lookup,) = _lookups(gm)
     assert lookup.args[2] == "meta" and lookup.args[0].op == "placeholder"
     # no input is moved: the lookup was the indices' only reader
@@ -379,7 +385,7 @@ def test_a_table_tied_to_the_lm_head_is_looked_up_on_the_host_once_counted(count
     gm, example_inputs = dynamo_capture(model, ids)
     (table,) = [n for n in gm.graph.find_nodes(op="placeholder") if param_of(n) and len(n.users) == 2]
     assert len(table.users) == 2 and param_of(table).tensor.shape == (50, 16)  # the lookup and lm_head
-    _run(gm, example_inputs=example_inputs)
+    _run(gm, example_inputs=example_inputs, host_embeddings=True)
     plan = gm.meta[meta.PLAN]
     (name,) = plan.host_tables
     assert plan.layer(name) is not None  # the same weight is lm_head's
@@ -400,11 +406,45 @@ def test_embedding_tables_stay_on_the_device_when_asked(count):
     assert "emb_weight__dev" in {n.target for n in gm.graph.find_nodes(op="get_attr")}
 
 
+class WideTable(nn.Module):
+    """A token table (400 x 16) larger than the head (16 -> 8) and the head's staging when offloaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(400, 16)
+        self.head = nn.Linear(16, 8, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_auto_keeps_the_tables_on_the_device_only_where_every_linear_fits_beside_them(count):
+    """``host_embeddings="auto"`` (the default): the token table goes to the device where the budget holds it
+    beside every Linear resident and the reserves; where it does not, it stays on the host and its bytes are
+    left to the weights. "meta" stands for the device."""
+    ids = torch.randint(0, 400, (2, 3))
+    gm = capture_fx(WideTable())
+    _run(gm, device="meta", example_inputs=[ids])  # no budget: everything fits
+    ledger, _ = gm.meta[meta.LEDGER]
+    table = 400 * 16 * 4
+    everything = ledger.total({"head.weight": True})  # with the table on the device
+    least = max(everything - table, ledger.minimum() - table)  # with it on the host
+    assert gm.meta[meta.PLAN].host_tables == [] and not ledger.host_tables and least < everything
+    for budget, on_host in [(everything, False), ((least + everything) // 2, True)]:
+        gm = capture_fx(WideTable())
+        _run(gm, device="meta", example_inputs=[ids], gpu_memory=budget)
+        plan = gm.meta[meta.PLAN]
+        assert plan.host_tables == (["emb.weight"] if on_host else []), budget
+        assert len(_lookups(gm)) == on_host and count(gm, F.embedding) == (not on_host)
+        assert plan.reserved["other_params"] == (0 if on_host else table)
+        assert plan.layer("head.weight").resident  # the table never takes a weight's place
+
+
 def test_a_given_plan_keeps_its_tables_on_the_device_when_asked(count):
     """A plan saved with its token table on the host, applied with ``host_embeddings=False``: the lookup stays
     on the device and the table is reserved there (the plan's reserve left it out)."""
     gm = capture_fx(Embed())
-    _run(gm, example_inputs=[torch.randint(0, 50, (2, 3))])
+    _run(gm, example_inputs=[torch.randint(0, 50, (2, 3))], host_embeddings=True)
     saved = gm.meta[meta.PLAN]
     assert saved.host_tables == ["emb.weight"] and saved.reserved["other_params"] == 2 * 16 * 4
     gm2 = capture_fx(Embed())
@@ -423,7 +463,7 @@ def test_embedding_lookups_of_export_graphs_run_on_the_host(count):
     ids = torch.randint(0, 50, (2, 5))
     gm = capture_export(model, (ids,))
     assert count(gm, torch.ops.aten.embedding.default) == 1
-    _run(gm, example_inputs=[ids])
+    _run(gm, example_inputs=[ids], host_embeddings=True)
     assert gm.meta[meta.PLAN].host_tables == ["emb.weight"]
     assert count(gm, torch.ops.aten.embedding.default) == 0 and len(_lookups(gm)) == 1
     fresh = torch.randint(0, 50, (2, 5))
@@ -455,7 +495,13 @@ class Gpt2Like(nn.Module):
 def test_viewed_token_ids_are_looked_up_on_the_host_and_computed_positions_on_the_device(count):
     model = Gpt2Like().eval()
     gm = capture_fx(model)
-    _run(gm, device="meta", example_inputs=[torch.randint(0, 50, (2, 5))], gpu_memory=20_000)
+    _run(
+        gm,
+        device="meta",
+        example_inputs=[torch.randint(0, 50, (2, 5))],
+        gpu_memory=20_000,
+        host_embeddings=True,
+    )
     assert gm.meta[meta.PLAN].host_tables == ["wte.weight"]  # wpe's indices are made in the graph
     (lookup,) = _lookups(gm)
     view = lookup.args[0]

@@ -216,7 +216,7 @@ def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
     ids = torch.randint(0, 128, (1, 6))
     gm, example_inputs = dynamo_capture(model, ids)
     ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
-    cfg = _config(max_seq_len=64, batch_size=3, gpu_memory=None)
+    cfg = _config(max_seq_len=64, batch_size=3, gpu_memory=None, host_embeddings=True)
     _, plan, _ = _place(gm, cfg)
     c = model.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
@@ -230,6 +230,9 @@ def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
     _, plan, _ = _place(gm, _config(max_seq_len=64, batch_size=3, gpu_memory=None, host_embeddings=False))
     assert plan.reserved["other_params"] == other + table.numel() * 4 and plan.host_tables == []
     assert len(plan.layers) == 2 * 7 + 1
+    # "auto" (the default): no budget, everything fits, so the table is on the device too
+    _, plan, _ = _place(gm, _config(max_seq_len=64, batch_size=3, gpu_memory=None))
+    assert plan.reserved["other_params"] == other + table.numel() * 4 and plan.host_tables == []
 
 
 def test_a_static_kv_cache_is_reserved_once(tiny_hf):
