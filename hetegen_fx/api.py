@@ -166,7 +166,8 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
 _COPIES = itertools.count(1)
 #: graphs a compiled copy may add to its forward's dynamo cache: a prefill and a decode step per size class of
 #: its static cache (each class's cache keeps a static size, :func:`hetegen_fx.launch.launcher`; 16 to 4096
-#: tokens are 9 classes), the first prompt length's prefill, spares
+#: tokens are 9 classes; a batch of another size is another class too), the first prompt length's prefill,
+#: spares
 GRAPHS_PER_COPY = 24
 
 

@@ -362,7 +362,10 @@ class PlacementPass(PassBase):
                 ledger.kv_floor //= 2
                 ledger.kv_cache = reserved["kv_cache"] = kv_at(ledger.kv_floor)
             if tables and cfg.host_embeddings == "auto":
-                other = self._tables_on_device(gm, sites, ledger, reserved, other)
+                # the largest cache this model may hold: a request growing to it later demotes no weight
+                longest = max(tokens, cfg.max_seq_len or 0)
+                largest = use.bytes(kv_class(longest, cfg.max_seq_len, ledger.kv_floor), batch) if use else 0
+                other = self._tables_on_device(gm, sites, ledger, reserved, other, tables, max(kv, largest))
                 tables = tables if ledger.host_tables else []
             ledger.residency = ledger.choose()
             residency, model_reserved = dict(ledger.residency), reserved
@@ -397,16 +400,27 @@ class PlacementPass(PassBase):
         )
 
     def _tables_on_device(
-        self, gm: fx.GraphModule, sites: list[LinearSite], ledger, reserved: dict[str, int], other: int
+        self,
+        gm: fx.GraphModule,
+        sites: list[LinearSite],
+        ledger,
+        reserved: dict[str, int],
+        other: int,
+        tables: list[str],
+        kv: int,
     ) -> int:
-        """``host_embeddings="auto"`` for a model's first graph: its embedding tables go to the device where
-        the budget holds every Linear resident with them there (no weight would make room for them, and a
-        step then makes no host lookup and no copy of its rows); else they stay on the host, their bytes
-        left to weights. Records the choice in ``ledger`` (``host_tables``, the other-parameter reserve) for
-        the model's later graphs, and returns the other-parameter bytes it reserves."""
-        with_tables = other_param_bytes(gm, sites)
+        """``host_embeddings="auto"`` for a model's first graph: its embedding ``tables`` go to the device where
+        the budget holds every Linear resident with them there beside a KV cache of ``kv`` bytes (the largest
+        the model may hold), so that no weight makes room for them, now or when a request grows its cache (a
+        step then makes no host lookup and no copy of its rows); else they stay on the host, their bytes left
+        to weights. A table tied to a Linear (``lm_head``) is that Linear's resident weight: counted there
+        only. Records the choice in ``ledger`` (``host_tables``, the other-parameter reserve) for the model's
+        later graphs, and returns the other-parameter bytes it reserves. Decided once: a budget lowered later
+        (:func:`hetegen_fx.set_gpu_memory`) or a failed allocation demotes weights and leaves the tables."""
+        linear_weights = {s.weight.name for s in sites}
+        with_tables = other_param_bytes(gm, sites, [t for t in tables if t in linear_weights])
         everything = {lp.name: True for lp in ledger.layers}
-        if ledger.budget is None or ledger.total(everything) + with_tables - other <= ledger.budget:
+        if ledger.budget is None or ledger.total(everything, kv) + with_tables - other <= ledger.budget:
             ledger.host_tables = False
             ledger.reserves["other_params"] = reserved["other_params"] = with_tables
             return with_tables

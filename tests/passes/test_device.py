@@ -440,6 +440,21 @@ def test_auto_keeps_the_tables_on_the_device_only_where_every_linear_fits_beside
         assert plan.layer("head.weight").resident  # the table never takes a weight's place
 
 
+def test_auto_counts_a_table_tied_to_the_lm_head_once(dynamo_capture):
+    """With room for everything the tied table is on the device as ``lm_head``'s resident weight: no second
+    reserve for it (the lookup reads the head's device copy)."""
+    model = Embed(tied=True).eval()
+    ids = torch.randint(0, 50, (2, 3))
+    gm, example_inputs = dynamo_capture(model, ids)
+    _run(gm, example_inputs=example_inputs)
+    plan = gm.meta[meta.PLAN]
+    assert plan.host_tables == [] and not _lookups(gm)
+    assert plan.reserved["other_params"] == 2 * 16 * 4  # the norm only
+    args = [torch.randint(0, 50, (2, 3)) if a is ids else a for a in example_inputs]
+    fresh = next(a for a in args if a.dtype == torch.int64)
+    torch.testing.assert_close(gm(*args)[0], model(fresh))
+
+
 def test_a_given_plan_keeps_its_tables_on_the_device_when_asked(count):
     """A plan saved with its token table on the host, applied with ``host_embeddings=False``: the lookup stays
     on the device and the table is reserved there (the plan's reserve left it out)."""

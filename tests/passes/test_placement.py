@@ -235,6 +235,25 @@ def test_kv_cache_reserve_from_attention(tiny_hf, dynamo_capture):
     assert plan.reserved["other_params"] == other + table.numel() * 4 and plan.host_tables == []
 
 
+def test_auto_keeps_the_token_table_on_the_host_unless_the_longest_cache_fits_beside_everything(
+    tiny_hf, dynamo_capture
+):
+    """``host_embeddings="auto"`` moves the table to the device only where every Linear stays resident beside
+    the largest cache the model may hold (``max_seq_len``), so no request growing its cache later demotes a
+    weight to keep the table there."""
+    model = tiny_hf("llama")
+    gm, example_inputs = dynamo_capture(model, torch.randint(0, 128, (1, 6)))
+    ProfilePass(Config(device="cpu", profile="model"), example_inputs)(gm)
+    _, plan, store = _place(gm, _config(max_seq_len=64, gpu_memory=None))
+    ledger = store.ledger
+    everything = ledger.total({lp.name: True for lp in plan.layers})  # the table and a 64-token cache
+    assert plan.host_tables == [] and not ledger.host_tables
+    _, plan, _ = _place(gm, _config(max_seq_len=64, gpu_memory=everything))
+    assert plan.host_tables == [] and all(lp.resident for lp in plan.layers)
+    _, plan, _ = _place(gm, _config(max_seq_len=1024, gpu_memory=everything))  # a 1024-token cache: no room
+    assert plan.host_tables == ["model.embed_tokens.weight"]
+
+
 def test_a_static_kv_cache_is_reserved_once(tiny_hf):
     """HF's StaticCache is allocated by the first step and updated in place: one copy at a time, where a
     DynamicCache's step holds the cache it was given and the one it returns."""
