@@ -144,8 +144,9 @@ class Config:
         holds every Linear resident with the tables on the device too, beside the largest KV cache the
         model may hold (then no weight would use their bytes, and a step saves the lookup and the rows'
         copy: a fully resident 7B step took 13.29 against 13.63 ms, one run each, H100 host, 2026-12-08,
-        tree c34c970); decided by the model's first placement. ``True``: always on the host. ``False``: on the device, also the tables a given
-        ``plan`` looked up on the host (and reserves them).
+        tree c34c970), and none is tied to a Linear; decided by the model's first placement. ``True``:
+        always on the host. ``False``: on the device, also the tables a given ``plan`` looked up on the
+        host (and reserves them).
     graph_memory: bytes the graphs' memory pool may grow by (reserved from the budget); ``None``: 1/16 of
         the budget, at most 128 MiB, and none (no graphs) below 48 MiB.
     kv_cache: the KV cache ``generate()`` of a compiled Hugging Face model uses when the call names none.

@@ -413,12 +413,15 @@ class PlacementPass(PassBase):
         the budget holds every Linear resident with them there beside a KV cache of ``kv`` bytes (the largest
         the model may hold), so that no weight makes room for them, now or when a request grows its cache (a
         step then makes no host lookup and no copy of its rows); else they stay on the host, their bytes left
-        to weights. A table tied to a Linear (``lm_head``) is that Linear's resident weight: counted there
-        only. Records the choice in ``ledger`` (``host_tables``, the other-parameter reserve) for the model's
-        later graphs, and returns the other-parameter bytes it reserves. Decided once: a budget lowered later
-        (:func:`hetegen_fx.set_gpu_memory`) or a failed allocation demotes weights and leaves the tables."""
-        linear_weights = {s.weight.name for s in sites}
-        with_tables = other_param_bytes(gm, sites, [t for t in tables if t in linear_weights])
+        to weights. Tables tied to a Linear (``lm_head``) stay on the host with the others: on the device the
+        lookup would read that Linear's resident copy, counted once, but the copy would stay there uncounted
+        once the Linear is demoted. Records the choice in ``ledger`` (``host_tables``, the other-parameter
+        reserve) for the model's later graphs, and returns the other-parameter bytes it reserves. Decided
+        once: a budget lowered later (:func:`hetegen_fx.set_gpu_memory`) or a failed allocation demotes
+        weights and leaves the tables."""
+        if {s.weight.name for s in sites} & set(tables):
+            return other
+        with_tables = other_param_bytes(gm, sites)
         everything = {lp.name: True for lp in ledger.layers}
         if ledger.budget is None or ledger.total(everything, kv) + with_tables - other <= ledger.budget:
             ledger.host_tables = False
