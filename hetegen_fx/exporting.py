@@ -337,10 +337,10 @@ def _torch_export(
 # -- ONNX ---------------------------------------------------------------------------------------------------
 
 
-def _onnx_copy_h2d(src, slot: int, device: str):  # noqa: ANN001, ANN202  (onnxscript traces it)
+def _onnx_copy_h2d(src, slot: int, device: str, tail=None):  # noqa: ANN001, ANN202  (onnxscript traces it)
     from onnxscript import opset18 as op
 
-    return op.Identity(src)
+    return op.Identity(src) if tail is None else op.Concat(src, tail, axis=0)
 
 
 def _translation_table() -> dict:

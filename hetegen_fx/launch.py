@@ -59,12 +59,12 @@ def apply(plan, config, store, gm: fx.GraphModule) -> None:
         rt.reserve(plan.reserved.get("staging", 0), owner=store, graph=gm)
         if config.cpu_threads or rt.is_cuda:
             rt.host.threads = config.cpu_threads or default_threads()
+    # the storage tier: the reader reads the graph's storage rows in the order its fetches take them
+    fetches = [n for n in gm.graph.nodes if n.op == "call_function" and ops.is_op(n.target, ops.FETCH)]
     parts = [
-        (lp.name, store.tensors_of[lp.name][0], lp.out_features - lp.storage_rows)
-        for lp in plan.layers
-        if lp.storage_rows and not lp.resident
+        (name, store.tensors_of[name][0], ram_rows) for _, name, ram_rows, *_ in (n.args for n in fetches)
     ]
-    if parts:  # the storage tier: the reader reads the graph's storage rows, in the order it uses them
+    if parts:
         store.prepare_storage(parts, config.storage_slots, plan.storage.get("read_rate", 0.0))
 
 

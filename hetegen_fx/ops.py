@@ -1,8 +1,9 @@
 """Custom ops for the side effects of a partitioned graph.
 
-* ``hetegen::copy_h2d(src, slot, device) -> Tensor``: start an asynchronous host-to-device copy of an
-  offloaded weight part into the staging region at byte offset ``slot`` of the device's staging arena
-  (records the region's "copied" event);
+* ``hetegen::copy_h2d(src, slot, device, tail=None) -> Tensor``: start an asynchronous host-to-device copy of
+  an offloaded weight part into the staging region at byte offset ``slot`` of the device's staging arena
+  (records the region's "copied" event); with ``tail``, its rows follow ``src``'s in the region (a Linear's
+  GPU part whose rows lie partly in RAM, partly in the storage ring);
 * ``hetegen::wait_copy(staged!, slot)``: the compute stream waits for that event;
 * ``hetegen::release_slot(staged!, slot)``: records the "released" event after the GPU part, so later
   copies into any of the region's bytes wait for it;
@@ -14,11 +15,17 @@
   device; on CUDA the compute stream waits for the worker on the device, the launching thread does not;
 * ``hetegen::cpu_wait(device)``: the launching thread waits until every CPU job queued so far has run (the
   last node before a graph's outputs are handed back; see :mod:`hetegen_fx.host` for why);
-* ``hetegen::fetch_rows(store, name, ram_rows, rows, cols, dtype) -> Tensor``: the storage rows of Linear
-  ``name`` (those from ``ram_rows`` on) in their slot of the storage reader's ring, the launching thread
-  waiting until they are read (:mod:`hetegen_fx.prefetch`); the host tensor a ``copy_h2d`` then copies;
-* ``hetegen::fetched(staged, store, name, ram_rows)``: after that copy, the slot may be read into again once
-  the copy has landed (an event on the copy stream);
+* ``hetegen::fetch_rows(store, name, ram_rows, rows, cols, dtype) -> Tensor``: the first ``rows`` storage rows
+  of Linear ``name`` (those from ``ram_rows`` on) in their slot of the storage reader's ring, the launching
+  thread waiting until they are read (:mod:`hetegen_fx.prefetch`); what a ``copy_h2d`` then copies, or a CPU
+  job reads;
+* ``hetegen::ring_rows(fetched, store, name, ram_rows, start, rows) -> Tensor``: rows ``[start, start + rows)``
+  of the storage rows a ``fetch_rows`` (``fetched``) brought in this step, their slot still held: the device's
+  share when the CPU computes the first of them;
+* ``hetegen::fetched(after, store, name, ram_rows, compute=False)``: the slot may be read into again once the
+  copies queued so far have landed (an event on the copy stream); with ``compute``, also once the compute
+  stream has done what it was given so far (placed after the ``cpu_end`` of a CPU job that read the slot,
+  where the stream waits for the job: ``after`` is the Linear's output);
 * ``hetegen::stage_send(x, dst)``, ``hetegen::stage_recv(shape, dtype, src, device) -> Tensor`` and
   ``hetegen::stage_broadcast(x, src) -> Tensor``: a pipeline stage's hidden state to the next stage's process,
   and the last stage's logits to every stage (:mod:`hetegen_fx.distributed`, torch.distributed);
@@ -44,8 +51,8 @@ from .runtime import get_runtime
 # -- (launch.direct) calls them without the dispatcher
 
 
-def run_copy_h2d(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
-    return get_runtime(device).copy_h2d(src, slot)  # a staging buffer: never a view of ``src``
+def run_copy_h2d(src: torch.Tensor, slot: int, device: str, tail: torch.Tensor | None = None) -> torch.Tensor:
+    return get_runtime(device).copy_h2d(src, slot, tail)  # a staging buffer: never a view of ``src``
 
 
 def run_wait_copy(staged: torch.Tensor, slot: int) -> None:
@@ -74,14 +81,24 @@ def run_fetch_rows(
     from .store import by_token
 
     reader, i = by_token(store).storage_part(name, ram_rows)
-    return reader.wait(i)
+    return reader.wait(i, rows)
 
 
-def run_fetched(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
+def run_ring_rows(
+    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+) -> torch.Tensor:
     from .store import by_token
 
     reader, i = by_token(store).storage_part(name, ram_rows)
-    reader.release(i, get_runtime(staged.device).copy_event())
+    return reader.held(i, start, start + rows)
+
+
+def run_fetched(after: torch.Tensor, store: int, name: str, ram_rows: int, compute: bool = False) -> None:
+    from .store import by_token
+
+    reader, i = by_token(store).storage_part(name, ram_rows)
+    rt = get_runtime(after.device)
+    reader.release(i, (rt.copy_event(), rt.compute_event()) if compute else rt.copy_event())
 
 
 def run_stage_send(x: torch.Tensor, dst: int) -> None:
@@ -146,19 +163,25 @@ for _f in (
     run_cpu_end,
     run_cpu_wait,
     run_fetch_rows,
+    run_ring_rows,
     run_fetched,
 ):
     torch.fx.wrap(_f.__name__)
 
 
 @torch.library.custom_op("hetegen::copy_h2d", mutates_args=())
-def copy_h2d(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
-    return run_copy_h2d(src, slot, device)
+def copy_h2d(src: torch.Tensor, slot: int, device: str, tail: torch.Tensor | None = None) -> torch.Tensor:
+    return run_copy_h2d(src, slot, device, tail)
 
 
 @copy_h2d.register_fake
-def _copy_h2d_fake(src: torch.Tensor, slot: int, device: str) -> torch.Tensor:
-    return torch.empty(src.shape, dtype=src.dtype, device=device)
+def _copy_h2d_fake(
+    src: torch.Tensor, slot: int, device: str, tail: torch.Tensor | None = None
+) -> torch.Tensor:
+    rows = src.shape[0] + (tail.shape[0] if tail is not None else 0)
+    return torch.empty(
+        (rows, *src.shape[1:]) if tail is not None else src.shape, dtype=src.dtype, device=device
+    )
 
 
 @torch.library.custom_op("hetegen::wait_copy", mutates_args=("staged",))
@@ -232,13 +255,29 @@ def _fetch_rows_fake(
     return torch.empty((rows, cols), dtype=dtype)
 
 
+@torch.library.custom_op("hetegen::ring_rows", mutates_args=())
+def ring_rows(
+    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+) -> torch.Tensor:
+    return run_ring_rows(
+        fetched, store, name, ram_rows, start, rows
+    ).clone()  # an op's output aliases nothing
+
+
+@ring_rows.register_fake
+def _ring_rows_fake(
+    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+) -> torch.Tensor:
+    return fetched.new_empty((rows, *fetched.shape[1:]))
+
+
 @torch.library.custom_op("hetegen::fetched", mutates_args=())
-def fetched(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
-    run_fetched(staged, store, name, ram_rows)
+def fetched(after: torch.Tensor, store: int, name: str, ram_rows: int, compute: bool = False) -> None:
+    run_fetched(after, store, name, ram_rows, compute)
 
 
 @fetched.register_fake
-def _fetched_fake(staged: torch.Tensor, store: int, name: str, ram_rows: int) -> None:
+def _fetched_fake(after: torch.Tensor, store: int, name: str, ram_rows: int, compute: bool = False) -> None:
     return None
 
 
@@ -314,6 +353,7 @@ CPU_BEGIN = torch.ops.hetegen.cpu_begin.default
 CPU_END = torch.ops.hetegen.cpu_end.default
 CPU_WAIT = torch.ops.hetegen.cpu_wait.default
 FETCH = torch.ops.hetegen.fetch_rows.default
+RING_ROWS = torch.ops.hetegen.ring_rows.default
 FETCHED = torch.ops.hetegen.fetched.default
 STAGE_SEND = torch.ops.hetegen.stage_send.default
 STAGE_RECV = torch.ops.hetegen.stage_recv.default
@@ -333,6 +373,7 @@ for _op in (
     CPU_END,
     CPU_WAIT,
     FETCH,
+    RING_ROWS,
     FETCHED,
     STAGE_SEND,
     STAGE_RECV,
@@ -351,6 +392,7 @@ DIRECT = {
     CPU_END: run_cpu_end,
     CPU_WAIT: run_cpu_wait,
     FETCH: run_fetch_rows,
+    RING_ROWS: run_ring_rows,
     FETCHED: run_fetched,
     STAGE_SEND: run_stage_send,
     STAGE_RECV: run_stage_recv,

@@ -43,7 +43,8 @@ class LayerPlan:
     #: copies run beside that job's CPU part; "" otherwise
     segment: str = ""
     #: output features ``[out - storage_rows, out)`` stay in storage and are read at every step (the storage
-    #: tier); the rows before them are in RAM, and the CPU computes exactly those (``split``)
+    #: tier); the rows before them are in RAM. ``split`` falls anywhere: the CPU computes rows ``[0, split)``
+    #: (from RAM, and beyond the RAM rows from the storage reader's ring), the device the rest
     storage_rows: int = 0
     #: the MLP block (:mod:`hetegen_fx.blocks`) whose one CPU job this Linear's CPU part is in, named by the
     #: Linear its activation reads (gate); "" otherwise. The block's features ``[0, split)`` run on the CPU, gate/up's output

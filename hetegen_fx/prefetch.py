@@ -10,9 +10,9 @@ device work that reads it, a CUDA event, has completed).
 Must not: decide which rows live in storage (PlacementPass does), or make a CUDA call other than waiting
 on the release events (the device never waits on this reader: the launching thread does, in ``wait``).
 
-Item ``i`` always lives in slot ``i % slots``, so a graph binds each storage part's view of its slot as a
-constant (:meth:`view`), and the CPU worker's tables (:mod:`hetegen_fx.host`) see the same tensors at every
-step. The coordinator reads item ``i`` once the slot's previous occupant was released and its event has
+Item ``i`` always lives in slot ``i % slots``, so :meth:`view` gives the same tensor for the same rows at
+every step, and the CPU worker's tables (:mod:`hetegen_fx.host`, which know weights by their tensor) see the
+same tensors at every step when the CPU computes some of the rows read (PartitionPass). The coordinator reads item ``i`` once the slot's previous occupant was released and its event has
 completed; the consumer waits until the item of the current pass is there. So reads run up to ``slots``
 items ahead of the compute, across the end of a step into the next one's first layers. A consumer that asks
 for another item than the next in the cycle (a forward that broke off half-way, a graph that uses the
@@ -83,7 +83,9 @@ class StorageReader:
     ``expected_rate``: the read rate (bytes/s) the plan assumed; a pass read at less than half of it is
     warned about once, with the rate measured. ``stale_event``: makes an event that completes once every
     copy queued so far has (on CUDA, one on the copy stream): what a slot that its consumer never released (a
-    forward that broke off) waits for before it is read into again."""
+    forward that broke off) waits for before it is read into again. ``buffer``: host bytes to lay the ring
+    in (a uint8 tensor of at least :attr:`ring_bytes`, e.g. the ring of the reader this one replaces, whose
+    views the CPU worker's tables may still hold); a new one when None or too small."""
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class StorageReader:
         threads: int = DEFAULT_THREADS,
         expected_rate: float = 0.0,
         stale_event=None,
+        buffer: torch.Tensor | None = None,
     ) -> None:
         if not items:
             raise ConfigError("a storage reader needs at least one item to read")
@@ -105,11 +108,14 @@ class StorageReader:
         self.slot_bytes = -(-max(it.nbytes for it in self.items) // 512) * 512
         # one plain buffer, page-locked in place when ``pin``: torch's pinned allocator would round each slot up
         # to a power of two (a 86 MiB slot would take 128 MiB of the budget)
-        self._buffer = torch.empty(slots * self.slot_bytes, dtype=torch.uint8)
+        if buffer is None or buffer.dtype != torch.uint8 or buffer.numel() < slots * self.slot_bytes:
+            buffer = torch.empty(slots * self.slot_bytes, dtype=torch.uint8)
+        self._buffer = buffer
         self._pinned = pin and _register(self._buffer)
         self._ring = [self._buffer[k * self.slot_bytes : (k + 1) * self.slot_bytes] for k in range(slots)]
         self._stale_event = stale_event
         self._views = [self._view_of(i) for i in range(len(self.items))]
+        self._parts: dict[tuple[int, int, int], torch.Tensor] = {}  # (item, start, stop) → its rows' view
         self._slot = [_Slot() for _ in range(slots)]
         self._cond = threading.Condition()
         self._consumer = (0, 0)  # the (pass, item) the consumer takes next
@@ -130,9 +136,25 @@ class StorageReader:
         """Host bytes of the ring."""
         return self.slots * self.slot_bytes
 
-    def view(self, i: int) -> torch.Tensor:
-        """Item ``i``'s rows as they lie in its slot (the same tensor at every call)."""
-        return self._views[i]
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The host bytes the ring lies in (what a reader replacing this one may lay its ring in)."""
+        return self._buffer
+
+    def view(self, i: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (default: all) of item ``i`` as they lie in its slot: the same tensor at every
+        call with the same arguments."""
+        whole = self._views[i]
+        stop = whole.shape[0] if stop is None else stop
+        if (start, stop) == (0, whole.shape[0]):
+            return whole
+        if not 0 <= start <= stop <= whole.shape[0]:
+            raise IndexError(f"rows [{start}, {stop}) of a storage part of {whole.shape[0]} rows")
+        key = (i, start, stop)
+        part = self._parts.get(key)
+        if part is None:
+            part = self._parts[key] = whole[start:stop]
+        return part
 
     def _view_of(self, i: int) -> torch.Tensor:
         it = self.items[i]
@@ -140,9 +162,10 @@ class StorageReader:
 
     # -- the consumer's side -------------------------------------------------------------------------------
 
-    def wait(self, i: int) -> torch.Tensor:
-        """Block (the GIL released) until item ``i`` of the current pass is in its slot; returns its view.
-        An item other than the next in the cycle restarts the reader from it."""
+    def wait(self, i: int, rows: int | None = None) -> torch.Tensor:
+        """Block (the GIL released) until item ``i`` of the current pass is in its slot; returns its view (of
+        its first ``rows`` rows, if given). An item other than the next in the cycle restarts the reader from
+        it. The slot is held until :meth:`release`."""
         self._start()
         t0 = time.perf_counter()
         with self._cond:
@@ -162,10 +185,23 @@ class StorageReader:
             slot.released = False
             self._consumer = self._next(want)
         self._waited += time.perf_counter() - t0
-        return self._views[i]
+        return self.view(i, 0, rows)
+
+    def held(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of item ``i``, which :meth:`wait` returned in this pass and whose slot is not
+        released yet (a Linear's rows the CPU and the device share); an error if it is not held."""
+        with self._cond:
+            slot = self._slot[i % self.slots]
+            if slot.occupant is None or slot.occupant[1] != i or not slot.filled or slot.released:
+                raise RuntimeError(
+                    f"storage part {i} ({self.items[i].name}) is not held: fetch_rows must take it before its "
+                    "rows are shared out"
+                )
+        return self.view(i, start, stop)
 
     def release(self, i: int, event=None) -> None:
-        """Item ``i``'s slot may be read into again once ``event`` (None: now) has completed."""
+        """Item ``i``'s slot may be read into again once ``event`` (None: now; or a tuple of events) has
+        completed."""
         with self._cond:
             self._release(self._slot[i % self.slots], event)
 
@@ -192,8 +228,7 @@ class StorageReader:
             self._pool.shutdown(wait=True)
         if self._pinned:  # no copy may still read the ring when it is unlocked and freed
             for slot in self._slot:
-                if slot.event is not None:
-                    slot.event.synchronize()
+                _synchronize(slot.event)
             if any(not slot.released for slot in self._slot) and self._stale_event is not None:
                 self._stale_event().synchronize()
             _unregister(self._buffer)
@@ -246,8 +281,9 @@ class StorageReader:
                         self._cond.wait()
                     event, slot.event = slot.event, None
                     slot.occupant, slot.filled = at, False
-                if event is not None:
-                    event.synchronize()  # the device has finished reading the slot's last content
+                _synchronize(
+                    event
+                )  # the device (and the CPU worker) have finished reading the slot's last content
                 item = self.items[at[1]]
                 t0 = time.perf_counter()
                 self._read(item, self._views[at[1]])
@@ -301,6 +337,13 @@ class StorageReader:
         ]
         for f in futures:
             f.result()
+
+
+def _synchronize(event) -> None:
+    """Wait for ``event``: None (nothing to wait for), an event, or a tuple of events."""
+    for ev in event if isinstance(event, tuple) else (event,):
+        if ev is not None:
+            ev.synchronize()
 
 
 def _register(buffer: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ same staging buffers and events are no-ops, so the data flow is exercised exactl
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -129,16 +130,31 @@ class DeviceRuntime:
 
     def buffer(self, offset: int, like: torch.Tensor) -> torch.Tensor:
         """The staging region at byte ``offset`` viewed with the shape and dtype of ``like``."""
-        nbytes = like.numel() * like.element_size()
-        self.reserve(offset + nbytes)
-        return self._arena[offset : offset + nbytes].view(like.dtype).view(like.shape)
+        return self._region(offset, like.shape, like.dtype)
 
-    def copy_h2d(self, src: torch.Tensor, offset: int) -> torch.Tensor:
-        """Start copying host tensor ``src`` into the staging region at ``offset``; return that region."""
-        dst = self.buffer(offset, src)
+    def _region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.reserve(offset + nbytes)
+        return self._arena[offset : offset + nbytes].view(dtype).view(shape)
+
+    def copy_h2d(self, src: torch.Tensor, offset: int, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Start copying host tensor ``src`` (followed by ``tail``'s rows, if given) into the staging region at
+        ``offset``; return that region."""
+        if tail is not None:
+            if tail.shape[1:] != src.shape[1:] or tail.dtype != src.dtype:
+                raise ValueError(
+                    f"a staged weight's rows come in two parts of other shapes or dtypes: {tuple(src.shape)} "
+                    f"{src.dtype} and {tuple(tail.shape)} {tail.dtype}"
+                )
+            dst = self._region(offset, (src.shape[0] + tail.shape[0], *src.shape[1:]), src.dtype)
+            pairs = [(dst[: src.shape[0]], src), (dst[src.shape[0] :], tail)]
+        else:
+            dst = self.buffer(offset, src)
+            pairs = [(dst, src)]
         if not self.is_cuda:
             t0 = time.perf_counter()
-            dst.copy_(src)
+            for d, s in pairs:
+                d.copy_(s)
             if self.copy_log is not None:
                 self.copy_log.append((t0, time.perf_counter()))
             return dst
@@ -156,12 +172,14 @@ class DeviceRuntime:
             current = current_stream(self.device)
             torch.cuda.set_stream(stream)  # torch.cuda.stream(stream) without its lookups
             try:
-                dst.copy_(src, non_blocking=True)
+                for d, s in pairs:
+                    d.copy_(s, non_blocking=True)
             finally:
                 torch.cuda.set_stream(current)
         else:  # set_stream would also switch the current device: the context manager switches it back
             with torch.cuda.stream(stream):
-                dst.copy_(src, non_blocking=True)
+                for d, s in pairs:
+                    d.copy_(s, non_blocking=True)
         if self.copy_log is not None:
             marks[1].record(stream)
             self.copy_log.append(marks)
@@ -178,6 +196,16 @@ class DeviceRuntime:
             return None
         ev = torch.cuda.Event()
         ev.record(self.copy_stream)
+        return ev
+
+    def compute_event(self):
+        """An event recorded on the current (compute) stream after the work queued on it so far (None off
+        CUDA): what a storage slot a CPU job read waits for, recorded after the ``cpu_end`` where the stream
+        waits for that job."""
+        if not self.is_cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(current_stream(self.device))
         return ev
 
     def wait(self, offset: int) -> None:

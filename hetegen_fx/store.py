@@ -211,9 +211,13 @@ class WeightStore:
                 items.append(
                     Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
                 )
+            buffer = None
             if r is not None:
                 self._reader_final.detach()
                 r.close()
+                # the new ring in the old one's bytes where they suffice: the CPU worker's tables keep the views
+                # of storage rows its jobs read, and with them the ring they lie in
+                buffer = r.buffer
             cuda = self.device.type == "cuda"
             self._reader = StorageReader(
                 checkpoint,
@@ -222,6 +226,7 @@ class WeightStore:
                 pin=cuda,
                 expected_rate=expected_rate,
                 stale_event=_copy_event(self.device) if cuda else None,
+                buffer=buffer,
             )
             self._reader.keys = keys
             self._reader_final = weakref.finalize(

@@ -29,13 +29,30 @@ An MLP block (``LayerPlan.block``, :mod:`hetegen_fx.blocks`) is one CPU job spli
     y_dev  = linear(h_gpu, <copy, wait> of w_down[:, k:], b_down)     # a partial sum; then release
     y      = hetegen.cpu_end(ticket, x, out, device) + y_dev         # the CPU's partial sum
 
-A Linear with rows in storage (the storage tier, ``LayerPlan.storage_rows``) computes its RAM rows
-``[0, k)`` on the CPU as above, and its storage rows ``[k, out)`` on the device from the reader's ring::
+A Linear with rows in storage (the storage tier, ``LayerPlan.storage_rows``) keeps rows ``[0, r)`` in RAM
+and reads rows ``[r, out)`` into a slot of the storage reader's ring at every step; its split ``k`` falls
+anywhere, as the lane model put it. With ``k <= r`` the CPU computes RAM rows as above, and the device's
+rows come from RAM and the ring in one copy::
 
-    w_sto  = hetegen.fetch_rows(store, name, k, out - k, in, dtype)   # waits until the rows are read
-    staged = hetegen.copy_h2d(w_sto, slot, device)
-    hetegen.fetched(staged, store, name, k)                          # the ring slot may be read into again
+    w_sto  = hetegen.fetch_rows(store, name, r, out - r, in, dtype)   # waits until the rows are read
+    staged = hetegen.copy_h2d(w_ram[k:r], slot, device, w_sto)        # rows [k, r) then [r, out)
+    hetegen.fetched(staged, store, name, r)                          # the ring slot may be read into again
     ...                                                               # wait, GPU part, release as above
+
+With ``k > r`` the CPU computes ring rows too: the rows are fetched before the job is queued, the job reads
+``w_ram[:r]`` and the ring's first ``k - r`` rows, the device the rest, and the slot is given back after the
+job's ``cpu_end`` (where the compute stream waits for the job)::
+
+    w_cpu  = hetegen.fetch_rows(store, name, r, k - r, in, dtype)     # the ring's rows [0, k - r)
+    ticket = hetegen.cpu_begin(x, [w_ram[:r], w_cpu, ...], ...)
+    staged = hetegen.copy_h2d(hetegen.ring_rows(w_cpu, store, name, r, k - r, out - k), slot, device)
+    ...
+    y      = cat([narrow(hetegen.cpu_end(...), ...), y_gpu], -1)
+    hetegen.fetched(y, store, name, r, True)                         # once the job and the copy are done
+
+Once one Linear of a job reads ring rows, every storage part of the job is fetched before the job is queued,
+in the job's order (the order the reader reads them in), so the job holds as many ring slots as it has
+storage parts; PlacementPass keeps that within ``storage_slots``.
 """
 
 from __future__ import annotations
@@ -51,7 +68,7 @@ from hetegen_fx.config import Config
 from hetegen_fx.errors import ConfigError
 from hetegen_fx.graph_utils import attach, layer_label, safe_name
 from hetegen_fx.linear import LinearSite, match_linear
-from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED, RELEASE, WAIT
+from hetegen_fx.ops import COPY, CPU_BEGIN, CPU_END, CPU_WAIT, FETCH, FETCHED, RELEASE, RING_ROWS, WAIT
 from hetegen_fx.plan import LayerPlan, staging_offsets, staging_size
 from hetegen_fx.store import WeightStore, token_of
 
@@ -175,17 +192,24 @@ class PartitionPass(PassBase):
         sites = [match_linear(m, gm) for m in members]
         plans: list[LayerPlan] = [m.meta[meta.PLACEMENT] for m in members]
         x, device = sites[0].x, self.config.device
-        weights, biases = map(
-            list,
-            zip(
-                *(self._cpu_rows(gm, site, lp.split) for site, lp in zip(sites, plans, strict=True)),
-                strict=True,
-            ),
-        )
+        fetches: dict[str, fx.Node] = {}  # the job's storage parts, fetched before it when it reads the ring
+        if any(reads_ring(lp) for lp in plans):
+            for site, lp in zip(sites, plans, strict=True):
+                if lp.storage_rows:
+                    rows = lp.split - ram_rows(lp) if reads_ring(lp) else lp.storage_rows
+                    fetches[site.name] = self._fetch(gm, site, lp, rows)
+        weights, biases = [], []
+        for site, lp in zip(sites, plans, strict=True):
+            for w, b in self._cpu_parts(gm, site, lp, fetches.get(site.name)):
+                weights.append(w)
+                biases.append(b)
         label = _short(sites[0].name) + (f"_and_{len(sites) - 1}" if len(sites) > 1 else "")
         first = plans[0].name
         ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
-        y_gpus = [self._gpu_part(gm, site, lp) for site, lp in zip(sites, plans, strict=True)]
+        y_gpus = [
+            self._gpu_part(gm, site, lp, fetches.get(site.name))
+            for site, lp in zip(sites, plans, strict=True)
+        ]
         features = sum(lp.split for lp in plans)
         y_cpus = self._new(gm, CPU_END, (ticket, x, features, device), f"{label}_cpu_out", "move", first)
         outs, offset = {}, 0
@@ -202,7 +226,28 @@ class PartitionPass(PassBase):
                 )
             offset += lp.split
             outs[member] = self._join(gm, site, y_cpu, y_gpu)
+            if reads_ring(lp):  # the job and the copy are done with the slot once the stream is past both
+                token, r = token_of(self.store), ram_rows(lp)
+                args = (outs[member], token, site.name, r, True)
+                self._new(gm, FETCHED, args, f"{_short(site.name)}_fetched", "sync", site.name)
         return outs
+
+    def _cpu_parts(
+        self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan, fetched: fx.Node | None
+    ) -> list[tuple[fx.Node, fx.Node | None]]:
+        """The CPU part of Linear ``site`` as ``(weight, bias)`` pieces of one job, in row order: its RAM rows
+        (of ``[0, split)``), then, where the CPU computes ring rows too, the ``fetched`` ring rows."""
+        if not reads_ring(lp):
+            return [self._cpu_rows(gm, site, lp.split)]
+        r, parts = ram_rows(lp), []
+        if r:
+            parts.append(self._cpu_rows(gm, site, r))
+        b = None
+        if site.bias is not None:
+            bias = site.bias.tensor.detach()[r : lp.split]
+            b = self._attach(gm, f"{site.bias.name}__cpu_ring_part", bias, "cpu", site.name)
+        parts.append((fetched, b))
+        return parts
 
     def _cpu_rows(self, gm: fx.GraphModule, site: LinearSite, k: int) -> tuple[fx.Node, fx.Node | None]:
         """The CPU part of Linear ``site``: its output rows ``[0, k)`` as ``[k, in]`` (as F.linear takes them)
@@ -215,6 +260,19 @@ class PartitionPass(PassBase):
         if site.bias is not None:
             b = self._attach(gm, f"{site.bias.name}__cpu_part", site.bias.tensor.detach()[:k], "cpu", s)
         return w, b
+
+    def _fetch(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan, rows: int) -> fx.Node:
+        """``fetch_rows`` of Linear ``site``'s storage part: its first ``rows`` rows (the launching thread waits
+        until the reader has brought them in)."""
+        args = (
+            token_of(self.store),
+            site.name,
+            ram_rows(lp),
+            rows,
+            site.in_features,
+            site.weight.tensor.dtype,
+        )
+        return self._new(gm, FETCH, args, f"{_short(site.name)}_fetch", "host", site.name)
 
     def _block_job(self, gm: fx.GraphModule, members: list[fx.Node]) -> list[fx.Node]:
         """Emit an MLP block as one CPU job and its device share (see the module docstring), route the row
@@ -303,24 +361,31 @@ class PartitionPass(PassBase):
             return y_gpu if y_cpu is None else y_cpu
         return self._new(gm, torch.cat, ([y_cpu, y_gpu], -1), f"{_short(site.name)}_out", "gpu", site.name)
 
-    def _gpu_part(self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan) -> fx.Node | None:
-        """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none."""
+    def _gpu_part(
+        self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan, fetch: fx.Node | None = None
+    ) -> fx.Node | None:
+        """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none.
+        ``fetch``: the Linear's storage part, fetched already (before its CPU job)."""
         s, short, k, out = site.name, _short(site.name), lp.split, lp.out_features
         if k == out:
             lp.slot = -1
             return None
-        w = site.weight.tensor
-        fetched = None
-        if lp.storage_rows:  # the storage tier: rows [k, out) read into the reader's ring at every step
-            token = token_of(self.store)
-            fetch_args = (token, s, k, out - k, site.in_features, w.dtype)
-            w_host = self._new(gm, FETCH, fetch_args, f"{short}_fetch", "host", s)
-            fetched = (token, s, k)  # the ring slot may be read into again once the copy has landed
+        fetched, tail = None, None
+        if lp.storage_rows:  # the storage tier: rows [r, out) read into the reader's ring at every step
+            r = ram_rows(lp)
+            if fetch is None:
+                fetch = self._fetch(gm, site, lp, lp.storage_rows)
+            if reads_ring(lp):  # the CPU took the ring's first rows; its slot is given back after the job
+                args = (fetch, token_of(self.store), s, r, k - r, out - k)
+                w_host = self._new(gm, RING_ROWS, args, f"{short}_ring_rows", "host", s)
+            else:
+                w_host = fetch
+                if k < r:  # RAM rows [k, r) first, then the ring's
+                    w_host, tail = self._host_part(gm, site, k, r), fetch
+                fetched = (token_of(self.store), s, r)  # the slot may be read into once the copy has landed
         else:
-            w_host = self._attach(
-                gm, f"{s}__gpu_part_host", self.store.host_part(w, site.layout, k, out, pin=True), "copy", s
-            )
-        staged, region = self._staged(gm, site, lp, w_host, fetched)
+            w_host = self._host_part(gm, site, k, out)
+        staged, region = self._staged(gm, site, lp, w_host, fetched, tail)
         b_gpu = None
         if site.bias is not None:
             b_gpu = self._attach(
@@ -334,6 +399,11 @@ class PartitionPass(PassBase):
         self._new(gm, RELEASE, (staged, lp.slot), f"{short}_release", "sync", s, region)
         return y_gpu
 
+    def _host_part(self, gm: fx.GraphModule, site: LinearSite, start: int, stop: int) -> fx.Node:
+        """Output features ``[start, stop)`` of the host weight, pinned for the copy, attached to ``gm``."""
+        part = self.store.host_part(site.weight.tensor, site.layout, start, stop, pin=True)
+        return self._attach(gm, f"{site.name}__gpu_part_host", part, "copy", site.name)
+
     def _staged(
         self,
         gm: fx.GraphModule,
@@ -341,20 +411,30 @@ class PartitionPass(PassBase):
         lp: LayerPlan,
         w_host: fx.Node,
         fetched: tuple | None = None,
+        tail: fx.Node | None = None,
     ) -> tuple[fx.Node, tuple[int, int]]:
-        """copy → (fetched) → wait of a GPU part's host weight ``w_host`` into the Linear's staging region (set
-        on ``lp.slot``); the staged weight and the region. ``fetched``: the storage reader's ``(token, name,
-        ram_rows)``, whose ring slot is given back once the copy has landed."""
+        """copy → (fetched) → wait of a GPU part's host weight ``w_host`` (and ``tail``'s rows after it) into
+        the Linear's staging region (set on ``lp.slot``); the staged weight and the region. ``fetched``: the
+        storage reader's ``(token, name, ram_rows)``, whose ring slot is given back once the copy has landed."""
         s, short = site.name, _short(site.name)
         lp.slot = self._offsets[site.node]
         region = (lp.slot, lp.gpu_part_bytes)
-        staged = self._new(
-            gm, COPY, (w_host, lp.slot, self.config.device), f"{short}_copy", "copy", s, region
-        )
+        args = (w_host, lp.slot, self.config.device) + ((tail,) if tail is not None else ())
+        staged = self._new(gm, COPY, args, f"{short}_copy", "copy", s, region)
         if fetched is not None:
             self._new(gm, FETCHED, (staged, *fetched), f"{short}_fetched", "copy", s)
         self._new(gm, WAIT, (staged, lp.slot), f"{short}_wait", "sync", s, region)
         return staged, region
+
+
+def ram_rows(lp: LayerPlan) -> int:
+    """Rows of ``lp``'s Linear kept in RAM (``[0, r)``; the rest in storage)."""
+    return lp.out_features - lp.storage_rows
+
+
+def reads_ring(lp: LayerPlan) -> bool:
+    """Whether ``lp``'s CPU part computes rows read from storage (its split beyond its RAM rows)."""
+    return bool(lp.storage_rows) and not lp.resident and not lp.split_inputs and lp.split > ram_rows(lp)
 
 
 def _short(name: str) -> str:

@@ -382,9 +382,9 @@ class PlacementPass(PassBase):
         if ledger is not None:
             budget = ledger.budget
         self._form_blocks(blocks, sites, layers, reserved, budget)
+        storage = self._storage_tier(gm, sites, layers)
         if cfg.alpha is None and cfg.stream_jobs:
             self._stream_jobs(sites, layers, reserved, budget)
-        storage = self._storage_tier(gm, sites, layers)
         reserved["staging"] = self._staging(layers)
         self._check_later_graph(layers, reserved, budget)
         src = {s.node.meta[meta.COST].source for s in sites}
@@ -432,9 +432,13 @@ class PlacementPass(PassBase):
     def _storage_tier(self, gm: fx.GraphModule, sites: list[LinearSite], layers: list[LayerPlan]) -> dict:
         """With ``cpu_memory``: the rows of each offloaded Linear kept in RAM (the model's first graph
         decides, :func:`hetegen_fx.tiers.host_rows`; later graphs keep that), the rest in storage, read at
-        every step; a Linear with storage rows computes exactly its RAM rows on the CPU (``split``) and its
-        storage rows on the device, copied from the ring. Returns the Plan's ``storage`` figures ({} without
-        a storage tier)."""
+        every step. A Linear's split stays where the lane model put it: the CPU computes rows ``[0, split)``,
+        from RAM and, beyond its RAM rows, from the ring; the device the rest, copied from RAM and the ring
+        (a storage read overlaps both sides, so it does not move the balance; the Plan's step time counts it:
+        :attr:`~hetegen_fx.plan.Plan.storage_seconds`). A CPU job that reads ring rows holds a ring slot for
+        each of its storage parts until it is done, so a job with more storage parts than ``storage_slots``
+        computes only RAM rows on the CPU (:func:`_ring_fits`). Returns the Plan's ``storage`` figures ({}
+        without a storage tier)."""
         from hetegen_fx import tiers
         from hetegen_fx.checkpoint import source_of
         from hetegen_fx.prefetch import DEFAULT_SLOTS
@@ -481,9 +485,7 @@ class PlacementPass(PassBase):
             kept = min(decided.get(lp.name, 0), lp.out_features)  # decided resident, demoted since: storage
             lp.storage_rows = lp.out_features - kept
             ram += lp.bytes * kept // max(lp.out_features, 1)
-            if lp.storage_rows:
-                lp.split, lp.segment = kept, ""
-                lp.alpha = kept / lp.out_features
+        _ring_fits(sites, layers, slots)
         parts = [lp.storage_bytes for lp in layers if lp.storage_rows]
         if not parts:
             return {}
@@ -676,6 +678,9 @@ class PlacementPass(PassBase):
         head: list[LayerPlan] = []  # the current segment: its head, then the jobs streamed into it
         streamed, t_segment = 0.0, 0.0  # seconds of copies streamed after the head; the segment's time
         for job in jobs.values():
+            if any(lp.storage_rows for lp in job):  # its copies wait for storage reads: not streamed, no head
+                head = []
+                continue
             if head:
                 alpha, t_merged = segment_alpha(
                     [costs[lp.name] for lp in head[0]], overhead, streamed + device_lane(job)
@@ -848,7 +853,7 @@ class PlacementPass(PassBase):
             ledger.residency = {lp.name: lp.resident for lp in layers}
             gm.meta[meta.LEDGER] = (ledger, model_reserved)
         gm.meta[meta.TENSORS] = self._tensors = _tensors(sites)
-        # with cpu_memory, the storage tier as for a placed model (its RAM rows are the CPU's share)
+        # with cpu_memory, the storage tier as for a placed model (the plan's splits kept, within the ring)
         storage = self._storage_tier(gm, sites, layers)
         if storage:
             reserved["staging"] = self._staging(layers)
@@ -862,6 +867,24 @@ class PlacementPass(PassBase):
             host_tables=tables,
             storage=storage,
         )
+
+
+def _ring_fits(sites: list[LinearSite], layers: list[LayerPlan], slots: int) -> None:
+    """A CPU job (the offloaded Linears with a CPU part that read one input) whose CPU part reads ring rows
+    takes all of its storage parts before it is queued and holds their slots until it is done: where it has
+    more storage parts than the ring has ``slots``, its Linears' CPU parts keep to their RAM rows."""
+    by_name = {lp.name: lp for lp in layers}
+    jobs: dict[fx.Node, list[LayerPlan]] = {}
+    for s in sites:
+        lp = by_name[s.name]
+        if not lp.resident and lp.split > 0:
+            jobs.setdefault(s.x, []).append(lp)
+    for job in jobs.values():
+        ring = [lp for lp in job if lp.storage_rows]
+        if len(ring) > slots and any(lp.split > lp.out_features - lp.storage_rows for lp in ring):
+            for lp in ring:
+                lp.split = min(lp.split, lp.out_features - lp.storage_rows)
+                lp.alpha = lp.split / lp.out_features
 
 
 #: what PlacementPass._form_blocks and _stream_jobs change of a Linear's plan, and put back where the change

@@ -789,12 +789,15 @@ def test_compiled_stretches_of_a_fully_resident_model(monkeypatch):
 
 
 @needs_cuda
-def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
+@pytest.mark.parametrize("alpha", [None, 0.2, 0.8])
+def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path, alpha):
     """The storage tier on the device: a model saved as sharded safetensors and loaded with ``cpu_memory`` at
     half its Linears' bytes keeps rows in all three tiers; its storage rows are read into the pinned ring and
     copied from there at every step (a slot read into again before its copy landed would give other tokens),
     and host memory for its Linears stays within the RAM tier: the rows in storage were never read into the
-    weights' own memory."""
+    weights' own memory. With α forced, CPU parts read ring rows too: their slots are given back only once the
+    compute stream is past the job's cpu_end (a slot read into while the worker still reads it would give
+    other tokens)."""
     from hetegen_fx.checkpoint import source_of
     from hetegen_fx.store import find_store
 
@@ -814,6 +817,7 @@ def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
         storage_slots=3,
         device="cuda",
         max_seq_len=64,
+        alpha=alpha,
         progress=False,
     )
     for _ in range(2):  # the second request reads every storage row again, from the same ring
@@ -821,6 +825,9 @@ def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path):
         assert out.tolist() == ref.tolist()
     plan = hetegen_fx.explain(compiled).plan
     assert {lp.tier for lp in plan.layers} >= {"gpu"} and plan.storage_bytes > 0, plan.table()
+    if alpha is not None:
+        ring = [lp for lp in plan.layers if lp.storage_rows and lp.split > lp.out_features - lp.storage_rows]
+        assert ring, plan.table()
     params = list(compiled.parameters())
     reader = find_store(params).storage_reader
     assert reader.stats().passes >= 2 * 12 and reader.stats().restarts == 0

@@ -39,6 +39,18 @@ def test_copy_wait_release_on_cpu():
     assert out.dtype == torch.float16 and out.shape == (3, 5) and torch.equal(out, half)
 
 
+def test_a_copy_with_a_tail_stages_both_parts_one_after_the_other():
+    """A GPU part whose rows lie partly in RAM, partly in the storage ring: one region, ``src``'s rows then
+    ``tail``'s; parts that cannot be one weight are refused."""
+    rt = get_runtime("cpu")
+    src, tail = torch.randn(5, 8), torch.randn(3, 8)
+    staged = torch.ops.hetegen.copy_h2d(src, SLOT, "cpu", tail)
+    assert staged.shape == (8, 8) and torch.equal(staged, torch.cat([src, tail]))
+    assert staged.data_ptr() == rt._arena.data_ptr() + SLOT
+    with pytest.raises(ValueError, match="two parts"):
+        torch.ops.hetegen.copy_h2d(src, SLOT, "cpu", torch.randn(3, 4))
+
+
 def test_packet_and_default_both_match():
     assert is_op(torch.ops.hetegen.copy_h2d, COPY) and is_op(torch.ops.hetegen.copy_h2d.default, COPY)
     assert not is_op(torch.ops.hetegen.wait_copy.default, COPY)
@@ -81,6 +93,7 @@ def test_ops_survive_dead_code_elimination(use_result):
         # offset 0: the op returns a view of the staging arena at byte offset `slot`, which its fake kernel
         # (a fresh tensor) cannot reproduce as a storage offset
         (COPY, lambda: (torch.randn(4, 3), 0, "cpu")),
+        (COPY, lambda: (torch.randn(4, 3), 0, "cpu", torch.randn(2, 3))),
         (WAIT, lambda: (torch.randn(4, 3), SLOT)),
         (RELEASE, lambda: (torch.randn(4, 3), SLOT)),
     ],

@@ -101,6 +101,50 @@ def test_a_slot_is_read_into_only_after_its_release_event_completed(ckpt):
         r.close()
 
 
+def test_rows_shared_between_the_cpu_and_the_device_are_fixed_views_of_a_held_slot(ckpt):
+    """A Linear whose CPU part computes ring rows: ``wait(i, rows)`` gives the first rows, ``held`` the rest
+    while the slot is held, each the same tensor at every pass (the CPU worker knows weights by their tensor);
+    the slot waits for every event of the release (the copy's and the CPU job's); a new reader can lay its
+    ring in the old one's bytes."""
+    c, tensors = ckpt
+    items = _items(tensors)
+    r = StorageReader(c, items, slots=2, threads=1)
+    try:
+        first = r.wait(0, 10)
+        rest = r.held(0, 10, 32)
+        whole = list(tensors.values())[0][8:40]
+        assert torch.equal(first, whole[:10]) and torch.equal(rest, whole[10:])
+        assert r.held(0, 10, 32) is rest and r.view(0, 0, 10) is first
+        copy, job = _Event(), _Event()
+        r.release(0, (copy, job))
+        with pytest.raises(RuntimeError, match="not held"):
+            r.held(0, 0, 5)
+        with pytest.raises(IndexError):
+            r.view(1, 0, 33)
+        r.wait(1)
+        copy.done.set()
+        time.sleep(0.2)
+        assert r.stats().reads == 2  # item 2 waits for the job's event too
+        job.done.set()
+        r.release(1)
+        for i in range(2, len(items)):
+            r.wait(i)
+            r.release(i)
+        assert r.wait(0, 10) is first  # the next pass: the same tensors
+        r.release(0)
+    finally:
+        r.close()
+    again = StorageReader(c, items, slots=2, threads=1, buffer=r.buffer)
+    try:
+        assert again.buffer is r.buffer
+        assert torch.equal(again.wait(0), list(tensors.values())[0][8:40])
+    finally:
+        again.close()
+    small = StorageReader(c, items, slots=2, threads=1, buffer=torch.empty(16, dtype=torch.uint8))
+    small.close()
+    assert small.buffer.numel() == small.ring_bytes  # too small a buffer is not used
+
+
 def test_an_item_out_of_turn_restarts_the_reader_from_it(ckpt):
     c, tensors = ckpt
     names = list(tensors)

@@ -103,6 +103,114 @@ def test_three_tiers_give_eager_tokens_and_read_storage_every_step(saved, policy
         assert [lp.tier for lp in replanned.layers] == [lp.tier for lp in plan.layers]
 
 
+def _three_tiers(saved, gpu: float = 0.4, slots: int = 3, **options):
+    """``(compiled, ids, ref)``: the saved model loaded on the emulated device with ``gpu`` of its bytes as
+    ``gpu_memory`` and room in RAM for the other weights, a ring of ``slots`` slots and a third of the Linear
+    rows; a prompt and eager's tokens for it."""
+    model, folder = saved
+    ids = torch.randint(3, 128, (1, 7))
+    ref = _generate(model, ids)
+    linear = _linear_bytes(model)
+    other = _nbytes(model) - linear
+    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    compiled = hetegen_fx.load(
+        folder,
+        gpu_memory=int(_nbytes(model) * gpu),
+        cpu_memory=other + slots * largest + linear // 3,
+        storage_slots=slots,
+        device="cpu",
+        max_seq_len=64,
+        profile="model",
+        progress=False,
+        **options,
+    )
+    return compiled, ids, ref
+
+
+def _ops(compiled) -> dict[str, int]:
+    """The storage tier's ops in all of ``compiled``'s graphs: fetches, ring rows shared out, slots given back
+    after a CPU job, and copies whose rows come from RAM and the ring together."""
+    from hetegen_fx import ops
+
+    n = {"fetch": 0, "ring_rows": 0, "fetched_after_job": 0, "copy_with_tail": 0}
+    for g in hetegen_fx.state(compiled).graphs:
+        for node in (n for n in g.graph_module.graph.nodes if n.op == "call_function"):
+            if ops.is_op(node.target, ops.FETCH):
+                n["fetch"] += 1
+            elif ops.is_op(node.target, ops.RING_ROWS):
+                n["ring_rows"] += 1
+            elif ops.is_op(node.target, ops.FETCHED) and len(node.args) > 4 and node.args[4]:
+                n["fetched_after_job"] += 1
+            elif ops.is_op(node.target, ops.COPY) and len(node.args) > 3:
+                n["copy_with_tail"] += 1
+    return n
+
+
+def _expected(compiled) -> dict[str, int]:
+    """What :func:`_ops` should count, from the graphs' Plans."""
+    n = {"fetch": 0, "ring_rows": 0, "fetched_after_job": 0, "copy_with_tail": 0}
+    for g in hetegen_fx.state(compiled).graphs:
+        for lp in g.plan.layers:
+            if lp.resident or not lp.storage_rows:
+                continue
+            ram = lp.out_features - lp.storage_rows
+            n["fetch"] += 1
+            n["fetched_after_job"] += lp.split > ram
+            n["ring_rows"] += ram < lp.split < lp.out_features
+            n["copy_with_tail"] += lp.split < ram
+    return n
+
+
+@pytest.mark.parametrize("alpha", [None, 0.2, 1.0])
+def test_the_split_falls_anywhere_the_cpu_computing_ring_rows_and_the_device_ram_rows(saved, alpha):
+    """A Linear with storage rows keeps the split the lane model gives it (here also a forced α): inside its
+    RAM rows, the device's copy takes RAM rows and the ring's in one go; beyond them, the CPU job reads the
+    ring's first rows (fetched before the job is queued, given back after its cpu_end) and the device the
+    rest. Eager's tokens, no restart of the reader, and the CPU worker's tables do not grow from one request
+    to the next (the ring rows a job reads are the same tensors at every step)."""
+    from hetegen_fx.runtime import get_runtime
+
+    compiled, ids, ref = _three_tiers(saved, alpha=alpha)
+    assert torch.equal(_generate(compiled, ids), ref)
+    host = get_runtime("cpu").host
+    sites = len(host._sites)
+    assert torch.equal(_generate(compiled, ids), ref)
+    assert len(host._sites) == sites
+    counted, expected = _ops(compiled), _expected(compiled)
+    assert counted == expected
+    assert counted["fetched_after_job"] > 0  # every variant has a CPU part reading ring rows
+    if alpha == 0.2:  # and one whose device part takes RAM rows too
+        assert counted["copy_with_tail"] > 0 and counted["ring_rows"] > 0
+    if alpha == 1.0:  # the CPU computes every row: nothing is copied from the ring
+        assert counted["ring_rows"] == counted["copy_with_tail"] == 0
+    plan = hetegen_fx.explain(compiled).plan
+    split = {lp.name: lp.split for lp in plan.layers}
+    assert any(lp.split > lp.out_features - lp.storage_rows for lp in plan.layers if lp.storage_rows)
+    if alpha is None:  # the lane model's split, not the RAM rows
+        assert any(
+            split[lp.name] != lp.out_features - lp.storage_rows for lp in plan.layers if lp.storage_rows
+        )
+    stats = hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader.stats()
+    assert stats.restarts == 0 and stats.passes == 2 * NEW
+
+
+def test_a_cpu_job_with_more_storage_parts_than_ring_slots_keeps_to_its_ram_rows(saved):
+    """A job whose CPU part read ring rows would hold a slot for each of its storage parts until it is done:
+    with more parts than ``storage_slots`` (gate and up in one slot) its CPU parts keep to RAM rows, while a
+    job of one storage part (lm_head) still reads the ring."""
+    compiled, ids, ref = _three_tiers(saved, slots=1, alpha=1.0)
+    assert torch.equal(_generate(compiled, ids), ref)
+    plan = hetegen_fx.explain(compiled).plan
+    by = {lp.name: lp for lp in plan.layers}
+    gate, up = by["model.layers.0.mlp.gate_proj.weight"], by["model.layers.0.mlp.up_proj.weight"]
+    head = by["lm_head.weight"]
+    assert gate.storage_rows and up.storage_rows and head.storage_rows, plan.table()  # the case at hand
+    for lp in (gate, up):
+        assert lp.split <= lp.out_features - lp.storage_rows and lp.alpha == lp.split / lp.out_features
+    assert head.split == head.out_features  # α = 1: one storage part, every row on the CPU
+    assert hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader.stats().restarts == 0
+
+
 def _layers(sizes: dict[str, int]) -> list[LayerPlan]:
     return [
         LayerPlan(n, out_features=b // 64, in_features=16, tokens=1, dtype="float32", bytes=b, resident=False)
@@ -254,22 +362,8 @@ def test_cpu_memory_needs_a_checkpoint_folder_on_the_command_line(capsys):
 def test_a_residency_change_gives_a_reader_in_the_graphs_order(saved):
     """Demoting a Linear (a lower budget) adds it to the storage tier: the reader is made anew in the order
     the recompiled graphs use its parts, so steps after the change never make it start over."""
-    model, folder = saved
-    ids = torch.randint(3, 128, (1, 7))
-    ref = _generate(model, ids)
-    linear = _linear_bytes(model)
-    other = _nbytes(model) - linear
-    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    compiled = hetegen_fx.load(
-        folder,
-        gpu_memory=int(_nbytes(model) * 0.9),
-        cpu_memory=other + 3 * largest + linear // 3,
-        storage_slots=3,
-        device="cpu",
-        max_seq_len=64,
-        profile="model",
-        progress=False,
-    )
+    model = saved[0]
+    compiled, ids, ref = _three_tiers(saved, gpu=0.9)
     assert torch.equal(_generate(compiled, ids), ref)
     before = hetegen_fx.explain(compiled).plan
     change = hetegen_fx.set_gpu_memory(compiled, int(_nbytes(model) * 0.45))
