@@ -789,15 +789,20 @@ def test_compiled_stretches_of_a_fully_resident_model(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("alpha", [None, 0.2, 0.8])
-def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path, alpha):
+@pytest.mark.parametrize(
+    ("alpha", "options"),
+    [(None, {}), (0.2, {}), (0.8, {}), (None, {"compile_stretches": True, "cuda_graphs": True})],
+    ids=["lane-model", "alpha-0.2", "alpha-0.8", "compiled-graphs"],
+)
+def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path, alpha, options):
     """The storage tier on the device: a model saved as sharded safetensors and loaded with ``cpu_memory`` at
     half its Linears' bytes keeps rows in all three tiers; its storage rows are read into the pinned ring and
     copied from there at every step (a slot read into again before its copy landed would give other tokens),
     and host memory for its Linears stays within the RAM tier: the rows in storage were never read into the
     weights' own memory. With α forced, CPU parts read ring rows too: their slots are given back only once the
     compute stream is past the job's cpu_end (a slot read into while the worker still reads it would give
-    other tokens)."""
+    other tokens). With compiled stretches and CUDA graphs, the reads and releases stay host steps between
+    them."""
     from hetegen_fx.checkpoint import source_of
     from hetegen_fx.store import find_store
 
@@ -819,6 +824,7 @@ def test_storage_tier_gives_the_all_gpu_tokens_with_reads_every_step(tmp_path, a
         max_seq_len=64,
         alpha=alpha,
         progress=False,
+        **options,
     )
     for _ in range(2):  # the second request reads every storage row again, from the same ring
         out = compiled.generate(ids, **kw)[0, ids.shape[1] :].cpu()

@@ -194,6 +194,19 @@ def test_the_split_falls_anywhere_the_cpu_computing_ring_rows_and_the_device_ram
     assert stats.restarts == 0 and stats.passes == 2 * NEW
 
 
+def test_the_storage_tier_with_compiled_stretches_keeps_its_reads_outside_them(saved):
+    """``compile_stretches``: inductor compiles the device work between hand-offs; the storage tier's fetches,
+    ring rows and slot releases stay host steps between the stretches, so every step still reads every
+    storage part once, in order, and the tokens are eager's."""
+    compiled, ids, ref = _three_tiers(saved, gpu=0.5, compile_stretches=True)
+    for _ in range(2):
+        assert torch.equal(_generate(compiled, ids), ref)
+    st = hetegen_fx.state(compiled)
+    assert st.compiled_stretches["compiled"] > 0 and st.compiled_stretches["failed"] == 0
+    stats = hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader.stats()
+    assert stats.restarts == 0 and stats.passes == 2 * NEW
+
+
 def test_a_cpu_job_with_more_storage_parts_than_ring_slots_keeps_to_its_ram_rows(saved):
     """A job whose CPU part read ring rows would hold a slot for each of its storage parts until it is done:
     with more parts than ``storage_slots`` (gate and up in one slot) its CPU parts keep to RAM rows, while a
