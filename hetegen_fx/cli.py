@@ -82,8 +82,9 @@ def compile_options(args: argparse.Namespace) -> dict:
     for flag in ("compile_stretches", "block_jobs"):  # on/off flags named as their options
         if getattr(args, flag, False):
             options[flag] = True
-    if getattr(args, "cudnn_attention", None) is not None:
-        options["cudnn_attention"] = args.cudnn_attention
+    for name in ("cudnn_attention", "host_embeddings"):  # "auto" unless a flag says True or False
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
@@ -1125,6 +1126,23 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         action="store_const",
         const=False,
         help="keep attention off cuDNN in every graph (cudnn_attention=False)",
+    )
+    tables = g.add_mutually_exclusive_group()
+    tables.add_argument(
+        "--host-embeddings",
+        dest="host_embeddings",
+        action="store_const",
+        const=True,
+        default=None,
+        help="look token ids up in embedding tables kept in host memory, always (default: on the device "
+        "only where every Linear fits resident beside them)",
+    )
+    tables.add_argument(
+        "--no-host-embeddings",
+        dest="host_embeddings",
+        action="store_const",
+        const=False,
+        help="keep embedding tables on the device, reserved from the budget (host_embeddings=False)",
     )
     g.add_argument(
         "--verbose", action="store_true", help="progress of long steps, and each compiled graph's plan table"

@@ -135,6 +135,19 @@ def test_cudnn_flags_choose_the_attention_setting_and_exclude_each_other(capsys)
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_host_embedding_flags_choose_where_the_tables_live_and_exclude_each_other(capsys):
+    parser = build_parser()
+    common = ["plan", "--gpu-memory", "1MiB", *CPU]
+    settings = [
+        hetegen_fx.Config.from_options(compile_options(parser.parse_args([*common, *flag]))).host_embeddings
+        for flag in ([], ["--host-embeddings"], ["--no-host-embeddings"])
+    ]
+    assert settings == ["auto", True, False]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--host-embeddings", "--no-host-embeddings"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_sampling_flags_become_generate_options():
     parser = build_parser()
     greedy = parser.parse_args(["generate", "--prompt", "hi"])
