@@ -65,7 +65,9 @@ def apply(plan, config, store, gm: fx.GraphModule) -> None:
         (name, store.tensors_of[name][0], ram_rows) for _, name, ram_rows, *_ in (n.args for n in fetches)
     ]
     if parts:
-        store.prepare_storage(parts, config.storage_slots, plan.storage.get("read_rate", 0.0))
+        st = plan.storage
+        slot = st.get("ring_bytes", 0) // max(st.get("slots", 1), 1)  # the largest part the model may read
+        store.prepare_storage(parts, config.storage_slots, st.get("read_rate", 0.0), slot)
 
 
 def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:
@@ -85,7 +87,11 @@ def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:
 
     cache_outputs = allocated_cache_outputs(gm)
 
+    reads_storage = bool(gm.graph.find_nodes(op="call_function", target=ops.FETCH))
+
     def run(*args: Any) -> Any:
+        if reads_storage and store is not None and store.storage_reader is not None:
+            store.storage_reader.settle()  # what a call that broke off left held
         if trace.recording():  # inside trace.record(): node by node, timed, no CUDA graphs
             out = trace.run_recorded(gm, device, args, store)
         else:

@@ -19,9 +19,10 @@
   of Linear ``name`` (those from ``ram_rows`` on) in their slot of the storage reader's ring, the launching
   thread waiting until they are read (:mod:`hetegen_fx.prefetch`); what a ``copy_h2d`` then copies, or a CPU
   job reads;
-* ``hetegen::ring_rows(fetched, store, name, ram_rows, start, rows) -> Tensor``: rows ``[start, start + rows)``
-  of the storage rows a ``fetch_rows`` (``fetched``) brought in this step, their slot still held: the device's
-  share when the CPU computes the first of them;
+* ``hetegen::ring_rows(after, store, name, ram_rows, start, rows, cols, dtype) -> Tensor``: rows
+  ``[start, start + rows)`` of the storage rows a ``fetch_rows`` brought in this step, their slot still held:
+  the device's share when the CPU computes the first of them (``after``: the ticket of the CPU job that reads
+  those, which orders this after their fetch without aliasing the ring);
 * ``hetegen::fetched(after, store, name, ram_rows, compute=False)``: the slot may be read into again once the
   copies queued so far have landed (an event on the copy stream); with ``compute``, also once the compute
   stream has done what it was given so far (placed after the ``cpu_end`` of a CPU job that read the slot,
@@ -80,12 +81,19 @@ def run_fetch_rows(
 ) -> torch.Tensor:
     from .store import by_token
 
-    reader, i = by_token(store).storage_part(name, ram_rows)
+    reader, i = by_token(store).storage_part(name, ram_rows, taking=True)
     return reader.wait(i, rows)
 
 
 def run_ring_rows(
-    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+    after: torch.Tensor | int,
+    store: int,
+    name: str,
+    ram_rows: int,
+    start: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     from .store import by_token
 
@@ -245,7 +253,9 @@ def _cpu_wait_fake(device: str) -> None:
 def fetch_rows(
     store: int, name: str, ram_rows: int, rows: int, cols: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    return run_fetch_rows(store, name, ram_rows, rows, cols, dtype).clone()  # an op's output aliases nothing
+    # the ring's own rows, the same tensor at every step (not a copy: a CPU job reading them is known by its
+    # tensors); like copy_h2d's region, a view its fake (a fresh tensor) cannot reproduce as a storage offset
+    return run_fetch_rows(store, name, ram_rows, rows, cols, dtype)
 
 
 @fetch_rows.register_fake
@@ -257,18 +267,31 @@ def _fetch_rows_fake(
 
 @torch.library.custom_op("hetegen::ring_rows", mutates_args=())
 def ring_rows(
-    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+    after: torch.Tensor,
+    store: int,
+    name: str,
+    ram_rows: int,
+    start: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    return run_ring_rows(
-        fetched, store, name, ram_rows, start, rows
-    ).clone()  # an op's output aliases nothing
+    # the ring's rows (as fetch_rows)
+    return run_ring_rows(after, store, name, ram_rows, start, rows, cols, dtype)
 
 
 @ring_rows.register_fake
 def _ring_rows_fake(
-    fetched: torch.Tensor, store: int, name: str, ram_rows: int, start: int, rows: int
+    after: torch.Tensor,
+    store: int,
+    name: str,
+    ram_rows: int,
+    start: int,
+    rows: int,
+    cols: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    return fetched.new_empty((rows, *fetched.shape[1:]))
+    return torch.empty((rows, cols), dtype=dtype)
 
 
 @torch.library.custom_op("hetegen::fetched", mutates_args=())

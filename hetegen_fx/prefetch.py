@@ -12,11 +12,14 @@ on the release events (the device never waits on this reader: the launching thre
 
 Item ``i`` always lives in slot ``i % slots``, so :meth:`view` gives the same tensor for the same rows at
 every step, and the CPU worker's tables (:mod:`hetegen_fx.host`, which know weights by their tensor) see the
-same tensors at every step when the CPU computes some of the rows read (PartitionPass). The coordinator reads item ``i`` once the slot's previous occupant was released and its event has
-completed; the consumer waits until the item of the current pass is there. So reads run up to ``slots``
-items ahead of the compute, across the end of a step into the next one's first layers. A consumer that asks
-for another item than the next in the cycle (a forward that broke off half-way, a graph that uses the
-Linears in another order) makes the reader start over from that item: slower, never wrong.
+same tensors at every step when the CPU computes some of the rows read (PartitionPass). The coordinator
+reads item ``i`` once the slot's previous occupant was released and its event has completed; the consumer
+waits until the item of the current pass is there. So reads run up to ``slots`` items ahead of the compute,
+across the end of a step into the next one's first layers. A consumer that asks for another item than the
+next in the cycle (a graph that uses the Linears in another order) makes the reader start over from that
+item: what was read ahead is dropped, the slots the consumer holds are kept. A slot another item still
+holds when an item needs it is an error (one step holds more parts than the ring has slots), never a wait
+or an overwrite. What a call that broke off left held is given back before the next (:meth:`settle`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ DEFAULT_SLOTS = 6
 CHUNK_BYTES = 8 << 20
 #: reader threads per item
 DEFAULT_THREADS = 4
+#: seconds the consumer waits for an item with nothing brought in before it gives up with an error
+STALL_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class _Slot:
     occupant: tuple[int, int] | None = None  # (pass, item) whose rows it holds
     filled: bool = False
     released: bool = True
+    taken: bool = False  # by the consumer (wait), until it releases the slot
     event: object = None  # a torch.cuda.Event the device records after its last read of the slot
 
 
@@ -85,7 +91,9 @@ class StorageReader:
     copy queued so far has (on CUDA, one on the copy stream): what a slot that its consumer never released (a
     forward that broke off) waits for before it is read into again. ``buffer``: host bytes to lay the ring
     in (a uint8 tensor of at least :attr:`ring_bytes`, e.g. the ring of the reader this one replaces, whose
-    views the CPU worker's tables may still hold); a new one when None or too small."""
+    views the CPU worker's tables may still hold); a new one when None or too small. ``slot_bytes``: the
+    least bytes a slot holds (e.g. the largest part the model may ever read, so that a reader replacing this
+    one after a residency change fits the same ring)."""
 
     def __init__(
         self,
@@ -97,6 +105,7 @@ class StorageReader:
         expected_rate: float = 0.0,
         stale_event=None,
         buffer: torch.Tensor | None = None,
+        slot_bytes: int = 0,
     ) -> None:
         if not items:
             raise ConfigError("a storage reader needs at least one item to read")
@@ -105,7 +114,7 @@ class StorageReader:
         self.checkpoint = checkpoint
         self.items = list(items)
         self.slots = slots
-        self.slot_bytes = -(-max(it.nbytes for it in self.items) // 512) * 512
+        self.slot_bytes = -(-max(slot_bytes, *(it.nbytes for it in self.items)) // 512) * 512
         # one plain buffer, page-locked in place when ``pin``: torch's pinned allocator would round each slot up
         # to a power of two (a 86 MiB slot would take 128 MiB of the budget)
         if buffer is None or buffer.dtype != torch.uint8 or buffer.numel() < slots * self.slot_bytes:
@@ -116,6 +125,9 @@ class StorageReader:
         self._stale_event = stale_event
         self._views = [self._view_of(i) for i in range(len(self.items))]
         self._parts: dict[tuple[int, int, int], torch.Tensor] = {}  # (item, start, stop) → its rows' view
+        self._taken: dict[int, tuple[int, int]] = {}  # item → the (pass, item) the consumer took last
+        #: a part's key (the store's: Linear name, RAM rows) → its items, in cycle order
+        self.keys: dict[object, list[int]] = {}
         self._slot = [_Slot() for _ in range(slots)]
         self._cond = threading.Condition()
         self._consumer = (0, 0)  # the (pass, item) the consumer takes next
@@ -165,7 +177,9 @@ class StorageReader:
     def wait(self, i: int, rows: int | None = None) -> torch.Tensor:
         """Block (the GIL released) until item ``i`` of the current pass is in its slot; returns its view (of
         its first ``rows`` rows, if given). An item other than the next in the cycle restarts the reader from
-        it. The slot is held until :meth:`release`."""
+        it. The slot is held until :meth:`release`. A slot that another item taken and not released yet
+        still holds is an error, not a wait (it would never be released: the consumer holds it for work
+        queued after this wait), as is a reader that brings nothing in for :data:`STALL_S` seconds."""
         self._start()
         t0 = time.perf_counter()
         with self._cond:
@@ -178,26 +192,48 @@ class StorageReader:
                     raise self._error
                 if self._closed:
                     raise RuntimeError("the storage reader was closed")
-                if slot.occupant is not None and slot.occupant < want and not slot.released:
-                    # held since an earlier pass: that forward broke off before releasing it
-                    self._release(slot, self._stale())
-                self._cond.wait()
-            slot.released = False
+                if slot.taken and not slot.released:
+                    raise RuntimeError(
+                        f"hetegen: the storage ring's slot {i % self.slots} still holds part {slot.occupant[1]} "
+                        f"({self.items[slot.occupant[1]].name}) when part {i} ({self.items[i].name}) needs it: "
+                        "one step holds more storage parts at once than the ring has slots. Raise storage_slots"
+                    )
+                if time.perf_counter() - t0 > STALL_S:
+                    raise RuntimeError(
+                        f"hetegen: the storage reader brought nothing in for {STALL_S:.0f} s (part {i}, "
+                        f"{self.items[i].name}); is the drive still there?"
+                    )
+                self._cond.wait(timeout=1.0)
+            slot.taken = True
+            self._taken[i] = want
             self._consumer = self._next(want)
         self._waited += time.perf_counter() - t0
         return self.view(i, 0, rows)
 
     def held(self, i: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of item ``i``, which :meth:`wait` returned in this pass and whose slot is not
-        released yet (a Linear's rows the CPU and the device share); an error if it is not held."""
+        """Rows ``[start, stop)`` of item ``i``, which :meth:`wait` returned and whose slot is not released yet
+        (a Linear's rows the CPU and the device share); an error if it is not held."""
         with self._cond:
             slot = self._slot[i % self.slots]
-            if slot.occupant is None or slot.occupant[1] != i or not slot.filled or slot.released:
+            if not slot.taken or slot.released or slot.occupant != self._taken.get(i):
                 raise RuntimeError(
                     f"storage part {i} ({self.items[i].name}) is not held: fetch_rows must take it before its "
                     "rows are shared out"
                 )
         return self.view(i, start, stop)
+
+    def index(self, key, taking: bool) -> int | None:
+        """The item of ``key`` (:attr:`keys`: a part's name and RAM rows; a graph that uses a Linear twice reads
+        it twice a step, as two items): when ``taking``, the next in the cycle if it is one of them, else the
+        first; otherwise the one taken last."""
+        with self._cond:
+            found = self.keys.get(key)
+            if not found:
+                return None
+            if taking:
+                return self._consumer[1] if self._consumer[1] in found else found[0]
+            taken = [i for i in found if i in self._taken]
+            return max(taken, key=self._taken.__getitem__) if taken else found[0]
 
     def release(self, i: int, event=None) -> None:
         """Item ``i``'s slot may be read into again once ``event`` (None: now; or a tuple of events) has
@@ -205,9 +241,19 @@ class StorageReader:
         with self._cond:
             self._release(self._slot[i % self.slots], event)
 
+    def settle(self) -> int:
+        """Give back every slot still held, once the copies queued so far have landed: what a graph call that
+        broke off (an exception) left held. Called before each graph call of the model (no part is held from
+        one call to the next). Returns how many were held."""
+        with self._cond:
+            held = [slot for slot in self._slot if slot.taken and not slot.released]
+            for slot in held:
+                self._release(slot, self._stale())
+            return len(held)
+
     def _release(self, slot: _Slot, event) -> None:
         """Hold ``_cond``."""
-        slot.released, slot.event = True, event
+        slot.released, slot.taken, slot.event = True, False, event
         self._cond.notify_all()
 
     def _stale(self):
@@ -248,16 +294,16 @@ class StorageReader:
 
     def _restart(self, i: int) -> None:
         """Hold ``_cond``. The consumer asks for item ``i`` out of turn: read from it on, in a new pass when
-        it is not ahead of where the consumer was; every slot's content is dropped."""
+        it is not ahead of where the consumer was. What was read ahead is dropped; a slot the consumer took
+        and holds stays as it is (work queued after its wait may still read it)."""
         p, j = self._consumer
         start = (p, i) if i > j else (p + 1, i)
         self._consumer = self._reader = start
         self._generation += 1
         self._restarts += 1
-        for slot in self._slot:  # a copy from a slot may still be in flight: its event is kept
-            if not slot.released:
-                slot.event = self._stale()
-            slot.occupant, slot.filled, slot.released = None, False, True
+        for slot in self._slot:
+            if not (slot.taken and not slot.released):
+                slot.occupant, slot.filled, slot.released = None, False, True
         self._cond.notify_all()
 
     def _start(self) -> None:

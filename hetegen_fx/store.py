@@ -60,6 +60,8 @@ class WeightStore:
     #: (weight id, CPU side?) → (the input features' range, its copy): an MLP block's row Linear
     _columns: dict[tuple, tuple] = field(default_factory=dict, repr=False)
     _pinned: set[int] = field(default_factory=set, repr=False)
+    #: a deferred weight's first byte → the end of the bytes locked from there (:meth:`pin`)
+    _locked: dict[int, int] = field(default_factory=dict, repr=False)
     _reader: object = field(default=None, repr=False)  # the storage tier's StorageReader
     _reader_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _reader_final: object = field(default=None, repr=False)  # the finalizer that closes the reader
@@ -119,7 +121,7 @@ class WeightStore:
                 cached = self._host_parts[key] = part.contiguous()
             part = cached
         if pin and self.device.type == "cuda":  # page-locking is a CUDA notion (not cpu, meta, ...)
-            self._pin(part)
+            self.pin(part)
         return part
 
     def cpu_rows(self, w: torch.Tensor, layout: str, stop: int) -> torch.Tensor:
@@ -155,14 +157,20 @@ class WeightStore:
         self._columns[key] = ((start, stop), part)
         return part
 
-    def _pin(self, t: torch.Tensor) -> None:
-        """Page-lock the storage behind ``t`` in place (no copy of the weights); of a deferred weight only
-        ``t``'s own bytes (the rows kept in RAM: the rest of its memory stays untouched)."""
+    def pin(self, t: torch.Tensor) -> None:
+        """Page-lock the storage behind ``t`` in place (no copy of the weights); of a deferred weight its bytes
+        from the weight's start to ``t``'s end (rows kept in RAM: the rest of its memory stays untouched),
+        beyond what is locked already: graphs whose parts start at other rows (a prefill's split and a
+        decode step's) lock ranges that never overlap, as the driver requires."""
         storage = t.untyped_storage()
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if source_of(t) is not None:
-            ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-        if ptr in self._pinned or t.is_pinned():
+            base, end = ptr, t.data_ptr() + t.numel() * t.element_size()
+            done = self._locked.get(base, base)
+            if end <= done:
+                return
+            ptr, nbytes = done, end - done
+        elif ptr in self._pinned or t.is_pinned():
             return
         err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
         if int(getattr(err, "value", err)) != 0:
@@ -172,33 +180,37 @@ class WeightStore:
                 stacklevel=2,
             )
             return
+        if source_of(t) is not None:
+            self._locked[storage.data_ptr()] = ptr + nbytes
         self._pinned.add(ptr)
         weakref.finalize(storage, _unregister, ptr)
 
     def prepare_storage(
-        self, parts: list[tuple[str, torch.Tensor, int]], slots: int | None, expected_rate: float = 0.0
+        self,
+        parts: list[tuple[str, torch.Tensor, int]],
+        slots: int | None,
+        expected_rate: float = 0.0,
+        slot_bytes: int = 0,
     ) -> None:
         """Make the storage tier's reader (:class:`hetegen_fx.prefetch.StorageReader`) read ``parts``:
         (Linear name, its weight, the rows kept in RAM) whose other rows stay in storage, in the order the
-        graph uses them. A reader that has them all is kept (the model's graphs use them in one order); parts
-        it has none of (the next graph of a step that a graph break cut in two) are added after its own; other
-        parts (a residency change demoted or promoted a Linear) make a new reader of this graph's, in its
-        order, so that it does not start over at every step."""
+        graph fetches them (a Linear the graph uses twice comes twice). A reader whose cycle has them in that
+        order, one after the other, is kept (the model's graphs fetch them in one order); parts it has none
+        of (the next graph of a step that a graph break cut in two) are added after its own; other parts, or
+        another order (a residency change demoted or promoted a Linear), make a new reader of this graph's,
+        in its order, so that it does not start over at every step. ``slot_bytes``: the least a ring slot
+        holds (:class:`~hetegen_fx.prefetch.StorageReader`)."""
         from .prefetch import DEFAULT_SLOTS, Item, StorageReader
 
         with self._reader_lock:
             r = self._reader
-            wanted = {(n, k) for n, _, k in parts}
-            if r is not None and wanted <= set(r.keys):
+            wanted = [(n, k) for n, _, k in parts]
+            if r is not None and _is_run(wanted, r.order):
                 return
-            keys: dict[tuple[str, int], int] = {}
-            items = []
-            checkpoint = None
-            if r is not None and not wanted & set(r.keys):  # another graph of the same step (a graph break)
-                keys, items, checkpoint = dict(r.keys), list(r.items), r.checkpoint
+            order, items, checkpoint = [], [], None
+            if r is not None and not set(wanted) & set(r.order):  # another graph of the same step (a break)
+                order, items, checkpoint = list(r.order), list(r.items), r.checkpoint
             for name, tensor, ram_rows in parts:
-                if (name, ram_rows) in keys:
-                    continue
                 src = source_of(tensor)
                 if src is None:
                     raise UnsupportedModelError(
@@ -207,7 +219,7 @@ class WeightStore:
                     )
                 checkpoint = src.checkpoint
                 out = tensor.shape[0]
-                keys[(name, ram_rows)] = len(items)
+                order.append((name, ram_rows))
                 items.append(
                     Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
                 )
@@ -227,16 +239,20 @@ class WeightStore:
                 expected_rate=expected_rate,
                 stale_event=_copy_event(self.device) if cuda else None,
                 buffer=buffer,
+                slot_bytes=slot_bytes,
             )
-            self._reader.keys = keys
+            self._reader.order = order
+            for i, key in enumerate(order):
+                self._reader.keys.setdefault(key, []).append(i)
             self._reader_final = weakref.finalize(
                 self, self._reader.close
             )  # its thread and ring go with the model
 
-    def storage_part(self, name: str, ram_rows: int):
-        """``(reader, index)`` of Linear ``name``'s storage rows (those from ``ram_rows`` on)."""
+    def storage_part(self, name: str, ram_rows: int, taking: bool = False):
+        """``(reader, index)`` of Linear ``name``'s storage rows (those from ``ram_rows`` on): the item to take
+        next (``taking``, a fetch) or the one taken last (:meth:`~hetegen_fx.prefetch.StorageReader.index`)."""
         r = self._reader
-        i = None if r is None else r.keys.get((name, ram_rows))
+        i = None if r is None else r.index((name, ram_rows), taking)
         if i is None:
             raise RuntimeError(
                 f"the storage reader has no part for {name} (rows from {ram_rows}): the graph was not prepared "
@@ -248,6 +264,15 @@ class WeightStore:
     def storage_reader(self):
         """The storage tier's reader, or None (no storage tier, or no call yet)."""
         return self._reader
+
+
+def _is_run(seq: list, cycle: list) -> bool:
+    """Whether ``seq`` is ``cycle``'s items one after the other from some item on, round the end too."""
+    n = len(cycle)
+    if not seq or len(seq) > n:
+        return False
+    ring = cycle + cycle[: len(seq) - 1]
+    return any(ring[s : s + len(seq)] == seq for s in range(n) if cycle[s] == seq[0])
 
 
 def _copy_event(device: torch.device):

@@ -45,7 +45,8 @@ job's ``cpu_end`` (where the compute stream waits for the job)::
 
     w_cpu  = hetegen.fetch_rows(store, name, r, k - r, in, dtype)     # the ring's rows [0, k - r)
     ticket = hetegen.cpu_begin(x, [w_ram[:r], w_cpu, ...], ...)
-    staged = hetegen.copy_h2d(hetegen.ring_rows(w_cpu, store, name, r, k - r, out - k), slot, device)
+    w_dev  = hetegen.ring_rows(ticket, store, name, r, k - r, out - k, in, dtype)   # the ring's rows [k - r, ...)
+    staged = hetegen.copy_h2d(w_dev, slot, device)
     ...
     y      = cat([narrow(hetegen.cpu_end(...), ...), y_gpu], -1)
     hetegen.fetched(y, store, name, r, True)                         # once the job and the copy are done
@@ -124,13 +125,20 @@ class PartitionPass(PassBase):
 
     def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
         """Linear node → the split Linears (CPU part > 0) of its CPU job, in graph order: those that read the
-        same input, or the Linears of one MLP block."""
+        same input, or the Linears of one MLP block; and the Linears of the same input with storage rows but
+        no CPU part, emitted with the job, so that every graph fetches a job's storage parts in graph order
+        whatever its splits (the storage reader reads them in one order)."""
         by_input: dict[fx.Node | str, list[fx.Node]] = {}
         for node in nodes:
             lp: LayerPlan = node.meta[meta.PLACEMENT]
-            if not lp.resident and lp.split > 0:
+            if not lp.resident and (lp.split > 0 or lp.storage_rows):
                 by_input.setdefault(lp.block or match_linear(node, gm).x, []).append(node)
-        return {n: members for members in by_input.values() for n in members}
+        return {
+            n: members
+            for members in by_input.values()
+            if any(m.meta[meta.PLACEMENT].split > 0 for m in members)
+            for n in members
+        }
 
     def _lay_out_staging(
         self, gm: fx.GraphModule, nodes: list[fx.Node], groups: dict[fx.Node, list[fx.Node]]
@@ -200,22 +208,22 @@ class PartitionPass(PassBase):
                     fetches[site.name] = self._fetch(gm, site, lp, rows)
         weights, biases = [], []
         for site, lp in zip(sites, plans, strict=True):
-            for w, b in self._cpu_parts(gm, site, lp, fetches.get(site.name)):
+            for w, b in self._cpu_parts(gm, site, lp, fetches.get(site.name)) if lp.split else ():
                 weights.append(w)
                 biases.append(b)
         label = _short(sites[0].name) + (f"_and_{len(sites) - 1}" if len(sites) > 1 else "")
         first = plans[0].name
         ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
         y_gpus = [
-            self._gpu_part(gm, site, lp, fetches.get(site.name))
+            self._gpu_part(gm, site, lp, fetches.get(site.name), ticket)
             for site, lp in zip(sites, plans, strict=True)
         ]
         features = sum(lp.split for lp in plans)
         y_cpus = self._new(gm, CPU_END, (ticket, x, features, device), f"{label}_cpu_out", "move", first)
         outs, offset = {}, 0
         for member, site, lp, y_gpu in zip(members, sites, plans, y_gpus, strict=True):
-            y_cpu = y_cpus
-            if len(members) > 1:
+            y_cpu = y_cpus if lp.split else None
+            if y_cpu is not None and len(members) > 1:
                 y_cpu = self._new(
                     gm,
                     torch.narrow,
@@ -362,10 +370,15 @@ class PartitionPass(PassBase):
         return self._new(gm, torch.cat, ([y_cpu, y_gpu], -1), f"{_short(site.name)}_out", "gpu", site.name)
 
     def _gpu_part(
-        self, gm: fx.GraphModule, site: LinearSite, lp: LayerPlan, fetch: fx.Node | None = None
+        self,
+        gm: fx.GraphModule,
+        site: LinearSite,
+        lp: LayerPlan,
+        fetch: fx.Node | None = None,
+        ticket: fx.Node | None = None,
     ) -> fx.Node | None:
         """copy → wait → GPU part → release for output features ``[split, out)``; None when there are none.
-        ``fetch``: the Linear's storage part, fetched already (before its CPU job)."""
+        ``fetch``: the Linear's storage part, fetched already (before its CPU job, whose ``ticket`` this is)."""
         s, short, k, out = site.name, _short(site.name), lp.split, lp.out_features
         if k == out:
             lp.slot = -1
@@ -376,7 +389,16 @@ class PartitionPass(PassBase):
             if fetch is None:
                 fetch = self._fetch(gm, site, lp, lp.storage_rows)
             if reads_ring(lp):  # the CPU took the ring's first rows; its slot is given back after the job
-                args = (fetch, token_of(self.store), s, r, k - r, out - k)
+                args = (
+                    ticket,
+                    token_of(self.store),
+                    s,
+                    r,
+                    k - r,
+                    out - k,
+                    site.in_features,
+                    site.weight.tensor.dtype,
+                )
                 w_host = self._new(gm, RING_ROWS, args, f"{short}_ring_rows", "host", s)
             else:
                 w_host = fetch

@@ -434,7 +434,8 @@ class PlacementPass(PassBase):
         decides, :func:`hetegen_fx.tiers.host_rows`; later graphs keep that), the rest in storage, read at
         every step. A Linear's split stays where the lane model put it: the CPU computes rows ``[0, split)``,
         from RAM and, beyond its RAM rows, from the ring; the device the rest, copied from RAM and the ring
-        (a storage read overlaps both sides, so it does not move the balance; the Plan's step time counts it:
+        (the reader runs ahead: where it keeps up, a read is hidden on either side, and where it does not, the
+        step waits for reads whatever the split; the Plan's step time counts them as a lane of their own,
         :attr:`~hetegen_fx.plan.Plan.storage_seconds`). A CPU job that reads ring rows holds a ring slot for
         each of its storage parts until it is done, so a job with more storage parts than ``storage_slots``
         computes only RAM rows on the CPU (:func:`_ring_fits`). Returns the Plan's ``storage`` figures ({}
@@ -486,14 +487,15 @@ class PlacementPass(PassBase):
             lp.storage_rows = lp.out_features - kept
             ram += lp.bytes * kept // max(lp.out_features, 1)
         _ring_fits(sites, layers, slots)
-        parts = [lp.storage_bytes for lp in layers if lp.storage_rows]
-        if not parts:
+        if not any(lp.storage_rows for lp in layers):
             return {}
         return {
             "cpu_memory": cfg.cpu_memory,
             "ram_bytes": ram,
             "other_bytes": other,
-            "ring_bytes": slots * max(parts),
+            # slots for the largest deferred Linear (what check_minimum counts): a Linear demoted while the
+            # model runs goes to storage whole, and its reader's ring then fits the same bytes
+            "ring_bytes": slots * largest,
             "slots": slots,
             "policy": cfg.storage_policy,
             **cost,
@@ -870,17 +872,17 @@ class PlacementPass(PassBase):
 
 
 def _ring_fits(sites: list[LinearSite], layers: list[LayerPlan], slots: int) -> None:
-    """A CPU job (the offloaded Linears with a CPU part that read one input) whose CPU part reads ring rows
-    takes all of its storage parts before it is queued and holds their slots until it is done: where it has
-    more storage parts than the ring has ``slots``, its Linears' CPU parts keep to their RAM rows."""
+    """A CPU job (the offloaded Linears that read one input) whose CPU part reads ring rows takes all of its
+    storage parts before it is queued and holds their slots until it is done: where it has more storage
+    parts than the ring has ``slots``, its Linears' CPU parts keep to their RAM rows."""
     by_name = {lp.name: lp for lp in layers}
     jobs: dict[fx.Node, list[LayerPlan]] = {}
     for s in sites:
         lp = by_name[s.name]
-        if not lp.resident and lp.split > 0:
+        if not lp.resident:
             jobs.setdefault(s.x, []).append(lp)
     for job in jobs.values():
-        ring = [lp for lp in job if lp.storage_rows]
+        ring = [lp for lp in job if lp.storage_rows]  # all fetched before the job (PartitionPass)
         if len(ring) > slots and any(lp.split > lp.out_features - lp.storage_rows for lp in ring):
             for lp in ring:
                 lp.split = min(lp.split, lp.out_features - lp.storage_rows)

@@ -145,6 +145,50 @@ def test_rows_shared_between_the_cpu_and_the_device_are_fixed_views_of_a_held_sl
     assert small.buffer.numel() == small.ring_bytes  # too small a buffer is not used
 
 
+def test_a_slot_still_held_by_another_part_is_a_clear_error_not_a_hang(ckpt):
+    """A step that holds more parts at once than the ring has slots would wait forever for a slot it holds
+    itself: the reader says so instead."""
+    c, tensors = ckpt
+    r = StorageReader(c, _items(tensors), slots=2, threads=1)
+    try:
+        r.wait(0)
+        r.wait(1)
+        with pytest.raises(RuntimeError, match="Raise storage_slots"):
+            r.wait(2)
+    finally:
+        r.close()
+
+
+def test_a_restart_keeps_the_parts_the_consumer_holds(ckpt):
+    """Out of turn while a part is held (a CPU job will read it): what was read ahead is dropped, the held
+    part is not read into until it is released; a Linear used twice is two items of one key."""
+    c, tensors = ckpt
+    whole = [t[8:40] for t in tensors.values()]
+    r = StorageReader(c, _items(tensors), slots=3, threads=1)
+    r.keys = {"a": [0], "b": [2, 5]}
+    try:
+        assert r.index("b", taking=True) == 2 and r.index("a", taking=True) == 0  # 0 is next in the cycle
+        first = r.wait(0, 10)
+        rest = r.held(0, 10, 32)
+        r.wait(2)  # out of turn: a restart
+        assert r.stats().restarts == 1
+        time.sleep(0.2)
+        assert torch.equal(first, whole[0][:10]) and torch.equal(rest, whole[0][10:])  # not read into
+        assert r.index("b", taking=False) == 2
+        r.release(2)
+        assert r.index("b", taking=True) == 2 and r.index("x", taking=True) is None  # 3 is next: not b's
+        r.release(0)
+        assert torch.equal(r.wait(3), whole[3])  # into slot 0 once part 0 was released
+        r.release(3)
+        r.wait(4)
+        r.release(4)
+        assert r.index("b", taking=True) == 5
+        assert torch.equal(r.wait(5), whole[5])
+        assert r.index("b", taking=False) == 5  # the one taken last
+    finally:
+        r.close()
+
+
 def test_an_item_out_of_turn_restarts_the_reader_from_it(ckpt):
     c, tensors = ckpt
     names = list(tensors)
@@ -152,6 +196,7 @@ def test_an_item_out_of_turn_restarts_the_reader_from_it(ckpt):
     try:
         for i in range(3):  # a forward that broke off after three items (never released)
             r.wait(i)
+        assert r.settle() == 3  # the launcher gives them back before the next call
         for i in range(len(names)):  # the next forward starts again at item 0
             assert torch.equal(r.wait(i), tensors[names[i]][8:40])
             r.release(i)
@@ -239,6 +284,7 @@ def test_a_forward_that_broke_off_holding_a_slot_does_not_stall_the_next_pass(ck
             r.wait(i)
             if i != len(names) - 1:  # the last item is never released: the forward broke off after it
                 r.release(i)
+        assert r.settle() == 1  # before the next call (the launcher)
         for i in range(len(names)):  # the next forward, in turn from item 0
             assert torch.equal(r.wait(i), tensors[names[i]][8:40])
             r.release(i)

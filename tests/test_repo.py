@@ -119,7 +119,7 @@ def _python_files() -> list[Path]:
 
 def test_no_module_reads_a_private_attribute_of_the_store_or_a_compiled_model():
     private = _private_names()
-    assert {"_device_copies", "_host_parts", "_pin"} <= private  # the scan knows what to look for
+    assert {"_device_copies", "_host_parts", "_locked"} <= private  # the scan knows what to look for
     hits = []
     for path in dict.fromkeys(_python_files()):
         if not path.exists():

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,28 @@ def _ops(compiled) -> dict[str, int]:
     return n
 
 
+def _slots_come_back_after_their_jobs(compiled) -> None:
+    """In every graph, a ring slot a CPU job reads is given back after that job's ``cpu_end`` (where the
+    compute stream waits for the job), with the compute stream's event too."""
+    from hetegen_fx import ops
+
+    for g in hetegen_fx.state(compiled).graphs:
+        nodes = list(g.graph_module.graph.nodes)
+        at = {n: i for i, n in enumerate(nodes)}
+        fetches = {
+            (n.args[1], n.args[2]): n
+            for n in nodes
+            if n.op == "call_function" and ops.is_op(n.target, ops.FETCH)
+        }
+        for n in nodes:
+            if n.op != "call_function" or not ops.is_op(n.target, ops.FETCHED) or len(n.args) < 5:
+                continue
+            fetch = fetches[(n.args[2], n.args[3])]
+            begin = next(u for u in fetch.users if ops.is_op(u.target, ops.CPU_BEGIN))
+            end = next(u for u in begin.users if ops.is_op(u.target, ops.CPU_END))
+            assert at[end] < at[n] and n.args[4] is True, n.format_node()
+
+
 def _expected(compiled) -> dict[str, int]:
     """What :func:`_ops` should count, from the graphs' Plans."""
     n = {"fetch": 0, "ring_rows": 0, "fetched_after_job": 0, "copy_with_tail": 0}
@@ -178,6 +201,7 @@ def test_the_split_falls_anywhere_the_cpu_computing_ring_rows_and_the_device_ram
     assert len(host._sites) == sites
     counted, expected = _ops(compiled), _expected(compiled)
     assert counted == expected
+    _slots_come_back_after_their_jobs(compiled)
     assert counted["fetched_after_job"] > 0  # every variant has a CPU part reading ring rows
     if alpha == 0.2:  # and one whose device part takes RAM rows too
         assert counted["copy_with_tail"] > 0 and counted["ring_rows"] > 0
@@ -192,6 +216,55 @@ def test_the_split_falls_anywhere_the_cpu_computing_ring_rows_and_the_device_ram
         )
     stats = hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader.stats()
     assert stats.restarts == 0 and stats.passes == 2 * NEW
+
+
+def test_a_graph_run_through_the_dispatcher_hands_its_jobs_the_same_ring_rows(saved, monkeypatch):
+    """The transformed graph itself (its ops dispatched, as a user calling ``explain().graph_module`` or an
+    exported program runs it) hands the CPU jobs the ring's own rows, not copies: the CPU worker's tables
+    (which know weights by their tensor) stay as they are from one request to the next."""
+    from hetegen_fx import launch
+    from hetegen_fx.runtime import get_runtime
+
+    monkeypatch.setattr(launch, "direct", lambda gm, *args, **kwargs: gm)
+    compiled, ids, ref = _three_tiers(saved, alpha=0.8)
+    assert torch.equal(_generate(compiled, ids), ref)
+    host = get_runtime("cpu").host
+    sites = len(host._sites)
+    assert torch.equal(_generate(compiled, ids), ref)
+    assert len(host._sites) == sites
+    assert _ops(compiled)["fetched_after_job"] > 0
+
+
+def test_parts_of_a_deferred_weight_are_page_locked_in_ranges_that_never_overlap(monkeypatch):
+    """A prefill's GPU part and a decode step's start at other rows of a deferred weight's RAM rows: each is
+    locked from the weight's start, beyond what is locked already, since the driver refuses to lock a range
+    twice (copies from such a part would run from pageable memory)."""
+    from hetegen_fx.checkpoint import bind
+    from hetegen_fx.store import WeightStore
+
+    ranges = []
+
+    class Driver:  # cudaHostRegister as the driver does it: an overlapping range is an error
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            if any(ptr < b and a < ptr + nbytes for a, b in ranges):
+                return 712  # cudaErrorHostMemoryAlreadyRegistered
+            ranges.append((ptr, ptr + nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Driver())
+    w = torch.empty(64, 16)
+    bind(w, None, "w")
+    store = WeightStore(device=torch.device("cuda"))
+    row = 16 * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused range would warn
+        for start, stop in [(32, 48), (16, 48), (40, 44), (0, 64)]:
+            store.pin(w[start:stop])
+    base = w.data_ptr()
+    assert ranges == [(base, base + 48 * row), (base + 48 * row, base + 64 * row)]
 
 
 def test_the_storage_tier_with_compiled_stretches_keeps_its_reads_outside_them(saved):
