@@ -1110,43 +1110,32 @@ def _add_compile_arguments(p: argparse.ArgumentParser, plan_file: bool) -> None:
         help="the CUDA graphs' memory pool, e.g. 256MiB (needs --cuda-graphs; default: 1/16 of the budget, "
         "at most 128 MiB)",
     )
-    cudnn = g.add_mutually_exclusive_group()
-    cudnn.add_argument(
-        "--cudnn-attention",
-        dest="cudnn_attention",
-        action="store_const",
-        const=True,
-        default=None,
-        help="let attention use cuDNN in every graph (default: only in graphs whose attention shapes never "
+    _auto_flags(
+        g,
+        "cudnn_attention",
+        "let attention use cuDNN in every graph (default: only in graphs whose attention shapes never "
         "change, e.g. decode steps over a static cache; cuDNN plans every new shape anew, tens of ms each)",
+        "keep attention off cuDNN in every graph (cudnn_attention=False)",
     )
-    cudnn.add_argument(
-        "--no-cudnn-attention",
-        dest="cudnn_attention",
-        action="store_const",
-        const=False,
-        help="keep attention off cuDNN in every graph (cudnn_attention=False)",
-    )
-    tables = g.add_mutually_exclusive_group()
-    tables.add_argument(
-        "--host-embeddings",
-        dest="host_embeddings",
-        action="store_const",
-        const=True,
-        default=None,
-        help="look token ids up in embedding tables kept in host memory, always (default: on the device "
-        "only where every Linear fits resident beside them)",
-    )
-    tables.add_argument(
-        "--no-host-embeddings",
-        dest="host_embeddings",
-        action="store_const",
-        const=False,
-        help="keep embedding tables on the device, reserved from the budget (host_embeddings=False)",
+    _auto_flags(
+        g,
+        "host_embeddings",
+        "look token ids up in embedding tables kept in host memory, always (default: on the device only "
+        "where every Linear fits resident beside them)",
+        "keep embedding tables on the device, reserved from the budget (host_embeddings=False)",
     )
     g.add_argument(
         "--verbose", action="store_true", help="progress of long steps, and each compiled graph's plan table"
     )
+
+
+def _auto_flags(g, name: str, on: str, off: str) -> None:
+    """``--NAME`` / ``--no-NAME`` (mutually exclusive) for an option that is "auto" unless one says True or
+    False (``name`` with dashes for underscores)."""
+    both = g.add_mutually_exclusive_group()
+    flag = name.replace("_", "-")
+    both.add_argument(f"--{flag}", dest=name, action="store_const", const=True, default=None, help=on)
+    both.add_argument(f"--no-{flag}", dest=name, action="store_const", const=False, help=off)
 
 
 def _add_text_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -122,29 +122,18 @@ def test_generate_chat_and_plan_share_the_compile_defaults():
     assert hetegen_fx.Config.from_options(compile_options(threads)).cpu_threads == 3
 
 
-def test_cudnn_flags_choose_the_attention_setting_and_exclude_each_other(capsys):
+@pytest.mark.parametrize("name", ["cudnn_attention", "host_embeddings"])
+def test_auto_flags_choose_the_setting_and_exclude_each_other(capsys, name):
     parser = build_parser()
     common = ["plan", "--gpu-memory", "1MiB", *CPU]
+    flag = name.replace("_", "-")
     settings = [
-        hetegen_fx.Config.from_options(compile_options(parser.parse_args([*common, *flag]))).cudnn_attention
-        for flag in ([], ["--cudnn-attention"], ["--no-cudnn-attention"])
+        getattr(hetegen_fx.Config.from_options(compile_options(parser.parse_args([*common, *given]))), name)
+        for given in ([], [f"--{flag}"], [f"--no-{flag}"])
     ]
     assert settings == ["auto", True, False]
     with pytest.raises(SystemExit):
-        parser.parse_args([*common, "--cudnn-attention", "--no-cudnn-attention"])
-    assert "not allowed with argument" in capsys.readouterr().err
-
-
-def test_host_embedding_flags_choose_where_the_tables_live_and_exclude_each_other(capsys):
-    parser = build_parser()
-    common = ["plan", "--gpu-memory", "1MiB", *CPU]
-    settings = [
-        hetegen_fx.Config.from_options(compile_options(parser.parse_args([*common, *flag]))).host_embeddings
-        for flag in ([], ["--host-embeddings"], ["--no-host-embeddings"])
-    ]
-    assert settings == ["auto", True, False]
-    with pytest.raises(SystemExit):
-        parser.parse_args([*common, "--host-embeddings", "--no-host-embeddings"])
+        parser.parse_args([*common, f"--{flag}", f"--no-{flag}"])
     assert "not allowed with argument" in capsys.readouterr().err
 
 
