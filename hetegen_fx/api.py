@@ -146,6 +146,11 @@ def _compile_dynamo(model: torch.nn.Module, config: Config) -> torch.nn.Module:
     )
     floor = _check_budget_floor(model, config)
     store = store_for(list(model.parameters()), torch.device(config.device), fresh=True)
+    if config.cpu_memory is not None:  # the storage tier's ring: slots for the largest deferred Linear
+        from .checkpoint import source_of
+
+        deferred = (p for p in model.parameters() if p.dim() == 2 and source_of(p) is not None)
+        store.largest_deferred = max((p.numel() * p.element_size() for p in deferred), default=0)
     compiled = copy.copy(model)  # shares parameters and submodules; the original's __dict__ stays untouched
     if cache:
         compiled.generate = _static_cache_by_default(

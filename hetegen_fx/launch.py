@@ -59,15 +59,11 @@ def apply(plan, config, store, gm: fx.GraphModule) -> None:
         rt.reserve(plan.reserved.get("staging", 0), owner=store, graph=gm)
         if config.cpu_threads or rt.is_cuda:
             rt.host.threads = config.cpu_threads or default_threads()
-    # the storage tier: the reader reads the graph's storage rows in the order its fetches take them
-    fetches = [n for n in gm.graph.nodes if n.op == "call_function" and ops.is_op(n.target, ops.FETCH)]
-    parts = [
-        (name, store.tensors_of[name][0], ram_rows) for _, name, ram_rows, *_ in (n.args for n in fetches)
-    ]
-    if parts:
+    # the storage tier: the reader reads what the model's graphs fetch, in their order
+    if gm.graph.find_nodes(op="call_function", target=ops.FETCH) or store.storage_reader is not None:
         st = plan.storage
         slot = st.get("ring_bytes", 0) // max(st.get("slots", 1), 1)  # the largest part the model may read
-        store.prepare_storage(parts, config.storage_slots, st.get("read_rate", 0.0), slot)
+        store.prepare_storage(gm, config.storage_slots, st.get("read_rate", 0.0), slot)
 
 
 def launcher(gm: fx.GraphModule, config, store=None, plan=None) -> Callable:

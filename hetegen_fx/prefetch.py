@@ -42,7 +42,7 @@ DEFAULT_SLOTS = 6
 CHUNK_BYTES = 8 << 20
 #: reader threads per item
 DEFAULT_THREADS = 4
-#: seconds the consumer waits for an item with nothing brought in before it gives up with an error
+#: seconds the consumer waits for an item while the reader brings nothing in before it gives up with an error
 STALL_S = 600.0
 
 
@@ -187,6 +187,7 @@ class StorageReader:
                 self._restart(i)
             want = self._consumer
             slot = self._slot[i % self.slots]
+            progress, since = self._reads, t0  # the reads done so far, and when the last one ended
             while not (slot.occupant == want and slot.filled):
                 if self._error is not None:
                     raise self._error
@@ -198,7 +199,9 @@ class StorageReader:
                         f"({self.items[slot.occupant[1]].name}) when part {i} ({self.items[i].name}) needs it: "
                         "one step holds more storage parts at once than the ring has slots. Raise storage_slots"
                     )
-                if time.perf_counter() - t0 > STALL_S:
+                if self._reads != progress:
+                    progress, since = self._reads, time.perf_counter()
+                if time.perf_counter() - since > STALL_S:
                     raise RuntimeError(
                         f"hetegen: the storage reader brought nothing in for {STALL_S:.0f} s (part {i}, "
                         f"{self.items[i].name}); is the drive still there?"

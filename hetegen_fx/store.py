@@ -43,6 +43,9 @@ class WeightStore:
     ledger: object = None
     #: Linear name → rows kept in RAM, the rest in storage (the storage tier), decided by the first placement
     host_rows: dict[str, int] | None = None
+    #: bytes of the model's largest Linear weight that stays in its checkpoint (the storage tier's ring has
+    #: slots of it, whichever graph is placed first); 0 when not known
+    largest_deferred: int = 0
     #: bumped by every residency change (:func:`hetegen_fx.residency.apply`): graphs compiled under an older
     #: one are compiled again before their next call
     version: int = 0
@@ -186,31 +189,43 @@ class WeightStore:
         weakref.finalize(storage, _unregister, ptr)
 
     def prepare_storage(
-        self,
-        parts: list[tuple[str, torch.Tensor, int]],
-        slots: int | None,
-        expected_rate: float = 0.0,
-        slot_bytes: int = 0,
+        self, first: torch.fx.GraphModule, slots: int | None, expected_rate: float = 0.0, slot_bytes: int = 0
     ) -> None:
-        """Make the storage tier's reader (:class:`hetegen_fx.prefetch.StorageReader`) read ``parts``:
-        (Linear name, its weight, the rows kept in RAM) whose other rows stay in storage, in the order the
-        graph fetches them (a Linear the graph uses twice comes twice). A reader whose cycle has them in that
-        order, one after the other, is kept (the model's graphs fetch them in one order); parts it has none
-        of (the next graph of a step that a graph break cut in two) are added after its own; other parts, or
-        another order (a residency change demoted or promoted a Linear), make a new reader of this graph's,
-        in its order, so that it does not start over at every step. ``slot_bytes``: the least a ring slot
-        holds (:class:`~hetegen_fx.prefetch.StorageReader`)."""
+        """Make the storage tier's reader (:class:`hetegen_fx.prefetch.StorageReader`) read what the model's
+        graphs fetch (their ``fetch_rows``: Linear name and RAM rows, the rest in storage), in one cycle the
+        size of one step: ``first``'s fetches (the graph just compiled) in its order, then those of the
+        model's other live graphs (:attr:`graphs`) that it has none of, one graph after the other (the
+        graphs a graph break cut a step into), skipping graphs that fetch the same parts (a prefill and a
+        decode step; PartitionPass emits them in one order whatever the splits). A reader whose cycle is
+        that already (from any item on) is kept; otherwise a new one is made, in the old ring's bytes, and
+        without fetches none is kept. So a residency change that took parts away or added some leaves no
+        part read for nothing. ``slot_bytes``: the least a ring slot holds
+        (:class:`~hetegen_fx.prefetch.StorageReader`)."""
         from .prefetch import DEFAULT_SLOTS, Item, StorageReader
 
         with self._reader_lock:
+            cycle: list[tuple[str, int]] = []
+            others = [g.graph_module for g in self.graphs if g.graph_module is not first]
+            for gm in [first, *others]:
+                seq = fetches_of(gm)
+                if seq and not _is_run(seq, cycle) and not set(seq) & set(cycle):
+                    cycle += seq
             r = self._reader
-            wanted = [(n, k) for n, _, k in parts]
-            if r is not None and _is_run(wanted, r.order):
+            if r is not None and len(cycle) == len(r.order) and _is_run(cycle, r.order):
                 return
-            order, items, checkpoint = [], [], None
-            if r is not None and not set(wanted) & set(r.order):  # another graph of the same step (a break)
-                order, items, checkpoint = list(r.order), list(r.items), r.checkpoint
-            for name, tensor, ram_rows in parts:
+            buffer = None
+            if r is not None:
+                self._reader_final.detach()
+                r.close()
+                self._reader = None
+                # the new ring in the old one's bytes where they suffice: the CPU worker's tables keep the views
+                # of storage rows its jobs read, and with them the ring they lie in
+                buffer = r.buffer
+            if not cycle:
+                return
+            items, checkpoint = [], None
+            for name, ram_rows in cycle:
+                tensor = self.tensors_of[name][0]
                 src = source_of(tensor)
                 if src is None:
                     raise UnsupportedModelError(
@@ -219,17 +234,9 @@ class WeightStore:
                     )
                 checkpoint = src.checkpoint
                 out = tensor.shape[0]
-                order.append((name, ram_rows))
                 items.append(
                     Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
                 )
-            buffer = None
-            if r is not None:
-                self._reader_final.detach()
-                r.close()
-                # the new ring in the old one's bytes where they suffice: the CPU worker's tables keep the views
-                # of storage rows its jobs read, and with them the ring they lie in
-                buffer = r.buffer
             cuda = self.device.type == "cuda"
             self._reader = StorageReader(
                 checkpoint,
@@ -241,8 +248,8 @@ class WeightStore:
                 buffer=buffer,
                 slot_bytes=slot_bytes,
             )
-            self._reader.order = order
-            for i, key in enumerate(order):
+            self._reader.order = cycle
+            for i, key in enumerate(cycle):
                 self._reader.keys.setdefault(key, []).append(i)
             self._reader_final = weakref.finalize(
                 self, self._reader.close
@@ -264,6 +271,13 @@ class WeightStore:
     def storage_reader(self):
         """The storage tier's reader, or None (no storage tier, or no call yet)."""
         return self._reader
+
+
+def fetches_of(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
+    """The storage parts ``gm`` fetches, in its order: (Linear name, RAM rows) of each ``fetch_rows``."""
+    from .ops import FETCH
+
+    return [(n.args[1], n.args[2]) for n in gm.graph.find_nodes(op="call_function", target=FETCH)]
 
 
 def _is_run(seq: list, cycle: list) -> bool:

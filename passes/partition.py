@@ -51,9 +51,11 @@ job's ``cpu_end`` (where the compute stream waits for the job)::
     y      = cat([narrow(hetegen.cpu_end(...), ...), y_gpu], -1)
     hetegen.fetched(y, store, name, r, True)                         # once the job and the copy are done
 
-Once one Linear of a job reads ring rows, every storage part of the job is fetched before the job is queued,
-in the job's order (the order the reader reads them in), so the job holds as many ring slots as it has
-storage parts; PlacementPass keeps that within ``storage_slots``.
+Where Linears of one input have storage rows, all its offloaded Linears are emitted together at the first,
+whatever their splits, so every graph of the model fetches the storage parts in one order (the reader's).
+Once one Linear of a job reads ring rows, every storage part of the job is fetched before the job is
+queued, so the job holds as many ring slots as it has storage parts; PlacementPass keeps that within
+``storage_slots``.
 """
 
 from __future__ import annotations
@@ -125,20 +127,21 @@ class PartitionPass(PassBase):
 
     def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
         """Linear node → the split Linears (CPU part > 0) of its CPU job, in graph order: those that read the
-        same input, or the Linears of one MLP block; and the Linears of the same input with storage rows but
-        no CPU part, emitted with the job, so that every graph fetches a job's storage parts in graph order
-        whatever its splits (the storage reader reads them in one order)."""
+        same input, or the Linears of one MLP block. Where Linears of one input have storage rows, every
+        offloaded Linear of that input, CPU part or not, is emitted with them at the first: so every graph of
+        the model fetches storage parts in the same order whatever its splits (the storage reader reads them
+        in one order)."""
         by_input: dict[fx.Node | str, list[fx.Node]] = {}
         for node in nodes:
             lp: LayerPlan = node.meta[meta.PLACEMENT]
-            if not lp.resident and (lp.split > 0 or lp.storage_rows):
+            if not lp.resident:
                 by_input.setdefault(lp.block or match_linear(node, gm).x, []).append(node)
-        return {
-            n: members
-            for members in by_input.values()
-            if any(m.meta[meta.PLACEMENT].split > 0 for m in members)
-            for n in members
-        }
+        groups = {}
+        for members in by_input.values():
+            if not any(m.meta[meta.PLACEMENT].storage_rows for m in members):
+                members = [m for m in members if m.meta[meta.PLACEMENT].split > 0]
+            groups.update((n, members) for n in members)
+        return groups
 
     def _lay_out_staging(
         self, gm: fx.GraphModule, nodes: list[fx.Node], groups: dict[fx.Node, list[fx.Node]]
@@ -213,13 +216,17 @@ class PartitionPass(PassBase):
                 biases.append(b)
         label = _short(sites[0].name) + (f"_and_{len(sites) - 1}" if len(sites) > 1 else "")
         first = plans[0].name
-        ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
+        ticket = None  # none of the Linears has a CPU part: only their storage parts keep them together
+        if weights:
+            ticket = self._new(gm, CPU_BEGIN, (x, weights, biases, device), f"{label}_cpu", "cpu", first)
         y_gpus = [
             self._gpu_part(gm, site, lp, fetches.get(site.name), ticket)
             for site, lp in zip(sites, plans, strict=True)
         ]
         features = sum(lp.split for lp in plans)
-        y_cpus = self._new(gm, CPU_END, (ticket, x, features, device), f"{label}_cpu_out", "move", first)
+        y_cpus = None
+        if ticket is not None:
+            y_cpus = self._new(gm, CPU_END, (ticket, x, features, device), f"{label}_cpu_out", "move", first)
         outs, offset = {}, 0
         for member, site, lp, y_gpu in zip(members, sites, plans, y_gpus, strict=True):
             y_cpu = y_cpus if lp.split else None

@@ -280,6 +280,50 @@ def test_the_storage_tier_with_compiled_stretches_keeps_its_reads_outside_them(s
     assert stats.restarts == 0 and stats.passes == 2 * NEW
 
 
+def test_every_graph_fetches_the_storage_parts_in_one_order_whatever_its_splits(tmp_path, monkeypatch):
+    """A model whose attention and MLP read one input (GPT-J): with a prefill at α = 0 and decode steps with CPU
+    parts, every graph still fetches the storage parts in one order, so the reader (one cycle for the model)
+    never starts over, over prompts of several lengths; eager's tokens."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from hetegen_fx import meta
+    from hetegen_fx.passes.placement import PlacementPass
+    from hetegen_fx.store import fetches_of, find_store
+
+    cfg = GPTJConfig(vocab_size=128, n_embd=128, n_layer=2, n_head=4, rotary_dim=8, n_positions=128)
+    model = GPTJForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = cfg.eos_token_id
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="50KB")
+    alphas = PlacementPass._alphas
+
+    def prefill_on_the_device(self, sites, costs):  # the lane model's α, but none in a graph of many tokens
+        tokens = max(s.node.meta.get(meta.TOKENS, 1) for s in sites)
+        got = alphas(self, sites, costs)
+        return {k: 0.0 for k in got} if tokens > 1 else got
+
+    monkeypatch.setattr(PlacementPass, "_alphas", prefill_on_the_device)
+    linear = _linear_bytes(model)
+    largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    compiled = hetegen_fx.load(
+        tmp_path / "ckpt",
+        gpu_memory=int(_nbytes(model) * 0.7),
+        cpu_memory=_nbytes(model) - linear + 6 * largest + linear // 10,
+        device="cpu",
+        max_seq_len=64,
+        profile="model",
+        progress=False,
+    )
+    for length in (7, 12, 12):
+        ids = torch.randint(3, 128, (1, length))
+        assert torch.equal(_generate(compiled, ids), _generate(model, ids))
+    graphs = hetegen_fx.state(compiled).graphs
+    splits = {g.plan.tokens: {lp.split for lp in g.plan.layers if not lp.resident} for g in graphs}
+    assert splits[1] != {0} and all(v == {0} for t, v in splits.items() if t > 1), splits  # the case at hand
+    orders = {tuple(fetches_of(g.graph_module)) for g in graphs}
+    assert len(orders) == 1 and len(next(iter(orders))) > 1, orders
+    assert find_store(list(compiled.parameters())).storage_reader.stats().restarts == 0
+
+
 def test_a_cpu_job_with_more_storage_parts_than_ring_slots_keeps_to_its_ram_rows(saved):
     """A job whose CPU part read ring rows would hold a slot for each of its storage parts until it is done:
     with more parts than ``storage_slots`` (gate and up in one slot) its CPU parts keep to RAM rows, while a
@@ -459,3 +503,15 @@ def test_a_residency_change_gives_a_reader_in_the_graphs_order(saved):
     assert after.storage_bytes > before.storage_bytes  # the demoted Linears are read from storage
     reader = hetegen_fx.store.find_store(list(compiled.parameters())).storage_reader
     assert reader.stats().restarts == 0 and reader.stats().passes == NEW
+    # promoted back: the reader reads only what the recompiled graphs fetch, nothing for nothing
+    change = hetegen_fx.set_gpu_memory(compiled, int(_nbytes(model) * 0.9))
+    assert change is not None and change.promoted
+    assert torch.equal(_generate(compiled, ids), ref)
+    store = hetegen_fx.store.find_store(list(compiled.parameters()))
+    fetched = {
+        part
+        for g in hetegen_fx.state(compiled).graphs
+        for part in hetegen_fx.store.fetches_of(g.graph_module)
+    }
+    reader = store.storage_reader
+    assert reader is None if not fetched else set(reader.order) == fetched and reader.stats().restarts == 0
