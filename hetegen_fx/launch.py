@@ -62,7 +62,7 @@ def apply(plan, config, store, gm: fx.GraphModule) -> None:
     # the storage tier: the reader reads what the model's graphs fetch, in their order
     if gm.graph.find_nodes(op="call_function", target=ops.FETCH) or store.storage_reader is not None:
         st = plan.storage
-        slot = st.get("ring_bytes", 0) // max(st.get("slots", 1), 1)  # the largest part the model may read
+        slot = max(st.get("ring_bytes", 0) // max(st.get("slots", 1), 1), store.largest_deferred)
         store.prepare_storage(gm, config.storage_slots, st.get("read_rate", 0.0), slot)
 
 

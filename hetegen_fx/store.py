@@ -205,7 +205,12 @@ class WeightStore:
 
         with self._reader_lock:
             cycle: list[tuple[str, int]] = []
-            others = [g.graph_module for g in self.graphs if g.graph_module is not first]
+            live = {id(r.graph_module) for r in list(self.runners) if r.graph_module is not None}
+            others = [  # the graphs still in use (a graph whose runner dynamo dropped fetches nothing)
+                g.graph_module
+                for g in self.graphs
+                if g.graph_module is not first and (not live or id(g.graph_module) in live)
+            ]
             for gm in [first, *others]:
                 seq = fetches_of(gm)
                 if seq and not _is_run(seq, cycle) and not set(seq) & set(cycle):
@@ -213,17 +218,7 @@ class WeightStore:
             r = self._reader
             if r is not None and len(cycle) == len(r.order) and _is_run(cycle, r.order):
                 return
-            buffer = None
-            if r is not None:
-                self._reader_final.detach()
-                r.close()
-                self._reader = None
-                # the new ring in the old one's bytes where they suffice: the CPU worker's tables keep the views
-                # of storage rows its jobs read, and with them the ring they lie in
-                buffer = r.buffer
-            if not cycle:
-                return
-            items, checkpoint = [], None
+            items, checkpoint = [], None  # checked before the old reader goes
             for name, ram_rows in cycle:
                 tensor = self.tensors_of[name][0]
                 src = source_of(tensor)
@@ -237,6 +232,17 @@ class WeightStore:
                 items.append(
                     Item(src.name, (ram_rows, out), (out - ram_rows, *tensor.shape[1:]), tensor.dtype)
                 )
+            buffer = None
+            if r is not None:
+                self._reader_final.detach()
+                r.close()
+                self._reader = None
+                # the new ring in the old one's bytes where they suffice: the CPU worker's tables keep the views
+                # of storage rows its jobs read, and with them the ring they lie in
+                buffer = r.buffer
+                expected_rate = expected_rate or r.expected_rate
+            if not cycle:
+                return
             cuda = self.device.type == "cuda"
             self._reader = StorageReader(
                 checkpoint,
@@ -262,8 +268,9 @@ class WeightStore:
         i = None if r is None else r.index((name, ram_rows), taking)
         if i is None:
             raise RuntimeError(
-                f"the storage reader has no part for {name} (rows from {ram_rows}): the graph was not prepared "
-                "(hetegen_fx.launch.apply)"
+                f"the storage reader has no part for {name} (rows from {ram_rows}): the model's storage reader "
+                "was not prepared for this graph (hetegen_fx.launch.apply failed for a graph compiled after it, "
+                "see the error it raised); compile the model again"
             )
         return r, i
 

@@ -126,8 +126,8 @@ class PartitionPass(PassBase):
         return PassResult(gm, bool(nodes))
 
     def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
-        """Linear node → the split Linears (CPU part > 0) of its CPU job, in graph order: those that read the
-        same input, or the Linears of one MLP block. Where Linears of one input have storage rows, every
+        """Linear node → the Linears emitted with it, in graph order: the split Linears (CPU part > 0) of its CPU
+        job, those that read the same input or the Linears of one MLP block. Where Linears of one input have storage rows, every
         offloaded Linear of that input, CPU part or not, is emitted with them at the first: so every graph of
         the model fetches storage parts in the same order whatever its splits (the storage reader reads them
         in one order)."""
@@ -230,7 +230,7 @@ class PartitionPass(PassBase):
         outs, offset = {}, 0
         for member, site, lp, y_gpu in zip(members, sites, plans, y_gpus, strict=True):
             y_cpu = y_cpus if lp.split else None
-            if y_cpu is not None and len(members) > 1:
+            if y_cpu is not None and sum(p.split > 0 for p in plans) > 1:
                 y_cpu = self._new(
                     gm,
                     torch.narrow,

@@ -466,10 +466,8 @@ class PlacementPass(PassBase):
                 other += _nbytes(ref.tensor)
         slots = cfg.storage_slots or DEFAULT_SLOTS
         # every deferred Linear: one resident now may be demoted while the model runs, into the storage tier
-        largest = max((lp.bytes for lp in layers if lp.name in deferred), default=self.store.largest_deferred)
-        largest = max(
-            largest, self.store.largest_deferred
-        )  # the model's, where this graph lacks it (a break)
+        # the model's largest, where this graph lacks it (a graph break)
+        largest = max([lp.bytes for lp in layers if lp.name in deferred] + [self.store.largest_deferred])
         decided = self.store.host_rows
         if decided is None:
             least = tiers.check_minimum(cfg.cpu_memory, other, slots, largest)
