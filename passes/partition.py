@@ -126,11 +126,11 @@ class PartitionPass(PassBase):
         return PassResult(gm, bool(nodes))
 
     def _cpu_groups(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
-        """Linear node → the Linears emitted with it, in graph order: the split Linears (CPU part > 0) of its CPU
-        job, those that read the same input or the Linears of one MLP block. Where Linears of one input have storage rows, every
-        offloaded Linear of that input, CPU part or not, is emitted with them at the first: so every graph of
-        the model fetches storage parts in the same order whatever its splits (the storage reader reads them
-        in one order)."""
+        """Linear node → the Linears emitted with it, in graph order: the split Linears (CPU part > 0) of its
+        CPU job, those that read the same input or the Linears of one MLP block. Where Linears of one input
+        have storage rows, every offloaded Linear of that input, CPU part or not, is emitted with them at the
+        first: so every graph of the model fetches storage parts in the same order whatever its splits (the
+        storage reader reads them in one order)."""
         by_input: dict[fx.Node | str, list[fx.Node]] = {}
         for node in nodes:
             lp: LayerPlan = node.meta[meta.PLACEMENT]
