@@ -186,10 +186,8 @@ def copy_h2d(src: torch.Tensor, slot: int, device: str, tail: torch.Tensor | Non
 def _copy_h2d_fake(
     src: torch.Tensor, slot: int, device: str, tail: torch.Tensor | None = None
 ) -> torch.Tensor:
-    rows = src.shape[0] + (tail.shape[0] if tail is not None else 0)
-    return torch.empty(
-        (rows, *src.shape[1:]) if tail is not None else src.shape, dtype=src.dtype, device=device
-    )
+    shape = src.shape if tail is None else (src.shape[0] + tail.shape[0], *src.shape[1:])
+    return torch.empty(shape, dtype=src.dtype, device=device)
 
 
 @torch.library.custom_op("hetegen::wait_copy", mutates_args=("staged",))

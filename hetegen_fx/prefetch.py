@@ -330,9 +330,8 @@ class StorageReader:
                         self._cond.wait()
                     event, slot.event = slot.event, None
                     slot.occupant, slot.filled = at, False
-                _synchronize(
-                    event
-                )  # the device (and the CPU worker) have finished reading the slot's last content
+                # the device (and the CPU worker) have finished reading the slot's last content
+                _synchronize(event)
                 item = self.items[at[1]]
                 t0 = time.perf_counter()
                 self._read(item, self._views[at[1]])

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from . import meta
-from .ops import COPY, CPU_BEGIN, DIRECT, is_op
+from .ops import COPY, CPU_BEGIN, is_op
 from .plan import atomic_write
 from .runtime import get_runtime
 
@@ -225,21 +225,6 @@ class TimelineInterpreter(fx.Interpreter):
         out = super().run_node(n)
         self._pending.append((lane, n.name, t0, time.perf_counter()))
         return out
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        """A ``hetegen::`` op runs as the plain function the launcher calls (:data:`hetegen_fx.ops.DIRECT`):
-        the same work, and the same tensors (a storage part's rows are views of the ring the CPU worker's
-        tables know, where the dispatched op would hand out a copy)."""
-        fn = _direct(target)
-        return super().call_function(fn if fn is not None else target, args, kwargs)
-
-
-def _direct(target: Any) -> Any:
-    """The plain function of ``hetegen::`` op ``target`` (as an overload or its packet), else None."""
-    for op, fn in DIRECT.items():
-        if is_op(target, op):
-            return fn
-    return None
 
 
 def _label(gm: fx.GraphModule) -> str:
